@@ -1,0 +1,171 @@
+"""Backends: who computes pynas's fused ops, and how one is chosen.
+
+Four backends exist: ``reference`` (plain PyTorch, the source of truth),
+``cpu`` (the C++ extension), ``triton`` (kernels/ through Triton) and ``cuda``
+(the CUDA part of the extension). Each describes the devices and dtypes it
+supports and why it cannot run (xformers-style ``not_supported_reasons``).
+``auto`` picks, per call, the first usable backend in the device's preference
+order; a backend named explicitly raises its real reason when it cannot run.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
+
+import torch
+
+from . import _ext
+
+NAMES: Tuple[str, ...] = ("reference", "cpu", "triton", "cuda")
+CHOICES: Tuple[str, ...] = ("auto",) + NAMES
+ENV_VAR = "PYNAS_BACKEND"
+
+# Fastest first. Triton on the CPU is the interpreter: correct but slow, so
+# ``auto`` never picks it for CPU tensors.
+_PREFERENCE = {
+    "cpu": ("cpu", "reference"),
+    "cuda": ("cuda", "triton", "reference"),
+}
+
+
+def _triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _cuda_runtime_reason() -> Optional[str]:
+    # Called only when a backend's availability is asked for, never at import.
+    if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+        return "this torch build has no CUDA support"
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    return None
+
+
+def _ext_reason() -> Optional[str]:
+    return _ext.error()
+
+
+def _cpu_reason() -> Optional[str]:
+    return _ext_reason()
+
+
+def _cuda_reason() -> Optional[str]:
+    reason = _ext_reason()
+    if reason:
+        return reason
+    if not _ext.build_info().get("cuda", False):
+        return "pynas._C was built without its CUDA part (no CUDA toolkit at build time, or PYNAS_NO_CUDA=1)"
+    return _cuda_runtime_reason()
+
+
+def _triton_reason() -> Optional[str]:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install 'pynas[triton]')"
+    if _triton_interpret():
+        return None
+    reason = _cuda_runtime_reason()
+    if reason:
+        return f"{reason} (set TRITON_INTERPRET=1 to run the Triton kernels on the CPU)"
+    return None
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    devices: Tuple[str, ...]
+    dtypes: Tuple[torch.dtype, ...]
+    _reason: Callable[[], Optional[str]]
+
+    def unavailable_reason(self) -> Optional[str]:
+        """Why this backend cannot run on this machine at all (``None`` when it can)."""
+        return self._reason()
+
+    def not_supported_reasons(self, tensors: Sequence[torch.Tensor]) -> list:
+        """Every reason this backend cannot take these tensors (empty list when it can)."""
+        reasons = []
+        why = self.unavailable_reason()
+        if why:
+            reasons.append(why)
+        for t in tensors:
+            dev = t.device.type
+            if self.name == "triton" and dev == "cpu" and not _triton_interpret():
+                reasons.append("triton runs on CPU tensors only under TRITON_INTERPRET=1")
+            elif dev not in self.devices and dev != "meta":
+                reasons.append(f"device {dev!r} is not supported by backend {self.name!r}")
+            if t.dtype not in self.dtypes:
+                reasons.append(f"dtype {t.dtype} is not supported by backend {self.name!r}")
+        # de-duplicate, keep order
+        return list(dict.fromkeys(reasons))
+
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+BACKENDS: Dict[str, Backend] = {
+    "reference": Backend("reference", ("cpu", "cuda"), _FLOATS, lambda: None),
+    "cpu": Backend("cpu", ("cpu",), (torch.float32, torch.float64), _cpu_reason),
+    "triton": Backend("triton", ("cuda", "cpu"), _FLOATS, _triton_reason),
+    "cuda": Backend("cuda", ("cuda",), _FLOATS, _cuda_reason),
+}
+
+
+def backends() -> Dict[str, Optional[str]]:
+    """Map each backend name to ``None`` when usable here, else the reason why not."""
+    return {name: BACKENDS[name].unavailable_reason() for name in NAMES}
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"backend: expected a string, got {type(name).__name__}")
+    key = name.strip().lower()
+    if key not in CHOICES:
+        raise ValueError(f"backend: unknown backend {name!r}; choose one of {', '.join(CHOICES)}")
+    return key
+
+
+def _env_default() -> str:
+    return _check_name(os.environ.get(ENV_VAR, "auto") or "auto")
+
+
+_current: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("pynas_backend", default=None)
+
+
+def current_backend() -> str:
+    """The backend in force: the innermost ``use_backend``, else ``$PYNAS_BACKEND``, else ``auto``."""
+    name = _current.get()
+    return name if name is not None else _env_default()
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[str]:
+    """Run pynas ops under backend ``name`` ('auto', 'reference', 'cpu', 'triton', 'cuda').
+
+    Naming a backend that cannot run here raises RuntimeError with its reason.
+    """
+    key = _check_name(name)
+    if key != "auto":
+        why = BACKENDS[key].unavailable_reason()
+        if why:
+            raise RuntimeError(f"backend {key!r} is not usable: {why}")
+    token = _current.set(key)
+    try:
+        yield key
+    finally:
+        _current.reset(token)
+
+
+def resolve(tensors: Sequence[torch.Tensor], name: Optional[str] = None) -> str:
+    """The concrete backend that will compute an op on ``tensors``."""
+    key = _check_name(name) if name is not None else current_backend()
+    if key != "auto":
+        reasons = BACKENDS[key].not_supported_reasons(tensors)
+        if reasons:
+            raise RuntimeError(f"backend {key!r} cannot run this op: " + "; ".join(reasons))
+        return key
+    dev = tensors[0].device.type if tensors else "cpu"
+    for cand in _PREFERENCE.get(dev, ("reference",)):
+        if not BACKENDS[cand].not_supported_reasons(tensors):
+            return cand
+    return "reference"

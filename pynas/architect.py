@@ -1,0 +1,148 @@
+"""The DARTS architect: the alpha step, first order or second order (unrolled).
+
+The second-order step is done in place on the model: no copy of the network is
+built. The weights are saved once, overwritten by the virtual step and the two
+finite-difference perturbations, and restored bit for bit from the saved copy.
+BatchNorm running statistics are restored after the pass at the virtual
+weights, as the reference code runs that pass on a throw-away model.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+from torch import nn
+
+
+def _momentum_buffers(params: Sequence[torch.Tensor], optimizer: Optional[torch.optim.Optimizer]):
+    """The weight optimizer's momentum buffers, or ``None`` for each param that has none yet."""
+    if optimizer is None:
+        return [None] * len(params)
+    out = []
+    for p in params:
+        buf = optimizer.state.get(p, {}).get("momentum_buffer") if hasattr(optimizer, "state") else None
+        out.append(buf)
+    return out
+
+
+def _grad(loss: torch.Tensor, inputs: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """``d loss / d inputs``, with zeros for inputs the loss does not use (e.g. the normal-cell
+    alphas of a network whose every cell is a reduction cell)."""
+    grads = torch.autograd.grad(loss, list(inputs), allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
+
+
+class Architect:
+    """Owns the arch optimizer (Adam) and computes ``grad_alpha`` for one step.
+
+    Args:
+        model: a search network with ``parameters()``, ``arch_parameters()`` and ``_loss(x, y)``.
+        momentum, weight_decay: the weight optimizer's, used by the virtual step.
+        arch_learning_rate, arch_weight_decay, arch_betas: the arch Adam's settings.
+        fd_r: the finite-difference radius r (``R = r / ||v||``).
+    """
+
+    def __init__(self, model: nn.Module, *, momentum: float = 0.9, weight_decay: float = 3e-4,
+                 arch_learning_rate: float = 3e-4, arch_weight_decay: float = 1e-3,
+                 arch_betas=(0.5, 0.999), fd_r: float = 0.01):
+        if not (fd_r > 0):
+            raise ValueError(f"fd_r: expected a positive finite-difference radius, got {fd_r!r}")
+        self.model = model
+        self.network_momentum = float(momentum)
+        self.network_weight_decay = float(weight_decay)
+        self.fd_r = float(fd_r)
+        self.optimizer = torch.optim.Adam(model.arch_parameters(), lr=arch_learning_rate,
+                                          betas=tuple(arch_betas), weight_decay=arch_weight_decay)
+
+    @classmethod
+    def from_args(cls, model: nn.Module, args) -> "Architect":
+        """Build from a reference-style ``args`` namespace (``fd_r`` optional)."""
+        return cls(model, momentum=args.momentum, weight_decay=args.weight_decay,
+                   arch_learning_rate=args.arch_learning_rate, arch_weight_decay=args.arch_weight_decay,
+                   fd_r=getattr(args, "fd_r", 0.01))
+
+    # -- public ------------------------------------------------------------------
+    def step(self, input_train, target_train, input_valid, target_valid, eta, network_optimizer, unrolled):
+        """One arch step: set ``alpha.grad`` (first or second order) and step Adam."""
+        self.optimizer.zero_grad()
+        if unrolled:
+            grads = self.unrolled_grad(input_train, target_train, input_valid, target_valid, eta,
+                                       network_optimizer)
+        else:
+            grads = self.first_order_grad(input_valid, target_valid)
+        for a, g in zip(self.model.arch_parameters(), grads):
+            a.grad = g
+        self.optimizer.step()
+
+    def first_order_grad(self, input_valid, target_valid) -> List[torch.Tensor]:
+        """``dL_val(w, alpha)/dalpha``."""
+        loss = self.model._loss(input_valid, target_valid)
+        return _grad(loss, self.model.arch_parameters())
+
+    @torch.no_grad()
+    def _virtual_step(self, params, grads, eta, network_optimizer):
+        """w <- w - eta * (momentum * buf + g + wd * w), in place."""
+        bufs = _momentum_buffers(params, network_optimizer)
+        wd, mom = self.network_weight_decay, self.network_momentum
+        d = torch._foreach_add(grads, params, alpha=wd)  # g + wd * w
+        with_buf = [i for i, b in enumerate(bufs) if b is not None]
+        if with_buf and mom != 0.0:
+            torch._foreach_add_([d[i] for i in with_buf], [bufs[i] for i in with_buf], alpha=mom)
+        torch._foreach_add_(params, d, alpha=-eta)
+
+    def unrolled_grad(self, input_train, target_train, input_valid, target_valid, eta,
+                      network_optimizer) -> List[torch.Tensor]:
+        """The second-order ``grad_alpha`` of DARTS, computed in place on the model.
+
+        1. w' = w - eta * (momentum * buf + dL_train(w)/dw + wd * w)
+        2. dalpha, v = dL_val(w', alpha)/d(alpha, w')
+        3. R = r / ||v||;  g+- = dL_train(w +- R v)/dalpha   (at the ORIGINAL w)
+        4. grad_alpha = dalpha - eta * (g+ - g-) / (2 R);  w restored exactly.
+        """
+        model = self.model
+        params = [p for p in model.parameters()]
+        alphas = list(model.arch_parameters())
+        eta = float(eta)
+        with torch.no_grad():
+            saved = [p.detach().clone() for p in params]
+        try:
+            loss = model._loss(input_train, target_train)
+            g_train = _grad(loss, params)
+            self._virtual_step(params, list(g_train), eta, network_optimizer)
+            del g_train, loss
+
+            bn_state = _save_buffers(model)
+            loss_val = model._loss(input_valid, target_valid)
+            grads = _grad(loss_val, alphas + params)
+            _load_buffers(model, bn_state)
+            dalpha, v = list(grads[:len(alphas)]), list(grads[len(alphas):])
+            del grads, loss_val
+
+            with torch.no_grad():
+                norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(v)))
+                R = self.fd_r / norm.clamp_min(torch.finfo(norm.dtype).tiny)
+                Rv = torch._foreach_mul(v, R)
+                for p, s, d in zip(params, saved, Rv):
+                    p.copy_(s).add_(d)
+            g_pos = _grad(model._loss(input_train, target_train), alphas)
+            with torch.no_grad():
+                for p, s, d in zip(params, saved, Rv):
+                    p.copy_(s).sub_(d)
+            g_neg = _grad(model._loss(input_train, target_train), alphas)
+            with torch.no_grad():
+                scale = eta / (2.0 * R)
+                return [da - (gp - gn) * scale for da, gp, gn in zip(dalpha, g_pos, g_neg)]
+        finally:
+            with torch.no_grad():
+                for p, s in zip(params, saved):
+                    p.copy_(s)
+
+
+def _save_buffers(model: nn.Module):
+    return [(b, b.detach().clone()) for b in model.buffers()]
+
+
+@torch.no_grad()
+def _load_buffers(model: nn.Module, state) -> None:
+    for b, saved in state:
+        b.copy_(saved)

@@ -1,0 +1,117 @@
+"""The ``pynas`` command line: ``pynas search cnn``, ``pynas info``."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+from typing import List, Optional
+
+from .search import CNNSearchConfig
+
+
+def _add_cnn_args(p: argparse.ArgumentParser) -> None:
+    d = CNNSearchConfig()
+    p.add_argument("--data", choices=("shapes10", "cifar10"), default=d.data,
+                   help="shapes10: embedded synthetic set (no download); cifar10: python batches from --data-dir")
+    p.add_argument("--data-dir", default=None, help="folder with the CIFAR-10 python batches")
+    p.add_argument("--num-train", type=int, default=None, help="images of the training set to use (both halves)")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--learning-rate", "--lr", type=float, default=d.learning_rate)
+    p.add_argument("--learning-rate-min", "--lr-min", type=float, default=d.learning_rate_min)
+    p.add_argument("--momentum", type=float, default=d.momentum)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    p.add_argument("--init-channels", type=int, default=d.init_channels)
+    p.add_argument("--layers", type=int, default=d.layers)
+    p.add_argument("--train-portion", type=float, default=d.train_portion)
+    order = p.add_mutually_exclusive_group()
+    order.add_argument("--unrolled", "--second-order", dest="unrolled", action="store_true",
+                       help="second-order (unrolled) architecture gradient")
+    order.add_argument("--first-order", dest="unrolled", action="store_false", help="first order (default)")
+    p.set_defaults(unrolled=d.unrolled)
+    p.add_argument("--fd-r", type=float, default=d.fd_r, help="finite-difference radius r of the second-order step")
+    p.add_argument("--arch-learning-rate", "--arch-lr", type=float, default=d.arch_learning_rate)
+    p.add_argument("--arch-weight-decay", type=float, default=d.arch_weight_decay)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--steps-per-epoch", type=int, default=None, help="cap on iterations per epoch")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--backend", default=None, help="auto, reference, cpu, triton, cuda (default: $PYNAS_BACKEND or auto)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--save", default=None, help="run folder for checkpoint, log and genotype (default runs/<time>)")
+    p.add_argument("--resume", default=None, help="checkpoint file or run folder to continue")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pynas", description="Fast differentiable architecture search (DARTS).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    search = sub.add_parser("search", help="run a DARTS search")
+    spaces = search.add_subparsers(dest="space", required=True)
+    _add_cnn_args(spaces.add_parser("cnn", help="DARTS CNN search space"))
+    sub.add_parser("info", help="backends and build facts")
+    return parser
+
+
+def _search_cnn(args) -> int:
+    import torch
+
+    from . import _backend
+    from .search import run_search
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads: expected a positive integer, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    backend = args.backend if args.backend is not None else _backend.current_backend()
+    cfg = CNNSearchConfig(
+        data=args.data, data_dir=args.data_dir, num_train=args.num_train, epochs=args.epochs,
+        batch_size=args.batch_size, learning_rate=args.learning_rate, learning_rate_min=args.learning_rate_min,
+        momentum=args.momentum, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+        init_channels=args.init_channels, layers=args.layers, train_portion=args.train_portion,
+        unrolled=args.unrolled, fd_r=args.fd_r, arch_learning_rate=args.arch_learning_rate,
+        arch_weight_decay=args.arch_weight_decay, seed=args.seed, steps_per_epoch=args.steps_per_epoch,
+        device=args.device, backend=backend)
+    save = args.save
+    if save is None:
+        if args.resume is not None:
+            save = args.resume if os.path.isdir(args.resume) else os.path.dirname(os.path.abspath(args.resume))
+        else:
+            save = os.path.join("runs", "search-cnn-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    os.makedirs(save, exist_ok=True)
+    log_path = os.path.join(save, "log.txt")
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+        with open(log_path, "a") as fh:
+            fh.write(line + "\n")
+
+    log(f"pynas search cnn: run folder {save}; backend {backend}; "
+        f"{'second' if cfg.unrolled else 'first'} order; torch threads {torch.get_num_threads()}")
+    result = run_search(cfg, save_dir=save, resume=args.resume, log=log, progress=not args.no_progress)
+    import json
+
+    print("genotype: " + json.dumps(result["genotype"]), flush=True)
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "info":
+            from .info import main as info_main
+
+            return info_main()
+        if args.command == "search" and args.space == "cnn":
+            return _search_cnn(args)
+    except (ValueError, FileNotFoundError, TypeError, RuntimeError) as exc:
+        print(f"pynas: error: {exc}", file=sys.stderr)
+        return 2
+    parser.error("unknown command")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

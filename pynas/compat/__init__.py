@@ -1,0 +1,1 @@
+"""Drop-in replacements for existing research code (see :mod:`pynas.compat.darts`)."""

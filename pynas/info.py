@@ -1,0 +1,44 @@
+"""``python -m pynas.info``: the backend table and the build facts."""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+
+import torch
+
+from . import __version__, _backend, _ext
+
+
+def report() -> str:
+    lines = [f"pynas {__version__}  (python {platform.python_version()}, torch {torch.__version__})"]
+    try:
+        import triton
+
+        lines.append(f"triton {triton.__version__}   TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}")
+    except Exception as exc:  # triton is optional
+        lines.append(f"triton: not importable ({type(exc).__name__})")
+    lines.append(f"selected backend: {_backend.current_backend()}  (PYNAS_BACKEND={os.environ.get(_backend.ENV_VAR, '')!r})")
+    lines.append("")
+    lines.append(f"{'backend':<10} {'usable':<7} reason")
+    for name, why in _backend.backends().items():
+        lines.append(f"{name:<10} {'yes' if why is None else 'no':<7} {why or ''}")
+    lines.append("")
+    info = _ext.build_info()
+    if info:
+        lines.append("extension pynas._C:")
+        for key in sorted(info):
+            lines.append(f"  {key}: {info[key]}")
+    else:
+        lines.append(f"extension pynas._C: unavailable ({_ext.error()})")
+    lines.append(f"torch threads: {torch.get_num_threads()}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    print(report())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

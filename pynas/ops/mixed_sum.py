@@ -1,0 +1,118 @@
+"""mixed_sum: the weighted sum of a MixedOp's candidate outputs.
+
+    out = sum_k weights[k] * xs[k]
+
+``xs``: K tensors of one shape S, dtype and device (or one tensor of shape
+(K, *S)); ``weights``: shape (K,), floating. ``out`` has shape S and xs' dtype;
+the kernels accumulate in float32 (float64 for float64 inputs). Backward:
+``grad_xs[k] = weights[k] * grad_out`` and ``grad_weights[k] = <grad_out, xs[k]>``.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence, Union
+
+import torch
+
+from .. import _backend, _ext
+from ._checks import as_tensor_list, check_same, check_weights
+
+__all__ = ["mixed_sum", "mixed_sum_ref"]
+
+
+def mixed_sum_ref(xs: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """Plain-PyTorch reference: ``sum_k weights[k] * xs[k]`` (autograd by torch)."""
+    out = weights[0] * xs[0]
+    for k in range(1, len(xs)):
+        out = out + weights[k] * xs[k]
+    return out
+
+
+def _ref_backward(grad_out, xs, weights):
+    acc = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
+    g = grad_out.to(acc)
+    grad_xs = [(weights[k].to(acc) * g).to(grad_out.dtype) for k in range(len(xs))]
+    grad_w = torch.stack([(g * x.to(acc)).sum() for x in xs]).to(weights.dtype)
+    return grad_xs, grad_w
+
+
+def _kernels(backend: str):
+    if backend in ("cpu", "cuda"):
+        return _ext.get()
+    if backend == "triton":
+        from ..kernels import mixed_sum as triton_mixed_sum
+
+        return triton_mixed_sum
+    raise ValueError(f"backend: {backend!r} has no mixed_sum kernel")
+
+
+@torch.library.custom_op("pynas::mixed_sum", mutates_args=())
+def _mixed_sum_op(xs: List[torch.Tensor], weights: torch.Tensor, backend: str) -> torch.Tensor:
+    if backend == "reference":
+        with torch.no_grad():
+            return mixed_sum_ref(xs, weights)
+    return _kernels(backend).mixed_sum_forward(list(xs), weights)
+
+
+@_mixed_sum_op.register_fake
+def _(xs, weights, backend):
+    return torch.empty_like(xs[0], memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("pynas::mixed_sum_backward", mutates_args=())
+def _mixed_sum_backward_op(
+    grad_out: torch.Tensor, xs: List[torch.Tensor], weights: torch.Tensor, backend: str
+) -> List[torch.Tensor]:
+    """Returns K+1 tensors: grad_xs[0..K-1], then grad_weights."""
+    grad_out = grad_out.contiguous()
+    if backend == "reference":
+        grad_xs, grad_w = _ref_backward(grad_out, xs, weights)
+    else:
+        grad_xs, grad_w = _kernels(backend).mixed_sum_backward(grad_out, list(xs), weights)
+    return list(grad_xs) + [grad_w]
+
+
+@_mixed_sum_backward_op.register_fake
+def _(grad_out, xs, weights, backend):
+    grads = [torch.empty_like(x, memory_format=torch.contiguous_format) for x in xs]
+    return grads + [torch.empty_like(weights)]
+
+
+def _setup_context(ctx, inputs, output):
+    xs, weights, backend = inputs
+    ctx.save_for_backward(*xs, weights)
+    ctx.backend = backend
+
+
+def _backward(ctx, grad_out):
+    *xs, weights = ctx.saved_tensors
+    grads = torch.ops.pynas.mixed_sum_backward(grad_out, xs, weights, ctx.backend)
+    return list(grads[:-1]), grads[-1], None
+
+
+torch.library.register_autograd("pynas::mixed_sum", _backward, setup_context=_setup_context)
+
+
+def mixed_sum(
+    xs: Union[torch.Tensor, Sequence[torch.Tensor]],
+    weights: torch.Tensor,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``sum_k weights[k] * xs[k]``, differentiable w.r.t. ``xs`` and ``weights``.
+
+    Args:
+        xs: K tensors of one shape S, dtype and device, or one tensor (K, *S).
+        weights: shape (K,), floating, on the same device.
+        backend: overrides the backend in force (see :func:`pynas.use_backend`).
+
+    Returns:
+        A tensor of shape S in xs' dtype.
+    """
+    items = as_tensor_list(xs, "xs")
+    check_same(items, "xs")
+    check_weights(weights, len(items), items[0].device)
+    chosen = _backend.resolve(items + [weights], backend)
+    if chosen == "reference":
+        return mixed_sum_ref(items, weights)
+    items = [x.contiguous() for x in items]
+    return torch.ops.pynas.mixed_sum(items, weights.contiguous(), chosen)

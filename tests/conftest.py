@@ -1,0 +1,34 @@
+import os
+
+import pytest
+import torch
+
+import pynas
+
+# Keep CPU tests deterministic and the thread count as CI has it.
+torch.set_num_threads(int(os.environ.get("PYNAS_TEST_THREADS", "2")))
+
+
+def usable_backends():
+    return [name for name, why in pynas.backends().items() if why is None]
+
+
+def backend_devices():
+    """(backend, device) pairs that can run here; CUDA-only pairs appear only with a GPU."""
+    pairs = []
+    for name in usable_backends():
+        if name == "reference":
+            pairs.append((name, "cpu"))
+            if torch.cuda.is_available():
+                pairs.append((name, "cuda"))
+        elif name == "cpu":
+            pairs.append((name, "cpu"))
+        elif name == "cuda":
+            pairs.append((name, "cuda"))
+        elif name == "triton":
+            pairs.append((name, "cuda" if torch.cuda.is_available() else "cpu"))
+    return pairs
+
+
+def pytest_report_header(config):
+    return "pynas backends: " + ", ".join(f"{k}={'ok' if v is None else 'no'}" for k, v in pynas.backends().items())

@@ -1,0 +1,114 @@
+"""Backend table, selection, environment default, lean import."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import pynas
+from pynas import _backend
+
+
+def test_backends_table():
+    table = pynas.backends()
+    assert list(table) == ["reference", "cpu", "triton", "cuda"]
+    assert table["reference"] is None
+    for name, why in table.items():
+        assert why is None or (isinstance(why, str) and why)
+
+
+def test_use_backend_context_and_nesting():
+    before = pynas.current_backend()
+    with pynas.use_backend("reference") as name:
+        assert name == "reference" and pynas.current_backend() == "reference"
+        with pynas.use_backend("auto"):
+            assert pynas.current_backend() == "auto"
+        assert pynas.current_backend() == "reference"
+    assert pynas.current_backend() == before
+
+
+def test_unknown_backend_raises():
+    with pytest.raises(ValueError, match="backend"):
+        with pynas.use_backend("fastest"):
+            pass
+    with pytest.raises(TypeError, match="backend"):
+        with pynas.use_backend(3):
+            pass
+
+
+def test_unusable_backend_raises_its_reason():
+    for name, why in pynas.backends().items():
+        if why is not None:
+            with pytest.raises(RuntimeError) as info:
+                with pynas.use_backend(name):
+                    pass
+            assert why in str(info.value)
+
+
+def test_auto_picks_fastest_usable_for_cpu_tensors():
+    x = torch.ones(3)
+    expected = "cpu" if pynas.backends()["cpu"] is None else "reference"
+    assert _backend.resolve([x], "auto") == expected
+
+
+def test_dtype_not_supported_by_named_backend():
+    if pynas.backends()["cpu"] is not None:
+        pytest.skip("the C++ extension is not built")
+    with pytest.raises(RuntimeError, match="dtype"):
+        pynas.ops.mixed_sum([torch.ones(3, dtype=torch.float16)], torch.ones(1), backend="cpu")
+    # auto falls back to the reference instead
+    out = pynas.ops.mixed_sum([torch.ones(3, dtype=torch.float16)], torch.ones(1))
+    assert out.dtype == torch.float16
+
+
+def _run(code, **env):
+    full = dict(os.environ, **env)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env=full, timeout=120)
+
+
+def test_env_default_and_lean_import():
+    res = _run("""
+        import sys, torch
+        import pynas
+        assert "pynas._C" not in sys.modules, "import pynas loaded the extension"
+        assert "triton" not in sys.modules, "import pynas imported triton"
+        assert not torch.cuda.is_initialized()
+        print(pynas.current_backend())
+    """, PYNAS_BACKEND="reference")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "reference"
+
+
+def test_missing_extension_is_a_recorded_reason():
+    res = _run("""
+        import sys, importlib.abc
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "pynas._C":
+                    raise ImportError("blocked for the test")
+        sys.meta_path.insert(0, Block())
+        import torch, pynas
+        table = pynas.backends()
+        assert table["reference"] is None
+        assert "blocked for the test" in table["cpu"], table
+        out = pynas.ops.mixed_sum([torch.ones(2), torch.ones(2)], torch.tensor([0.25, 0.5]))
+        assert out.tolist() == [0.75, 0.75]
+        print("ok")
+    """)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "ok"
+
+
+def test_info_prints_table():
+    res = subprocess.run([sys.executable, "-m", "pynas.info"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    for name in ("reference", "cpu", "triton", "cuda"):
+        assert name in res.stdout
+
+
+def test_bad_env_backend():
+    res = _run("import pynas; pynas.current_backend()", PYNAS_BACKEND="nonsense")
+    assert res.returncode != 0 and "backend" in res.stderr
