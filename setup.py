@@ -9,7 +9,8 @@ Environment:
     PYNAS_NO_CUDA=1         C++ CPU kernels only, even where a CUDA toolkit is found
     TORCH_CUDA_ARCH_LIST    GPU architectures to compile for (default "8.0;9.0", so no GPU is needed)
     CUDA_HOME               CUDA toolkit to use (default: found from the nvcc on PATH)
-    MAX_JOBS                parallel compile jobs (with ninja)
+    MAX_JOBS                parallel compile jobs (used when ninja is installed; else serial)
+    NVCC_THREADS            threads of one nvcc run, one GPU architecture each (default 2)
 """
 
 import glob
@@ -28,6 +29,11 @@ DEFAULT_CUDA_ARCHS = "8.0;9.0"
 
 def _flag(name):
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _files(pattern):
+    """Paths relative to the repository (as setuptools wants them) of the files matching pattern."""
+    return [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, pattern)))]
 
 
 def _say(msg):
@@ -135,16 +141,15 @@ def extension_modules():
         _say("no CUDA toolkit found (set CUDA_HOME): building the CPU kernels only")
     else:
         found = nvcc_version(cuda_home)
-        wanted = tuple(int(v) for v in torch.version.cuda.split(".")[:2])
         if found is None:
             _say(f"cannot run {cuda_home}/bin/nvcc: building the CPU kernels only")
-        elif found[0] != wanted[0]:
+        elif str(found[0]) != torch.version.cuda.split(".")[0]:
             _say(f"WARNING: CUDA toolkit {found[0]}.{found[1]} at {cuda_home} does not match torch's CUDA "
                  f"{torch.version.cuda}: building the CPU kernels only")
         else:
             with_cuda = True
 
-    sources = [f"{CSRC}/bindings.cpp"] + sorted(glob.glob(f"{CSRC}/cpu/*.cpp"))
+    sources = [f"{CSRC}/bindings.cpp"] + _files(f"{CSRC}/cpu/*.cpp")
     include_dirs = [os.path.join(ROOT, CSRC, "include")]
     # -g0: debug info (from Python's default -g) would be 80% of the binary: 11.7 MB instead of 2.3 MB.
     cxx = ["-O3", "-g0", f'-DPYNAS_TORCH_VERSION="{torch.__version__}"']
@@ -158,7 +163,7 @@ def extension_modules():
     if with_cuda:
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_CUDA_ARCHS
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs  # read by torch when it makes the -gencode flags
-        sources += sorted(glob.glob(f"{CSRC}/cuda/*.cu"))
+        sources += _files(f"{CSRC}/cuda/*.cu")
         cxx += ["-DPYNAS_WITH_CUDA", f'-DPYNAS_CUDA_ARCHS="{archs}"']
         # The toolkit's own headers first; the wheels' only fill what the toolkit lacks.
         include_dirs += [os.path.join(cuda_home, "include")] + nvidia_wheel_include_dirs(
@@ -175,7 +180,7 @@ def extension_modules():
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx, "nvcc": nvcc} if with_cuda else cxx,
         extra_link_args=link,
-        depends=sorted(glob.glob(f"{CSRC}/include/pynas/*.h")),
+        depends=_files(f"{CSRC}/include/pynas/*.h"),
     )
     return [ext], {"build_ext": cpp_ext.BuildExtension}
 

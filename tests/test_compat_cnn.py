@@ -7,7 +7,6 @@ keys, 'none' computed as a zero multiply). They share no code with pynas.
 from __future__ import annotations
 
 import json
-import math
 from collections import namedtuple
 
 import pytest
@@ -388,8 +387,6 @@ def test_same_numbers_float64(backend, layers, hw):
             _assert_close(b, ref_bufs[name], f"buffer {name}")
         else:
             assert torch.equal(b, ref_bufs[name]), name
-    # The 'none' column gets exactly the softmax-coupling gradient: compare it too
-    # (already covered above), and check the 'none' op is not silently producing non-zeros.
     assert ref_bufs["cells.0._ops.0._ops.1.1.num_batches_tracked"].item() == 1
 
 

@@ -25,6 +25,7 @@ using mixed_sum::Pointers;
 // 4096 elements: the tile and K of its inputs stay in L2; the accumulator of a tile stays in L1.
 constexpr int64_t kTile = 4096;
 
+// Tiles per task at least: about 32768 input elements, the grain torch's own CPU kernels use.
 int64_t grain_in_tiles(int64_t k) { return std::max<int64_t>(1, 32768 / (kTile * k)); }
 
 std::vector<at::Tensor> contiguous_all(const std::vector<at::Tensor>& xs) {
