@@ -94,7 +94,7 @@ class Backend:
             dev = t.device.type
             if self.name == "triton" and dev == "cpu" and not _triton_interpret():
                 reasons.append("triton runs on CPU tensors only under TRITON_INTERPRET=1")
-            elif dev not in self.devices and dev != "meta":
+            elif dev not in self.devices:
                 reasons.append(f"device {dev!r} is not supported by backend {self.name!r}")
             if t.dtype not in self.dtypes:
                 reasons.append(f"dtype {t.dtype} is not supported by backend {self.name!r}")
@@ -105,7 +105,7 @@ class Backend:
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKENDS: Dict[str, Backend] = {
     "reference": Backend("reference", ("cpu", "cuda"), _FLOATS, lambda: None),
-    "cpu": Backend("cpu", ("cpu",), (torch.float32, torch.float64), _cpu_reason),
+    "cpu": Backend("cpu", ("cpu",), _FLOATS, _cpu_reason),
     "triton": Backend("triton", ("cuda", "cpu"), _FLOATS, _triton_reason),
     "cuda": Backend("cuda", ("cuda",), _FLOATS, _cuda_reason),
 }

@@ -390,6 +390,45 @@ def test_same_numbers_float64(backend, layers, hw):
     assert ref_bufs["cells.0._ops.0._ops.1.1.num_batches_tracked"].item() == 1
 
 
+@pytest.mark.parametrize("backend", _usable_cpu_backends())
+def test_same_numbers_float32_against_float64_truth(backend):
+    """float32: pynas's error against a float64 truth is at most a few times plain PyTorch's."""
+    layers, C, num_classes, N, hw = 5, 4, 7, 3, 12
+    torch.manual_seed(21)
+    ref64 = RefNetwork(C, num_classes, layers, nn.CrossEntropyLoss()).double()
+    gen = torch.Generator().manual_seed(121)
+    _randomize(ref64, gen)
+    sd64 = ref64.state_dict()
+    alphas = [torch.randn(14, 8, generator=gen, dtype=torch.float64) for _ in range(2)]
+    x = torch.randn(N, 3, hw, hw, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, num_classes, (N,), generator=gen)
+
+    def run(m, dtype, use):
+        m.to(dtype).load_state_dict(sd64, strict=True)  # load_state_dict casts to m's dtype
+        m.alphas_normal = alphas[0].to(dtype).requires_grad_(True) if isinstance(m, RefNetwork) else m.alphas_normal
+        m.alphas_reduce = alphas[1].to(dtype).requires_grad_(True) if isinstance(m, RefNetwork) else m.alphas_reduce
+        with torch.no_grad():
+            m.alphas_normal.copy_(alphas[0])
+            m.alphas_reduce.copy_(alphas[1])
+        assert m.alphas_normal.dtype == dtype and next(m.parameters()).dtype == dtype
+        with pynas.use_backend(use):
+            logits = m(x.to(dtype))
+            loss = m._criterion(logits, y)
+            grads = torch.autograd.grad(loss, list(m.arch_parameters()) + list(m.parameters()))
+        flat = torch.cat([g.reshape(-1) for g in grads[2:]]).double()
+        return {"logits": logits.double(), "loss": loss.double(), "alphas_normal": grads[0].double(),
+                "alphas_reduce": grads[1].double(), "weights": flat}
+
+    want = run(ref64, torch.float64, "reference")
+    base = run(RefNetwork(C, num_classes, layers, nn.CrossEntropyLoss()), torch.float32, "reference")
+    got = run(Network(C, num_classes, layers, nn.CrossEntropyLoss()), torch.float32, backend)
+    for k in want:
+        err = (got[k] - want[k]).abs().max().item()
+        err_base = (base[k] - want[k]).abs().max().item()
+        scale = want[k].abs().max().item()
+        assert err <= 4 * err_base + 1e-6 * scale, f"{k}: pynas err {err:.3e}, plain float32 err {err_base:.3e}"
+
+
 def test_same_numbers_eval_mode_float64():
     """In eval mode the BN running statistics are used: check that path too."""
     net, ref = _pair(4, 5, 3, seed=3)

@@ -19,7 +19,7 @@ def _tol(dtype):
 
 def _dtypes(backend, device):
     if device == "cpu":
-        return [torch.float64, torch.float32]
+        return [torch.float64, torch.float32] + ([torch.bfloat16] if backend == "cpu" else [])
     return [torch.float32, torch.bfloat16, torch.float16]
 
 
