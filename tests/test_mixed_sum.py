@@ -153,3 +153,12 @@ def test_device_mismatch_named():
     else:
         with pytest.raises(ValueError, match=r"xs\[1\]"):
             mixed_sum([torch.ones(3), torch.ones(3, device="cuda")], torch.ones(2))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="no CUDA device here: the CUDA and GPU Triton kernels are tested on a GPU machine")
+def test_gpu_backends_are_usable_on_a_gpu():
+    table = pynas.backends()
+    assert table["cuda"] is None, table["cuda"]
+    assert table["triton"] is None, table["triton"]
+    assert ("cuda", "cuda") in PAIRS and ("triton", "cuda") in PAIRS

@@ -147,3 +147,25 @@ def test_cli_errors(tmp_path):
     bad.write_bytes(b"garbage")
     res = _cli("search", "cnn", "--resume", str(bad), "--no-progress")
     assert res.returncode == 2 and "resume" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_shapes10_is_learnable_well_above_chance():
+    torch.manual_seed(0)
+    data = make_shapes10(1200, seed=7)
+    x_tr, y_tr, x_va, y_va = data.images[:1000], data.labels[:1000], data.images[1000:], data.labels[1000:]
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(), torch.nn.Linear(32, 10))
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+    for epoch in range(6):
+        perm = torch.randperm(1000)
+        for i in range(0, 1000, 50):
+            idx = perm[i:i + 50]
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x_tr[idx]), y_tr[idx]).backward()
+            opt.step()
+    with torch.no_grad():
+        acc = (net(x_va).argmax(1) == y_va).float().mean().item()
+    assert acc > 0.4, acc  # chance is 0.1
