@@ -112,3 +112,23 @@ def test_info_prints_table():
 def test_bad_env_backend():
     res = _run("import pynas; pynas.current_backend()", PYNAS_BACKEND="nonsense")
     assert res.returncode != 0 and "backend" in res.stderr
+
+
+def _truthy(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@pytest.mark.skipif(_truthy("PYNAS_NO_EXT"), reason="installed with PYNAS_NO_EXT=1")
+def test_extension_was_built_with_everything_this_machine_allows():
+    """The install built pynas._C, and its CUDA part wherever a toolkit and a CUDA torch are present,
+    so the CUDA sources are compiled (and cannot rot) on every CI run, GPU or not."""
+    import shutil
+
+    from pynas import _ext
+
+    assert pynas.backends()["cpu"] is None, pynas.backends()["cpu"]
+    info = _ext.build_info()
+    assert info["torch_version_built"].split("+")[0] == torch.__version__.split("+")[0]
+    if torch.version.cuda and (shutil.which("nvcc") or os.environ.get("CUDA_HOME")) and not _truthy("PYNAS_NO_CUDA"):
+        assert info["cuda"] is True, info
+        assert info["cuda_archs"]
