@@ -9,6 +9,15 @@ import pynas
 torch.set_num_threads(int(os.environ.get("PYNAS_TEST_THREADS", "2")))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threads only add synchronisation, which stalls badly on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def usable_backends():
     return [name for name, why in pynas.backends().items() if why is None]
 

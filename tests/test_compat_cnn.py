@@ -29,13 +29,7 @@ REF_PRIMITIVES = [
 RefGenotype = namedtuple("RefGenotype", "normal normal_concat reduce reduce_concat")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation, which stalls badly on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class RefReLUConvBN(nn.Module):
