@@ -51,6 +51,23 @@ def build_parser() -> argparse.ArgumentParser:
     spaces = search.add_subparsers(dest="space", required=True)
     _add_cnn_args(spaces.add_parser("cnn", help="DARTS CNN search space"))
     sub.add_parser("info", help="backends and build facts")
+    bench = sub.add_parser("bench", help="benchmarks: reference vs torch.compile vs pynas, side by side")
+    bench.add_argument("--size", choices=("cpu", "gpu", "tiny"), default=None,
+                       help="cpu: C=8 L=5 B=16; gpu: the DARTS default C=16 L=8 B=64; tiny: a smoke test "
+                            "(default: by --device)")
+    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--benchmarks", default=None,
+                       help="comma-separated names or groups (search, mixed_sum); default all")
+    bench.add_argument("--providers", default="reference,compiled,pynas",
+                       help="comma-separated: reference, compiled, pynas, pynas-<backend>")
+    bench.add_argument("--repeats", type=int, default=None)
+    bench.add_argument("--warmup", type=int, default=2)
+    bench.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    bench.add_argument("--compile-timeout", type=float, default=600.0,
+                       help="skip torch.compile (with a note) when its first call takes longer (seconds)")
+    bench.add_argument("--out", default=None,
+                       help="JSONL file the rows are appended to (default benchmarks/results/<device>.jsonl)")
+    bench.add_argument("--no-progress", action="store_true")
     return parser
 
 
@@ -96,6 +113,40 @@ def _search_cnn(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    import re
+
+    import torch
+
+    from . import bench
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads: expected a positive integer, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    names = []
+    for item in (args.benchmarks.split(",") if args.benchmarks else list(bench.BENCHMARKS)):
+        item = item.strip()
+        if item == "search":
+            names += list(bench.MACRO)
+        elif item == "mixed_sum":
+            names += list(bench.MICRO)
+        elif item:
+            names.append(item)
+    device = torch.device(args.device)
+    cfg = bench.BenchConfig(size=args.size or ("gpu" if device.type == "cuda" else "cpu"), device=args.device,
+                            benchmarks=names, providers=[p.strip() for p in args.providers.split(",") if p.strip()],
+                            repeats=args.repeats, warmup=args.warmup, compile_timeout=args.compile_timeout)
+    out = args.out
+    if out is None:
+        label = re.sub(r"[^A-Za-z0-9]+", "-", bench.device_name(device)).strip("-").lower()
+        out = os.path.join("benchmarks", "results", f"{label}.jsonl")
+    rows = bench.run(cfg, progress=not args.no_progress, on_row=lambda row: bench.append_rows([row], out))
+    print(bench.format_table(rows))
+    print(f"rows appended to {out}")
+    return 0 if all(r["status"] != "error" for r in rows) else 1
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -104,6 +155,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .info import main as info_main
 
             return info_main()
+        if args.command == "bench":
+            return _bench(args)
         if args.command == "search" and args.space == "cnn":
             return _search_cnn(args)
     except (ValueError, FileNotFoundError, TypeError, RuntimeError) as exc:

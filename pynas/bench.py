@@ -1,0 +1,460 @@
+"""pynas's benchmark suite: providers side by side in one process.
+
+Providers: ``reference`` (eager plain PyTorch), ``compiled`` (``torch.compile``
+of the reference; its compile time is a figure of its own, and it is skipped
+with a note when it does not finish within ``compile_timeout``), ``pynas``
+(the automatic backend) and optionally ``pynas-<backend>`` for each backend by
+name. Every row reports the median, min and max over repeats after warm-up,
+and its ratio to the reference measured in the same run.
+
+Benchmarks:
+  * ``cnn_search_first_order`` / ``cnn_search_second_order``: one DARTS CNN
+    search iteration (architect step plus weight step, as the search loop
+    runs it), with the bytes held by the autograd graph after a training
+    forward and, on GPU, the peak memory and the kernels launched;
+  * ``mixed_sum_fwd`` / ``_bwd`` / ``_fwd_bwd``: the fused op against its
+    reference, with the bytes it must move and the fraction of the machine's
+    copy bandwidth it achieves.
+
+Run it with ``pynas bench``; rows of JSON are appended to ``--out``.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from . import __version__, _backend
+from .architect import Architect
+from .cnn import Network
+from .ops import mixed_sum, mixed_sum_ref
+
+MACRO = ("cnn_search_first_order", "cnn_search_second_order")
+MICRO = ("mixed_sum_fwd", "mixed_sum_bwd", "mixed_sum_fwd_bwd")
+BENCHMARKS = MACRO + MICRO
+BASE_PROVIDERS = ("reference", "compiled", "pynas")
+
+SIZES = {
+    # the CPU size of the issues, and the DARTS default for GPUs
+    "cpu": {"search": dict(C=8, layers=5, batch=16, image=32), "mixed_sum": dict(K=7, shape=(16, 8, 32, 32))},
+    "gpu": {"search": dict(C=16, layers=8, batch=64, image=32), "mixed_sum": dict(K=7, shape=(64, 16, 32, 32))},
+    # a smoke size for tests and dry runs: measures nothing of interest
+    "tiny": {"search": dict(C=2, layers=2, batch=2, image=8), "mixed_sum": dict(K=3, shape=(4, 5))},
+}
+
+
+# -- environment -------------------------------------------------------------------------------
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def git_sha() -> str:
+    if os.environ.get("PYNAS_GIT_SHA"):
+        return os.environ["PYNAS_GIT_SHA"]
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10)
+        if out.returncode == 0:
+            return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "unknown"
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    return {"device": device_name(device), "device_type": device.type, "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "triton": triton_version, "pynas": __version__, "git_sha": git_sha()}
+
+
+# -- timing ------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int,
+               min_repeat_s: float = 0.0) -> List[float]:
+    """Seconds per call of ``fn``, one figure per repeat, after ``warmup`` calls.
+
+    A repeat runs ``fn`` as many times as it takes to last ``min_repeat_s`` (calibrated once), so
+    that calls of a few microseconds are timed above the clock's and the launch queue's noise.
+    """
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    inner = 1
+    if min_repeat_s > 0:
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        one = max(time.perf_counter() - t, 1e-7)
+        inner = max(1, int(min_repeat_s / one))
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        _sync(device)
+        times.append((time.perf_counter() - t) / inner)
+    return times
+
+
+class CompileTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def deadline(seconds: Optional[float]):
+    """Raise :class:`CompileTimeout` in this (main) thread after ``seconds``; no-op where unsupported.
+
+    Yields a dict whose ``"fired"`` turns True when the alarm went off, since code under
+    ``torch.compile`` may wrap the exception in one of its own.
+    """
+    state = {"fired": False}
+    usable = (seconds is not None and seconds > 0 and hasattr(signal, "setitimer")
+              and threading.current_thread() is threading.main_thread())
+    if not usable:
+        yield state
+        return
+
+    def on_alarm(signum, frame):
+        state["fired"] = True
+        raise CompileTimeout(f"did not finish within {seconds:g} s")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield state
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int) -> float:
+    """Bytes/s of a plain tensor copy that moves ``nbytes`` (read plus write): the best a memory-bound
+    op with that working set can do on this machine (caches included, as for the op)."""
+    n = max(1024, nbytes // 8)  # float32 elements: n read + n written = nbytes
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    times = time_calls(lambda: dst.copy_(src), device, repeats=9, warmup=3, min_repeat_s=0.02)
+    return 2 * n * 4 / statistics.median(times)
+
+
+# -- memory and launches -------------------------------------------------------------------------
+def graph_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Bytes that stay allocated after ``fn()`` while its result (e.g. a loss and its graph) is alive.
+
+    CPU: the sum of the allocator's memory events recorded by the profiler; GPU: the change in
+    ``torch.cuda.memory_allocated``.
+    """
+    if device.type == "cuda":
+        _sync(device)
+        before = torch.cuda.memory_allocated(device)
+        out = fn()
+        _sync(device)
+        held = torch.cuda.memory_allocated(device) - before
+        del out
+        return int(held)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    held = sum(e.self_cpu_memory_usage for e in prof.events())
+    del out
+    return int(held)
+
+
+def gpu_launches_and_peak(fn: Callable[[], object], device: torch.device):
+    """(kernels launched, peak bytes allocated) during one call of ``fn`` on a GPU."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        _sync(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    launches = sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA)
+    return launches, int(peak)
+
+
+# -- the benchmarks ------------------------------------------------------------------------------
+@dataclass
+class Case:
+    """What one provider runs for one benchmark."""
+
+    step: Callable[[], object]
+    forward: Optional[Callable[[], object]] = None  # a training forward, for graph_bytes
+    bytes_moved: Optional[int] = None
+
+
+def _provider_backend(provider: str) -> str:
+    if provider in ("reference", "compiled"):
+        return "reference"
+    if provider == "pynas":
+        return "auto"
+    return provider.split("-", 1)[1]
+
+
+def search_case(size: dict, device: torch.device, unrolled: bool, compiled: bool, seed: int = 0) -> Case:
+    torch.manual_seed(seed)
+    model = Network(size["C"], 10, size["layers"], nn.CrossEntropyLoss()).to(device)
+    if compiled:
+        model.compile()
+    opt = torch.optim.SGD(model.parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
+    arch = Architect(model, momentum=0.9, weight_decay=3e-4, arch_learning_rate=3e-4, arch_weight_decay=1e-3)
+    b, s = size["batch"], size["image"]
+    g = torch.Generator().manual_seed(seed + 1)
+    x, xv = (torch.randn(b, 3, s, s, generator=g).to(device) for _ in range(2))
+    y, yv = (torch.randint(0, 10, (b,), generator=g).to(device) for _ in range(2))
+
+    def step():
+        arch.step(x, y, xv, yv, 0.025, opt, unrolled)
+        opt.zero_grad()
+        loss = model._loss(x, y)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
+
+    def forward():
+        return model._loss(x, y)
+
+    return Case(step, forward)
+
+
+def mixed_sum_case(size: dict, device: torch.device, which: str, provider: str, seed: int = 0) -> Case:
+    K, shape = size["K"], tuple(size["shape"])
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    xs = [torch.randn(shape, generator=g).to(device).requires_grad_(True) for _ in range(K)]
+    w = torch.softmax(torch.randn(K, generator=g), 0).to(device).requires_grad_(True)
+    gout = torch.randn(shape, generator=g).to(device)
+    if provider == "reference":
+        fn = mixed_sum_ref
+    elif provider == "compiled":
+        fn = torch.compile(mixed_sum_ref)
+    else:
+        backend = _provider_backend(provider)
+        fn = lambda xs, w: mixed_sum(xs, w, backend=None if backend == "auto" else backend)  # noqa: E731
+    n = xs[0].numel() * xs[0].element_size()
+    fwd_bytes = (K + 1) * n
+    bwd_bytes = (2 * K + 1) * n
+
+    if which == "fwd":
+        def step():
+            with torch.no_grad():
+                return fn(xs, w)
+        return Case(step, bytes_moved=fwd_bytes)
+    if which == "bwd":
+        holder = {}
+
+        def fresh():
+            holder["out"] = fn(xs, w)
+
+        fresh()
+
+        def step():
+            torch.autograd.grad(holder["out"], xs + [w], gout, retain_graph=True)
+        return Case(step, bytes_moved=bwd_bytes)
+
+    def step():
+        torch.autograd.grad(fn(xs, w), xs + [w], gout)
+    return Case(step, bytes_moved=fwd_bytes + bwd_bytes)
+
+
+def _size_label(bench: str, size: dict) -> str:
+    if bench in MACRO:
+        return f"C={size['C']} L={size['layers']} B={size['batch']} {size['image']}x{size['image']}"
+    shape = "x".join(str(d) for d in size["shape"])
+    return f"K={size['K']} {shape} f32"
+
+
+@dataclass
+class BenchConfig:
+    size: str = "cpu"
+    device: str = "cpu"
+    benchmarks: Sequence[str] = BENCHMARKS
+    providers: Sequence[str] = BASE_PROVIDERS
+    repeats: Optional[int] = None  # default: 5 for search iterations, 20 for micro benchmarks
+    warmup: int = 2
+    compile_timeout: float = 600.0
+
+
+def check_config(cfg: BenchConfig) -> None:
+    if cfg.size not in SIZES:
+        raise ValueError(f"size: expected one of {', '.join(SIZES)}, got {cfg.size!r}")
+    for b in cfg.benchmarks:
+        if b not in BENCHMARKS:
+            raise ValueError(f"benchmarks: unknown benchmark {b!r}; choose from {', '.join(BENCHMARKS)}")
+    valid = BASE_PROVIDERS + tuple(f"pynas-{n}" for n in _backend.NAMES)
+    for p in cfg.providers:
+        if p not in valid:
+            raise ValueError(f"providers: unknown provider {p!r}; choose from {', '.join(valid)}")
+    if cfg.repeats is not None and cfg.repeats < 1:
+        raise ValueError(f"repeats: expected a positive integer, got {cfg.repeats}")
+
+
+def _run_one(bench: str, provider: str, cfg: BenchConfig, device: torch.device) -> dict:
+    """Measure one (benchmark, provider); returns the row's measured fields."""
+    sizes = SIZES[cfg.size]
+    backend = _provider_backend(provider)
+    compiled = provider == "compiled"
+    row: dict = {"status": "ok", "note": None}
+    if backend != "auto" and backend != "reference":
+        why = _backend.BACKENDS[backend].unavailable_reason()
+        if why:
+            return {"status": "skipped", "note": f"backend {backend} unusable: {why}"}
+    with _backend.use_backend(backend):
+        if bench in MACRO:
+            size = sizes["search"]
+            case = search_case(size, device, unrolled=bench.endswith("second_order"), compiled=compiled)
+            repeats = cfg.repeats or 5
+            min_repeat = 0.0
+        else:
+            size = sizes["mixed_sum"]
+            case = mixed_sum_case(size, device, bench[len("mixed_sum_"):], provider)
+            repeats = cfg.repeats or 20
+            min_repeat = 0.05
+        row["params"] = dict(size, backend=backend)
+        if compiled:
+            # a fresh dynamo cache so that each compiled provider pays its own compile (inductor's
+            # on-disk cache, where present, still shortens it: compile_s is "as found on this machine")
+            torch._dynamo.reset()
+            t0 = time.perf_counter()
+            state = {"fired": False}
+            try:
+                with deadline(cfg.compile_timeout) as state:
+                    case.step()
+                    _sync(device)
+            except Exception:
+                if not state["fired"]:
+                    raise
+                return {"status": "skipped", "params": row["params"],
+                        "note": f"torch.compile did not finish within {cfg.compile_timeout:g} s"}
+            row["compile_s"] = time.perf_counter() - t0
+        times = time_calls(case.step, device, repeats, cfg.warmup, min_repeat)
+        row.update(median_s=statistics.median(times), min_s=min(times), max_s=max(times), repeats=len(times))
+        if case.forward is not None:
+            row["memory_bytes"] = graph_bytes(case.forward, device)
+        if device.type == "cuda":
+            row["launches"], row["peak_bytes"] = gpu_launches_and_peak(case.step, device)
+        if case.bytes_moved is not None:
+            row["bytes_moved"] = case.bytes_moved
+            row["bandwidth_gbs"] = case.bytes_moved / row["median_s"] / 1e9
+            row["bandwidth_fraction"] = row["bandwidth_gbs"] * 1e9 / copy_bandwidth(device, case.bytes_moved)
+    return row
+
+
+ROW_FIELDS = ("benchmark", "provider", "size", "params", "status", "note", "median_s", "min_s", "max_s", "repeats",
+              "ratio", "speedup", "memory_bytes", "peak_bytes", "launches", "bytes_moved", "bandwidth_gbs",
+              "bandwidth_fraction", "compile_s", "device", "device_type", "threads", "torch", "triton", "pynas",
+              "git_sha", "date")
+
+
+def run(cfg: BenchConfig, progress: bool = True, on_row: Optional[Callable[[dict], None]] = None) -> List[dict]:
+    """Run the suite; returns the rows (and hands each to ``on_row`` as it is measured)."""
+    check_config(cfg)
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: CUDA was asked for but no CUDA device is available")
+    env = environment(device)
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    providers = list(cfg.providers)
+    if "reference" not in providers:
+        providers.insert(0, "reference")  # ratios need the reference, measured in the same run
+    tasks = [(b, p) for b in cfg.benchmarks for p in providers]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(tasks), desc="pynas bench", dynamic_ncols=True)
+    rows: List[dict] = []
+    ref_median: Dict[str, float] = {}
+    for bench, provider in tasks:
+        if bar is not None:
+            bar.set_postfix_str(f"{bench} / {provider}")
+        try:
+            measured = _run_one(bench, provider, cfg, device)
+        except Exception as exc:  # a failing provider is a row, not a crashed suite
+            measured = {"status": "error", "note": f"{type(exc).__name__}: {exc}"}
+        sizes = SIZES[cfg.size]["search" if bench in MACRO else "mixed_sum"]
+        row = {k: None for k in ROW_FIELDS}
+        row.update(benchmark=bench, provider=provider, size=_size_label(bench, sizes), params=dict(sizes))
+        row.update(measured)
+        row.update(env)
+        row["date"] = date
+        if row["status"] == "ok":
+            if provider == "reference":
+                ref_median[bench] = row["median_s"]
+            if bench in ref_median:
+                row["ratio"] = row["median_s"] / ref_median[bench]
+                row["speedup"] = ref_median[bench] / row["median_s"]
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return rows
+
+
+def append_rows(rows: Sequence[dict], path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, default=str) + "\n")
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    head = f"{'benchmark':<26} {'size':<24} {'provider':<14} {'median ms':>10} {'speedup':>8} {'graph MiB':>10} " \
+           f"{'launches':>8}  note"
+    lines = [f"device: {rows[0]['device']}" if rows else "no rows", head, "-" * len(head)]
+    for r in rows:
+        med = f"{r['median_s'] * 1e3:.3f}" if r.get("median_s") is not None else "-"
+        sp = f"{r['speedup']:.2f}x" if r.get("speedup") is not None and r["provider"] != "reference" else "-"
+        mem = f"{r['memory_bytes'] / 2 ** 20:.1f}" if r.get("memory_bytes") is not None else "-"
+        la = str(r["launches"]) if r.get("launches") is not None else "-"
+        notes = []
+        if r.get("compile_s") is not None:
+            notes.append(f"first call incl. compile {r['compile_s']:.1f} s")
+        if r.get("bandwidth_fraction") is not None:
+            notes.append(f"{r['bandwidth_gbs']:.1f} GB/s = {100 * r['bandwidth_fraction']:.0f}% of a copy of equal bytes")
+        if r.get("note"):
+            notes.append(str(r["note"]))
+        lines.append(f"{r['benchmark']:<26} {r['size']:<24} {r['provider']:<14} {med:>10} {sp:>8} {mem:>10} "
+                     f"{la:>8}  {'; '.join(notes)}")
+    return "\n".join(lines)

@@ -1,0 +1,77 @@
+"""The benchmark suite's plumbing, on the smoke size (no timing is asserted)."""
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from pynas import bench
+
+
+def test_graph_bytes_counts_what_stays_allocated():
+    held = bench.graph_bytes(lambda: torch.empty(2 ** 18) * 2 + 1, torch.device("cpu"))
+    assert held == 2 ** 20  # one float32 MiB survives; the temporaries are freed
+
+
+def test_deadline_interrupts():
+    with pytest.raises(bench.CompileTimeout):
+        with bench.deadline(0.2):
+            t = time.time()
+            while time.time() - t < 5:
+                pass
+
+
+def test_run_rows_and_ratios():
+    cfg = bench.BenchConfig(size="tiny", providers=["reference", "pynas", "pynas-cuda"], repeats=2, warmup=1)
+    rows = bench.run(cfg, progress=False)
+    assert len(rows) == len(bench.BENCHMARKS) * 3
+    for row in rows:
+        assert set(bench.ROW_FIELDS) <= set(row)
+        assert row["device_type"] == "cpu" and row["torch"] == torch.__version__
+        if row["provider"] == "pynas-cuda" and not torch.cuda.is_available():
+            assert row["status"] == "skipped" and "cuda" in row["note"]
+            continue
+        assert row["status"] == "ok", row["note"]
+        assert row["min_s"] <= row["median_s"] <= row["max_s"]
+        assert row["ratio"] == pytest.approx(1 / row["speedup"])
+        if row["provider"] == "reference":
+            assert row["ratio"] == 1.0
+        if row["benchmark"] in bench.MACRO:
+            assert row["memory_bytes"] > 0
+        else:
+            n = 4 * 5 * 4
+            expected = {"mixed_sum_fwd": 4 * n, "mixed_sum_bwd": 7 * n, "mixed_sum_fwd_bwd": 11 * n}
+            assert row["bytes_moved"] == expected[row["benchmark"]]
+            assert row["bandwidth_fraction"] > 0
+
+
+def test_compile_over_its_time_is_skipped_with_a_note():
+    cfg = bench.BenchConfig(size="tiny", benchmarks=["mixed_sum_fwd"], providers=["reference", "compiled"],
+                            repeats=1, warmup=0, compile_timeout=0.01)
+    rows = bench.run(cfg, progress=False)
+    compiled = [r for r in rows if r["provider"] == "compiled"][0]
+    assert compiled["status"] == "skipped" and "did not finish" in compiled["note"]
+    assert compiled["median_s"] is None
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="size"):
+        bench.run(bench.BenchConfig(size="huge"), progress=False)
+    with pytest.raises(ValueError, match="providers"):
+        bench.run(bench.BenchConfig(size="tiny", providers=["fast"]), progress=False)
+    with pytest.raises(ValueError, match="benchmarks"):
+        bench.run(bench.BenchConfig(size="tiny", benchmarks=["nope"]), progress=False)
+
+
+def test_cli_bench_appends_rows(tmp_path):
+    out = tmp_path / "r.jsonl"
+    res = subprocess.run([sys.executable, "-m", "pynas", "bench", "--size", "tiny", "--benchmarks", "mixed_sum",
+                          "--providers", "reference,pynas", "--repeats", "2", "--no-progress", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "mixed_sum_fwd_bwd" in res.stdout and "speedup" in res.stdout
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["provider"] for r in rows] == ["reference", "pynas"] * 3
+    assert all(r["git_sha"] and r["date"] for r in rows)
