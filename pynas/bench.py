@@ -337,26 +337,31 @@ def _run_one(bench: str, provider: str, cfg: BenchConfig, device: torch.device) 
         why = _backend.BACKENDS[backend].unavailable_reason()
         if why:
             return {"status": "skipped", "note": f"backend {backend} unusable: {why}"}
+    if bench in MACRO:
+        size = sizes["search"]
+        repeats, min_repeat = cfg.repeats or 5, 0.0
+
+        def make():
+            return search_case(size, device, unrolled=bench.endswith("second_order"), compiled=compiled)
+    else:
+        size = sizes["mixed_sum"]
+        repeats, min_repeat = cfg.repeats or 20, 0.05
+
+        def make():
+            return mixed_sum_case(size, device, bench[len("mixed_sum_"):], provider)
+    row["params"] = dict(size, backend=backend)
     with _backend.use_backend(backend):
-        if bench in MACRO:
-            size = sizes["search"]
-            case = search_case(size, device, unrolled=bench.endswith("second_order"), compiled=compiled)
-            repeats = cfg.repeats or 5
-            min_repeat = 0.0
+        if not compiled:
+            case = make()
         else:
-            size = sizes["mixed_sum"]
-            case = mixed_sum_case(size, device, bench[len("mixed_sum_"):], provider)
-            repeats = cfg.repeats or 20
-            min_repeat = 0.05
-        row["params"] = dict(size, backend=backend)
-        if compiled:
-            # a fresh dynamo cache so that each compiled provider pays its own compile (inductor's
-            # on-disk cache, where present, still shortens it: compile_s is "as found on this machine")
+            # A fresh dynamo cache, so each compiled provider pays its own compile: compile_s is the
+            # set-up plus first call (inductor's on-disk cache, where present, shortens it).
             torch._dynamo.reset()
             t0 = time.perf_counter()
             state = {"fired": False}
             try:
                 with deadline(cfg.compile_timeout) as state:
+                    case = make()
                     case.step()
                     _sync(device)
             except Exception:
