@@ -215,9 +215,13 @@ def ref_genotype(alphas_normal, alphas_reduce, steps=4, multiplier=4):
 # ----------------------------------------------------------------------------------------------
 
 def _usable_cpu_backends():
+    """Backends that can take CPU float64 tensors here (Triton only under TRITON_INTERPRET=1)."""
+    from pynas import _backend
+
+    probe = [torch.ones(1, dtype=torch.float64)]
     params = []
     for name in ("reference", "cpu", "triton"):
-        why = pynas.backends().get(name)
+        why = "; ".join(_backend.BACKENDS[name].not_supported_reasons(probe)) or None
         params.append(pytest.param(name, marks=pytest.mark.skipif(why is not None, reason=f"{name}: {why}")))
     return params
 
