@@ -163,3 +163,30 @@ def test_gpu_backends_are_usable_on_a_gpu():
     assert table["cuda"] is None, table["cuda"]
     assert table["triton"] is None, table["triton"]
     assert ("cuda", "cuda") in PAIRS and ("triton", "cuda") in PAIRS
+
+
+@pytest.mark.parametrize("backend,device", [p for p in PAIRS if p[0] != "reference"],
+                         ids=[f"{b}-{d}" for b, d in PAIRS if b != "reference"])
+def test_eager_path_equals_custom_op(backend, device):
+    """Eager calls go through an autograd.Function, compiled ones through the custom op: same kernels."""
+    torch.manual_seed(7)
+    xs = [torch.randn(3, 5, device=device, requires_grad=True) for _ in range(4)]
+    w = torch.randn(4, device=device, requires_grad=True)
+    g = torch.randn(3, 5, device=device)
+    eager = mixed_sum(xs, w, backend=backend)
+    ge = torch.autograd.grad(eager, xs + [w], g)
+    op = torch.ops.pynas.mixed_sum(xs, w, backend)
+    go = torch.autograd.grad(op, xs + [w], g)
+    assert torch.equal(eager, op)
+    for a, b in zip(ge, go):
+        assert torch.equal(a, b)
+
+
+def test_double_backward_is_a_clear_error():
+    if pynas.backends()["cpu"] is not None:
+        pytest.skip("the C++ extension is not built")
+    xs = [torch.randn(3, requires_grad=True) for _ in range(2)]
+    w = torch.randn(2, requires_grad=True)
+    (gw,) = torch.autograd.grad(mixed_sum(xs, w, backend="cpu").sum(), [w], create_graph=True)
+    with pytest.raises(RuntimeError):
+        gw.sum().backward()
