@@ -78,7 +78,9 @@ def git_sha() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True,
                              timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+        # "dirty" when the measured code differs from the commit (results files do not count)
+        code = [":(top)pynas", ":(top)kernels", ":(top)csrc", ":(top)setup.py"]
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *code], cwd=here,
                                capture_output=True, text=True, timeout=10)
         if out.returncode == 0:
             return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
