@@ -357,3 +357,40 @@ def test_fd_r_must_be_positive(r):
     net = Network(2, 3, 2, nn.CrossEntropyLoss())
     with pytest.raises(ValueError, match="fd_r"):
         Architect(net, _args(fd_r=r))
+
+
+def test_no_host_sync_mode_catches_item():
+    from pynas._sync import HostSyncError, no_host_sync
+
+    t = torch.ones(2)
+    with pytest.raises(HostSyncError, match="item"):
+        with no_host_sync():
+            t.sum().item()
+    with pytest.raises(HostSyncError):
+        with no_host_sync():
+            if t.sum() > 0:
+                pass
+    with no_host_sync():
+        (t * 2).sum()  # device-side work is fine
+
+
+@pytest.mark.parametrize("unrolled", [False, True], ids=["first-order", "second-order"])
+def test_architect_gradient_makes_no_host_sync(unrolled):
+    """The architect's own work (virtual step, norm, perturbations, restore) never reads a tensor's value on
+    the host. (The Adam step after it is torch's; its step counter is a host tensor even for GPU params.)"""
+    from pynas._sync import no_host_sync
+
+    torch.manual_seed(11)
+    model = Network(2, 3, 2, nn.CrossEntropyLoss())
+    opt = torch.optim.SGD(model.parameters(), 0.1, momentum=MOM, weight_decay=WD)
+    arch = Architect(model, _args())
+    x, y = torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2,))
+    model._loss(x, y).backward()
+    opt.step()  # momentum buffers exist
+    with no_host_sync():
+        if unrolled:
+            grads = arch.unrolled_grad(x, y, x.flip(0), y.flip(0), 0.1, opt)
+        else:
+            grads = arch.first_order_grad(x.flip(0), y.flip(0))
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
