@@ -103,18 +103,19 @@ class Architect:
         params = [p for p in model.parameters()]
         alphas = list(model.arch_parameters())
         eta = float(eta)
-        with torch.no_grad():
-            saved = [p.detach().clone() for p in params]
+        # Every pass over the weights is one multi-tensor (_foreach) op, not a loop over ~1000 tensors.
+        saved = self._snapshot("weights", params)
         try:
             loss = model._loss(input_train, target_train)
             g_train = _grad(loss, params)
             self._virtual_step(params, list(g_train), eta, network_optimizer)
             del g_train, loss
 
-            bn_state = _save_buffers(model)
+            buffers = list(model.buffers())
+            saved_buffers = self._snapshot("buffers", buffers)
             loss_val = model._loss(input_valid, target_valid)
             grads = _grad(loss_val, alphas + params)
-            _load_buffers(model, bn_state)
+            _copy_all(buffers, saved_buffers)
             dalpha, v = list(grads[:len(alphas)]), list(grads[len(alphas):])
             del grads, loss_val
 
@@ -122,27 +123,32 @@ class Architect:
                 norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(v)))
                 R = self.fd_r / norm.clamp_min(torch.finfo(norm.dtype).tiny)
                 Rv = torch._foreach_mul(v, R)
-                for p, s, d in zip(params, saved, Rv):
-                    p.copy_(s).add_(d)
+                torch._foreach_copy_(params, saved)
+                torch._foreach_add_(params, Rv)  # w + R v
             g_pos = _grad(model._loss(input_train, target_train), alphas)
             with torch.no_grad():
-                for p, s, d in zip(params, saved, Rv):
-                    p.copy_(s).sub_(d)
+                torch._foreach_copy_(params, saved)
+                torch._foreach_sub_(params, Rv)  # w - R v
             g_neg = _grad(model._loss(input_train, target_train), alphas)
             with torch.no_grad():
                 scale = eta / (2.0 * R)
                 return [da - (gp - gn) * scale for da, gp, gn in zip(dalpha, g_pos, g_neg)]
         finally:
-            with torch.no_grad():
-                for p, s in zip(params, saved):
-                    p.copy_(s)
+            _copy_all(params, saved)  # bit-exact restore from the copy, not by adding back
 
-
-def _save_buffers(model: nn.Module):
-    return [(b, b.detach().clone()) for b in model.buffers()]
+    def _snapshot(self, key: str, tensors: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Copies of ``tensors`` in buffers kept across steps (re-allocated when the tensors change)."""
+        cache = self.__dict__.setdefault("_snapshots", {})
+        spec = [(t.shape, t.dtype, t.device) for t in tensors]
+        entry = cache.get(key)
+        if entry is None or entry[0] != spec:
+            entry = (spec, [torch.empty_like(t, memory_format=torch.preserve_format) for t in tensors])
+            cache[key] = entry
+        _copy_all(entry[1], tensors)
+        return entry[1]
 
 
 @torch.no_grad()
-def _load_buffers(model: nn.Module, state) -> None:
-    for b, saved in state:
-        b.copy_(saved)
+def _copy_all(dst: List[torch.Tensor], src: List[torch.Tensor]) -> None:
+    if dst:
+        torch._foreach_copy_(dst, [s.detach() for s in src])
