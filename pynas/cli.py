@@ -90,6 +90,10 @@ def _search_cnn(args) -> int:
         unrolled=args.unrolled, fd_r=args.fd_r, arch_learning_rate=args.arch_learning_rate,
         arch_weight_decay=args.arch_weight_decay, seed=args.seed, steps_per_epoch=args.steps_per_epoch,
         device=args.device, backend=backend)
+    if args.resume is None:
+        from .search import _check_config
+
+        _check_config(cfg)  # fail before a run folder is made
     save = args.save
     if save is None:
         if args.resume is not None:

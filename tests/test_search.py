@@ -169,3 +169,10 @@ def test_shapes10_is_learnable_well_above_chance():
     with torch.no_grad():
         acc = (net(x_va).argmax(1) == y_va).float().mean().item()
     assert acc > 0.4, acc  # chance is 0.1
+
+
+def test_cli_bad_setting_makes_no_run_folder(tmp_path):
+    run = tmp_path / "run"
+    res = _cli("search", "cnn", "--epochs", "0", "--save", str(run), "--no-progress")
+    assert res.returncode == 2 and "epochs" in res.stderr and "Traceback" not in res.stderr
+    assert not run.exists()
