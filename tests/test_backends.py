@@ -132,3 +132,19 @@ def test_extension_was_built_with_everything_this_machine_allows():
     if torch.version.cuda and (shutil.which("nvcc") or os.environ.get("CUDA_HOME")) and not _truthy("PYNAS_NO_CUDA"):
         assert info["cuda"] is True, info
         assert info["cuda_archs"]
+
+
+def test_triton_kernels_load_from_a_checkout():
+    """Without the install's mapping, the checkout's kernels/ folder is loaded as pynas.kernels."""
+    res = _run("""
+        import os, sys
+        from pynas import _triton
+        sys.modules.pop("pynas.kernels", None)
+        mod = _triton._load_from_checkout()
+        root = os.path.dirname(os.path.dirname(os.path.abspath(_triton.__file__)))
+        assert os.path.samefile(mod.__file__, os.path.join(root, "kernels", "__init__.py")), mod.__file__
+        assert hasattr(_triton.kernel_module("mixed_sum"), "mixed_sum_forward")
+        print("ok")
+    """)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "ok"

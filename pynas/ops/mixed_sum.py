@@ -39,9 +39,9 @@ def _kernels(backend: str):
     if backend in ("cpu", "cuda"):
         return _ext.get()
     if backend == "triton":
-        from ..kernels import mixed_sum as triton_mixed_sum
+        from .._triton import kernel_module
 
-        return triton_mixed_sum
+        return kernel_module("mixed_sum")
     raise ValueError(f"backend: {backend!r} has no mixed_sum kernel")
 
 
