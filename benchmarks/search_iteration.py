@@ -1,4 +1,5 @@
-"""Time one DARTS CNN search iteration (architect step + weight step), as the search loop runs it.
+"""Time one DARTS CNN search iteration (architect step + weight step), as the search loop runs it
+(the iteration of ``pynas bench``'s cnn_search benchmarks, for one backend and without the others).
 
     python benchmarks/search_iteration.py --backend reference --threads 2
 
@@ -11,30 +12,9 @@ import statistics
 import time
 
 import torch
-from torch import nn
 
 import pynas
-from pynas.architect import Architect
-from pynas.cnn import Network
-
-
-def make_iteration(C, layers, batch, size, unrolled, seed=0):
-    torch.manual_seed(seed)
-    model = Network(C, 10, layers, nn.CrossEntropyLoss())
-    opt = torch.optim.SGD(model.parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
-    arch = Architect(model, momentum=0.9, weight_decay=3e-4, arch_learning_rate=3e-4, arch_weight_decay=1e-3)
-    x, y = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
-    xv, yv = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
-
-    def step():
-        arch.step(x, y, xv, yv, 0.025, opt, unrolled)
-        opt.zero_grad()
-        loss = model._loss(x, y)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        opt.step()
-
-    return step
+from pynas.bench import search_case
 
 
 def main():
@@ -51,7 +31,8 @@ def main():
     torch.set_num_threads(args.threads)
     with pynas.use_backend(args.backend):
         for unrolled in (False, True):
-            step = make_iteration(args.C, args.layers, args.batch, args.size, unrolled)
+            size = dict(C=args.C, layers=args.layers, batch=args.batch, image=args.size)
+            step = search_case(size, torch.device("cpu"), unrolled=unrolled, compiled=False).step
             for _ in range(args.warmup):
                 step()
             times = []
