@@ -79,6 +79,7 @@ class Backend:
     devices: Tuple[str, ...]
     dtypes: Tuple[torch.dtype, ...]
     _reason: Callable[[], Optional[str]]
+    cpu_only_interpreted: bool = False  # takes CPU tensors only under TRITON_INTERPRET=1
 
     def unavailable_reason(self) -> Optional[str]:
         """Why this backend cannot run on this machine at all (``None`` when it can)."""
@@ -92,8 +93,8 @@ class Backend:
             reasons.append(why)
         for t in tensors:
             dev = t.device.type
-            if self.name == "triton" and dev == "cpu" and not _triton_interpret():
-                reasons.append("triton runs on CPU tensors only under TRITON_INTERPRET=1")
+            if dev == "cpu" and self.cpu_only_interpreted and not _triton_interpret():
+                reasons.append(f"{self.name} runs on CPU tensors only under TRITON_INTERPRET=1")
             elif dev not in self.devices:
                 reasons.append(f"device {dev!r} is not supported by backend {self.name!r}")
             if t.dtype not in self.dtypes:
@@ -106,7 +107,7 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKENDS: Dict[str, Backend] = {
     "reference": Backend("reference", ("cpu", "cuda"), _FLOATS, lambda: None),
     "cpu": Backend("cpu", ("cpu",), _FLOATS, _cpu_reason),
-    "triton": Backend("triton", ("cuda", "cpu"), _FLOATS, _triton_reason),
+    "triton": Backend("triton", ("cuda", "cpu"), _FLOATS, _triton_reason, cpu_only_interpreted=True),
     "cuda": Backend("cuda", ("cuda",), _FLOATS, _cuda_reason),
 }
 

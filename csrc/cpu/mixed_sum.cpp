@@ -6,6 +6,7 @@
 
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include "pynas/mixed_sum.h"
+#include "pynas/tensor_lists.h"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
@@ -21,6 +22,8 @@ namespace cpu {
 namespace {
 
 using mixed_sum::Pointers;
+using pynas::chunk_pointers;
+using pynas::contiguous_all;
 
 // 4096 elements: the tile and K of its inputs stay in L2; the accumulator of a tile stays in L1.
 constexpr int64_t kTile = 4096;
@@ -28,22 +31,6 @@ constexpr int64_t kTile = 4096;
 // Tiles per task at least: about 32768 input elements, the grain torch's own CPU kernels use.
 int64_t grain_in_tiles(int64_t k) { return std::max<int64_t>(1, 32768 / (kTile * k)); }
 
-std::vector<at::Tensor> contiguous_all(const std::vector<at::Tensor>& xs) {
-  std::vector<at::Tensor> out;
-  out.reserve(xs.size());
-  for (const auto& x : xs) out.push_back(x.contiguous());
-  return out;
-}
-
-template <typename scalar_t, typename T>
-Pointers<T> chunk_pointers(const std::vector<at::Tensor>& ts, int c) {
-  Pointers<T> p{};
-  const int size = mixed_sum::chunk_size(static_cast<int64_t>(ts.size()), c);
-  for (int j = 0; j < size; ++j) {
-    p.p[j] = const_cast<T*>(ts[static_cast<size_t>(c) * mixed_sum::kChunk + j].template const_data_ptr<scalar_t>());
-  }
-  return p;
-}
 
 // Interleaved partial sums per weight in the backward: the sum over a tile's elements becomes kLanes
 // independent sums that the compiler can put in SIMD lanes (it may not reorder a single running sum

@@ -8,6 +8,7 @@
 
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include "pynas/mixed_sum.h"
+#include "pynas/tensor_lists.h"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
@@ -34,6 +35,8 @@ std::string compiled_cuda_version() {
 namespace {
 
 using mixed_sum::Pointers;
+using pynas::chunk_pointers;
+using pynas::contiguous_all;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -118,22 +121,6 @@ int64_t num_blocks(int64_t n) {
   return std::max<int64_t>(1, std::min<int64_t>(wanted, static_cast<int64_t>(sms) * (2048 / kThreads)));
 }
 
-std::vector<at::Tensor> contiguous_all(const std::vector<at::Tensor>& xs) {
-  std::vector<at::Tensor> out;
-  out.reserve(xs.size());
-  for (const auto& x : xs) out.push_back(x.contiguous());
-  return out;
-}
-
-template <typename scalar_t, typename T>
-Pointers<T> chunk_pointers(const std::vector<at::Tensor>& ts, int c) {
-  Pointers<T> p{};
-  const int size = mixed_sum::chunk_size(static_cast<int64_t>(ts.size()), c);
-  for (int j = 0; j < size; ++j) {
-    p.p[j] = const_cast<T*>(ts[static_cast<size_t>(c) * mixed_sum::kChunk + j].template const_data_ptr<scalar_t>());
-  }
-  return p;
-}
 
 }  // namespace
 
