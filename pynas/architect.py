@@ -32,6 +32,17 @@ def _grad(loss: torch.Tensor, inputs: Sequence[torch.Tensor]) -> List[torch.Tens
     return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
 
 
+def settings_from_args(args) -> dict:
+    """Architect keyword arguments from a reference-code ``args`` namespace (``fd_r`` optional)."""
+    missing = [k for k in ("momentum", "weight_decay", "arch_learning_rate", "arch_weight_decay")
+               if not hasattr(args, k)]
+    if missing:
+        raise ValueError(f"args: missing {', '.join(missing)}")
+    return dict(momentum=args.momentum, weight_decay=args.weight_decay,
+                arch_learning_rate=args.arch_learning_rate, arch_weight_decay=args.arch_weight_decay,
+                fd_r=getattr(args, "fd_r", 0.01))
+
+
 class Architect:
     """Owns the arch optimizer (Adam) and computes ``grad_alpha`` for one step.
 
@@ -53,13 +64,6 @@ class Architect:
         self.fd_r = float(fd_r)
         self.optimizer = torch.optim.Adam(model.arch_parameters(), lr=arch_learning_rate,
                                           betas=tuple(arch_betas), weight_decay=arch_weight_decay)
-
-    @classmethod
-    def from_args(cls, model: nn.Module, args) -> "Architect":
-        """Build from a reference-style ``args`` namespace (``fd_r`` optional)."""
-        return cls(model, momentum=args.momentum, weight_decay=args.weight_decay,
-                   arch_learning_rate=args.arch_learning_rate, arch_weight_decay=args.arch_weight_decay,
-                   fd_r=getattr(args, "fd_r", 0.01))
 
     # -- public ------------------------------------------------------------------
     def step(self, input_train, target_train, input_valid, target_valid, eta, network_optimizer, unrolled):

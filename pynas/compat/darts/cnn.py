@@ -6,6 +6,7 @@ the kernels. These are pynas's own classes: only ``Architect`` differs, taking
 the reference's ``(model, args)``.
 """
 from ...architect import Architect as _Architect
+from ...architect import settings_from_args
 from ...cnn import OPS, PRIMITIVES, Cell, Genotype, MixedOp, Network
 
 __all__ = ["PRIMITIVES", "OPS", "Genotype", "MixedOp", "Cell", "Network", "Architect"]
@@ -16,10 +17,4 @@ class Architect(_Architect):
     args.arch_learning_rate, args.arch_weight_decay`` and, optionally, ``args.fd_r``."""
 
     def __init__(self, model, args):
-        missing = [k for k in ("momentum", "weight_decay", "arch_learning_rate", "arch_weight_decay")
-                   if not hasattr(args, k)]
-        if missing:
-            raise ValueError(f"args: missing {', '.join(missing)}")
-        super().__init__(model, momentum=args.momentum, weight_decay=args.weight_decay,
-                         arch_learning_rate=args.arch_learning_rate, arch_weight_decay=args.arch_weight_decay,
-                         fd_r=getattr(args, "fd_r", 0.01))
+        super().__init__(model, **settings_from_args(args))
