@@ -4,6 +4,7 @@
 
 #include "pynas/checks.h"
 #include "pynas/macros.h"
+#include "pynas/mixed_edge.h"
 #include "pynas/mixed_sum.h"
 
 #include <torch/python.h>
@@ -70,6 +71,181 @@ std::pair<std::vector<at::Tensor>, at::Tensor> mixed_sum_backward(const at::Tens
   fail_device(op, xs[0], "xs[0]");
 }
 
+// ---- the fused CNN edge (CPU only; see csrc/include/pynas/mixed_edge.h) --------------------------------
+
+void check_activation(const char* op, const at::Tensor& t, const char* name) {
+  pynas::checks::check_dense(op, t, name);
+  TORCH_CHECK(t.dim() == 4, op, ": `", name, "` must be 4-D (N, C, H, W), got ", pynas::checks::describe(t));
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": `", name,
+              "` must have dtype torch.float32 or torch.float64, got ", pynas::checks::describe(t));
+  if (!t.is_cpu()) fail_device(op, t, name);
+}
+
+void check_channel_vector(const char* op, const at::Tensor& t, const std::string& name, const at::Tensor& x) {
+  pynas::checks::check_dense(op, t, name);
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(1) && t.scalar_type() == x.scalar_type() && t.is_cpu(), op,
+              ": `", name, "` must be 1-D with one ", pynas::checks::dtype_name(x.scalar_type()),
+              " value per channel (", x.size(1), ") on cpu, got ", pynas::checks::describe(t));
+}
+
+void check_dw_args(const char* op, const at::Tensor& x, const std::vector<at::Tensor>& ws,
+                   const std::vector<int64_t>& strides, const std::vector<int64_t>& pads,
+                   const std::vector<int64_t>& dils, int64_t pre, const at::Tensor& mean, const at::Tensor& rstd) {
+  check_activation(op, x, "x");
+  TORCH_CHECK(!ws.empty(), op, ": `ws` must hold at least one weight");
+  TORCH_CHECK(strides.size() == ws.size() && pads.size() == ws.size() && dils.size() == ws.size(), op,
+              ": `strides`, `pads` and `dils` must have one entry per weight in `ws` (", ws.size(), "), got ",
+              strides.size(), ", ", pads.size(), " and ", dils.size());
+  TORCH_CHECK(pre >= pynas::edge::kPreNone && pre <= pynas::edge::kPreNormRelu, op,
+              ": `pre` must be 0 (none), 1 (relu) or 2 (normalise then relu), got ", pre);
+  for (size_t m = 0; m < ws.size(); ++m) {
+    const std::string name = "ws[" + std::to_string(m) + "]";
+    pynas::checks::check_dense(op, ws[m], name);
+    TORCH_CHECK(ws[m].dim() == 4 && ws[m].size(0) == x.size(1) && ws[m].size(1) == 1 &&
+                    ws[m].size(2) == ws[m].size(3) && ws[m].size(2) >= 1 &&
+                    ws[m].scalar_type() == x.scalar_type() && ws[m].is_cpu(),
+                op, ": `", name, "` must be a depthwise weight (", x.size(1), ", 1, k, k) like `x`, got ",
+                pynas::checks::describe(ws[m]));
+    TORCH_CHECK(strides[m] >= 1 && pads[m] >= 0 && dils[m] >= 1, op, ": conv ", m,
+                " needs stride >= 1, pad >= 0, dilation >= 1, got ", strides[m], ", ", pads[m], ", ", dils[m]);
+    const int64_t ho = pynas::edge::out_size(x.size(2), ws[m].size(2), strides[m], pads[m], dils[m]);
+    const int64_t wo = pynas::edge::out_size(x.size(3), ws[m].size(3), strides[m], pads[m], dils[m]);
+    TORCH_CHECK(ho >= 1 && wo >= 1, op, ": conv ", m, " has an empty output for `x` of ",
+                pynas::checks::describe(x));
+  }
+  if (pre == pynas::edge::kPreNormRelu) {
+    check_channel_vector(op, mean, "mean", x);
+    check_channel_vector(op, rstd, "rstd", x);
+  }
+}
+
+std::vector<at::Tensor> edge_dw_forward(const at::Tensor& x, const std::vector<at::Tensor>& ws,
+                                        const std::vector<int64_t>& strides, const std::vector<int64_t>& pads,
+                                        const std::vector<int64_t>& dils, int64_t pre, const at::Tensor& mean,
+                                        const at::Tensor& rstd) {
+  check_dw_args("edge_dw_forward", x, ws, strides, pads, dils, pre, mean, rstd);
+  return pynas::cpu::edge_dw_forward(x, ws, strides, pads, dils, pre, mean, rstd);
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> edge_dw_backward(
+    const at::Tensor& x, const std::vector<at::Tensor>& ws, const std::vector<at::Tensor>& gs,
+    const std::vector<int64_t>& strides, const std::vector<int64_t>& pads, const std::vector<int64_t>& dils,
+    int64_t pre, const at::Tensor& mean, const at::Tensor& rstd) {
+  constexpr const char* op = "edge_dw_backward";
+  check_dw_args(op, x, ws, strides, pads, dils, pre, mean, rstd);
+  TORCH_CHECK(gs.size() == ws.size(), op, ": `gs` must have one gradient per weight in `ws` (", ws.size(),
+              "), got ", gs.size());
+  for (size_t m = 0; m < ws.size(); ++m) {
+    const std::string name = "gs[" + std::to_string(m) + "]";
+    pynas::checks::check_dense(op, gs[m], name);
+    const int64_t ho = pynas::edge::out_size(x.size(2), ws[m].size(2), strides[m], pads[m], dils[m]);
+    const int64_t wo = pynas::edge::out_size(x.size(3), ws[m].size(3), strides[m], pads[m], dils[m]);
+    TORCH_CHECK(gs[m].sizes() == at::IntArrayRef({x.size(0), x.size(1), ho, wo}) &&
+                    gs[m].scalar_type() == x.scalar_type() && gs[m].is_cpu(),
+                op, ": `", name, "` must be shaped like conv ", m, "'s output [", x.size(0), ", ", x.size(1), ", ",
+                ho, ", ", wo, "] with `x`'s dtype, got ", pynas::checks::describe(gs[m]));
+  }
+  return pynas::cpu::edge_dw_backward(x, ws, gs, strides, pads, dils, pre, mean, rstd);
+}
+
+std::tuple<at::Tensor, at::Tensor> edge_bn_stats(const at::Tensor& p, double eps, double momentum,
+                                                 const std::optional<at::Tensor>& running_mean,
+                                                 const std::optional<at::Tensor>& running_var) {
+  constexpr const char* op = "edge_bn_stats";
+  check_activation(op, p, "p");
+  TORCH_CHECK(p.size(0) * p.size(2) * p.size(3) > 1, op,
+              ": BatchNorm needs more than one value per channel in training, got `p` of ",
+              pynas::checks::describe(p));
+  TORCH_CHECK(eps > 0, op, ": `eps` must be positive, got ", eps);
+  const at::Tensor rm = running_mean.value_or(at::Tensor()), rv = running_var.value_or(at::Tensor());
+  if (rm.defined()) check_channel_vector(op, rm, "running_mean", p);
+  if (rv.defined()) check_channel_vector(op, rv, "running_var", p);
+  return pynas::cpu::edge_bn_stats(p, eps, momentum, rm, rv);
+}
+
+at::Tensor edge_bn_backward(const at::Tensor& g, const at::Tensor& p, const at::Tensor& mean, const at::Tensor& rstd,
+                            const std::optional<at::Tensor>& sums) {
+  constexpr const char* op = "edge_bn_backward";
+  check_activation(op, p, "p");
+  pynas::checks::check_like(op, g, "g", p, "p");
+  check_channel_vector(op, mean, "mean", p);
+  check_channel_vector(op, rstd, "rstd", p);
+  const at::Tensor s = sums.value_or(at::Tensor());
+  if (s.defined()) {
+    TORCH_CHECK(s.dim() == 2 && s.size(0) == 2 && s.size(1) == p.size(1) && s.scalar_type() == at::kDouble &&
+                    s.is_cpu(),
+                op, ": `sums` must be (2, C) float64 on cpu, got ", pynas::checks::describe(s));
+  }
+  return pynas::cpu::edge_bn_backward(g, p, mean, rstd, s);
+}
+
+void check_mix_args(const char* op, const at::Tensor& x, const std::vector<at::Tensor>& ps, const at::Tensor& w,
+                    int64_t stride, bool has_skip) {
+  check_activation(op, x, "x");
+  TORCH_CHECK(stride == 1 || stride == 2, op, ": `stride` must be 1 or 2, got ", stride);
+  TORCH_CHECK(!has_skip || stride == 1, op, ": `has_skip` (identity) needs stride 1; at stride 2 the skip is a "
+              "FactorizedReduce, pass its output in `ps`");
+  const int64_t ho = pynas::edge::out_size(x.size(2), 3, stride, 1, 1);
+  const int64_t wo = pynas::edge::out_size(x.size(3), 3, stride, 1, 1);
+  for (size_t j = 0; j < ps.size(); ++j) {
+    const std::string name = "ps[" + std::to_string(j) + "]";
+    pynas::checks::check_dense(op, ps[j], name);
+    TORCH_CHECK(ps[j].sizes() == at::IntArrayRef({x.size(0), x.size(1), ho, wo}) &&
+                    ps[j].scalar_type() == x.scalar_type() && ps[j].is_cpu(),
+                op, ": `", name, "` must be [", x.size(0), ", ", x.size(1), ", ", ho, ", ", wo,
+                "] (the edge's output shape) with `x`'s dtype, got ", pynas::checks::describe(ps[j]));
+  }
+  pynas::checks::check_vector(op, w, "w", static_cast<int64_t>(3 + ps.size()),
+                              "max, avg, skip, then one per tensor in `ps`", x, "x");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> edge_mix_forward(
+    const at::Tensor& x, const std::vector<at::Tensor>& ps, const at::Tensor& w, int64_t stride, bool has_max,
+    bool has_avg, bool has_skip, double eps, double momentum,
+    const std::vector<std::optional<at::Tensor>>& running_means,
+    const std::vector<std::optional<at::Tensor>>& running_vars) {
+  constexpr const char* op = "edge_mix_forward";
+  check_mix_args(op, x, ps, w, stride, has_skip);
+  TORCH_CHECK(eps > 0, op, ": `eps` must be positive, got ", eps);
+  const size_t J = 2 + ps.size();
+  TORCH_CHECK(running_means.size() == J && running_vars.size() == J, op,
+              ": `running_means` and `running_vars` must have 2 + len(ps) = ", J, " entries (None where absent), got ",
+              running_means.size(), " and ", running_vars.size());
+  std::vector<at::Tensor> rms, rvs;
+  for (size_t j = 0; j < J; ++j) {
+    rms.push_back(running_means[j].value_or(at::Tensor()));
+    rvs.push_back(running_vars[j].value_or(at::Tensor()));
+    if (rms.back().defined()) check_channel_vector(op, rms.back(), "running_means[" + std::to_string(j) + "]", x);
+    if (rvs.back().defined()) check_channel_vector(op, rvs.back(), "running_vars[" + std::to_string(j) + "]", x);
+  }
+  const int64_t ho = pynas::edge::out_size(x.size(2), 3, stride, 1, 1);
+  TORCH_CHECK(x.size(0) * ho * pynas::edge::out_size(x.size(3), 3, stride, 1, 1) > 1, op,
+              ": BatchNorm needs more than one value per channel in training, got `x` of ", pynas::checks::describe(x));
+  return pynas::cpu::edge_mix_forward(x, ps, w, stride, has_max, has_avg, has_skip, eps, momentum, rms, rvs);
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> edge_mix_backward(
+    const at::Tensor& g, const at::Tensor& x, const std::vector<at::Tensor>& ps, const at::Tensor& w, int64_t stride,
+    bool has_max, bool has_avg, bool has_skip, const at::Tensor& mean, const at::Tensor& rstd) {
+  constexpr const char* op = "edge_mix_backward";
+  check_mix_args(op, x, ps, w, stride, has_skip);
+  const int64_t ho = pynas::edge::out_size(x.size(2), 3, stride, 1, 1);
+  const int64_t wo = pynas::edge::out_size(x.size(3), 3, stride, 1, 1);
+  pynas::checks::check_dense(op, g, "g");
+  TORCH_CHECK(g.sizes() == at::IntArrayRef({x.size(0), x.size(1), ho, wo}) && g.scalar_type() == x.scalar_type() &&
+                  g.is_cpu(),
+              op, ": `g` must be shaped like the edge's output [", x.size(0), ", ", x.size(1), ", ", ho, ", ", wo,
+              "] with `x`'s dtype, got ", pynas::checks::describe(g));
+  const int64_t J = static_cast<int64_t>(2 + ps.size());
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>(mean, "mean"), {rstd, "rstd"}}) {
+    pynas::checks::check_dense(op, t, name);
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == J && t.size(1) == x.size(1) && t.scalar_type() == x.scalar_type(), op,
+                ": `", name, "` must be (2 + len(ps), C) = (", J, ", ", x.size(1), ") with `x`'s dtype, got ",
+                pynas::checks::describe(t));
+  }
+  return pynas::cpu::edge_mix_backward(g, x, ps, w, stride, has_max, has_avg, has_skip, mean, rstd);
+}
+
 const char* host_compiler() {
 #if defined(__clang__)
   return "clang " __clang_version__;
@@ -113,6 +289,26 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mixed_sum_backward", &mixed_sum_backward, pybind11::arg("grad_out"), pybind11::arg("xs"),
         pybind11::arg("weights"), pybind11::call_guard<pybind11::gil_scoped_release>(),
         "(grad_xs, grad_weights) with grad_xs[k] = weights[k] * grad_out and grad_weights[k] = sum(grad_out * xs[k]).");
+  namespace py = pybind11;
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("edge_dw_forward", &edge_dw_forward, py::arg("x"), py::arg("ws"), py::arg("strides"), py::arg("pads"),
+        py::arg("dils"), py::arg("pre"), py::arg("mean"), py::arg("rstd"), nogil,
+        "Depthwise convs of pre(x), one per weight (fused CNN edge, CPU).");
+  m.def("edge_dw_backward", &edge_dw_backward, py::arg("x"), py::arg("ws"), py::arg("gs"), py::arg("strides"),
+        py::arg("pads"), py::arg("dils"), py::arg("pre"), py::arg("mean"), py::arg("rstd"), nogil,
+        "(grad_in, grad_ws, sums) of edge_dw_forward.");
+  m.def("edge_bn_stats", &edge_bn_stats, py::arg("p"), py::arg("eps"), py::arg("momentum"),
+        py::arg("running_mean"), py::arg("running_var"), nogil,
+        "(mean, rstd) per channel of p; updates the running statistics in place.");
+  m.def("edge_bn_backward", &edge_bn_backward, py::arg("g"), py::arg("p"), py::arg("mean"), py::arg("rstd"),
+        py::arg("sums"), nogil, "Affine-free training BatchNorm backward.");
+  m.def("edge_mix_forward", &edge_mix_forward, py::arg("x"), py::arg("ps"), py::arg("w"), py::arg("stride"),
+        py::arg("has_max"), py::arg("has_avg"), py::arg("has_skip"), py::arg("eps"), py::arg("momentum"),
+        py::arg("running_means"), py::arg("running_vars"), nogil,
+        "(out, mean, rstd): the weighted sum of BN(pools(x)), x and BN(ps) (fused CNN edge, CPU).");
+  m.def("edge_mix_backward", &edge_mix_backward, py::arg("g"), py::arg("x"), py::arg("ps"), py::arg("w"),
+        py::arg("stride"), py::arg("has_max"), py::arg("has_avg"), py::arg("has_skip"), py::arg("mean"),
+        py::arg("rstd"), nogil, "(grad_x, grad_ps, grad_w) of edge_mix_forward; pools recomputed.");
   m.def("build_info", &build_info,
         "How pynas._C was built: dict of cuda, cuda_version, cuda_archs, openmp, torch_version_built, compiler.");
 }

@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _backend
 from ..ops import mixed_sum
+from . import fused
 from . import genotypes
 from .operations import OPS, PRIMITIVES, FactorizedReduce, ReLUConvBN
 
@@ -38,14 +40,29 @@ class MixedOp(nn.Module):
         if not self._live:
             raise ValueError("primitives: a MixedOp needs at least one candidate other than 'none'")
         self._stride = stride
+        self._primitives = list(primitives)
+        self._plan = None  # built on first use (pynas.cnn.fused)
         # weights[_live] as a slice when the live columns are contiguous (the DARTS case).
         lo, hi = self._live[0], self._live[-1] + 1
         self._live_slice = slice(lo, hi) if self._live == list(range(lo, hi)) else None
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if self._fused(x, weights):
+            return fused.edge_forward(self._plan, x, weights)
         outs = [self._ops[k](x) for k in self._live]
         w = weights[self._live_slice] if self._live_slice is not None else weights[self._live]
         return mixed_sum(outs, w)
+
+
+    def _fused(self, x: torch.Tensor, weights: torch.Tensor) -> bool:
+        """Whether this call takes the fused edge kernels (the 'cpu' backend on a training-mode edge)."""
+        if x.device.type != "cpu" or torch.compiler.is_compiling():
+            return False
+        if _backend.resolve([x, weights]) != "cpu":
+            return False
+        if self._plan is None:
+            self._plan = fused.EdgePlan(self, self._primitives, self._stride)
+        return fused.fusable(self._plan, x)
 
 
 class Cell(nn.Module):
