@@ -152,7 +152,7 @@ def extension_modules():
     sources = [f"{CSRC}/bindings.cpp"] + _files(f"{CSRC}/cpu/*.cpp")
     include_dirs = [os.path.join(ROOT, CSRC, "include")]
     # -g0: debug info (from Python's default -g) would be 80% of the binary: 11.7 MB instead of 2.3 MB.
-    cxx = ["-O3", "-g0", f'-DPYNAS_TORCH_VERSION="{torch.__version__}"']
+    cxx = ["-O3", "-g0"] + os.environ.get("PYNAS_EXTRA_CXX", "").split() + [ f'-DPYNAS_TORCH_VERSION="{torch.__version__}"']
     nvcc = ["-O3"]
     link = []
     # at::parallel_for is inline: it only runs in parallel where this code is compiled with OpenMP,

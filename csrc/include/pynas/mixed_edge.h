@@ -8,6 +8,12 @@
 // running statistics updated with the unbiased variance, as torch's BatchNorm2d does).
 // Every sum over the batch is made per (n, c) plane and then added in plane order, in double, so the
 // results do not depend on the number of threads.
+//
+// dtypes: the CPU kernels take float32 and float64; GPU kernels (csrc/cuda, kernels/mixed_edge.py)
+// also float16 and bfloat16. `mean` and `rstd` (per-channel statistics) are in the accumulation type:
+// float64 for float64 activations, float32 otherwise; running statistics have the BatchNorm module's
+// dtype (the activations' dtype after module.to(dtype)); `sums` are float64 on the CPU and the
+// accumulation type on a GPU; `w` any floating dtype, grad_w returned in w's dtype.
 
 #include <ATen/core/Tensor.h>
 
