@@ -1,9 +1,10 @@
 // CPU kernels of the fused DARTS CNN edge (contracts in csrc/include/pynas/mixed_edge.h).
 //
 // Work is split by (n, c) plane: at DARTS's sizes a plane (at most 32x32 here) and its padded copy stay
-// in L1, so each kernel copies the plane it reads into a zero-padded thread-local buffer, applying the
-// input transform on the way, and then runs branch-free loops over rows that the compiler vectorises.
-// Sums over the batch are made per plane and added in plane order (in double), never per thread.
+// in L1. The per-plane loops live in mixed_edge_planes.h, compiled twice: for the baseline x86-64 ISA and
+// for AVX2+FMA, picked at run time (`PYNAS_CPU_ISA=base` forces the baseline, for tests and
+// comparisons). Sums over the batch are made per plane and added in plane order (in double), never per
+// thread, so results do not depend on the thread count.
 
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include "pynas/mixed_edge.h"
@@ -17,11 +18,15 @@
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
 
-// `omp simd` as a _Pragma, which (unlike #pragma) may stand inside the AT_DISPATCH macros' lambdas.
+// `omp simd` as a _Pragma, which (unlike #pragma) may stand inside macros and lambdas of AT_DISPATCH.
 #ifdef _OPENMP
 #define PYNAS_SIMD _Pragma("omp simd")
 #else
@@ -37,54 +42,97 @@ using edge::kPreNormRelu;
 using edge::kPreRelu;
 using edge::out_size;
 
-// Lanes of the partial sums in dot products (see mixed_sum.cpp): a fixed order the compiler can vectorise.
-constexpr int kLanes = 8;
-
-template <typename scalar_t>
-inline scalar_t relu(scalar_t v) {
-  return v > scalar_t(0) ? v : scalar_t(0);
-}
-
-// Copies plane `src` (h x w) into the interior of `buf` (rows of `wp`, `pad` cells of border), transformed
-// by `pre`. The border is left as it is (zeros, written once per buffer).
-template <typename scalar_t>
-void load_padded(const scalar_t* __restrict__ src, int64_t h, int64_t w, int64_t pad, int64_t wp, int64_t pre,
-                 scalar_t mu, scalar_t r, scalar_t* __restrict__ buf) {
-  for (int64_t i = 0; i < h; ++i) {
-    const scalar_t* s = src + i * w;
-    scalar_t* d = buf + (i + pad) * wp + pad;
-    if (pre == kPreNone) {
-      std::copy(s, s + w, d);
-    } else if (pre == kPreRelu) {
-PYNAS_SIMD
-      for (int64_t j = 0; j < w; ++j) d[j] = relu(s[j]);
-    } else {
-PYNAS_SIMD
-      for (int64_t j = 0; j < w; ++j) d[j] = relu((s[j] - mu) * r);
-    }
-  }
-}
-
-// sum_i a[i * stride] * b[i] in kLanes interleaved partial sums.
-template <typename scalar_t>
-double dot_strided(const scalar_t* __restrict__ a, int64_t stride, const scalar_t* __restrict__ b, int64_t n) {
-  scalar_t lanes[kLanes] = {};
-  int64_t i = 0;
-  if (stride == 1) {
-    for (; i + kLanes <= n; i += kLanes) {
-PYNAS_SIMD
-      for (int l = 0; l < kLanes; ++l) lanes[l] += a[i + l] * b[i + l];
-    }
-  }
-  double s = 0;
-  for (; i < n; ++i) s += static_cast<double>(a[i * stride]) * static_cast<double>(b[i]);
-  for (int l = 0; l < kLanes; ++l) s += static_cast<double>(lanes[l]);
-  return s;
-}
-
 struct ConvGeom {
   int64_t k, stride, pad, dil, ho, wo;
 };
+
+template <typename T>
+struct DwArgs {
+  const T* x;
+  int64_t C, H, W, P, Wp, pre, buf_size, acc_size, n;
+  const T* mean;
+  const T* rstd;
+  const ConvGeom* geoms;
+  const T* const* ws;
+  T* const* ys;           // forward
+  const T* const* gs;     // backward
+  T* gx;
+  double* partial;
+  int64_t taps;
+  const int64_t* tap_off;
+  double* plane_sums;
+};
+
+template <typename T>
+struct MixArgs {
+  const T* x;
+  const T* g;
+  int64_t C, H, W, Ho, Wo, HWo, stride, K, J, pool_buf, pool_acc;
+  bool has_skip;
+  T w_skip;
+  const T* inv;
+  const T* const* ps;
+  T* ymax;  // pool outputs (temporaries), null when the pool is absent
+  T* yavg;
+  double* means;
+  double* m2s;
+  double* part;
+  const T* coef;  // (J, C) forward coefficients, D (C) constant terms
+  const T* D;
+  T* out;
+  const T* A;  // (J, C) backward coefficients
+  const T* B;
+  const T* Dg;
+  T* const* gps;
+  T* gx;
+};
+
+}  // namespace
+
+namespace isa_base {
+#include "mixed_edge_planes.h"
+}  // namespace isa_base
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define PYNAS_HAVE_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace isa_avx2 {
+#include "mixed_edge_planes.h"
+}  // namespace isa_avx2
+#pragma GCC pop_options
+#endif
+
+namespace {
+
+// -1: not decided yet; 0: baseline; 1: AVX2+FMA.
+std::atomic<int> g_isa{-1};
+
+int detect_isa() {
+#ifdef PYNAS_HAVE_AVX2
+  const char* env = std::getenv("PYNAS_CPU_ISA");
+  if (env != nullptr && std::strcmp(env, "base") == 0) return 0;
+  __builtin_cpu_init();
+  return (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? 1 : 0;
+#else
+  return 0;
+#endif
+}
+
+bool use_avx2() {
+  int v = g_isa.load(std::memory_order_relaxed);
+  if (v < 0) {
+    v = detect_isa();
+    g_isa.store(v, std::memory_order_relaxed);
+  }
+  return v == 1;
+}
+
+#ifdef PYNAS_HAVE_AVX2
+#define PYNAS_ISA_CALL(fn, ...) (use_avx2() ? isa_avx2::fn(__VA_ARGS__) : isa_base::fn(__VA_ARGS__))
+#else
+#define PYNAS_ISA_CALL(fn, ...) isa_base::fn(__VA_ARGS__)
+#endif
 
 std::vector<ConvGeom> conv_geoms(const at::Tensor& x, const std::vector<at::Tensor>& ws,
                                  const std::vector<int64_t>& strides, const std::vector<int64_t>& pads,
@@ -98,138 +146,25 @@ std::vector<ConvGeom> conv_geoms(const at::Tensor& x, const std::vector<at::Tens
   return g;
 }
 
-int64_t max_pad(const std::vector<ConvGeom>& geoms) {
+// Sizes of the padded input buffer and of the per-conv scratch for a set of convs (see the layout note
+// in mixed_edge_planes.h: a stride-1 tap reads ho * Wp elements from its offset).
+void dw_sizes(const std::vector<ConvGeom>& geoms, int64_t H, int64_t W, int64_t* P, int64_t* Wp, int64_t* buf,
+              int64_t* acc) {
   int64_t p = 0;
   for (const auto& g : geoms) p = std::max(p, g.pad);
-  return p;
-}
-
-// ---- 3x3 pools, padding 1 ---------------------------------------------------------------------------
-
-// Max pool of plane `x` into `y` (ho x wo). `buf`: (h + 2) x (w + 2) scratch.
-template <typename scalar_t>
-void max_pool_plane(const scalar_t* x, int64_t h, int64_t w, int64_t s, int64_t ho, int64_t wo, scalar_t* buf,
-                    scalar_t* y) {
-  const int64_t wp = w + 2;
-  std::fill(buf, buf + (h + 2) * wp, -std::numeric_limits<scalar_t>::infinity());
-  load_padded(x, h, w, 1, wp, kPreNone, scalar_t(0), scalar_t(1), buf);
-  for (int64_t oh = 0; oh < ho; ++oh) {
-    scalar_t* yr = y + oh * wo;
-    const scalar_t* r0 = buf + (oh * s) * wp;
-    if (s == 1) {
-PYNAS_SIMD
-      for (int64_t ow = 0; ow < wo; ++ow) {
-        scalar_t m = r0[ow];
-        for (int64_t ki = 0; ki < 3; ++ki)
-          for (int64_t kj = 0; kj < 3; ++kj) m = std::max(m, r0[ki * wp + ow + kj]);
-        yr[ow] = m;
-      }
-    } else {
-      for (int64_t ow = 0; ow < wo; ++ow) {
-        scalar_t m = r0[ow * s];
-        for (int64_t ki = 0; ki < 3; ++ki)
-          for (int64_t kj = 0; kj < 3; ++kj) m = std::max(m, r0[ki * wp + ow * s + kj]);
-        yr[ow] = m;
-      }
-    }
+  *P = p;
+  *Wp = W + 2 * p;
+  int64_t need = (H + 2 * p) * (*Wp), scratch = 0;
+  for (const auto& g : geoms) {
+    const int64_t off = p - g.pad, reach = off + (g.k - 1) * g.dil;
+    need = std::max(need, reach * (*Wp) + reach + g.ho * (*Wp) + (g.ho - 1) * (g.stride - 1) * (*Wp) + 1);
+    scratch = std::max(scratch, g.ho * (*Wp));
   }
+  *buf = need;
+  *acc = scratch;
 }
 
-// Scatters gy (ho x wo) to the first maximum, in row-major window order, of each window (torch's choice),
-// adding into `gbuf` ((h + 2) x (w + 2), padded like `buf`, which holds the -inf padded input).
-template <typename scalar_t>
-void max_pool_plane_backward(const scalar_t* buf, int64_t w, int64_t s, int64_t ho, int64_t wo, const scalar_t* gy,
-                             scalar_t* gbuf) {
-  const int64_t wp = w + 2;
-  for (int64_t oh = 0; oh < ho; ++oh) {
-    for (int64_t ow = 0; ow < wo; ++ow) {
-      const int64_t base = oh * s * wp + ow * s;
-      // torch starts from the window's first input pixel and moves only on a strictly greater value
-      int64_t arg = std::max<int64_t>(oh * s, 1) * wp + std::max<int64_t>(ow * s, 1);
-      scalar_t m = buf[arg];
-      for (int64_t ki = 0; ki < 3; ++ki) {
-        for (int64_t kj = 0; kj < 3; ++kj) {
-          const int64_t idx = base + ki * wp + kj;
-          if (buf[idx] > m) {
-            m = buf[idx];
-            arg = idx;
-          }
-        }
-      }
-      gbuf[arg] += gy[oh * wo + ow];
-    }
-  }
-}
-
-// 1 / (number of input pixels in the window) per output row or column (count_include_pad=False).
-std::vector<double> avg_counts(int64_t in, int64_t s, int64_t out) {
-  std::vector<double> c(static_cast<size_t>(out));
-  for (int64_t o = 0; o < out; ++o) {
-    const int64_t a = std::max<int64_t>(o * s - 1, 0), b = std::min<int64_t>(o * s + 2, in);
-    c[static_cast<size_t>(o)] = static_cast<double>(b - a);
-  }
-  return c;
-}
-
-// Avg pool of plane `x` into `y`. `buf`: (h + 2) x (w + 2) scratch with a zero border.
-template <typename scalar_t>
-void avg_pool_plane(const scalar_t* x, int64_t h, int64_t w, int64_t s, int64_t ho, int64_t wo,
-                    const scalar_t* inv_count, scalar_t* buf, scalar_t* y) {
-  const int64_t wp = w + 2;
-  load_padded(x, h, w, 1, wp, kPreNone, scalar_t(0), scalar_t(1), buf);
-  for (int64_t oh = 0; oh < ho; ++oh) {
-    scalar_t* yr = y + oh * wo;
-    const scalar_t* r0 = buf + (oh * s) * wp;
-    const scalar_t* ic = inv_count + oh * wo;
-    for (int64_t ow = 0; ow < wo; ++ow) {
-      scalar_t acc = 0;
-      for (int64_t ki = 0; ki < 3; ++ki)
-        for (int64_t kj = 0; kj < 3; ++kj) acc += r0[ki * wp + ow * s + kj];
-      yr[ow] = acc * ic[ow];
-    }
-  }
-}
-
-template <typename scalar_t>
-void avg_pool_plane_backward(int64_t w, int64_t s, int64_t ho, int64_t wo, const scalar_t* inv_count,
-                             const scalar_t* gy, scalar_t* gbuf) {
-  const int64_t wp = w + 2;
-  for (int64_t oh = 0; oh < ho; ++oh) {
-    for (int64_t ow = 0; ow < wo; ++ow) {
-      const scalar_t v = gy[oh * wo + ow] * inv_count[oh * wo + ow];
-      scalar_t* d = gbuf + oh * s * wp + ow * s;
-      for (int64_t ki = 0; ki < 3; ++ki)
-        for (int64_t kj = 0; kj < 3; ++kj) d[ki * wp + kj] += v;
-    }
-  }
-}
-
-// 1/count of every output pixel of an avg pool, as a (ho * wo) table.
-template <typename scalar_t>
-std::vector<scalar_t> avg_inv_counts(int64_t h, int64_t w, int64_t s, int64_t ho, int64_t wo) {
-  const auto ch = avg_counts(h, s, ho), cw = avg_counts(w, s, wo);
-  std::vector<scalar_t> t(static_cast<size_t>(ho * wo));
-  for (int64_t oh = 0; oh < ho; ++oh)
-    for (int64_t ow = 0; ow < wo; ++ow) t[oh * wo + ow] = static_cast<scalar_t>(1.0 / (ch[oh] * cw[ow]));
-  return t;
-}
-
-// Mean and sum of squared deviations of one plane, in double (two passes over data in L1).
-template <typename scalar_t>
-void plane_moments(const scalar_t* y, int64_t n, double* mean, double* m2) {
-  double s = 0;
-  for (int64_t i = 0; i < n; ++i) s += static_cast<double>(y[i]);
-  const double mu = s / static_cast<double>(n);
-  double q = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const double d = static_cast<double>(y[i]) - mu;
-    q += d * d;
-  }
-  *mean = mu;
-  *m2 = q;
-}
-
-// Combines per-plane moments (planes n = 0..N-1 of channel c, `stride` apart) into the biased variance.
+// Combines per-plane moments (planes n = 0..N-1 of one channel, `stride` apart) into the biased variance.
 void combine_moments(const double* means, const double* m2s, int64_t count, int64_t stride, int64_t per_plane,
                      double* mean, double* var) {
   double mu = 0;
@@ -259,7 +194,54 @@ void update_running(const at::Tensor& rm, const at::Tensor& rv, int64_t c, doubl
   }
 }
 
+// 1/count of each output pixel of the 3x3 avg pool (count_include_pad=False), in rows of length `row`
+// (the padded width w + 2 at stride 1, wo at stride 2); zeros past wo.
+template <typename T>
+std::vector<T> avg_inv_counts(int64_t h, int64_t w, int64_t s, int64_t ho, int64_t wo) {
+  const int64_t row = s == 1 ? w + 2 : wo;
+  std::vector<T> t(static_cast<size_t>(ho * row), T(0));
+  for (int64_t oh = 0; oh < ho; ++oh) {
+    const int64_t ch = std::min<int64_t>(oh * s + 2, h) - std::max<int64_t>(oh * s - 1, 0);
+    for (int64_t ow = 0; ow < wo; ++ow) {
+      const int64_t cw = std::min<int64_t>(ow * s + 2, w) - std::max<int64_t>(ow * s - 1, 0);
+      t[oh * row + ow] = static_cast<T>(1.0 / static_cast<double>(ch * cw));
+    }
+  }
+  return t;
+}
+
+std::vector<double> to_doubles(const at::Tensor& w) {
+  const at::Tensor wd = w.to(at::kDouble).contiguous();
+  return std::vector<double>(wd.const_data_ptr<double>(), wd.const_data_ptr<double>() + wd.numel());
+}
+
+bool term_present(int64_t j, bool has_max, bool has_avg) { return !((j == 0 && !has_max) || (j == 1 && !has_avg)); }
+
+// Position of term j (0 max, 1 avg, 2 + k ps[k]) in w, whose order is max, avg, skip, ps...
+int64_t w_index(int64_t j) { return j < 2 ? j : j + 1; }
+
 }  // namespace
+
+std::string isa() { return use_avx2() ? "avx2" : "base"; }
+
+void set_isa(const std::string& name) {
+  if (name == "base") {
+    g_isa.store(0);
+  } else if (name == "avx2") {
+#ifdef PYNAS_HAVE_AVX2
+    __builtin_cpu_init();
+    TORCH_CHECK(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"),
+                "set_cpu_isa: `name` 'avx2' needs a CPU with AVX2 and FMA, this one lacks them");
+    g_isa.store(1);
+#else
+    TORCH_CHECK(false, "set_cpu_isa: `name` 'avx2': this build has no AVX2 variant (x86-64 GCC builds have it)");
+#endif
+  } else if (name == "auto") {
+    g_isa.store(detect_isa());
+  } else {
+    TORCH_CHECK(false, "set_cpu_isa: `name` must be 'auto', 'base' or 'avx2', got '", name, "'");
+  }
+}
 
 // ---- depthwise convs ---------------------------------------------------------------------------------
 
@@ -272,46 +254,29 @@ std::vector<at::Tensor> edge_dw_forward(const at::Tensor& x_in, const std::vecto
   for (const auto& w : ws_in) ws.push_back(w.contiguous());
   const auto geoms = conv_geoms(x, ws, strides, pads, dils);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t P = max_pad(geoms), Hp = H + 2 * P, Wp = W + 2 * P;
   std::vector<at::Tensor> ys;
   for (const auto& g : geoms) ys.push_back(at::empty({N, C, g.ho, g.wo}, x.options()));
   if (x.numel() == 0) return ys;
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "edge_dw_forward", [&] {
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* mp = pre == kPreNormRelu ? mean.const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* rp = pre == kPreNormRelu ? rstd.const_data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
-      std::vector<scalar_t> buf(static_cast<size_t>(Hp * Wp), scalar_t(0));
-      for (int64_t plane = b; plane < e; ++plane) {
-        const int64_t c = plane % C;
-        load_padded(xp + plane * H * W, H, W, P, Wp, pre, mp ? mp[c] : scalar_t(0), rp ? rp[c] : scalar_t(1),
-                    buf.data());
-        for (size_t m = 0; m < geoms.size(); ++m) {
-          const ConvGeom& g = geoms[m];
-          const scalar_t* wk = ws[m].const_data_ptr<scalar_t>() + c * g.k * g.k;
-          scalar_t* y = ys[m].mutable_data_ptr<scalar_t>() + plane * g.ho * g.wo;
-          const int64_t off = P - g.pad;
-          for (int64_t oh = 0; oh < g.ho; ++oh) {
-            scalar_t* __restrict__ yr = y + oh * g.wo;
-            std::fill(yr, yr + g.wo, scalar_t(0));
-            for (int64_t ki = 0; ki < g.k; ++ki) {
-              const scalar_t* irow = buf.data() + (oh * g.stride + off + ki * g.dil) * Wp + off;
-              for (int64_t kj = 0; kj < g.k; ++kj) {
-                const scalar_t wv = wk[ki * g.k + kj];
-                const scalar_t* __restrict__ src = irow + kj * g.dil;
-                if (g.stride == 1) {
-PYNAS_SIMD
-                  for (int64_t ow = 0; ow < g.wo; ++ow) yr[ow] += wv * src[ow];
-                } else {
-                  for (int64_t ow = 0; ow < g.wo; ++ow) yr[ow] += wv * src[ow * g.stride];
-                }
-              }
-            }
-          }
-        }
-      }
-    });
+    DwArgs<scalar_t> a{};
+    a.x = x.const_data_ptr<scalar_t>();
+    a.C = C, a.H = H, a.W = W, a.pre = pre, a.n = static_cast<int64_t>(ws.size());
+    dw_sizes(geoms, H, W, &a.P, &a.Wp, &a.buf_size, &a.acc_size);
+    const at::Tensor mean_c = pre == kPreNormRelu ? mean.contiguous() : at::Tensor();
+    const at::Tensor rstd_c = pre == kPreNormRelu ? rstd.contiguous() : at::Tensor();
+    a.mean = mean_c.defined() ? mean_c.const_data_ptr<scalar_t>() : nullptr;
+    a.rstd = rstd_c.defined() ? rstd_c.const_data_ptr<scalar_t>() : nullptr;
+    std::vector<const scalar_t*> wp;
+    std::vector<scalar_t*> yp;
+    for (size_t m = 0; m < ws.size(); ++m) {
+      wp.push_back(ws[m].const_data_ptr<scalar_t>());
+      yp.push_back(ys[m].mutable_data_ptr<scalar_t>());
+    }
+    a.geoms = geoms.data();
+    a.ws = wp.data();
+    a.ys = yp.data();
+    at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) { PYNAS_ISA_CALL(dw_forward_range<scalar_t>, b, e, a); });
   });
   return ys;
 }
@@ -326,7 +291,6 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> edge_dw_backward(
   for (const auto& g : gs_in) gs.push_back(g.contiguous());
   const auto geoms = conv_geoms(x, ws, strides, pads, dils);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t P = max_pad(geoms), Hp = H + 2 * P, Wp = W + 2 * P;
   at::Tensor gx = at::empty_like(x);
   std::vector<at::Tensor> gws;
   int64_t taps = 0;  // offsets of each conv's taps in the per-plane partial sums
@@ -340,74 +304,30 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> edge_dw_backward(
   std::vector<double> plane_sums(want_sums ? static_cast<size_t>(N * C * 2) : 0, 0.0);
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "edge_dw_backward", [&] {
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* mp = pre == kPreNormRelu ? mean.const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* rp = pre == kPreNormRelu ? rstd.const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
-      std::vector<scalar_t> buf(static_cast<size_t>(Hp * Wp), scalar_t(0));
-      std::vector<scalar_t> gbuf(static_cast<size_t>(Hp * Wp));
-      for (int64_t plane = b; plane < e; ++plane) {
-        const int64_t c = plane % C;
-        const scalar_t mu = mp ? mp[c] : scalar_t(0), r = rp ? rp[c] : scalar_t(1);
-        const scalar_t* xplane = xp + plane * H * W;
-        load_padded(xplane, H, W, P, Wp, pre, mu, r, buf.data());
-        std::fill(gbuf.begin(), gbuf.end(), scalar_t(0));
-        for (size_t m = 0; m < geoms.size(); ++m) {
-          const ConvGeom& g = geoms[m];
-          const scalar_t* wk = ws[m].const_data_ptr<scalar_t>() + c * g.k * g.k;
-          const scalar_t* gy = gs[m].const_data_ptr<scalar_t>() + plane * g.ho * g.wo;
-          double* pw = partial.data() + plane * taps + tap_off[m];
-          const int64_t off = P - g.pad;
-          for (int64_t ki = 0; ki < g.k; ++ki) {
-            for (int64_t kj = 0; kj < g.k; ++kj) {
-              const scalar_t wv = wk[ki * g.k + kj];
-              double acc = 0;
-              for (int64_t oh = 0; oh < g.ho; ++oh) {
-                const int64_t at = (oh * g.stride + off + ki * g.dil) * Wp + off + kj * g.dil;
-                const scalar_t* gr = gy + oh * g.wo;
-                acc += dot_strided(buf.data() + at, g.stride, gr, g.wo);
-                scalar_t* __restrict__ dst = gbuf.data() + at;
-                if (g.stride == 1) {
-PYNAS_SIMD
-                  for (int64_t ow = 0; ow < g.wo; ++ow) dst[ow] += wv * gr[ow];
-                } else {
-                  for (int64_t ow = 0; ow < g.wo; ++ow) dst[ow * g.stride] += wv * gr[ow];
-                }
-              }
-              pw[ki * g.k + kj] = acc;
-            }
-          }
-        }
-        // grad w.r.t. the untransformed input: the interior of gbuf through the transform's derivative
-        scalar_t* gxr = gxp + plane * H * W;
-        double sg = 0, sgx = 0;
-        for (int64_t i = 0; i < H; ++i) {
-          const scalar_t* src = gbuf.data() + (i + P) * Wp + P;
-          const scalar_t* xi = xplane + i * W;
-          scalar_t* d = gxr + i * W;
-          if (pre == kPreNone) {
-            std::copy(src, src + W, d);
-          } else if (pre == kPreRelu) {
-PYNAS_SIMD
-            for (int64_t j = 0; j < W; ++j) d[j] = xi[j] > scalar_t(0) ? src[j] : scalar_t(0);
-          } else {
-            // the normalised input a = (x - mu) * r is buf's interior; its relu mask is a > 0
-            const scalar_t* ai = buf.data() + (i + P) * Wp + P;
-            for (int64_t j = 0; j < W; ++j) {
-              const scalar_t v = ai[j] > scalar_t(0) ? src[j] : scalar_t(0);
-              d[j] = v;
-              sg += static_cast<double>(v);
-              sgx += static_cast<double>(v) * static_cast<double>((xi[j] - mu) * r);
-            }
-          }
-        }
-        if (want_sums) {
-          plane_sums[plane * 2] = sg;
-          plane_sums[plane * 2 + 1] = sgx;
-        }
-      }
-    });
+    DwArgs<scalar_t> a{};
+    a.x = x.const_data_ptr<scalar_t>();
+    a.C = C, a.H = H, a.W = W, a.pre = pre, a.n = static_cast<int64_t>(ws.size());
+    dw_sizes(geoms, H, W, &a.P, &a.Wp, &a.buf_size, &a.acc_size);
+    const at::Tensor mean_c = pre == kPreNormRelu ? mean.contiguous() : at::Tensor();
+    const at::Tensor rstd_c = pre == kPreNormRelu ? rstd.contiguous() : at::Tensor();
+    a.mean = mean_c.defined() ? mean_c.const_data_ptr<scalar_t>() : nullptr;
+    a.rstd = rstd_c.defined() ? rstd_c.const_data_ptr<scalar_t>() : nullptr;
+    std::vector<const scalar_t*> wp, gp;
+    for (size_t m = 0; m < ws.size(); ++m) {
+      wp.push_back(ws[m].const_data_ptr<scalar_t>());
+      gp.push_back(gs[m].const_data_ptr<scalar_t>());
+    }
+    a.geoms = geoms.data();
+    a.ws = wp.data();
+    a.gs = gp.data();
+    a.gx = gx.mutable_data_ptr<scalar_t>();
+    a.partial = partial.data();
+    a.taps = taps;
+    a.tap_off = tap_off.data();
+    a.plane_sums = want_sums ? plane_sums.data() : nullptr;
+    if (x.numel() > 0) {
+      at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) { PYNAS_ISA_CALL(dw_backward_range<scalar_t>, b, e, a); });
+    }
     for (size_t m = 0; m < geoms.size(); ++m) {
       const ConvGeom& g = geoms[m];
       at::Tensor gw = at::empty_like(ws[m]);
@@ -451,7 +371,7 @@ std::tuple<at::Tensor, at::Tensor> edge_bn_stats(const at::Tensor& p_in, double 
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "edge_bn_stats", [&] {
     const scalar_t* pp = p.const_data_ptr<scalar_t>();
     at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
-      for (int64_t plane = b; plane < e; ++plane) plane_moments(pp + plane * HW, HW, &means[plane], &m2s[plane]);
+      PYNAS_ISA_CALL(moments_range<scalar_t>, b, e, pp, HW, means.data(), m2s.data());
     });
     scalar_t* mo = mean.mutable_data_ptr<scalar_t>();
     scalar_t* ro = rstd.mutable_data_ptr<scalar_t>();
@@ -466,9 +386,10 @@ std::tuple<at::Tensor, at::Tensor> edge_bn_stats(const at::Tensor& p_in, double 
   return {mean, rstd};
 }
 
-at::Tensor edge_bn_backward(const at::Tensor& g_in, const at::Tensor& p_in, const at::Tensor& mean,
-                            const at::Tensor& rstd, const at::Tensor& sums_in) {
+at::Tensor edge_bn_backward(const at::Tensor& g_in, const at::Tensor& p_in, const at::Tensor& mean_in,
+                            const at::Tensor& rstd_in, const at::Tensor& sums_in) {
   const at::Tensor g = g_in.contiguous(), p = p_in.contiguous();
+  const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
   const int64_t N = p.size(0), C = p.size(1), HW = p.size(2) * p.size(3);
   at::Tensor gp = at::empty_like(p);
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "edge_bn_backward", [&] {
@@ -487,18 +408,8 @@ at::Tensor edge_bn_backward(const at::Tensor& g_in, const at::Tensor& p_in, cons
     } else {
       std::vector<double> part(static_cast<size_t>(N * C * 2));
       at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
-        for (int64_t plane = b; plane < e; ++plane) {
-          const int64_t c = plane % C;
-          const scalar_t* gr = gpp + plane * HW;
-          const scalar_t* pr = pp + plane * HW;
-          double a = 0, q = 0;
-          for (int64_t i = 0; i < HW; ++i) {
-            a += static_cast<double>(gr[i]);
-            q += static_cast<double>(gr[i]) * static_cast<double>((pr[i] - mp[c]) * rp[c]);
-          }
-          part[plane * 2] = a;
-          part[plane * 2 + 1] = q;
-        }
+        std::vector<scalar_t> scratch(static_cast<size_t>(HW));
+        PYNAS_ISA_CALL(bn_sums_range<scalar_t>, b, e, gpp, pp, mp, rp, C, HW, scratch, part.data());
       });
       for (int64_t c = 0; c < C; ++c) {
         double a = 0, q = 0;
@@ -510,28 +421,44 @@ at::Tensor edge_bn_backward(const at::Tensor& g_in, const at::Tensor& p_in, cons
         sgx[c] = q;
       }
     }
+    // gp = r * (g - sg/M - (p - mu) * r * sgx/M) = A * g + B * p + D
     const double M = static_cast<double>(N * HW);
+    std::vector<scalar_t> A(static_cast<size_t>(C)), B(static_cast<size_t>(C)), D(static_cast<size_t>(C));
+    for (int64_t c = 0; c < C; ++c) {
+      const double r = static_cast<double>(rp[c]), mu = static_cast<double>(mp[c]);
+      A[c] = static_cast<scalar_t>(r);
+      B[c] = static_cast<scalar_t>(-r * r * sgx[c] / M);
+      D[c] = static_cast<scalar_t>(-r * sg[c] / M + r * r * mu * sgx[c] / M);
+    }
     scalar_t* out = gp.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
-      for (int64_t plane = b; plane < e; ++plane) {
-        const int64_t c = plane % C;
-        const double r = static_cast<double>(rp[c]), mu = static_cast<double>(mp[c]);
-        // gp = r * (g - sg/M - (p - mu) * r * sgx/M) = A * g + B * p + D
-        const scalar_t A = static_cast<scalar_t>(r);
-        const scalar_t B = static_cast<scalar_t>(-r * r * sgx[c] / M);
-        const scalar_t D = static_cast<scalar_t>(-r * sg[c] / M + r * r * mu * sgx[c] / M);
-        const scalar_t* gr = gpp + plane * HW;
-        const scalar_t* pr = pp + plane * HW;
-        scalar_t* o = out + plane * HW;
-PYNAS_SIMD
-        for (int64_t i = 0; i < HW; ++i) o[i] = A * gr[i] + B * pr[i] + D;
-      }
+      PYNAS_ISA_CALL(affine2_range<scalar_t>, b, e, gpp, pp, A.data(), B.data(), D.data(), C, HW, out);
     });
   });
   return gp;
 }
 
 // ---- the mix -----------------------------------------------------------------------------------------
+
+namespace {
+
+template <typename T>
+void mix_common(MixArgs<T>& a, const at::Tensor& x, const std::vector<at::Tensor>& ps, int64_t stride, bool has_skip,
+                int64_t Ho, int64_t Wo, const std::vector<T>& inv, std::vector<const T*>& pp) {
+  a.x = x.const_data_ptr<T>();
+  a.C = x.size(1), a.H = x.size(2), a.W = x.size(3), a.Ho = Ho, a.Wo = Wo, a.HWo = Ho * Wo;
+  a.stride = stride;
+  a.K = static_cast<int64_t>(ps.size());
+  a.J = 2 + a.K;
+  a.pool_buf = (a.H + 3) * (a.W + 2);
+  a.pool_acc = Ho * (a.W + 2);
+  a.has_skip = has_skip;
+  a.inv = inv.data();
+  for (const auto& p : ps) pp.push_back(p.const_data_ptr<T>());
+  a.ps = pp.data();
+}
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> edge_mix_forward(
     const at::Tensor& x_in, const std::vector<at::Tensor>& ps_in, const at::Tensor& w, int64_t stride, bool has_max,
@@ -545,97 +472,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> edge_mix_forward(
   const int64_t Ho = out_size(H, 3, stride, 1, 1), Wo = out_size(W, 3, stride, 1, 1), HWo = Ho * Wo;
   at::Tensor out = at::empty({N, C, Ho, Wo}, x.options());
   at::Tensor mean = at::zeros({J, C}, x.options()), rstd = at::ones({J, C}, x.options());
-  const std::vector<double> wv = [&] {
-    const at::Tensor wd = w.to(at::kDouble).contiguous();
-    return std::vector<double>(wd.const_data_ptr<double>(), wd.const_data_ptr<double>() + wd.numel());
-  }();
-  const bool pools = has_max || has_avg;
+  // the pools' outputs, kept between the two passes and freed on return
+  at::Tensor ymax = has_max ? at::empty({N, C, Ho, Wo}, x.options()) : at::Tensor();
+  at::Tensor yavg = has_avg ? at::empty({N, C, Ho, Wo}, x.options()) : at::Tensor();
+  const std::vector<double> wv = to_doubles(w);
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "edge_mix_forward", [&] {
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const auto inv_count = avg_inv_counts<scalar_t>(H, W, stride, Ho, Wo);
-    // pass 1: moments of every BatchNorm input, per plane
+    const auto inv = avg_inv_counts<scalar_t>(H, W, stride, Ho, Wo);
+    MixArgs<scalar_t> a{};
+    std::vector<const scalar_t*> pp;
+    mix_common(a, x, ps, stride, has_skip, Ho, Wo, inv, pp);
+    a.ymax = has_max ? ymax.mutable_data_ptr<scalar_t>() : nullptr;
+    a.yavg = has_avg ? yavg.mutable_data_ptr<scalar_t>() : nullptr;
     std::vector<double> means(static_cast<size_t>(N * C * J), 0.0), m2s(static_cast<size_t>(N * C * J), 0.0);
-    at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
-      std::vector<scalar_t> buf(pools ? static_cast<size_t>((H + 2) * (W + 2)) : 0, scalar_t(0));
-      std::vector<scalar_t> y(pools ? static_cast<size_t>(HWo) : 0);
-      for (int64_t plane = b; plane < e; ++plane) {
-        const scalar_t* xr = xp + plane * H * W;
-        double* mo = means.data() + plane * J;
-        double* qo = m2s.data() + plane * J;
-        if (has_max) {
-          max_pool_plane(xr, H, W, stride, Ho, Wo, buf.data(), y.data());
-          plane_moments(y.data(), HWo, &mo[0], &qo[0]);
-        }
-        if (has_avg) {
-          std::fill(buf.begin(), buf.end(), scalar_t(0));
-          avg_pool_plane(xr, H, W, stride, Ho, Wo, inv_count.data(), buf.data(), y.data());
-          plane_moments(y.data(), HWo, &mo[1], &qo[1]);
-        }
-        for (int64_t j = 0; j < K; ++j)
-          plane_moments(ps[j].const_data_ptr<scalar_t>() + plane * HWo, HWo, &mo[2 + j], &qo[2 + j]);
-      }
-    });
+    a.means = means.data();
+    a.m2s = m2s.data();
+    at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) { PYNAS_ISA_CALL(mix_stats_range<scalar_t>, b, e, a); });
+
     scalar_t* mu = mean.mutable_data_ptr<scalar_t>();
     scalar_t* rs = rstd.mutable_data_ptr<scalar_t>();
+    std::vector<scalar_t> coef(static_cast<size_t>(J * C), scalar_t(0)), D(static_cast<size_t>(C));
+    std::vector<double> Dd(static_cast<size_t>(C), 0.0);
     for (int64_t j = 0; j < J; ++j) {
-      if ((j == 0 && !has_max) || (j == 1 && !has_avg)) continue;
+      if (!term_present(j, has_max, has_avg)) continue;
       for (int64_t c = 0; c < C; ++c) {
         double m, var;
         combine_moments(means.data() + c * J + j, m2s.data() + c * J + j, N, C * J, HWo, &m, &var);
+        const double r = 1.0 / std::sqrt(var + eps);
         mu[j * C + c] = static_cast<scalar_t>(m);
-        rs[j * C + c] = static_cast<scalar_t>(1.0 / std::sqrt(var + eps));
+        rs[j * C + c] = static_cast<scalar_t>(r);
+        // out = sum_j w_j * (y_j - mean_j) * rstd_j, with the rounded statistics the backward will use
+        const double aj = wv[w_index(j)] * static_cast<double>(rs[j * C + c]);
+        coef[j * C + c] = static_cast<scalar_t>(aj);
+        Dd[c] -= aj * static_cast<double>(mu[j * C + c]);
         const at::Tensor none;
         update_running<scalar_t>(j < static_cast<int64_t>(running_means.size()) ? running_means[j] : none,
                                  j < static_cast<int64_t>(running_vars.size()) ? running_vars[j] : none, c, m, var,
                                  N * HWo, momentum);
       }
     }
-    // pass 2: out = D + w_skip * x + sum_j a_j * y_j with a_j = w_j * rstd_j, D = -sum_j a_j * mean_j
-    scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
-      std::vector<scalar_t> buf(pools ? static_cast<size_t>((H + 2) * (W + 2)) : 0, scalar_t(0));
-      std::vector<scalar_t> y(pools ? static_cast<size_t>(HWo) : 0);
-      for (int64_t plane = b; plane < e; ++plane) {
-        const int64_t c = plane % C;
-        const scalar_t* xr = xp + plane * H * W;
-        scalar_t* o = op + plane * HWo;
-        double D = 0;
-        std::vector<double> a(static_cast<size_t>(J), 0.0);
-        for (int64_t j = 0; j < J; ++j) {
-          if ((j == 0 && !has_max) || (j == 1 && !has_avg)) continue;
-          a[j] = wv[j == 0 ? 0 : j == 1 ? 1 : j + 1] * static_cast<double>(rs[j * C + c]);
-          D -= a[j] * static_cast<double>(mu[j * C + c]);
-        }
-        const scalar_t Ds = static_cast<scalar_t>(D);
-        if (has_skip) {
-          const scalar_t ws = static_cast<scalar_t>(wv[2]);
-PYNAS_SIMD
-          for (int64_t i = 0; i < HWo; ++i) o[i] = Ds + ws * xr[i];
-        } else {
-          std::fill(o, o + HWo, Ds);
-        }
-        if (has_max) {
-          max_pool_plane(xr, H, W, stride, Ho, Wo, buf.data(), y.data());
-          const scalar_t aj = static_cast<scalar_t>(a[0]);
-PYNAS_SIMD
-          for (int64_t i = 0; i < HWo; ++i) o[i] += aj * y[i];
-        }
-        if (has_avg) {
-          std::fill(buf.begin(), buf.end(), scalar_t(0));
-          avg_pool_plane(xr, H, W, stride, Ho, Wo, inv_count.data(), buf.data(), y.data());
-          const scalar_t aj = static_cast<scalar_t>(a[1]);
-PYNAS_SIMD
-          for (int64_t i = 0; i < HWo; ++i) o[i] += aj * y[i];
-        }
-        for (int64_t j = 0; j < K; ++j) {
-          const scalar_t* pr = ps[j].const_data_ptr<scalar_t>() + plane * HWo;
-          const scalar_t aj = static_cast<scalar_t>(a[2 + j]);
-PYNAS_SIMD
-          for (int64_t i = 0; i < HWo; ++i) o[i] += aj * pr[i];
-        }
-      }
-    });
+    for (int64_t c = 0; c < C; ++c) D[c] = static_cast<scalar_t>(Dd[c]);
+    a.coef = coef.data();
+    a.D = D.data();
+    a.w_skip = static_cast<scalar_t>(wv[2]);
+    a.out = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) { PYNAS_ISA_CALL(mix_out_range<scalar_t>, b, e, a); });
   });
   return {out, mean, rstd};
 }
@@ -647,136 +528,65 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> edge_mix_backward(
   const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
   std::vector<at::Tensor> ps;
   for (const auto& p : ps_in) ps.push_back(p.contiguous());
-  const int64_t K = static_cast<int64_t>(ps.size()), J = 2 + K;
+  const int64_t K = static_cast<int64_t>(ps.size()), J = 2 + K, S = J + 2;
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t Ho = g.size(2), Wo = g.size(3), HWo = Ho * Wo;
-  const bool pools = has_max || has_avg;
   at::Tensor gx;
-  if (pools || has_skip) gx = at::empty_like(x);
+  if (has_max || has_avg || has_skip) gx = at::empty_like(x);
   std::vector<at::Tensor> gps;
   for (const auto& p : ps) gps.push_back(at::empty_like(p));
-  const std::vector<double> wv = [&] {
-    const at::Tensor wd = w.to(at::kDouble).contiguous();
-    return std::vector<double>(wd.const_data_ptr<double>(), wd.const_data_ptr<double>() + wd.numel());
-  }();
-  // per plane: [0] sum g, [1 + j] sum g * y_j (j < J), [1 + J] sum g * x
-  const int64_t S = J + 2;
+  at::Tensor ymax = has_max ? at::empty({N, C, Ho, Wo}, x.options()) : at::Tensor();
+  at::Tensor yavg = has_avg ? at::empty({N, C, Ho, Wo}, x.options()) : at::Tensor();
+  const std::vector<double> wv = to_doubles(w);
   std::vector<double> part(static_cast<size_t>(N * C * S), 0.0);
   std::vector<double> gw(static_cast<size_t>(3 + K), 0.0);
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "edge_mix_backward", [&] {
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const auto inv = avg_inv_counts<scalar_t>(H, W, stride, Ho, Wo);
+    MixArgs<scalar_t> a{};
+    std::vector<const scalar_t*> pp;
+    mix_common(a, x, ps, stride, has_skip, Ho, Wo, inv, pp);
+    a.g = g.const_data_ptr<scalar_t>();
+    a.ymax = has_max ? ymax.mutable_data_ptr<scalar_t>() : nullptr;
+    a.yavg = has_avg ? yavg.mutable_data_ptr<scalar_t>() : nullptr;
+    a.part = part.data();
+    at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) { PYNAS_ISA_CALL(mix_sums_range<scalar_t>, b, e, a); });
+
     const scalar_t* mu = mean.const_data_ptr<scalar_t>();
     const scalar_t* rs = rstd.const_data_ptr<scalar_t>();
-    const auto inv_count = avg_inv_counts<scalar_t>(H, W, stride, Ho, Wo);
-    at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
-      std::vector<scalar_t> buf(pools ? static_cast<size_t>((H + 2) * (W + 2)) : 0, scalar_t(0));
-      std::vector<scalar_t> y(pools ? static_cast<size_t>(HWo) : 0);
-      for (int64_t plane = b; plane < e; ++plane) {
-        const scalar_t* xr = xp + plane * H * W;
-        const scalar_t* gr = gp + plane * HWo;
-        double* s = part.data() + plane * S;
-        double sg = 0;
-        for (int64_t i = 0; i < HWo; ++i) sg += static_cast<double>(gr[i]);
-        s[0] = sg;
-        if (has_max) {
-          max_pool_plane(xr, H, W, stride, Ho, Wo, buf.data(), y.data());
-          s[1] = dot_strided(y.data(), 1, gr, HWo);
-        }
-        if (has_avg) {
-          std::fill(buf.begin(), buf.end(), scalar_t(0));
-          avg_pool_plane(xr, H, W, stride, Ho, Wo, inv_count.data(), buf.data(), y.data());
-          s[2] = dot_strided(y.data(), 1, gr, HWo);
-        }
-        for (int64_t j = 0; j < K; ++j) s[3 + j] = dot_strided(ps[j].const_data_ptr<scalar_t>() + plane * HWo, 1, gr, HWo);
-        if (has_skip) s[1 + J] = dot_strided(xr, 1, gr, HWo);
-      }
-    });
-    // per channel: Sg, and Sgxhat_j = rstd_j * (sum g*y_j - mean_j * Sg)
-    std::vector<double> Sg(static_cast<size_t>(C), 0.0), Sgx(static_cast<size_t>(C * J), 0.0);
+    // per (j, c): Sgxhat = rstd * (sum g*y - mean * sum g); grad_w[j] = sum_c Sgxhat; BN backward coefficients
+    const double M = static_cast<double>(N * HWo);
+    std::vector<scalar_t> A(static_cast<size_t>(J * C), scalar_t(0)), B(A), Dg(A);
     for (int64_t c = 0; c < C; ++c) {
-      double a = 0, sx = 0;
-      std::vector<double> gy(static_cast<size_t>(J), 0.0);
+      double sg = 0, sx = 0;
+      std::vector<double> sy(static_cast<size_t>(J), 0.0);
       for (int64_t n = 0; n < N; ++n) {
         const double* s = part.data() + (n * C + c) * S;
-        a += s[0];
-        for (int64_t j = 0; j < J; ++j) gy[j] += s[1 + j];
+        sg += s[0];
+        for (int64_t j = 0; j < J; ++j) sy[j] += s[1 + j];
         sx += s[1 + J];
       }
-      Sg[c] = a;
-      for (int64_t j = 0; j < J; ++j) {
-        if ((j == 0 && !has_max) || (j == 1 && !has_avg)) continue;
-        Sgx[c * J + j] = static_cast<double>(rs[j * C + c]) * (gy[j] - static_cast<double>(mu[j * C + c]) * a);
-      }
       if (has_skip) gw[2] += sx;
-    }
-    for (int64_t j = 0; j < J; ++j) {
-      if ((j == 0 && !has_max) || (j == 1 && !has_avg)) continue;
-      double t = 0;
-      for (int64_t c = 0; c < C; ++c) t += Sgx[c * J + j];
-      gw[j == 0 ? 0 : j == 1 ? 1 : j + 1] = t;
-    }
-    // pass 2: grad of each BN input = A_j * g + B_j * y_j + D_j, then through the pools
-    const double M = static_cast<double>(N * HWo);
-    scalar_t* gxp = gx.defined() ? gx.mutable_data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
-      const int64_t wp = W + 2;
-      std::vector<scalar_t> buf(pools ? static_cast<size_t>((H + 2) * wp) : 0, scalar_t(0));
-      std::vector<scalar_t> gbuf(pools ? static_cast<size_t>((H + 2) * wp) : 0);
-      std::vector<scalar_t> y(pools ? static_cast<size_t>(HWo) : 0), gy(pools ? static_cast<size_t>(HWo) : 0);
-      for (int64_t plane = b; plane < e; ++plane) {
-        const int64_t c = plane % C;
-        const scalar_t* xr = xp + plane * H * W;
-        const scalar_t* gr = gp + plane * HWo;
-        auto coeffs = [&](int64_t j, scalar_t* A, scalar_t* B, scalar_t* D) {
-          const double wj = wv[j == 0 ? 0 : j == 1 ? 1 : j + 1];
-          const double r = static_cast<double>(rs[j * C + c]), m = static_cast<double>(mu[j * C + c]);
-          const double sgx = Sgx[c * J + j];
-          *A = static_cast<scalar_t>(wj * r);
-          *B = static_cast<scalar_t>(-wj * r * r * sgx / M);
-          *D = static_cast<scalar_t>(-wj * r * Sg[c] / M + wj * r * r * m * sgx / M);
-        };
-        for (int64_t j = 0; j < K; ++j) {
-          scalar_t A, B, D;
-          coeffs(2 + j, &A, &B, &D);
-          const scalar_t* pr = ps[j].const_data_ptr<scalar_t>() + plane * HWo;
-          scalar_t* o = gps[j].mutable_data_ptr<scalar_t>() + plane * HWo;
-PYNAS_SIMD
-          for (int64_t i = 0; i < HWo; ++i) o[i] = A * gr[i] + B * pr[i] + D;
-        }
-        if (!gxp) continue;
-        scalar_t* gxr = gxp + plane * H * W;
-        if (pools) {
-          std::fill(gbuf.begin(), gbuf.end(), scalar_t(0));
-          if (has_max) {
-            scalar_t A, B, D;
-            coeffs(0, &A, &B, &D);
-            max_pool_plane(xr, H, W, stride, Ho, Wo, buf.data(), y.data());
-PYNAS_SIMD
-            for (int64_t i = 0; i < HWo; ++i) gy[i] = A * gr[i] + B * y[i] + D;
-            max_pool_plane_backward(buf.data(), W, stride, Ho, Wo, gy.data(), gbuf.data());
-          }
-          if (has_avg) {
-            scalar_t A, B, D;
-            coeffs(1, &A, &B, &D);
-            std::fill(buf.begin(), buf.end(), scalar_t(0));
-            avg_pool_plane(xr, H, W, stride, Ho, Wo, inv_count.data(), buf.data(), y.data());
-PYNAS_SIMD
-            for (int64_t i = 0; i < HWo; ++i) gy[i] = A * gr[i] + B * y[i] + D;
-            avg_pool_plane_backward(W, stride, Ho, Wo, inv_count.data(), gy.data(), gbuf.data());
-          }
-          for (int64_t i = 0; i < H; ++i) std::copy(gbuf.data() + (i + 1) * wp + 1, gbuf.data() + (i + 1) * wp + 1 + W, gxr + i * W);
-        } else {
-          std::fill(gxr, gxr + H * W, scalar_t(0));
-        }
-        if (has_skip) {
-          const scalar_t ws = static_cast<scalar_t>(wv[2]);
-PYNAS_SIMD
-          for (int64_t i = 0; i < H * W; ++i) gxr[i] += ws * gr[i];
-        }
+      for (int64_t j = 0; j < J; ++j) {
+        if (!term_present(j, has_max, has_avg)) continue;
+        const double r = static_cast<double>(rs[j * C + c]), m = static_cast<double>(mu[j * C + c]);
+        const double sgx = r * (sy[j] - m * sg);
+        gw[w_index(j)] += sgx;
+        const double wj = wv[w_index(j)];
+        A[j * C + c] = static_cast<scalar_t>(wj * r);
+        B[j * C + c] = static_cast<scalar_t>(-wj * r * r * sgx / M);
+        Dg[j * C + c] = static_cast<scalar_t>(-wj * r * sg / M + wj * r * r * m * sgx / M);
       }
-    });
+    }
+    a.A = A.data();
+    a.B = B.data();
+    a.Dg = Dg.data();
+    a.w_skip = static_cast<scalar_t>(wv[2]);
+    std::vector<scalar_t*> gpp;
+    for (auto& t : gps) gpp.push_back(t.mutable_data_ptr<scalar_t>());
+    a.gps = gpp.data();
+    a.gx = gx.defined() ? gx.mutable_data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) { PYNAS_ISA_CALL(mix_grads_range<scalar_t>, b, e, a); });
   });
   at::Tensor gw_t = at::empty({3 + K}, w.options().dtype(at::kDouble));
   std::copy(gw.begin(), gw.end(), gw_t.mutable_data_ptr<double>());

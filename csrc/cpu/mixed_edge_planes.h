@@ -1,0 +1,577 @@
+// Per-plane loops of the CPU fused edge (csrc/cpu/mixed_edge.cpp), included once per instruction set:
+// no include guard on purpose. The including file opens a namespace (and, for AVX2, a `#pragma GCC
+// target` region) around it, so every function here exists once per ISA; the includer picks one at run
+// time. Only raw pointers and inline std:: algorithms are used, so nothing ISA-specific escapes the
+// namespace.
+//
+// Layout trick for stride 1: a plane is copied into a zero-padded buffer of row length Wp, and a conv
+// tap becomes ONE loop over ho * Wp elements (out_pad[i] += w * buf[offset + i]); the Wp - wo columns
+// past the output's width are garbage that is never copied out. One long loop per tap instead of ho
+// short ones is what makes the 8x8 and 16x16 planes of DARTS fast.
+
+// Lanes of the partial sums in dot products: a fixed order that the compiler can put in SIMD registers.
+constexpr int kLanes = 8;
+
+template <typename T>
+inline T relu(T v) {
+  return v > T(0) ? v : T(0);
+}
+
+template <typename T>
+double lane_sum(const T* lanes) {
+  double s = 0;
+  for (int l = 0; l < kLanes; ++l) s += static_cast<double>(lanes[l]);
+  return s;
+}
+
+// sum_i a[i] in lanes.
+template <typename T>
+double sum_lanes(const T* __restrict__ a, int64_t n) {
+  T lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    PYNAS_SIMD
+    for (int l = 0; l < kLanes; ++l) lanes[l] += a[i + l];
+  }
+  double s = lane_sum(lanes);
+  for (; i < n; ++i) s += static_cast<double>(a[i]);
+  return s;
+}
+
+// sum_i a[i] * b[i] in lanes.
+template <typename T>
+double dot_lanes(const T* __restrict__ a, const T* __restrict__ b, int64_t n) {
+  T lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    PYNAS_SIMD
+    for (int l = 0; l < kLanes; ++l) lanes[l] += a[i + l] * b[i + l];
+  }
+  double s = lane_sum(lanes);
+  for (; i < n; ++i) s += static_cast<double>(a[i]) * static_cast<double>(b[i]);
+  return s;
+}
+
+// Mean and sum of squared deviations of n values (two passes over data in L1).
+template <typename T>
+void moments(const T* y, int64_t n, double* mean, double* m2) {
+  const double mu = sum_lanes(y, n) / static_cast<double>(n);
+  const T m = static_cast<T>(mu);
+  T lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    PYNAS_SIMD
+    for (int l = 0; l < kLanes; ++l) {
+      const T d = y[i + l] - m;
+      lanes[l] += d * d;
+    }
+  }
+  double q = lane_sum(lanes);
+  for (; i < n; ++i) {
+    const double d = static_cast<double>(y[i]) - static_cast<double>(m);
+    q += d * d;
+  }
+  // the deviations were taken from m (mu rounded to T): correct for the rounding
+  const double shift = static_cast<double>(m) - mu;
+  *mean = mu;
+  *m2 = std::max(0.0, q - static_cast<double>(n) * shift * shift);
+}
+
+// Copies plane `src` (h x w) into rows of length `wp` of `buf` starting at (pad, pad), transformed by `pre`.
+template <typename T>
+void load_padded(const T* __restrict__ src, int64_t h, int64_t w, int64_t pad, int64_t wp, int64_t pre, T mu, T r,
+                 T* __restrict__ buf) {
+  for (int64_t i = 0; i < h; ++i) {
+    const T* s = src + i * w;
+    T* d = buf + (i + pad) * wp + pad;
+    if (pre == kPreNone) {
+      PYNAS_SIMD
+      for (int64_t j = 0; j < w; ++j) d[j] = s[j];
+    } else if (pre == kPreRelu) {
+      PYNAS_SIMD
+      for (int64_t j = 0; j < w; ++j) d[j] = relu(s[j]);
+    } else {
+      PYNAS_SIMD
+      for (int64_t j = 0; j < w; ++j) d[j] = relu((s[j] - mu) * r);
+    }
+  }
+}
+
+// Copies the first `w` columns of `h` rows of length `wp` (a padded-width result) to a dense plane.
+template <typename T>
+void crop_rows(const T* __restrict__ src, int64_t h, int64_t w, int64_t wp, T* __restrict__ dst) {
+  for (int64_t i = 0; i < h; ++i) std::copy(src + i * wp, src + i * wp + w, dst + i * w);
+}
+
+// Dense plane (h x w) into rows of length wp, the extra columns set to `fill`.
+template <typename T>
+void widen_rows(const T* __restrict__ src, int64_t h, int64_t w, int64_t wp, T fill, T* __restrict__ dst) {
+  for (int64_t i = 0; i < h; ++i) {
+    std::copy(src + i * w, src + (i + 1) * w, dst + i * wp);
+    std::fill(dst + i * wp + w, dst + (i + 1) * wp, fill);
+  }
+}
+
+// ---- depthwise convs -------------------------------------------------------------------------------
+
+// One conv of the padded plane `buf` (row length wp, interior at (P, P)) into the dense plane `y`.
+// `acc`: ho * wp scratch.
+template <typename T>
+void dw_conv_plane(const T* __restrict__ buf, int64_t P, int64_t wp, const ConvGeom& g, const T* wk,
+                   T* __restrict__ acc, T* __restrict__ y) {
+  const int64_t off = P - g.pad;
+  if (g.stride == 1) {
+    const int64_t L = g.ho * wp;
+    std::fill(acc, acc + L, T(0));
+    for (int64_t ki = 0; ki < g.k; ++ki) {
+      for (int64_t kj = 0; kj < g.k; ++kj) {
+        const T wv = wk[ki * g.k + kj];
+        const T* __restrict__ src = buf + (off + ki * g.dil) * wp + off + kj * g.dil;
+        PYNAS_SIMD
+        for (int64_t i = 0; i < L; ++i) acc[i] += wv * src[i];
+      }
+    }
+    crop_rows(acc, g.ho, g.wo, wp, y);
+    return;
+  }
+  for (int64_t oh = 0; oh < g.ho; ++oh) {
+    T* __restrict__ yr = y + oh * g.wo;
+    std::fill(yr, yr + g.wo, T(0));
+    for (int64_t ki = 0; ki < g.k; ++ki) {
+      const T* irow = buf + (oh * g.stride + off + ki * g.dil) * wp + off;
+      for (int64_t kj = 0; kj < g.k; ++kj) {
+        const T wv = wk[ki * g.k + kj];
+        const T* __restrict__ src = irow + kj * g.dil;
+        for (int64_t ow = 0; ow < g.wo; ++ow) yr[ow] += wv * src[ow * g.stride];
+      }
+    }
+  }
+}
+
+// Backward of dw_conv_plane: gbuf (padded like buf) += conv^T(gy); gw[tap] = <gy, tap's input window>.
+// `gpad`: ho * wp scratch.
+template <typename T>
+void dw_conv_plane_backward(const T* __restrict__ buf, int64_t P, int64_t wp, const ConvGeom& g, const T* wk,
+                            const T* __restrict__ gy, T* __restrict__ gpad, T* __restrict__ gbuf, double* gw) {
+  const int64_t off = P - g.pad;
+  if (g.stride == 1) {
+    const int64_t L = g.ho * wp;
+    widen_rows(gy, g.ho, g.wo, wp, T(0), gpad);  // zero in the garbage columns: they add nothing
+    for (int64_t ki = 0; ki < g.k; ++ki) {
+      for (int64_t kj = 0; kj < g.k; ++kj) {
+        const T wv = wk[ki * g.k + kj];
+        const int64_t o = (off + ki * g.dil) * wp + off + kj * g.dil;
+        const T* __restrict__ src = buf + o;
+        T* __restrict__ dst = gbuf + o;
+        T lanes[kLanes] = {};
+        int64_t i = 0;
+        for (; i + kLanes <= L; i += kLanes) {
+          PYNAS_SIMD
+          for (int l = 0; l < kLanes; ++l) {
+            lanes[l] += src[i + l] * gpad[i + l];
+            dst[i + l] += wv * gpad[i + l];
+          }
+        }
+        double s = lane_sum(lanes);
+        for (; i < L; ++i) {
+          s += static_cast<double>(src[i]) * static_cast<double>(gpad[i]);
+          dst[i] += wv * gpad[i];
+        }
+        gw[ki * g.k + kj] = s;
+      }
+    }
+    return;
+  }
+  for (int64_t ki = 0; ki < g.k; ++ki) {
+    for (int64_t kj = 0; kj < g.k; ++kj) {
+      const T wv = wk[ki * g.k + kj];
+      double s = 0;
+      for (int64_t oh = 0; oh < g.ho; ++oh) {
+        const int64_t o = (oh * g.stride + off + ki * g.dil) * wp + off + kj * g.dil;
+        const T* gr = gy + oh * g.wo;
+        const T* src = buf + o;
+        T* dst = gbuf + o;
+        T part = 0;
+        for (int64_t ow = 0; ow < g.wo; ++ow) {
+          part += src[ow * g.stride] * gr[ow];
+          dst[ow * g.stride] += wv * gr[ow];
+        }
+        s += static_cast<double>(part);
+      }
+      gw[ki * g.k + kj] = s;
+    }
+  }
+}
+
+// The gradient w.r.t. the untransformed input from gbuf's interior: pre'(x) * gbuf. For kPreNormRelu also
+// returns sum(grad) and sum(grad * xhat) (xhat = buf's interior before relu is not kept: recomputed).
+template <typename T>
+void dw_input_grad(const T* __restrict__ x, const T* __restrict__ buf, const T* __restrict__ gbuf, int64_t h,
+                   int64_t w, int64_t P, int64_t wp, int64_t pre, T mu, T r, T* __restrict__ gx, double* sg,
+                   double* sgx) {
+  T lg[kLanes] = {}, lq[kLanes] = {};
+  double tg = 0, tq = 0;
+  for (int64_t i = 0; i < h; ++i) {
+    const T* src = gbuf + (i + P) * wp + P;
+    const T* xi = x + i * w;
+    T* d = gx + i * w;
+    if (pre == kPreNone) {
+      std::copy(src, src + w, d);
+    } else if (pre == kPreRelu) {
+      PYNAS_SIMD
+      for (int64_t j = 0; j < w; ++j) d[j] = xi[j] > T(0) ? src[j] : T(0);
+    } else {
+      const T* ai = buf + (i + P) * wp + P;  // relu((x - mu) * r): positive exactly where the mask is
+      int64_t j = 0;
+      for (; j + kLanes <= w; j += kLanes) {
+        PYNAS_SIMD
+        for (int l = 0; l < kLanes; ++l) {
+          const T v = ai[j + l] > T(0) ? src[j + l] : T(0);
+          d[j + l] = v;
+          lg[l] += v;
+          lq[l] += v * ((xi[j + l] - mu) * r);
+        }
+      }
+      for (; j < w; ++j) {
+        const T v = ai[j] > T(0) ? src[j] : T(0);
+        d[j] = v;
+        tg += static_cast<double>(v);
+        tq += static_cast<double>(v) * static_cast<double>((xi[j] - mu) * r);
+      }
+    }
+  }
+  if (pre == kPreNormRelu) {
+    *sg = tg + lane_sum(lg);
+    *sgx = tq + lane_sum(lq);
+  }
+}
+
+// ---- 3x3 pools, padding 1 ----------------------------------------------------------------------------
+// `buf`: (h + 2) x (w + 2) plus slack, `wp` = w + 2. The max pool's border is -inf, the avg pool's 0.
+
+template <typename T>
+void max_pool_plane(const T* x, int64_t h, int64_t w, int64_t s, int64_t ho, int64_t wo, T* __restrict__ buf,
+                    T* __restrict__ acc, T* __restrict__ y) {
+  const int64_t wp = w + 2;
+  std::fill(buf, buf + (h + 3) * wp, -std::numeric_limits<T>::infinity());
+  load_padded(x, h, w, 1, wp, kPreNone, T(0), T(1), buf);
+  if (s == 1) {
+    const int64_t L = ho * wp;
+    PYNAS_SIMD
+    for (int64_t i = 0; i < L; ++i) acc[i] = buf[i];
+    for (int64_t t = 1; t < 9; ++t) {
+      const T* __restrict__ src = buf + (t / 3) * wp + t % 3;
+      PYNAS_SIMD
+      for (int64_t i = 0; i < L; ++i) acc[i] = src[i] > acc[i] ? src[i] : acc[i];
+    }
+    crop_rows(acc, ho, wo, wp, y);
+    return;
+  }
+  for (int64_t oh = 0; oh < ho; ++oh) {
+    const T* r0 = buf + (oh * s) * wp;
+    for (int64_t ow = 0; ow < wo; ++ow) {
+      T m = r0[ow * s];
+      for (int64_t ki = 0; ki < 3; ++ki)
+        for (int64_t kj = 0; kj < 3; ++kj) m = std::max(m, r0[ki * wp + ow * s + kj]);
+      y[oh * wo + ow] = m;
+    }
+  }
+}
+
+// gbuf (padded like buf, which holds the -inf padded input from max_pool_plane) += gy routed to the first
+// maximum of each window in row-major order (torch's choice). `y`: the pool's output.
+template <typename T>
+void max_pool_plane_backward(const T* __restrict__ buf, int64_t w, int64_t s, int64_t ho, int64_t wo,
+                             const T* __restrict__ y, const T* __restrict__ gy, T* __restrict__ scratch,
+                             T* __restrict__ gbuf) {
+  const int64_t wp = w + 2;
+  if (s == 1) {
+    const int64_t L = ho * wp;
+    T* yw = scratch;           // y widened; NaN in the garbage columns matches nothing
+    T* gw = scratch + L;       // gy widened, zeros there
+    T* taken = scratch + 2 * L;
+    widen_rows(y, ho, wo, wp, std::numeric_limits<T>::quiet_NaN(), yw);
+    widen_rows(gy, ho, wo, wp, T(0), gw);
+    std::fill(taken, taken + L, T(0));
+    for (int64_t t = 0; t < 9; ++t) {
+      const int64_t o = (t / 3) * wp + t % 3;
+      const T* __restrict__ src = buf + o;
+      T* __restrict__ dst = gbuf + o;
+      PYNAS_SIMD
+      for (int64_t i = 0; i < L; ++i) {
+        const T hit = (src[i] == yw[i] && taken[i] == T(0)) ? T(1) : T(0);
+        dst[i] += hit * gw[i];
+        taken[i] += hit;
+      }
+    }
+    return;
+  }
+  for (int64_t oh = 0; oh < ho; ++oh) {
+    for (int64_t ow = 0; ow < wo; ++ow) {
+      const int64_t base = oh * s * wp + ow * s;
+      // torch starts from the window's first input pixel and moves only on a strictly greater value
+      int64_t arg = std::max<int64_t>(oh * s, 1) * wp + std::max<int64_t>(ow * s, 1);
+      T m = buf[arg];
+      for (int64_t ki = 0; ki < 3; ++ki) {
+        for (int64_t kj = 0; kj < 3; ++kj) {
+          const int64_t idx = base + ki * wp + kj;
+          if (buf[idx] > m) {
+            m = buf[idx];
+            arg = idx;
+          }
+        }
+      }
+      gbuf[arg] += gy[oh * wo + ow];
+    }
+  }
+}
+
+// `inv`: 1/count per output pixel, laid out with row length wp (stride 1) or wo (stride 2).
+template <typename T>
+void avg_pool_plane(const T* x, int64_t h, int64_t w, int64_t s, int64_t ho, int64_t wo, const T* inv,
+                    T* __restrict__ buf, T* __restrict__ acc, T* __restrict__ y) {
+  const int64_t wp = w + 2;
+  std::fill(buf, buf + (h + 3) * wp, T(0));
+  load_padded(x, h, w, 1, wp, kPreNone, T(0), T(1), buf);
+  if (s == 1) {
+    const int64_t L = ho * wp;
+    PYNAS_SIMD
+    for (int64_t i = 0; i < L; ++i) acc[i] = buf[i];
+    for (int64_t t = 1; t < 9; ++t) {
+      const T* __restrict__ src = buf + (t / 3) * wp + t % 3;
+      PYNAS_SIMD
+      for (int64_t i = 0; i < L; ++i) acc[i] += src[i];
+    }
+    PYNAS_SIMD
+    for (int64_t i = 0; i < L; ++i) acc[i] *= inv[i];
+    crop_rows(acc, ho, wo, wp, y);
+    return;
+  }
+  for (int64_t oh = 0; oh < ho; ++oh) {
+    const T* r0 = buf + (oh * s) * wp;
+    for (int64_t ow = 0; ow < wo; ++ow) {
+      T a = 0;
+      for (int64_t ki = 0; ki < 3; ++ki)
+        for (int64_t kj = 0; kj < 3; ++kj) a += r0[ki * wp + ow * s + kj];
+      y[oh * wo + ow] = a * inv[oh * wo + ow];
+    }
+  }
+}
+
+template <typename T>
+void avg_pool_plane_backward(int64_t w, int64_t s, int64_t ho, int64_t wo, const T* inv, const T* __restrict__ gy,
+                             T* __restrict__ scratch, T* __restrict__ gbuf) {
+  const int64_t wp = w + 2;
+  if (s == 1) {
+    const int64_t L = ho * wp;
+    widen_rows(gy, ho, wo, wp, T(0), scratch);
+    PYNAS_SIMD
+    for (int64_t i = 0; i < L; ++i) scratch[i] *= inv[i];
+    for (int64_t t = 0; t < 9; ++t) {
+      T* __restrict__ dst = gbuf + (t / 3) * wp + t % 3;
+      PYNAS_SIMD
+      for (int64_t i = 0; i < L; ++i) dst[i] += scratch[i];
+    }
+    return;
+  }
+  for (int64_t oh = 0; oh < ho; ++oh) {
+    for (int64_t ow = 0; ow < wo; ++ow) {
+      const T v = gy[oh * wo + ow] * inv[oh * wo + ow];
+      T* d = gbuf + oh * s * wp + ow * s;
+      for (int64_t ki = 0; ki < 3; ++ki)
+        for (int64_t kj = 0; kj < 3; ++kj) d[ki * wp + kj] += v;
+    }
+  }
+}
+
+// o[i] = A * g[i] + B * y[i] + D (a BatchNorm backward with its per-channel sums folded into A, B, D).
+template <typename T>
+void affine2(const T* __restrict__ g, const T* __restrict__ y, T A, T B, T D, int64_t n, T* __restrict__ o) {
+  PYNAS_SIMD
+  for (int64_t i = 0; i < n; ++i) o[i] = A * g[i] + B * y[i] + D;
+}
+
+// o[i] += a * y[i]
+template <typename T>
+void axpy(T a, const T* __restrict__ y, int64_t n, T* __restrict__ o) {
+  PYNAS_SIMD
+  for (int64_t i = 0; i < n; ++i) o[i] += a * y[i];
+}
+
+// ---- plane ranges: the bodies of the kernels' parallel loops --------------------------------------------
+
+template <typename T>
+void dw_forward_range(int64_t b, int64_t e, const DwArgs<T>& a) {
+  std::vector<T> buf(static_cast<size_t>(a.buf_size), T(0)), acc(static_cast<size_t>(a.acc_size));
+  for (int64_t plane = b; plane < e; ++plane) {
+    const int64_t c = plane % a.C;
+    load_padded(a.x + plane * a.H * a.W, a.H, a.W, a.P, a.Wp, a.pre, a.mean ? a.mean[c] : T(0),
+                a.rstd ? a.rstd[c] : T(1), buf.data());
+    for (int64_t m = 0; m < a.n; ++m) {
+      const ConvGeom& g = a.geoms[m];
+      dw_conv_plane(buf.data(), a.P, a.Wp, g, a.ws[m] + c * g.k * g.k, acc.data(), a.ys[m] + plane * g.ho * g.wo);
+    }
+  }
+}
+
+template <typename T>
+void dw_backward_range(int64_t b, int64_t e, const DwArgs<T>& a) {
+  std::vector<T> buf(static_cast<size_t>(a.buf_size), T(0)), gbuf(static_cast<size_t>(a.buf_size));
+  std::vector<T> gpad(static_cast<size_t>(a.acc_size));
+  for (int64_t plane = b; plane < e; ++plane) {
+    const int64_t c = plane % a.C;
+    const T mu = a.mean ? a.mean[c] : T(0), r = a.rstd ? a.rstd[c] : T(1);
+    const T* x = a.x + plane * a.H * a.W;
+    load_padded(x, a.H, a.W, a.P, a.Wp, a.pre, mu, r, buf.data());
+    std::fill(gbuf.begin(), gbuf.end(), T(0));
+    for (int64_t m = 0; m < a.n; ++m) {
+      const ConvGeom& g = a.geoms[m];
+      dw_conv_plane_backward(buf.data(), a.P, a.Wp, g, a.ws[m] + c * g.k * g.k, a.gs[m] + plane * g.ho * g.wo,
+                             gpad.data(), gbuf.data(), a.partial + plane * a.taps + a.tap_off[m]);
+    }
+    double sg = 0, sgx = 0;
+    dw_input_grad(x, buf.data(), gbuf.data(), a.H, a.W, a.P, a.Wp, a.pre, mu, r, a.gx + plane * a.H * a.W, &sg,
+                  &sgx);
+    if (a.plane_sums) {
+      a.plane_sums[plane * 2] = sg;
+      a.plane_sums[plane * 2 + 1] = sgx;
+    }
+  }
+}
+
+template <typename T>
+void moments_range(int64_t b, int64_t e, const T* p, int64_t hw, double* means, double* m2s) {
+  for (int64_t plane = b; plane < e; ++plane) moments(p + plane * hw, hw, &means[plane], &m2s[plane]);
+}
+
+template <typename T>
+void bn_sums_range(int64_t b, int64_t e, const T* g, const T* p, const T* mean, const T* rstd, int64_t C, int64_t hw,
+                   std::vector<T>& scratch, double* part) {
+  for (int64_t plane = b; plane < e; ++plane) {
+    const int64_t c = plane % C;
+    const T* gr = g + plane * hw;
+    const T* pr = p + plane * hw;
+    const T mu = mean[c], r = rstd[c];
+    PYNAS_SIMD
+    for (int64_t i = 0; i < hw; ++i) scratch[i] = (pr[i] - mu) * r;
+    part[plane * 2] = sum_lanes(gr, hw);
+    part[plane * 2 + 1] = dot_lanes(gr, scratch.data(), hw);
+  }
+}
+
+// gp = A[c] * g + B[c] * p + D[c] per plane.
+template <typename T>
+void affine2_range(int64_t b, int64_t e, const T* g, const T* p, const T* A, const T* B, const T* D, int64_t C,
+                   int64_t hw, T* out) {
+  for (int64_t plane = b; plane < e; ++plane) {
+    const int64_t c = plane % C;
+    affine2(g + plane * hw, p + plane * hw, A[c], B[c], D[c], hw, out + plane * hw);
+  }
+}
+
+// Forward pass 1: the pools into ymax / yavg, and the moments of every BatchNorm input (J per plane).
+template <typename T>
+void mix_stats_range(int64_t b, int64_t e, const MixArgs<T>& a) {
+  std::vector<T> buf(static_cast<size_t>(a.pool_buf), T(0)), acc(static_cast<size_t>(a.pool_acc));
+  for (int64_t plane = b; plane < e; ++plane) {
+    const T* x = a.x + plane * a.H * a.W;
+    double* mo = a.means + plane * a.J;
+    double* qo = a.m2s + plane * a.J;
+    if (a.ymax) {
+      T* y = a.ymax + plane * a.HWo;
+      max_pool_plane(x, a.H, a.W, a.stride, a.Ho, a.Wo, buf.data(), acc.data(), y);
+      moments(y, a.HWo, &mo[0], &qo[0]);
+    }
+    if (a.yavg) {
+      T* y = a.yavg + plane * a.HWo;
+      avg_pool_plane(x, a.H, a.W, a.stride, a.Ho, a.Wo, a.inv, buf.data(), acc.data(), y);
+      moments(y, a.HWo, &mo[1], &qo[1]);
+    }
+    for (int64_t j = 0; j < a.K; ++j) moments(a.ps[j] + plane * a.HWo, a.HWo, &mo[2 + j], &qo[2 + j]);
+  }
+}
+
+// Forward pass 2: out = D[c] + w_skip * x + sum_j coef[j, c] * y_j.
+template <typename T>
+void mix_out_range(int64_t b, int64_t e, const MixArgs<T>& a) {
+  for (int64_t plane = b; plane < e; ++plane) {
+    const int64_t c = plane % a.C;
+    T* o = a.out + plane * a.HWo;
+    const T D = a.D[c];
+    if (a.has_skip) {
+      const T* x = a.x + plane * a.H * a.W;
+      const T ws = a.w_skip;
+      PYNAS_SIMD
+      for (int64_t i = 0; i < a.HWo; ++i) o[i] = D + ws * x[i];
+    } else {
+      std::fill(o, o + a.HWo, D);
+    }
+    if (a.ymax) axpy(a.coef[0 * a.C + c], a.ymax + plane * a.HWo, a.HWo, o);
+    if (a.yavg) axpy(a.coef[1 * a.C + c], a.yavg + plane * a.HWo, a.HWo, o);
+    for (int64_t j = 0; j < a.K; ++j) axpy(a.coef[(2 + j) * a.C + c], a.ps[j] + plane * a.HWo, a.HWo, o);
+  }
+}
+
+// Backward pass 1: the pools into ymax / yavg; per plane sum(g), sum(g * y_j), sum(g * x) (S = J + 2 each).
+template <typename T>
+void mix_sums_range(int64_t b, int64_t e, const MixArgs<T>& a) {
+  std::vector<T> buf(static_cast<size_t>(a.pool_buf), T(0)), acc(static_cast<size_t>(a.pool_acc));
+  const int64_t S = a.J + 2;
+  for (int64_t plane = b; plane < e; ++plane) {
+    const T* x = a.x + plane * a.H * a.W;
+    const T* g = a.g + plane * a.HWo;
+    double* s = a.part + plane * S;
+    s[0] = sum_lanes(g, a.HWo);
+    if (a.ymax) {
+      T* y = a.ymax + plane * a.HWo;
+      max_pool_plane(x, a.H, a.W, a.stride, a.Ho, a.Wo, buf.data(), acc.data(), y);
+      s[1] = dot_lanes(y, g, a.HWo);
+    }
+    if (a.yavg) {
+      T* y = a.yavg + plane * a.HWo;
+      avg_pool_plane(x, a.H, a.W, a.stride, a.Ho, a.Wo, a.inv, buf.data(), acc.data(), y);
+      s[2] = dot_lanes(y, g, a.HWo);
+    }
+    for (int64_t j = 0; j < a.K; ++j) s[3 + j] = dot_lanes(a.ps[j] + plane * a.HWo, g, a.HWo);
+    if (a.has_skip) s[1 + a.J] = dot_lanes(x, g, a.HWo);
+  }
+}
+
+// Backward pass 2: grad of each BatchNorm input = A * g + B * y + D (coefficients per (j, c)); the ps'
+// go out, the pools' go back through the pools into gx, plus w_skip * g.
+template <typename T>
+void mix_grads_range(int64_t b, int64_t e, const MixArgs<T>& a) {
+  const int64_t wp = a.W + 2;
+  std::vector<T> buf(static_cast<size_t>(a.pool_buf), T(0)), gbuf(static_cast<size_t>(a.pool_buf));
+  std::vector<T> gy(static_cast<size_t>(a.HWo)), scratch(static_cast<size_t>(3 * a.pool_acc));
+  for (int64_t plane = b; plane < e; ++plane) {
+    const int64_t c = plane % a.C;
+    const T* g = a.g + plane * a.HWo;
+    for (int64_t j = 0; j < a.K; ++j) {
+      const int64_t q = (2 + j) * a.C + c;
+      affine2(g, a.ps[j] + plane * a.HWo, a.A[q], a.B[q], a.Dg[q], a.HWo, a.gps[j] + plane * a.HWo);
+    }
+    if (!a.gx) continue;
+    const T* x = a.x + plane * a.H * a.W;
+    T* gx = a.gx + plane * a.H * a.W;
+    if (a.ymax || a.yavg) {
+      std::fill(gbuf.begin(), gbuf.end(), T(0));
+      if (a.ymax) {
+        const T* y = a.ymax + plane * a.HWo;
+        affine2(g, y, a.A[c], a.B[c], a.Dg[c], a.HWo, gy.data());
+        std::fill(buf.begin(), buf.end(), -std::numeric_limits<T>::infinity());
+        load_padded(x, a.H, a.W, 1, wp, kPreNone, T(0), T(1), buf.data());
+        max_pool_plane_backward(buf.data(), a.W, a.stride, a.Ho, a.Wo, y, gy.data(), scratch.data(), gbuf.data());
+      }
+      if (a.yavg) {
+        const int64_t q = a.C + c;
+        affine2(g, a.yavg + plane * a.HWo, a.A[q], a.B[q], a.Dg[q], a.HWo, gy.data());
+        avg_pool_plane_backward(a.W, a.stride, a.Ho, a.Wo, a.inv, gy.data(), scratch.data(), gbuf.data());
+      }
+      for (int64_t i = 0; i < a.H; ++i) std::copy(&gbuf[(i + 1) * wp + 1], &gbuf[(i + 1) * wp + 1] + a.W, gx + i * a.W);
+    } else {
+      std::fill(gx, gx + a.H * a.W, T(0));
+    }
+    if (a.has_skip) axpy(a.w_skip, g, a.HWo, gx);
+  }
+}
