@@ -179,6 +179,49 @@ at::Tensor edge_bn_backward(const at::Tensor& g, const at::Tensor& p, const at::
   return pynas::cpu::edge_bn_backward(g, p, mean, rstd, s);
 }
 
+void check_pw_weight(const char* op, const at::Tensor& w, const at::Tensor& u) {
+  pynas::checks::check_dense(op, w, "w");
+  TORCH_CHECK(w.dim() == 4 && w.size(1) == u.size(1) && w.size(2) == 1 && w.size(3) == 1 &&
+                  w.scalar_type() == u.scalar_type() && w.is_cpu(),
+              op, ": `w` must be a 1x1 conv weight (C_out, ", u.size(1), ", 1, 1) with `u`'s dtype, got ",
+              pynas::checks::describe(w));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> edge_pw_forward(const at::Tensor& u, const at::Tensor& w, bool stats,
+                                                               double eps, double momentum,
+                                                               const std::optional<at::Tensor>& running_mean,
+                                                               const std::optional<at::Tensor>& running_var) {
+  constexpr const char* op = "edge_pw_forward";
+  check_activation(op, u, "u");
+  check_pw_weight(op, w, u);
+  const at::Tensor rm = running_mean.value_or(at::Tensor()), rv = running_var.value_or(at::Tensor());
+  if (stats) {
+    TORCH_CHECK(u.size(0) * u.size(2) * u.size(3) > 1, op,
+                ": BatchNorm needs more than one value per channel in training, got `u` of ",
+                pynas::checks::describe(u));
+    TORCH_CHECK(eps > 0, op, ": `eps` must be positive, got ", eps);
+    for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>(rm, "running_mean"), {rv, "running_var"}}) {
+      if (!t.defined()) continue;
+      TORCH_CHECK(t.dim() == 1 && t.size(0) == w.size(0) && t.scalar_type() == u.scalar_type() && t.is_cpu(), op,
+                  ": `", name, "` must be 1-D with one value per output channel (", w.size(0), "), got ",
+                  pynas::checks::describe(t));
+    }
+  }
+  return pynas::cpu::edge_pw_forward(u, w, stats, eps, momentum, rm, rv);
+}
+
+std::tuple<at::Tensor, at::Tensor> edge_pw_backward(const at::Tensor& g, const at::Tensor& u, const at::Tensor& w) {
+  constexpr const char* op = "edge_pw_backward";
+  check_activation(op, u, "u");
+  check_pw_weight(op, w, u);
+  pynas::checks::check_dense(op, g, "g");
+  TORCH_CHECK(g.sizes() == at::IntArrayRef({u.size(0), w.size(0), u.size(2), u.size(3)}) &&
+                  g.scalar_type() == u.scalar_type() && g.is_cpu(),
+              op, ": `g` must be shaped like the conv's output [", u.size(0), ", ", w.size(0), ", ", u.size(2), ", ",
+              u.size(3), "] with `u`'s dtype, got ", pynas::checks::describe(g));
+  return pynas::cpu::edge_pw_backward(g, u, w);
+}
+
 void check_mix_args(const char* op, const at::Tensor& x, const std::vector<at::Tensor>& ps, const at::Tensor& w,
                     int64_t stride, bool has_skip) {
   check_activation(op, x, "x");
@@ -309,6 +352,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("edge_mix_backward", &edge_mix_backward, py::arg("g"), py::arg("x"), py::arg("ps"), py::arg("w"),
         py::arg("stride"), py::arg("has_max"), py::arg("has_avg"), py::arg("has_skip"), py::arg("mean"),
         py::arg("rstd"), nogil, "(grad_x, grad_ps, grad_w) of edge_mix_forward; pools recomputed.");
+  m.def("edge_pw_forward", &edge_pw_forward, py::arg("u"), py::arg("w"), py::arg("stats"), py::arg("eps"),
+        py::arg("momentum"), py::arg("running_mean"), py::arg("running_var"), nogil,
+        "(p, mean, rstd): 1x1 conv, with the per-channel batch statistics of p when `stats` (fused CNN edge, CPU).");
+  m.def("edge_pw_backward", &edge_pw_backward, py::arg("g"), py::arg("u"), py::arg("w"), nogil,
+        "(grad_u, grad_w) of a 1x1 conv (fused CNN edge, CPU).");
+  m.def("cpu_isa", &pynas::cpu::isa, "The instruction set of the CPU edge kernels in use: 'base' or 'avx2'.");
+  m.def("set_cpu_isa", &pynas::cpu::set_isa, py::arg("name"),
+        "Force the CPU edge kernels' instruction set: 'auto', 'base' or 'avx2' (PYNAS_CPU_ISA=base at startup).");
   m.def("build_info", &build_info,
         "How pynas._C was built: dict of cuda, cuda_version, cuda_archs, openmp, torch_version_built, compiler.");
 }

@@ -360,6 +360,67 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> edge_dw_backward(
   return {gx, gws, sums};
 }
 
+// ---- 1x1 convs ---------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> edge_pw_forward(const at::Tensor& u_in, const at::Tensor& w_in,
+                                                               bool stats, double eps, double momentum,
+                                                               const at::Tensor& running_mean,
+                                                               const at::Tensor& running_var) {
+  const at::Tensor u = u_in.contiguous(), w = w_in.contiguous();
+  const int64_t N = u.size(0), Ci = u.size(1), HW = u.size(2) * u.size(3), Co = w.size(0);
+  at::Tensor p = at::empty({N, Co, u.size(2), u.size(3)}, u.options());
+  at::Tensor mean, rstd;
+  std::vector<double> means(stats ? static_cast<size_t>(N * Co) : 0), m2s(means.size());
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "edge_pw_forward", [&] {
+    const scalar_t* up = u.const_data_ptr<scalar_t>();
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    scalar_t* pp = p.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+      PYNAS_ISA_CALL(pw_range<scalar_t>, b, e, up, wp, Ci, Co, HW, false, pp, stats ? means.data() : nullptr,
+                     stats ? m2s.data() : nullptr);
+    });
+    if (stats) {
+      mean = at::empty({Co}, u.options());
+      rstd = at::empty({Co}, u.options());
+      scalar_t* mo = mean.mutable_data_ptr<scalar_t>();
+      scalar_t* ro = rstd.mutable_data_ptr<scalar_t>();
+      for (int64_t c = 0; c < Co; ++c) {
+        double mu, var;
+        combine_moments(means.data() + c, m2s.data() + c, N, Co, HW, &mu, &var);
+        mo[c] = static_cast<scalar_t>(mu);
+        ro[c] = static_cast<scalar_t>(1.0 / std::sqrt(var + eps));
+        update_running<scalar_t>(running_mean, running_var, c, mu, var, N * HW, momentum);
+      }
+    }
+  });
+  return {p, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor> edge_pw_backward(const at::Tensor& g_in, const at::Tensor& u_in,
+                                                    const at::Tensor& w_in) {
+  const at::Tensor g = g_in.contiguous(), u = u_in.contiguous(), w = w_in.contiguous();
+  const int64_t N = u.size(0), Ci = u.size(1), HW = u.size(2) * u.size(3), Co = w.size(0);
+  at::Tensor gu = at::empty_like(u), gw = at::empty_like(w);
+  std::vector<double> partial(static_cast<size_t>(N * Co * Ci));
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "edge_pw_backward", [&] {
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const scalar_t* up = u.const_data_ptr<scalar_t>();
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    scalar_t* gup = gu.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+      PYNAS_ISA_CALL(pw_range<scalar_t>, b, e, gp, wp, Co, Ci, HW, true, gup, nullptr, nullptr);
+      PYNAS_ISA_CALL(pw_weight_grad_range<scalar_t>, b, e, gp, up, Ci, Co, HW, partial.data());
+    });
+    scalar_t* gwp = gw.mutable_data_ptr<scalar_t>();
+    for (int64_t q = 0; q < Co * Ci; ++q) {
+      double s = 0;
+      for (int64_t n = 0; n < N; ++n) s += partial[n * Co * Ci + q];
+      gwp[q] = static_cast<scalar_t>(s);
+    }
+  });
+  return {gu, gw};
+}
+
 // ---- BatchNorm ---------------------------------------------------------------------------------------
 
 std::tuple<at::Tensor, at::Tensor> edge_bn_stats(const at::Tensor& p_in, double eps, double momentum,

@@ -575,3 +575,46 @@ void mix_grads_range(int64_t b, int64_t e, const MixArgs<T>& a) {
     if (a.has_skip) axpy(a.w_skip, g, a.HWo, gx);
   }
 }
+
+// ---- 1x1 convs ------------------------------------------------------------------------------------------
+
+// out[n, o, :] = sum_c W(o, c) * in[n, c, :] for n in [b, e); W(o, c) = w[o * cin + c], or w[c * cout + o]
+// when `transposed` (the backward's W^T). With `means`/`m2s`, also the moments of every output plane.
+template <typename T>
+void pw_range(int64_t b, int64_t e, const T* in, const T* w, int64_t cin, int64_t cout, int64_t hw, bool transposed,
+              T* out, double* means, double* m2s) {
+  constexpr int64_t kBlock = 64;
+  for (int64_t n = b; n < e; ++n) {
+    const T* src = in + n * cin * hw;
+    for (int64_t o = 0; o < cout; ++o) {
+      T* dst = out + (n * cout + o) * hw;
+      int64_t i = 0;
+      for (; i + kBlock <= hw; i += kBlock) {
+        T acc[kBlock] = {};
+        for (int64_t c = 0; c < cin; ++c) {
+          const T wv = transposed ? w[c * cout + o] : w[o * cin + c];
+          const T* __restrict__ s = src + c * hw + i;
+          PYNAS_SIMD
+          for (int64_t l = 0; l < kBlock; ++l) acc[l] += wv * s[l];
+        }
+        std::copy(acc, acc + kBlock, dst + i);
+      }
+      for (; i < hw; ++i) {
+        T acc = 0;
+        for (int64_t c = 0; c < cin; ++c) acc += (transposed ? w[c * cout + o] : w[o * cin + c]) * src[c * hw + i];
+        dst[i] = acc;
+      }
+      if (means) moments(dst, hw, &means[n * cout + o], &m2s[n * cout + o]);
+    }
+  }
+}
+
+// partial[n, o, c] = <g[n, o, :], in[n, c, :]> for n in [b, e) (the 1x1 conv's weight gradient, per sample).
+template <typename T>
+void pw_weight_grad_range(int64_t b, int64_t e, const T* g, const T* in, int64_t cin, int64_t cout, int64_t hw,
+                          double* partial) {
+  for (int64_t n = b; n < e; ++n)
+    for (int64_t o = 0; o < cout; ++o)
+      for (int64_t c = 0; c < cin; ++c)
+        partial[(n * cout + o) * cin + c] = dot_lanes(g + (n * cout + o) * hw, in + (n * cin + c) * hw, hw);
+}

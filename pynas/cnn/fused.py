@@ -149,20 +149,13 @@ def _running(bn: Optional[nn.BatchNorm2d]):
     return bn.running_mean, bn.running_var
 
 
-def _pw(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """1x1 conv of u (N, Ci, H, W) with w (Co, Ci, 1, 1) as a batched matmul."""
-    n, ci, h, wd = u.shape
-    return torch.matmul(w.view(w.shape[0], ci), u.view(n, ci, h * wd)).view(n, w.shape[0], h, wd)
+def _pw(k, w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """1x1 conv of u (N, Ci, H, W) with w (Co, Ci, 1, 1)."""
+    return k.edge_pw_forward(u, w, False, 1.0, 0.0, None, None)[0]
 
 
-def _pw_backward(w: torch.Tensor, u: torch.Tensor, gp: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    n, ci, h, wd = u.shape
-    co = w.shape[0]
-    g3 = gp.reshape(n, co, h * wd)
-    u3 = u.view(n, ci, h * wd)
-    gu = torch.matmul(w.view(co, ci).t(), g3).view(n, ci, h, wd)
-    gw = torch.matmul(g3, u3.transpose(1, 2)).sum(0).view(co, ci, 1, 1)
-    return gu, gw
+def _pw_backward(k, w: torch.Tensor, u: torch.Tensor, gp: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    return k.edge_pw_backward(gp.contiguous(), u, w)
 
 
 def _fr_inputs(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -192,21 +185,20 @@ class _EdgeFunction(torch.autograd.Function):
                     raise ValueError(
                         f"x: a stride-2 skip_connect (FactorizedReduce) needs an even height and width, got {tuple(x.shape)}")
                 a, b = _fr_inputs(x)
-                ps.append(torch.cat([_pw(params[at], a), _pw(params[at + 1], b)], 1))
+                ps.append(torch.cat([_pw(k, params[at], a), _pw(k, params[at + 1], b)], 1))
                 bn_i += 1
             elif c.kind == "dil":
                 u = us[c.first]
-                ps.append(_pw(params[at + 1], u))
+                ps.append(_pw(k, params[at + 1], u))
                 saved += [u]
                 bn_i += 1
             else:
                 u1 = us[c.first]
-                p1 = _pw(params[at + 1], u1)
                 bn = plan.bns[bn_i]
                 rm, rv = _running(bn)
-                m1, r1 = k.edge_bn_stats(p1, bn.eps, bn.momentum, rm, rv)
+                p1, m1, r1 = k.edge_pw_forward(u1, params[at + 1], True, bn.eps, bn.momentum, rm, rv)
                 u2 = k.edge_dw_forward(p1, [params[at + 2]], [1], [plan.pads[c.first]], [1], _PRE_NORM_RELU, m1, r1)[0]
-                ps.append(_pw(params[at + 3], u2))
+                ps.append(_pw(k, params[at + 3], u2))
                 saved += [u1, p1, m1, r1, u2]
                 bn_i += 2
         final_bns = [plan.max_bn, plan.avg_bn]
@@ -251,18 +243,18 @@ class _EdgeFunction(torch.autograd.Function):
             elif c.kind == "dil":
                 u = saved[s]
                 s += 1
-                gu, gparams[at + 1] = _pw_backward(params[at + 1], u, gp)
+                gu, gparams[at + 1] = _pw_backward(k, params[at + 1], u, gp)
                 firsts.append(params[at])
                 first_gs.append(gu)
             else:
                 u1, p1, m1, r1, u2 = saved[s: s + 5]
                 s += 5
-                gu2, gparams[at + 3] = _pw_backward(params[at + 3], u2, gp)
+                gu2, gparams[at + 3] = _pw_backward(k, params[at + 3], u2, gp)
                 ga, (gdw2,), sums = k.edge_dw_backward(
                     p1, [params[at + 2]], [gu2], [1], [plan.pads[c.first]], [1], _PRE_NORM_RELU, m1, r1)
                 gparams[at + 2] = gdw2
                 gp1 = k.edge_bn_backward(ga, p1, m1, r1, sums)
-                gu1, gparams[at + 1] = _pw_backward(params[at + 1], u1, gp1)
+                gu1, gparams[at + 1] = _pw_backward(k, params[at + 1], u1, gp1)
                 firsts.append(params[at])
                 first_gs.append(gu1)
         gx = gx_mix
@@ -277,8 +269,8 @@ class _EdgeFunction(torch.autograd.Function):
                 gx = torch.zeros_like(x)
             a, b = _fr_inputs(x)
             half = gp.shape[1] // 2
-            ga, gparams[at] = _pw_backward(params[at], a, gp[:, :half])
-            gb, gparams[at + 1] = _pw_backward(params[at + 1], b, gp[:, half:])
+            ga, gparams[at] = _pw_backward(k, params[at], a, gp[:, :half])
+            gb, gparams[at + 1] = _pw_backward(k, params[at + 1], b, gp[:, half:])
             gx[:, :, ::2, ::2] += ga * (a > 0)
             gx[:, :, 1::2, 1::2] += gb * (b > 0)
         gweights = torch.zeros_like(weights).index_add_(0, plan.index, gwr.to(weights.dtype))

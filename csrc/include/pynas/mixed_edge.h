@@ -18,6 +18,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -51,6 +52,21 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> edge_dw_backward(
     const std::vector<int64_t>& strides, const std::vector<int64_t>& pads, const std::vector<int64_t>& dils,
     int64_t pre, const at::Tensor& mean, const at::Tensor& rstd);
 
+// 1x1 conv p = w * u (w: (Co, Ci, 1, 1)); with `stats` also (mean, rstd) of p per channel, computed in
+// the same pass, running statistics updated as by edge_bn_stats (undefined mean/rstd otherwise).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> edge_pw_forward(const at::Tensor& u, const at::Tensor& w, bool stats,
+                                                               double eps, double momentum,
+                                                               const at::Tensor& running_mean,
+                                                               const at::Tensor& running_var);
+
+// Its backward: (grad_u = w^T g, grad_w = sum_n g[n] u[n]^T).
+std::tuple<at::Tensor, at::Tensor> edge_pw_backward(const at::Tensor& g, const at::Tensor& u, const at::Tensor& w);
+
+// The instruction set the CPU kernels use ("base" or "avx2") and a way to force one ("auto", "base",
+// "avx2"), for tests and comparisons.
+std::string isa();
+void set_isa(const std::string& name);
+
 // Batch statistics of p per channel: (mean, rstd = 1/sqrt(var + eps)); running_mean/var (may be
 // undefined) updated in place with `momentum`.
 std::tuple<at::Tensor, at::Tensor> edge_bn_stats(const at::Tensor& p, double eps, double momentum,
@@ -78,4 +94,39 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> edge_mix_backward(
     int64_t stride, bool has_max, bool has_avg, bool has_skip, const at::Tensor& mean, const at::Tensor& rstd);
 
 }  // namespace cpu
+
+// The same six kernels on a CUDA device (csrc/cuda/mixed_edge.cu), with the dtypes of the paragraph above:
+// activations float16, bfloat16, float32 or float64; mean/rstd and `sums` in the accumulation type. Declared
+// only where they are compiled: nvcc's side, and the C++ side of a build with the CUDA part.
+#if defined(PYNAS_WITH_CUDA) || defined(__CUDACC__)
+namespace cuda {
+
+std::vector<at::Tensor> edge_dw_forward(const at::Tensor& x, const std::vector<at::Tensor>& ws,
+                                        const std::vector<int64_t>& strides, const std::vector<int64_t>& pads,
+                                        const std::vector<int64_t>& dils, int64_t pre, const at::Tensor& mean,
+                                        const at::Tensor& rstd);
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> edge_dw_backward(
+    const at::Tensor& x, const std::vector<at::Tensor>& ws, const std::vector<at::Tensor>& gs,
+    const std::vector<int64_t>& strides, const std::vector<int64_t>& pads, const std::vector<int64_t>& dils,
+    int64_t pre, const at::Tensor& mean, const at::Tensor& rstd);
+
+std::tuple<at::Tensor, at::Tensor> edge_bn_stats(const at::Tensor& p, double eps, double momentum,
+                                                 const at::Tensor& running_mean, const at::Tensor& running_var);
+
+at::Tensor edge_bn_backward(const at::Tensor& g, const at::Tensor& p, const at::Tensor& mean,
+                            const at::Tensor& rstd, const at::Tensor& sums);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> edge_mix_forward(
+    const at::Tensor& x, const std::vector<at::Tensor>& ps, const at::Tensor& w, int64_t stride, bool has_max,
+    bool has_avg, bool has_skip, double eps, double momentum, const std::vector<at::Tensor>& running_means,
+    const std::vector<at::Tensor>& running_vars);
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> edge_mix_backward(
+    const at::Tensor& g, const at::Tensor& x, const std::vector<at::Tensor>& ps, const at::Tensor& w,
+    int64_t stride, bool has_max, bool has_avg, bool has_skip, const at::Tensor& mean, const at::Tensor& rstd);
+
+}  // namespace cuda
+#endif
+
 }  // namespace pynas
