@@ -106,6 +106,9 @@ void check_dw_args(const char* op, const at::Tensor& x, const std::vector<at::Te
                     ws[m].scalar_type() == x.scalar_type() && ws[m].is_cpu(),
                 op, ": `", name, "` must be a depthwise weight (", x.size(1), ", 1, k, k) like `x`, got ",
                 pynas::checks::describe(ws[m]));
+    TORCH_CHECK(ws[m].size(2) <= pynas::edge::kMaxKernel, op, ": `", name, "` is ", ws[m].size(2), "x",
+                ws[m].size(3), ", larger than the kernels take (", pynas::edge::kMaxKernel, "x",
+                pynas::edge::kMaxKernel, ")");
     TORCH_CHECK(strides[m] >= 1 && pads[m] >= 0 && dils[m] >= 1, op, ": conv ", m,
                 " needs stride >= 1, pad >= 0, dilation >= 1, got ", strides[m], ", ", pads[m], ", ", dils[m]);
     const int64_t ho = pynas::edge::out_size(x.size(2), ws[m].size(2), strides[m], pads[m], dils[m]);
@@ -130,7 +133,7 @@ std::vector<at::Tensor> edge_dw_forward(const at::Tensor& x, const std::vector<a
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> edge_dw_backward(
     const at::Tensor& x, const std::vector<at::Tensor>& ws, const std::vector<at::Tensor>& gs,
     const std::vector<int64_t>& strides, const std::vector<int64_t>& pads, const std::vector<int64_t>& dils,
-    int64_t pre, const at::Tensor& mean, const at::Tensor& rstd) {
+    int64_t pre, const at::Tensor& mean, const at::Tensor& rstd, bool need_grad_w) {
   constexpr const char* op = "edge_dw_backward";
   check_dw_args(op, x, ws, strides, pads, dils, pre, mean, rstd);
   TORCH_CHECK(gs.size() == ws.size(), op, ": `gs` must have one gradient per weight in `ws` (", ws.size(),
@@ -145,7 +148,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> edge_dw_backward(
                 op, ": `", name, "` must be shaped like conv ", m, "'s output [", x.size(0), ", ", x.size(1), ", ",
                 ho, ", ", wo, "] with `x`'s dtype, got ", pynas::checks::describe(gs[m]));
   }
-  return pynas::cpu::edge_dw_backward(x, ws, gs, strides, pads, dils, pre, mean, rstd);
+  return pynas::cpu::edge_dw_backward(x, ws, gs, strides, pads, dils, pre, mean, rstd, need_grad_w);
 }
 
 std::tuple<at::Tensor, at::Tensor> edge_bn_stats(const at::Tensor& p, double eps, double momentum,
@@ -210,7 +213,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> edge_pw_forward(const at::Tensor&
   return pynas::cpu::edge_pw_forward(u, w, stats, eps, momentum, rm, rv);
 }
 
-std::tuple<at::Tensor, at::Tensor> edge_pw_backward(const at::Tensor& g, const at::Tensor& u, const at::Tensor& w) {
+std::tuple<at::Tensor, at::Tensor> edge_pw_backward(const at::Tensor& g, const at::Tensor& u, const at::Tensor& w,
+                                                    bool need_grad_w) {
   constexpr const char* op = "edge_pw_backward";
   check_activation(op, u, "u");
   check_pw_weight(op, w, u);
@@ -219,7 +223,7 @@ std::tuple<at::Tensor, at::Tensor> edge_pw_backward(const at::Tensor& g, const a
                   g.scalar_type() == u.scalar_type() && g.is_cpu(),
               op, ": `g` must be shaped like the conv's output [", u.size(0), ", ", w.size(0), ", ", u.size(2), ", ",
               u.size(3), "] with `u`'s dtype, got ", pynas::checks::describe(g));
-  return pynas::cpu::edge_pw_backward(g, u, w);
+  return pynas::cpu::edge_pw_backward(g, u, w, need_grad_w);
 }
 
 void check_mix_args(const char* op, const at::Tensor& x, const std::vector<at::Tensor>& ps, const at::Tensor& w,
@@ -338,8 +342,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dils"), py::arg("pre"), py::arg("mean"), py::arg("rstd"), nogil,
         "Depthwise convs of pre(x), one per weight (fused CNN edge, CPU).");
   m.def("edge_dw_backward", &edge_dw_backward, py::arg("x"), py::arg("ws"), py::arg("gs"), py::arg("strides"),
-        py::arg("pads"), py::arg("dils"), py::arg("pre"), py::arg("mean"), py::arg("rstd"), nogil,
-        "(grad_in, grad_ws, sums) of edge_dw_forward.");
+        py::arg("pads"), py::arg("dils"), py::arg("pre"), py::arg("mean"), py::arg("rstd"),
+        py::arg("need_grad_w") = true, nogil,
+        "(grad_in, grad_ws, sums) of edge_dw_forward; grad_ws is empty unless need_grad_w.");
   m.def("edge_bn_stats", &edge_bn_stats, py::arg("p"), py::arg("eps"), py::arg("momentum"),
         py::arg("running_mean"), py::arg("running_var"), nogil,
         "(mean, rstd) per channel of p; updates the running statistics in place.");
@@ -355,8 +360,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("edge_pw_forward", &edge_pw_forward, py::arg("u"), py::arg("w"), py::arg("stats"), py::arg("eps"),
         py::arg("momentum"), py::arg("running_mean"), py::arg("running_var"), nogil,
         "(p, mean, rstd): 1x1 conv, with the per-channel batch statistics of p when `stats` (fused CNN edge, CPU).");
-  m.def("edge_pw_backward", &edge_pw_backward, py::arg("g"), py::arg("u"), py::arg("w"), nogil,
-        "(grad_u, grad_w) of a 1x1 conv (fused CNN edge, CPU).");
+  m.def("edge_pw_backward", &edge_pw_backward, py::arg("g"), py::arg("u"), py::arg("w"),
+        py::arg("need_grad_w") = true, nogil,
+        "(grad_u, grad_w) of a 1x1 conv (fused CNN edge, CPU); grad_w is None unless need_grad_w.");
   m.def("cpu_isa", &pynas::cpu::isa, "The instruction set of the CPU edge kernels in use: 'base' or 'avx2'.");
   m.def("set_cpu_isa", &pynas::cpu::set_isa, py::arg("name"),
         "Force the CPU edge kernels' instruction set: 'auto', 'base' or 'avx2' (PYNAS_CPU_ISA=base at startup).");

@@ -46,10 +46,13 @@ struct ConvGeom {
   int64_t k, stride, pad, dil, ho, wo;
 };
 
+// The largest depthwise kernel side the CPU kernels take (checked by the bindings).
+constexpr int64_t kMaxKernel = edge::kMaxKernel;
+
 template <typename T>
 struct DwArgs {
   const T* x;
-  int64_t C, H, W, P, Wp, pre, buf_size, acc_size, n;
+  int64_t C, H, W, P, Wp, pre, buf_size, acc_size, n, ext_size, margin;
   const T* mean;
   const T* rstd;
   const ConvGeom* geoms;
@@ -149,7 +152,7 @@ std::vector<ConvGeom> conv_geoms(const at::Tensor& x, const std::vector<at::Tens
 // Sizes of the padded input buffer and of the per-conv scratch for a set of convs (see the layout note
 // in mixed_edge_planes.h: a stride-1 tap reads ho * Wp elements from its offset).
 void dw_sizes(const std::vector<ConvGeom>& geoms, int64_t H, int64_t W, int64_t* P, int64_t* Wp, int64_t* buf,
-              int64_t* acc) {
+              int64_t* acc, int64_t* ext = nullptr, int64_t* margin = nullptr) {
   int64_t p = 0;
   for (const auto& g : geoms) p = std::max(p, g.pad);
   *P = p;
@@ -162,6 +165,15 @@ void dw_sizes(const std::vector<ConvGeom>& geoms, int64_t H, int64_t W, int64_t*
   }
   *buf = need;
   *acc = scratch;
+  // the backward's zero-margined gradient: a tap's farthest offset before it, up to (P + H) rows after
+  int64_t m = 0, tail = (p + H) * (*Wp);
+  for (const auto& g : geoms) {
+    const int64_t reach = p - g.pad + (g.k - 1) * g.dil;
+    m = std::max(m, reach * (*Wp) + reach);
+    tail = std::max(tail, g.ho * (*Wp));
+  }
+  if (ext) *ext = m + tail + 1;
+  if (margin) *margin = m;
 }
 
 // Combines per-plane moments (planes n = 0..N-1 of one channel, `stride` apart) into the biased variance.
@@ -284,7 +296,7 @@ std::vector<at::Tensor> edge_dw_forward(const at::Tensor& x_in, const std::vecto
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> edge_dw_backward(
     const at::Tensor& x_in, const std::vector<at::Tensor>& ws_in, const std::vector<at::Tensor>& gs_in,
     const std::vector<int64_t>& strides, const std::vector<int64_t>& pads, const std::vector<int64_t>& dils,
-    int64_t pre, const at::Tensor& mean, const at::Tensor& rstd) {
+    int64_t pre, const at::Tensor& mean, const at::Tensor& rstd, bool need_grad_w) {
   const at::Tensor x = x_in.contiguous();
   std::vector<at::Tensor> ws, gs;
   for (const auto& w : ws_in) ws.push_back(w.contiguous());
@@ -299,7 +311,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> edge_dw_backward(
     tap_off.push_back(taps);
     taps += g.k * g.k;
   }
-  std::vector<double> partial(static_cast<size_t>(N * C * taps), 0.0);
+  std::vector<double> partial(need_grad_w ? static_cast<size_t>(N * C * taps) : 0, 0.0);
   const bool want_sums = pre == kPreNormRelu;
   std::vector<double> plane_sums(want_sums ? static_cast<size_t>(N * C * 2) : 0, 0.0);
 
@@ -307,7 +319,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> edge_dw_backward(
     DwArgs<scalar_t> a{};
     a.x = x.const_data_ptr<scalar_t>();
     a.C = C, a.H = H, a.W = W, a.pre = pre, a.n = static_cast<int64_t>(ws.size());
-    dw_sizes(geoms, H, W, &a.P, &a.Wp, &a.buf_size, &a.acc_size);
+    dw_sizes(geoms, H, W, &a.P, &a.Wp, &a.buf_size, &a.acc_size, &a.ext_size, &a.margin);
     const at::Tensor mean_c = pre == kPreNormRelu ? mean.contiguous() : at::Tensor();
     const at::Tensor rstd_c = pre == kPreNormRelu ? rstd.contiguous() : at::Tensor();
     a.mean = mean_c.defined() ? mean_c.const_data_ptr<scalar_t>() : nullptr;
@@ -321,14 +333,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> edge_dw_backward(
     a.ws = wp.data();
     a.gs = gp.data();
     a.gx = gx.mutable_data_ptr<scalar_t>();
-    a.partial = partial.data();
+    a.partial = need_grad_w ? partial.data() : nullptr;
     a.taps = taps;
     a.tap_off = tap_off.data();
     a.plane_sums = want_sums ? plane_sums.data() : nullptr;
     if (x.numel() > 0) {
       at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) { PYNAS_ISA_CALL(dw_backward_range<scalar_t>, b, e, a); });
     }
-    for (size_t m = 0; m < geoms.size(); ++m) {
+    for (size_t m = 0; m < geoms.size() && need_grad_w; ++m) {
       const ConvGeom& g = geoms[m];
       at::Tensor gw = at::empty_like(ws[m]);
       scalar_t* gwp = gw.mutable_data_ptr<scalar_t>();
@@ -397,11 +409,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> edge_pw_forward(const at::Tensor&
 }
 
 std::tuple<at::Tensor, at::Tensor> edge_pw_backward(const at::Tensor& g_in, const at::Tensor& u_in,
-                                                    const at::Tensor& w_in) {
+                                                    const at::Tensor& w_in, bool need_grad_w) {
   const at::Tensor g = g_in.contiguous(), u = u_in.contiguous(), w = w_in.contiguous();
   const int64_t N = u.size(0), Ci = u.size(1), HW = u.size(2) * u.size(3), Co = w.size(0);
-  at::Tensor gu = at::empty_like(u), gw = at::empty_like(w);
-  std::vector<double> partial(static_cast<size_t>(N * Co * Ci));
+  at::Tensor gu = at::empty_like(u), gw = need_grad_w ? at::empty_like(w) : at::Tensor();
+  std::vector<double> partial(need_grad_w ? static_cast<size_t>(N * Co * Ci) : 0);
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "edge_pw_backward", [&] {
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     const scalar_t* up = u.const_data_ptr<scalar_t>();
@@ -409,8 +421,9 @@ std::tuple<at::Tensor, at::Tensor> edge_pw_backward(const at::Tensor& g_in, cons
     scalar_t* gup = gu.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
       PYNAS_ISA_CALL(pw_range<scalar_t>, b, e, gp, wp, Co, Ci, HW, true, gup, nullptr, nullptr);
-      PYNAS_ISA_CALL(pw_weight_grad_range<scalar_t>, b, e, gp, up, Ci, Co, HW, partial.data());
+      if (need_grad_w) PYNAS_ISA_CALL(pw_weight_grad_range<scalar_t>, b, e, gp, up, Ci, Co, HW, partial.data());
     });
+    if (!need_grad_w) return;
     scalar_t* gwp = gw.mutable_data_ptr<scalar_t>();
     for (int64_t q = 0; q < Co * Ci; ++q) {
       double s = 0;

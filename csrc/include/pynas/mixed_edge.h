@@ -29,6 +29,9 @@ constexpr int64_t kPreNone = 0;
 constexpr int64_t kPreRelu = 1;
 constexpr int64_t kPreNormRelu = 2;
 
+// The largest depthwise kernel side the CPU kernels take.
+constexpr int64_t kMaxKernel = 9;
+
 // Output size of a conv or pool window (PyTorch's formula, floor mode).
 inline int64_t out_size(int64_t in, int64_t k, int64_t stride, int64_t pad, int64_t dil) {
   return (in + 2 * pad - dil * (k - 1) - 1) / stride + 1;
@@ -45,12 +48,12 @@ std::vector<at::Tensor> edge_dw_forward(const at::Tensor& x, const std::vector<a
                                         const at::Tensor& rstd);
 
 // Their backward: grad_in = pre'(x) * sum_m dwconv^T(gs[m], ws[m]) (the gradient w.r.t. x, or w.r.t. the
-// normalised input for kPreNormRelu), grad_ws[m]; with kPreNormRelu also sums (2, C) float64:
+// normalised input for kPreNormRelu), grad_ws[m] (an empty list unless need_grad_w); with kPreNormRelu also sums (2, C) float64:
 // per channel sum(grad_in) and sum(grad_in * (x - mean) * rstd), the BatchNorm backward's reductions.
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> edge_dw_backward(
     const at::Tensor& x, const std::vector<at::Tensor>& ws, const std::vector<at::Tensor>& gs,
     const std::vector<int64_t>& strides, const std::vector<int64_t>& pads, const std::vector<int64_t>& dils,
-    int64_t pre, const at::Tensor& mean, const at::Tensor& rstd);
+    int64_t pre, const at::Tensor& mean, const at::Tensor& rstd, bool need_grad_w = true);
 
 // 1x1 conv p = w * u (w: (Co, Ci, 1, 1)); with `stats` also (mean, rstd) of p per channel, computed in
 // the same pass, running statistics updated as by edge_bn_stats (undefined mean/rstd otherwise).
@@ -59,8 +62,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> edge_pw_forward(const at::Tensor&
                                                                const at::Tensor& running_mean,
                                                                const at::Tensor& running_var);
 
-// Its backward: (grad_u = w^T g, grad_w = sum_n g[n] u[n]^T).
-std::tuple<at::Tensor, at::Tensor> edge_pw_backward(const at::Tensor& g, const at::Tensor& u, const at::Tensor& w);
+// Its backward: (grad_u = w^T g, grad_w = sum_n g[n] u[n]^T); grad_w undefined unless need_grad_w.
+std::tuple<at::Tensor, at::Tensor> edge_pw_backward(const at::Tensor& g, const at::Tensor& u, const at::Tensor& w,
+                                                    bool need_grad_w = true);
 
 // The instruction set the CPU kernels use ("base" or "avx2") and a way to force one ("auto", "base",
 // "avx2"), for tests and comparisons.
