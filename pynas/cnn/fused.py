@@ -23,6 +23,7 @@ The fused path serves CPU float32/float64 in training mode through the C++ kerne
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -36,117 +37,155 @@ _PRE_NORM_RELU = 2
 _EMPTY = torch.empty(0)
 
 
-@dataclass
-class _Conv:
-    """One conv candidate of an edge (sep_conv, dil_conv or FactorizedReduce) and where it lives."""
+@dataclass(frozen=True)
+class ConvSpec:
+    """One conv candidate of an edge: kind 'sep', 'dil' or 'fr' (FactorizedReduce), its column in the
+    edge's weights, and (sep, dil) its depthwise conv's kernel, padding and dilation."""
 
-    kind: str  # "sep", "dil", "fr"
-    column: int  # its column in the edge's weights
-    module: nn.Module
-    first: int = -1  # index among the edge's first depthwise convs (sep, dil)
+    kind: str
+    column: int
+    k: int = 1
+    pad: int = 0
+    dil: int = 1
+
+    @property
+    def n_params(self) -> int:
+        return 4 if self.kind == "sep" else 2
+
+    @property
+    def n_bns(self) -> int:
+        return 2 if self.kind == "sep" else 1
+
+
+@dataclass(frozen=True)
+class EdgeSpec:
+    """Everything the fused kernels need to know about a MixedOp, as plain data (a string for custom ops).
+
+    Columns are -1 for absent candidates. The parameters of the convs follow ``convs`` in order (sep:
+    dw1, pw1, dw2, pw2; dil: dw, pw; fr: conv_1, conv_2); the BatchNorms are the max pool's and the avg
+    pool's (when present), then per conv its BNs (sep: 2, others: 1).
+    """
+
+    stride: int
+    max_column: int
+    avg_column: int
+    skip_column: int
+    convs: Tuple[ConvSpec, ...]
+    eps: float
+    momentum: float
+
+    def encode(self) -> str:
+        convs = ",".join(f"{c.kind}:{c.column}:{c.k}:{c.pad}:{c.dil}" for c in self.convs)
+        return (f"s={self.stride};max={self.max_column};avg={self.avg_column};skip={self.skip_column};"
+                f"convs={convs};eps={self.eps!r};momentum={self.momentum!r}")
+
+    @staticmethod
+    @functools.lru_cache(maxsize=None)
+    def decode(text: str) -> "EdgeSpec":
+        f = dict(item.split("=", 1) for item in text.split(";"))
+        convs = []
+        for c in filter(None, f["convs"].split(",")):
+            kind, col, k, pad, dil = c.split(":")
+            convs.append(ConvSpec(kind, int(col), int(k), int(pad), int(dil)))
+        return EdgeSpec(int(f["s"]), int(f["max"]), int(f["avg"]), int(f["skip"]), tuple(convs),
+                        float(f["eps"]), float(f["momentum"]))
+
+    @functools.cached_property
+    def index(self) -> torch.Tensor:
+        """Columns of the weights in the order edge_mix_forward takes them: max, avg, skip, convs."""
+        cols = [self.max_column, self.avg_column, self.skip_column] + [c.column for c in self.convs]
+        return torch.tensor([max(c, 0) for c in cols], dtype=torch.long)
+
+    @functools.cached_property
+    def dw_convs(self) -> Tuple[ConvSpec, ...]:
+        return tuple(c for c in self.convs if c.kind != "fr")
+
+    def out_shape(self, x_shape) -> Tuple[int, int, int, int]:
+        n, c, h, w = x_shape
+        return (n, c, (h - 1) // self.stride + 1, (w - 1) // self.stride + 1)
 
 
 class EdgePlan:
-    """What the fused kernels need to know about one MixedOp, built once from its modules."""
+    """A MixedOp's :class:`EdgeSpec` and the modules behind it, built once from the MixedOp."""
 
     def __init__(self, mixed_op: nn.Module, primitives: Sequence[str], stride: int):
-        from .operations import FactorizedReduce, Identity
+        from .operations import DilConv, FactorizedReduce, Identity, SepConv
 
-        self.stride = stride
         self.max_bn: Optional[nn.BatchNorm2d] = None
         self.avg_bn: Optional[nn.BatchNorm2d] = None
-        self.skip_column = -1
-        self.max_column = self.avg_column = -1
-        self.convs: List[_Conv] = []
-        self.bns: List[nn.BatchNorm2d] = []
+        cols = {"max": -1, "avg": -1, "skip": -1}
+        convs: List[ConvSpec] = []
+        self.conv_modules: List[nn.Module] = []
         ok = True
-        firsts = 0
         for k, name in enumerate(primitives):
             op = mixed_op._ops[k]
             if name == "none":
                 continue
             if name == "max_pool_3x3":
-                self.max_column, self.max_bn = k, op[1]
+                cols["max"], self.max_bn = k, op[1]
             elif name == "avg_pool_3x3":
-                self.avg_column, self.avg_bn = k, op[1]
-            elif name == "skip_connect":
-                if isinstance(op, Identity):
-                    self.skip_column = k
-                elif isinstance(op, FactorizedReduce):
-                    self.convs.append(_Conv("fr", k, op))
-                else:
-                    ok = False
-            elif name.startswith("sep_conv_"):
-                self.convs.append(_Conv("sep", k, op, firsts))
-                firsts += 1
-            elif name.startswith("dil_conv_"):
-                self.convs.append(_Conv("dil", k, op, firsts))
-                firsts += 1
+                cols["avg"], self.avg_bn = k, op[1]
+            elif name == "skip_connect" and isinstance(op, Identity):
+                cols["skip"] = k
+            elif name == "skip_connect" and isinstance(op, FactorizedReduce):
+                convs.append(ConvSpec("fr", k))
+                self.conv_modules.append(op)
+            elif isinstance(op, (SepConv, DilConv)):
+                dw = op.op[1]
+                ok = ok and dw.stride == (stride, stride) and dw.padding[0] == dw.padding[1] \
+                    and dw.dilation[0] == dw.dilation[1] and dw.kernel_size[0] == dw.kernel_size[1] \
+                    and dw.kernel_size[0] <= 9
+                convs.append(ConvSpec("sep" if isinstance(op, SepConv) else "dil", k, dw.kernel_size[0],
+                                      dw.padding[0], dw.dilation[0]))
+                self.conv_modules.append(op)
             else:
                 ok = False
-        # the order edge_mix_forward takes the candidates in: max, avg, skip, then the convs
-        cols = [self.max_column, self.avg_column, self.skip_column] + [c.column for c in self.convs]
-        self.index = torch.tensor([max(c, 0) for c in cols], dtype=torch.long)
-        self.strides: List[int] = []
-        self.pads: List[int] = []
-        self.dils: List[int] = []
-        for c in self.convs:
-            if c.kind == "fr":
-                self.bns.append(c.module.bn)
-                continue
-            seq = c.module.op
-            dw = seq[1]
-            self.strides.append(dw.stride[0])
-            self.pads.append(dw.padding[0])
-            self.dils.append(dw.dilation[0])
-            self.bns.extend([seq[3], seq[7]] if c.kind == "sep" else [seq[3]])
-            ok = ok and dw.stride[0] == dw.stride[1] and dw.padding[0] == dw.padding[1]
-        all_bns = [b for b in (self.max_bn, self.avg_bn) if b is not None] + self.bns
-        self.all_bns = all_bns
-        self.supported = ok and all(not b.affine for b in all_bns)
+        self.bns: List[nn.BatchNorm2d] = [b for b in (self.max_bn, self.avg_bn) if b is not None]
+        for c, m in zip(convs, self.conv_modules):
+            self.bns += [m.bn] if c.kind == "fr" else ([m.op[3], m.op[7]] if c.kind == "sep" else [m.op[3]])
+        self.supported = ok and all(not b.affine and b.track_running_stats for b in self.bns)
+        first = self.bns[0] if self.bns else None
+        self.spec = EdgeSpec(stride, cols["max"], cols["avg"], cols["skip"], tuple(convs),
+                             float(first.eps) if first else 1e-5,
+                             float(first.momentum) if first and first.momentum is not None else 0.1)
+        self.encoded = self.spec.encode()
 
     def ready(self) -> bool:
-        """True when every BatchNorm is in training mode with a momentum (what the kernels implement)."""
-        first = self.all_bns[0] if self.all_bns else None
-        for b in self.all_bns:
-            if not b.training or b.momentum is None or b.momentum != first.momentum or b.eps != first.eps:
+        """Every BatchNorm in training mode with the spec's momentum and eps (what the kernels implement)."""
+        for b in self.bns:
+            if not b.training or b.momentum != self.spec.momentum or b.eps != self.spec.eps:
                 return False
         return True
 
+    def params(self) -> List[torch.Tensor]:
+        out = []
+        for c, m in zip(self.spec.convs, self.conv_modules):
+            if c.kind == "fr":
+                out += [m.conv_1.weight, m.conv_2.weight]
+            elif c.kind == "sep":
+                out += [m.op[1].weight, m.op[2].weight, m.op[5].weight, m.op[6].weight]
+            else:
+                out += [m.op[1].weight, m.op[2].weight]
+        return out
+
+    def running(self) -> List[torch.Tensor]:
+        """running_mean, running_var of every BatchNorm, in spec order."""
+        out = []
+        for b in self.bns:
+            out += [b.running_mean, b.running_var]
+        return out
+
+    def counters(self) -> List[torch.Tensor]:
+        return [b.num_batches_tracked for b in self.bns]
+
 
 def fusable(plan: EdgePlan, x: torch.Tensor) -> bool:
-    return (
-        plan.supported
-        and x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.float64)
-        and x.dim() == 4
-        and plan.ready()
-    )
+    return (plan.supported and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and x.dim() == 4 and plan.ready())
 
 
-def _first_dw(c: _Conv) -> torch.Tensor:
-    return c.module.op[1].weight
-
-
-def _params(plan: EdgePlan) -> List[torch.Tensor]:
-    """The edge's parameters in the order _EdgeFunction takes them."""
-    out = []
-    for c in plan.convs:
-        if c.kind == "fr":
-            out += [c.module.conv_1.weight, c.module.conv_2.weight]
-        elif c.kind == "sep":
-            seq = c.module.op
-            out += [seq[1].weight, seq[2].weight, seq[5].weight, seq[6].weight]
-        else:
-            seq = c.module.op
-            out += [seq[1].weight, seq[2].weight]
-    return out
-
-
-def _running(bn: Optional[nn.BatchNorm2d]):
-    if bn is None or not bn.track_running_stats:
-        return None, None
-    return bn.running_mean, bn.running_var
+def _fr_inputs(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    return torch.relu(x[:, :, ::2, ::2]), torch.relu(x[:, :, 1::2, 1::2])
 
 
 def _pw(k, w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -154,134 +193,235 @@ def _pw(k, w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return k.edge_pw_forward(u, w, False, 1.0, 0.0, None, None)[0]
 
 
-def _pw_backward(k, w: torch.Tensor, u: torch.Tensor, gp: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    return k.edge_pw_backward(gp.contiguous(), u, w)
+def edge_forward_impl(spec: EdgeSpec, k, x: torch.Tensor, weights: torch.Tensor, params: Sequence[torch.Tensor],
+                      running: Sequence[torch.Tensor], counters: Sequence[torch.Tensor]):
+    """The forward: returns (out, wr, mean, rstd, ps, saved); updates running statistics and counters."""
+    x = x.contiguous()
+    if spec.stride == 2 and any(c.kind == "fr" for c in spec.convs) and (x.shape[2] % 2 or x.shape[3] % 2):
+        raise ValueError(
+            f"x: a stride-2 skip_connect (FactorizedReduce) needs an even height and width, got {tuple(x.shape)}")
+    wr = weights.detach().index_select(0, spec.index.to(weights.device))
+    at, firsts = 0, []
+    starts = []
+    for c in spec.convs:
+        starts.append(at)
+        if c.kind != "fr":
+            firsts.append(params[at])
+        at += c.n_params
+    dws = spec.dw_convs
+    us = k.edge_dw_forward(x, firsts, [spec.stride] * len(dws), [c.pad for c in dws], [c.dil for c in dws],
+                           _PRE_RELU, _EMPTY, _EMPTY) if firsts else []
+    ps, saved = [], []
+    bn = 2 * ((spec.max_column >= 0) + (spec.avg_column >= 0))  # index into running
+    final_running = [None, None, None, None]
+    if spec.max_column >= 0:
+        final_running[0], final_running[1] = running[0], running[1]
+    if spec.avg_column >= 0:
+        j = 2 if spec.max_column >= 0 else 0
+        final_running[2], final_running[3] = running[j], running[j + 1]
+    conv_running = []
+    d = 0
+    for c, at in zip(spec.convs, starts):
+        if c.kind == "fr":
+            a, b = _fr_inputs(x)
+            ps.append(torch.cat([_pw(k, params[at], a), _pw(k, params[at + 1], b)], 1))
+        elif c.kind == "dil":
+            u = us[d]
+            d += 1
+            ps.append(_pw(k, params[at + 1], u))
+            saved.append(u)
+        else:
+            u1 = us[d]
+            d += 1
+            p1, m1, r1 = k.edge_pw_forward(u1, params[at + 1], True, spec.eps, spec.momentum, running[bn],
+                                           running[bn + 1])
+            bn += 2
+            u2 = k.edge_dw_forward(p1, [params[at + 2]], [1], [c.pad], [1], _PRE_NORM_RELU, m1, r1)[0]
+            ps.append(_pw(k, params[at + 3], u2))
+            saved += [u1, p1, m1, r1, u2]
+        conv_running.append((running[bn], running[bn + 1]))
+        bn += 2
+    rms = [final_running[0], final_running[2]] + [r[0] for r in conv_running]
+    rvs = [final_running[1], final_running[3]] + [r[1] for r in conv_running]
+    out, mean, rstd = k.edge_mix_forward(x, ps, wr, spec.stride, spec.max_column >= 0, spec.avg_column >= 0,
+                                         spec.skip_column >= 0, spec.eps, spec.momentum, rms, rvs)
+    if counters:
+        torch._foreach_add_(list(counters), 1)
+    return out, wr, mean, rstd, ps, saved
 
 
-def _fr_inputs(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    return torch.relu(x[:, :, ::2, ::2]), torch.relu(x[:, :, 1::2, 1::2])
+def edge_backward_impl(spec: EdgeSpec, k, g: torch.Tensor, x: torch.Tensor, weights: torch.Tensor,
+                       wr: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, params: Sequence[torch.Tensor],
+                       ps: Sequence[torch.Tensor], saved: Sequence[torch.Tensor], need_w: bool):
+    """The backward: returns (grad_x, grad_weights, grad_params (None each when not need_w))."""
+    g = g.contiguous()
+    x = x.contiguous()
+    gx_mix, gps, gwr = k.edge_mix_backward(g, x, list(ps), wr, spec.stride, spec.max_column >= 0,
+                                           spec.avg_column >= 0, spec.skip_column >= 0, mean, rstd)
+    gparams: List[Optional[torch.Tensor]] = [None] * len(params)
+    first_at, first_gs, fr = [], [], []
+    at, s = 0, 0
+    for c, gp in zip(spec.convs, gps):
+        if c.kind == "fr":
+            fr.append((at, gp))
+        elif c.kind == "dil":
+            gu, gparams[at + 1] = k.edge_pw_backward(gp, saved[s], params[at + 1], need_w)
+            s += 1
+            first_at.append(at)
+            first_gs.append(gu)
+        else:
+            u1, p1, m1, r1, u2 = saved[s: s + 5]
+            s += 5
+            gu2, gparams[at + 3] = k.edge_pw_backward(gp, u2, params[at + 3], need_w)
+            ga, gdw2, sums = k.edge_dw_backward(p1, [params[at + 2]], [gu2], [1], [c.pad], [1], _PRE_NORM_RELU,
+                                                m1, r1, need_w)
+            if need_w:
+                gparams[at + 2] = gdw2[0]
+            gp1 = k.edge_bn_backward(ga, p1, m1, r1, sums)
+            gu1, gparams[at + 1] = k.edge_pw_backward(gp1, u1, params[at + 1], need_w)
+            first_at.append(at)
+            first_gs.append(gu1)
+        at += c.n_params
+    gx = gx_mix
+    if first_at:
+        dws = spec.dw_convs
+        gx_conv, gfirst, _ = k.edge_dw_backward(x, [params[a] for a in first_at], first_gs, [spec.stride] * len(dws),
+                                                [c.pad for c in dws], [c.dil for c in dws], _PRE_RELU, _EMPTY,
+                                                _EMPTY, need_w)
+        if need_w:
+            for a, gw in zip(first_at, gfirst):
+                gparams[a] = gw
+        gx = gx_conv if gx is None else gx.add_(gx_conv)
+    for a, gp in fr:
+        if gx is None:
+            gx = torch.zeros_like(x)
+        xa, xb = _fr_inputs(x)
+        half = gp.shape[1] // 2
+        ga, gparams[a] = k.edge_pw_backward(gp[:, :half].contiguous(), xa, params[a], need_w)
+        gb, gparams[a + 1] = k.edge_pw_backward(gp[:, half:].contiguous(), xb, params[a + 1], need_w)
+        gx[:, :, ::2, ::2] += ga * (xa > 0)
+        gx[:, :, 1::2, 1::2] += gb * (xb > 0)
+    gweights = torch.zeros_like(weights).index_add_(0, spec.index.to(weights.device), gwr.to(weights.dtype))
+    return gx, gweights, gparams
+
+
+def _kernels(backend: str):
+    if backend == "cpu":
+        return _ext.get()
+    raise ValueError(f"backend: {backend!r} has no fused CNN edge kernels")
 
 
 class _EdgeFunction(torch.autograd.Function):
+    """The eager path: one autograd node per edge, the saved tensors those of the docstring above."""
+
     @staticmethod
-    def forward(ctx, plan: EdgePlan, x: torch.Tensor, weights: torch.Tensor, *params: torch.Tensor):
-        k = _ext.get()
-        x = x.contiguous()
-        wr = weights.detach().index_select(0, plan.index)
-        firsts = []
-        i = 0
-        layout = []  # per conv: index of its first parameter in params
-        for c in plan.convs:
-            layout.append(i)
-            if c.kind != "fr":
-                firsts.append(params[i])
-            i += 2 if c.kind != "sep" else 4
-        us = k.edge_dw_forward(x, firsts, plan.strides, plan.pads, plan.dils, _PRE_RELU, _EMPTY, _EMPTY) if firsts else []
-        ps, saved = [], []
-        bn_i = 0
-        for c, at in zip(plan.convs, layout):
-            if c.kind == "fr":
-                if x.shape[2] % 2 or x.shape[3] % 2:
-                    raise ValueError(
-                        f"x: a stride-2 skip_connect (FactorizedReduce) needs an even height and width, got {tuple(x.shape)}")
-                a, b = _fr_inputs(x)
-                ps.append(torch.cat([_pw(k, params[at], a), _pw(k, params[at + 1], b)], 1))
-                bn_i += 1
-            elif c.kind == "dil":
-                u = us[c.first]
-                ps.append(_pw(k, params[at + 1], u))
-                saved += [u]
-                bn_i += 1
-            else:
-                u1 = us[c.first]
-                bn = plan.bns[bn_i]
-                rm, rv = _running(bn)
-                p1, m1, r1 = k.edge_pw_forward(u1, params[at + 1], True, bn.eps, bn.momentum, rm, rv)
-                u2 = k.edge_dw_forward(p1, [params[at + 2]], [1], [plan.pads[c.first]], [1], _PRE_NORM_RELU, m1, r1)[0]
-                ps.append(_pw(k, params[at + 3], u2))
-                saved += [u1, p1, m1, r1, u2]
-                bn_i += 2
-        final_bns = [plan.max_bn, plan.avg_bn]
-        bn_i = 0
-        for c in plan.convs:
-            bn_i += 2 if c.kind == "sep" else 1
-            final_bns.append(plan.bns[bn_i - 1])
-        rms, rvs = zip(*[_running(b) for b in final_bns])
-        ref_bn = next(b for b in final_bns if b is not None)
-        out, mean, rstd = k.edge_mix_forward(
-            x, ps, wr, plan.stride, plan.max_column >= 0, plan.avg_column >= 0, plan.skip_column >= 0,
-            ref_bn.eps, ref_bn.momentum, list(rms), list(rvs))
-        counters = [b.num_batches_tracked for b in plan.all_bns if b.track_running_stats]
-        if counters:
-            torch._foreach_add_(counters, 1)
-        ctx.plan = plan
-        ctx.layout = layout
+    def forward(ctx, plan: EdgePlan, backend: str, x: torch.Tensor, weights: torch.Tensor, *params: torch.Tensor):
+        spec = plan.spec
+        out, wr, mean, rstd, ps, saved = edge_forward_impl(spec, _kernels(backend), x, weights, params,
+                                                           plan.running(), plan.counters())
+        ctx.spec = spec
+        ctx.backend = backend
+        ctx.n = (len(params), len(ps))
         ctx.save_for_backward(x, weights, wr, mean, rstd, *params, *ps, *saved)
-        ctx.n_params = len(params)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        k = _ext.get()
-        plan: EdgePlan = ctx.plan
         x, weights, wr, mean, rstd, *rest = ctx.saved_tensors
-        params = rest[: ctx.n_params]
-        ps = rest[ctx.n_params: ctx.n_params + len(plan.convs)]
-        saved = rest[ctx.n_params + len(plan.convs):]
-        g = grad_out.contiguous()
-        gx_mix, gps, gwr = k.edge_mix_backward(
-            g, x, list(ps), wr, plan.stride, plan.max_column >= 0, plan.avg_column >= 0, plan.skip_column >= 0,
-            mean, rstd)
-        gparams: List[Optional[torch.Tensor]] = [None] * len(params)
-        firsts, first_gs = [], []
-        fr_grads = []
-        s = 0
-        for c, at, gp in zip(plan.convs, ctx.layout, gps):
-            if c.kind == "fr":
-                fr_grads.append((at, gp))
-            elif c.kind == "dil":
-                u = saved[s]
-                s += 1
-                gu, gparams[at + 1] = _pw_backward(k, params[at + 1], u, gp)
-                firsts.append(params[at])
-                first_gs.append(gu)
-            else:
-                u1, p1, m1, r1, u2 = saved[s: s + 5]
-                s += 5
-                gu2, gparams[at + 3] = _pw_backward(k, params[at + 3], u2, gp)
-                ga, (gdw2,), sums = k.edge_dw_backward(
-                    p1, [params[at + 2]], [gu2], [1], [plan.pads[c.first]], [1], _PRE_NORM_RELU, m1, r1)
-                gparams[at + 2] = gdw2
-                gp1 = k.edge_bn_backward(ga, p1, m1, r1, sums)
-                gu1, gparams[at + 1] = _pw_backward(k, params[at + 1], u1, gp1)
-                firsts.append(params[at])
-                first_gs.append(gu1)
-        gx = gx_mix
-        if firsts:
-            gx_conv, gfirst, _ = k.edge_dw_backward(
-                x, firsts, first_gs, plan.strides, plan.pads, plan.dils, _PRE_RELU, _EMPTY, _EMPTY)
-            for c, at, gw in zip([c for c in plan.convs if c.kind != "fr"], [a for c, a in zip(plan.convs, ctx.layout) if c.kind != "fr"], gfirst):
-                gparams[at] = gw
-            gx = gx_conv if gx is None else gx.add_(gx_conv)
-        for at, gp in fr_grads:
-            if gx is None:
-                gx = torch.zeros_like(x)
-            a, b = _fr_inputs(x)
-            half = gp.shape[1] // 2
-            ga, gparams[at] = _pw_backward(k, params[at], a, gp[:, :half])
-            gb, gparams[at + 1] = _pw_backward(k, params[at + 1], b, gp[:, half:])
-            gx[:, :, ::2, ::2] += ga * (a > 0)
-            gx[:, :, 1::2, 1::2] += gb * (b > 0)
-        gweights = torch.zeros_like(weights).index_add_(0, plan.index, gwr.to(weights.dtype))
-        return (None, gx, gweights, *gparams)
+        n_params, n_ps = ctx.n
+        params, ps, saved = rest[:n_params], rest[n_params:n_params + n_ps], rest[n_params + n_ps:]
+        need_w = any(ctx.needs_input_grad[4:])
+        gx, gweights, gparams = edge_backward_impl(ctx.spec, _kernels(ctx.backend), grad_out, x, weights, wr, mean,
+                                                   rstd, params, ps, saved, need_w)
+        return (None, None, gx if ctx.needs_input_grad[2] else None,
+                gweights if ctx.needs_input_grad[3] else None, *gparams)
 
 
-def edge_forward(plan: EdgePlan, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+# ---- the custom ops: what torch.compile sees -------------------------------------------------------------
+
+
+def _saved_shapes(spec: EdgeSpec, x: torch.Tensor):
+    out = spec.out_shape(x.shape)
+    c = x.shape[1]
+    shapes = []
+    for conv in spec.convs:
+        if conv.kind == "dil":
+            shapes.append(out)
+        elif conv.kind == "sep":
+            shapes += [out, out, (c,), (c,), out]
+    return out, shapes
+
+
+@torch.library.custom_op("pynas::cnn_edge", mutates_args=())
+def _cnn_edge_op(x: torch.Tensor, weights: torch.Tensor, params: List[torch.Tensor], running: List[torch.Tensor],
+                 spec: str, backend: str) -> List[torch.Tensor]:
+    """[out, wr, mean, rstd, *ps, *saved, *new_running]: the fused edge's forward, what its backward needs,
+    and the updated running statistics (functional: the caller copies them into the buffers)."""
+    new_running = [r.clone() for r in running]
+    out, wr, mean, rstd, ps, saved = edge_forward_impl(EdgeSpec.decode(spec), _kernels(backend), x, weights,
+                                                       params, new_running, ())
+    return [out, wr, mean, rstd, *ps, *saved, *new_running]
+
+
+@_cnn_edge_op.register_fake
+def _(x, weights, params, running, spec, backend):
+    sp = EdgeSpec.decode(spec)
+    out, shapes = _saved_shapes(sp, x)
+    j = 2 + len(sp.convs)
+    return ([x.new_empty(out), weights.new_empty(3 + len(sp.convs)), x.new_empty(j, x.shape[1]),
+             x.new_empty(j, x.shape[1])] + [x.new_empty(out) for _ in sp.convs] + [x.new_empty(s) for s in shapes]
+            + [torch.empty_like(r) for r in running])
+
+
+@torch.library.custom_op("pynas::cnn_edge_backward", mutates_args=())
+def _cnn_edge_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, extras: List[torch.Tensor],
+                          params: List[torch.Tensor], spec: str, backend: str, need_w: bool) -> List[torch.Tensor]:
+    """[grad_x, grad_weights, *grad_params] (grad_params empty when not need_w)."""
+    sp = EdgeSpec.decode(spec)
+    wr, mean, rstd = extras[:3]
+    ps, saved = extras[3:3 + len(sp.convs)], extras[3 + len(sp.convs):]
+    gx, gweights, gparams = edge_backward_impl(sp, _kernels(backend), grad_out, x, weights, wr, mean, rstd, params,
+                                               ps, saved, need_w)
+    return [gx, gweights] + (list(gparams) if need_w else [])
+
+
+@_cnn_edge_backward_op.register_fake
+def _(grad_out, x, weights, extras, params, spec, backend, need_w):
+    return [torch.empty_like(x), torch.empty_like(weights)] + ([torch.empty_like(p) for p in params] if need_w else [])
+
+
+def _setup_context(ctx, inputs, output):
+    x, weights, params, running, spec, backend = inputs
+    ctx.spec, ctx.backend, ctx.n_params, ctx.n_running = spec, backend, len(params), len(running)
+    ctx.save_for_backward(x, weights, *params, *output[1:len(output) - len(running)])
+
+
+def _backward(ctx, grads):
+    x, weights, *rest = ctx.saved_tensors
+    params, extras = rest[:ctx.n_params], rest[ctx.n_params:]
+    need_w = bool(ctx.needs_input_grad[2])
+    res = torch.ops.pynas.cnn_edge_backward(grads[0], x, weights, list(extras), list(params), ctx.spec, ctx.backend,
+                                            need_w)
+    gparams = list(res[2:]) if need_w else [None] * ctx.n_params
+    return res[0], res[1], gparams, [None] * ctx.n_running, None, None
+
+
+torch.library.register_autograd("pynas::cnn_edge", _backward, setup_context=_setup_context)
+
+
+def edge_forward(plan: EdgePlan, x: torch.Tensor, weights: torch.Tensor, backend: str = "cpu") -> torch.Tensor:
     """The MixedOp's output through the fused kernels (call only when :func:`fusable`)."""
-    params = _params(plan)
+    params = plan.params()
     for p in params:
         if p.dtype != x.dtype or p.device != x.device:
             raise TypeError(f"x: dtype {x.dtype} on {x.device} does not match the edge's parameters "
                             f"({p.dtype} on {p.device}); move the module with .to()")
-    return _EdgeFunction.apply(plan, x, weights, *params)
+    if torch.compiler.is_compiling():
+        running = plan.running()
+        res = torch.ops.pynas.cnn_edge(x, weights, params, running, plan.encoded, backend)
+        with torch.no_grad():
+            torch._foreach_copy_(running, res[len(res) - len(running):])
+            torch._foreach_add_(plan.counters(), 1)
+        return res[0]
+    return _EdgeFunction.apply(plan, backend, x, weights, *params)
