@@ -65,6 +65,7 @@ BENCHMARK_ORDER = (
     "mixed_sum_fwd",
     "mixed_sum_bwd",
     "mixed_sum_fwd_bwd",
+    "cnn_edge_fwd_bwd",
     "cnn_search_first_order",
     "cnn_search_second_order",
 )

@@ -42,16 +42,19 @@ from .cnn import Network
 from .ops import mixed_sum, mixed_sum_ref
 
 MACRO = ("cnn_search_first_order", "cnn_search_second_order")
-MICRO = ("mixed_sum_fwd", "mixed_sum_bwd", "mixed_sum_fwd_bwd")
+MICRO = ("mixed_sum_fwd", "mixed_sum_bwd", "mixed_sum_fwd_bwd", "cnn_edge_fwd_bwd")
 BENCHMARKS = MACRO + MICRO
 BASE_PROVIDERS = ("reference", "compiled", "pynas")
 
 SIZES = {
     # the CPU size of the issues, and the DARTS default for GPUs
-    "cpu": {"search": dict(C=8, layers=5, batch=16, image=32), "mixed_sum": dict(K=7, shape=(16, 8, 32, 32))},
-    "gpu": {"search": dict(C=16, layers=8, batch=64, image=32), "mixed_sum": dict(K=7, shape=(64, 16, 32, 32))},
+    "cpu": {"search": dict(C=8, layers=5, batch=16, image=32), "mixed_sum": dict(K=7, shape=(16, 8, 32, 32)),
+            "edge": dict(C=8, batch=16, image=32, stride=1)},
+    "gpu": {"search": dict(C=16, layers=8, batch=64, image=32), "mixed_sum": dict(K=7, shape=(64, 16, 32, 32)),
+            "edge": dict(C=16, batch=64, image=32, stride=1)},
     # a smoke size for tests and dry runs: measures nothing of interest
-    "tiny": {"search": dict(C=2, layers=2, batch=2, image=8), "mixed_sum": dict(K=3, shape=(4, 5))},
+    "tiny": {"search": dict(C=2, layers=2, batch=2, image=8), "mixed_sum": dict(K=3, shape=(4, 5)),
+             "edge": dict(C=2, batch=2, image=4, stride=1)},
 }
 
 
@@ -297,9 +300,33 @@ def mixed_sum_case(size: dict, device: torch.device, which: str, provider: str, 
     return Case(step, bytes_moved=fwd_bytes + bwd_bytes)
 
 
+def edge_case(size: dict, device: torch.device, compiled: bool, seed: int = 0) -> Case:
+    """One training-mode MixedOp (all DARTS candidates): forward and backward to x, alpha and weights."""
+    from .cnn.model_search import MixedOp
+
+    torch.manual_seed(seed)
+    op = MixedOp(size["C"], size["stride"]).to(device)
+    n, c, s = size["batch"], size["C"], size["image"]
+    x = torch.randn(n, c, s, s, device=device, requires_grad=True)
+    w = torch.softmax(torch.randn(8, device=device), 0).requires_grad_(True)
+    fn = torch.compile(op) if compiled else op
+    inputs = [x, w] + list(op.parameters())
+
+    def step():
+        y = fn(x, w)
+        torch.autograd.grad(y, inputs, torch.ones_like(y))
+
+    def forward():
+        return fn(x, w)
+
+    return Case(step, forward)
+
+
 def _size_label(bench: str, size: dict) -> str:
     if bench in MACRO:
         return f"C={size['C']} L={size['layers']} B={size['batch']} {size['image']}x{size['image']}"
+    if bench.startswith("cnn_edge"):
+        return f"C={size['C']} B={size['batch']} {size['image']}x{size['image']} s={size['stride']}"
     shape = "x".join(str(d) for d in size["shape"])
     return f"K={size['K']} {shape} f32"
 
@@ -345,6 +372,12 @@ def _run_one(bench: str, provider: str, cfg: BenchConfig, device: torch.device) 
 
         def make():
             return search_case(size, device, unrolled=bench.endswith("second_order"), compiled=compiled)
+    elif bench.startswith("cnn_edge"):
+        size = sizes["edge"]
+        repeats, min_repeat = cfg.repeats or 20, 0.05
+
+        def make():
+            return edge_case(size, device, compiled)
     else:
         size = sizes["mixed_sum"]
         repeats, min_repeat = cfg.repeats or 20, 0.05
@@ -417,7 +450,7 @@ def run(cfg: BenchConfig, progress: bool = True, on_row: Optional[Callable[[dict
             measured = _run_one(bench, provider, cfg, device)
         except Exception as exc:  # a failing provider is a row, not a crashed suite
             measured = {"status": "error", "note": f"{type(exc).__name__}: {exc}"}
-        sizes = SIZES[cfg.size]["search" if bench in MACRO else "mixed_sum"]
+        sizes = SIZES[cfg.size]["search" if bench in MACRO else "edge" if bench.startswith("cnn_edge") else "mixed_sum"]
         row = {k: None for k in ROW_FIELDS}
         row.update(benchmark=bench, provider=provider, size=_size_label(bench, sizes), params=dict(sizes))
         row.update(measured)

@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: by --device)")
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--benchmarks", default=None,
-                       help="comma-separated names or groups (search, mixed_sum); default all")
+                       help="comma-separated names or groups (search, mixed_sum, micro); default all")
     bench.add_argument("--providers", default="reference,compiled,pynas",
                        help="comma-separated: reference, compiled, pynas, pynas-<backend>")
     bench.add_argument("--repeats", type=int, default=None)
@@ -134,6 +134,8 @@ def _bench(args) -> int:
         if item == "search":
             names += list(bench.MACRO)
         elif item == "mixed_sum":
+            names += [b for b in bench.MICRO if b.startswith("mixed_sum")]
+        elif item == "micro":
             names += list(bench.MICRO)
         elif item:
             names.append(item)
