@@ -24,6 +24,8 @@ The fused path serves CPU float32/float64 in training mode through the C++ kerne
 from __future__ import annotations
 
 import functools
+import os
+import inspect
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -95,6 +97,15 @@ class EdgeSpec:
         """Columns of the weights in the order edge_mix_forward takes them: max, avg, skip, convs."""
         cols = [self.max_column, self.avg_column, self.skip_column] + [c.column for c in self.convs]
         return torch.tensor([max(c, 0) for c in cols], dtype=torch.long)
+
+    def index_on(self, device: torch.device) -> torch.Tensor:
+        """:attr:`index` on ``device``, copied there once (no copy per call)."""
+        if device.type == "cpu":
+            return self.index
+        cache = self.__dict__.setdefault("_index_by_device", {})
+        if device not in cache:
+            cache[device] = self.index.to(device)
+        return cache[device]
 
     @functools.cached_property
     def dw_convs(self) -> Tuple[ConvSpec, ...]:
@@ -179,9 +190,21 @@ class EdgePlan:
         return [b.num_batches_tracked for b in self.bns]
 
 
-def fusable(plan: EdgePlan, x: torch.Tensor) -> bool:
-    return (plan.supported and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-            and x.dim() == 4 and plan.ready())
+#: Whether ``auto`` picks the fused edge on a GPU. Off until the GPU kernels have passed the GPU check on a
+#: real card (benchmarks/gpu_check.sh); naming the 'cuda' or 'triton' backend uses them regardless.
+GPU_AUTO = os.environ.get("PYNAS_FUSED_GPU_AUTO", "0") == "1"
+
+_CPU_DTYPES = (torch.float32, torch.float64)
+_GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def fusable(plan: EdgePlan, x: torch.Tensor, backend: str = "cpu") -> bool:
+    """Whether ``backend`` runs this edge fused for input ``x`` (else the modules run one by one)."""
+    if backend not in ("cpu", "cuda", "triton") or x.dim() != 4 or not plan.supported or not plan.ready():
+        return False
+    if x.device.type == "cpu":
+        return backend in ("cpu", "triton") and x.dtype in _CPU_DTYPES
+    return backend in ("cuda", "triton") and x.device.type == "cuda" and x.dtype in _GPU_DTYPES
 
 
 def _fr_inputs(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -200,7 +223,7 @@ def edge_forward_impl(spec: EdgeSpec, k, x: torch.Tensor, weights: torch.Tensor,
     if spec.stride == 2 and any(c.kind == "fr" for c in spec.convs) and (x.shape[2] % 2 or x.shape[3] % 2):
         raise ValueError(
             f"x: a stride-2 skip_connect (FactorizedReduce) needs an even height and width, got {tuple(x.shape)}")
-    wr = weights.detach().index_select(0, spec.index.to(weights.device))
+    wr = weights.detach().index_select(0, spec.index_on(weights.device))
     at, firsts = 0, []
     starts = []
     for c in spec.convs:
@@ -274,7 +297,7 @@ def edge_backward_impl(spec: EdgeSpec, k, g: torch.Tensor, x: torch.Tensor, weig
             s += 5
             gu2, gparams[at + 3] = k.edge_pw_backward(gp, u2, params[at + 3], need_w)
             ga, gdw2, sums = k.edge_dw_backward(p1, [params[at + 2]], [gu2], [1], [c.pad], [1], _PRE_NORM_RELU,
-                                                m1, r1, need_w)
+                                                m1, r1, need_grad_w=need_w)
             if need_w:
                 gparams[at + 2] = gdw2[0]
             gp1 = k.edge_bn_backward(ga, p1, m1, r1, sums)
@@ -287,7 +310,7 @@ def edge_backward_impl(spec: EdgeSpec, k, g: torch.Tensor, x: torch.Tensor, weig
         dws = spec.dw_convs
         gx_conv, gfirst, _ = k.edge_dw_backward(x, [params[a] for a in first_at], first_gs, [spec.stride] * len(dws),
                                                 [c.pad for c in dws], [c.dil for c in dws], _PRE_RELU, _EMPTY,
-                                                _EMPTY, need_w)
+                                                _EMPTY, need_grad_w=need_w)
         if need_w:
             for a, gw in zip(first_at, gfirst):
                 gparams[a] = gw
@@ -301,13 +324,59 @@ def edge_backward_impl(spec: EdgeSpec, k, g: torch.Tensor, x: torch.Tensor, weig
         gb, gparams[a + 1] = k.edge_pw_backward(gp[:, half:].contiguous(), xb, params[a + 1], need_w)
         gx[:, :, ::2, ::2] += ga * (xa > 0)
         gx[:, :, 1::2, 1::2] += gb * (xb > 0)
-    gweights = torch.zeros_like(weights).index_add_(0, spec.index.to(weights.device), gwr.to(weights.dtype))
+    gweights = torch.zeros_like(weights).index_add_(0, spec.index_on(weights.device), gwr.to(weights.dtype))
     return gx, gweights, gparams
 
 
+class _MatmulPw:
+    """A backend's edge kernels plus 1x1 convs through torch.matmul (for the GPU backends, whose kernels
+    cover the depthwise convs, BatchNorms and the mix; cuBLAS serves the 1x1 convs well there)."""
+
+    def __init__(self, kernels):
+        self._k = kernels
+        try:
+            self._dw_takes_flag = "need_grad_w" in inspect.signature(kernels.edge_dw_backward).parameters
+        except (TypeError, ValueError):  # a pybind function: it takes the flag
+            self._dw_takes_flag = True
+
+    def __getattr__(self, name):
+        return getattr(self._k, name)
+
+    def edge_pw_forward(self, u, w, stats, eps, momentum, running_mean, running_var):
+        n, ci, h, wd = u.shape
+        p = torch.matmul(w.view(w.shape[0], ci), u.reshape(n, ci, h * wd)).view(n, w.shape[0], h, wd)
+        if not stats:
+            return p, None, None
+        mean, rstd = self._k.edge_bn_stats(p, eps, momentum, running_mean, running_var)
+        return p, mean, rstd
+
+    def edge_pw_backward(self, g, u, w, need_grad_w=True):
+        n, ci, h, wd = u.shape
+        co = w.shape[0]
+        g3 = g.reshape(n, co, h * wd)
+        gu = torch.matmul(w.view(co, ci).t(), g3).view(n, ci, h, wd)
+        gw = torch.matmul(g3, u.reshape(n, ci, h * wd).transpose(1, 2)).sum(0).view(co, ci, 1, 1) if need_grad_w \
+            else None
+        return gu, gw
+
+    def edge_dw_backward(self, *args, need_grad_w=True):
+        if self._dw_takes_flag:
+            return self._k.edge_dw_backward(*args, need_grad_w=need_grad_w)
+        gx, gws, sums = self._k.edge_dw_backward(*args)
+        return gx, (gws if need_grad_w else []), sums
+
+
+@functools.lru_cache(maxsize=None)
 def _kernels(backend: str):
+    """The edge kernels of a backend, with the CPU kernels' API."""
     if backend == "cpu":
         return _ext.get()
+    if backend == "cuda":
+        return _MatmulPw(_ext.get())
+    if backend == "triton":
+        from .._triton import kernel_module
+
+        return _MatmulPw(kernel_module("mixed_edge"))
     raise ValueError(f"backend: {backend!r} has no fused CNN edge kernels")
 
 

@@ -47,22 +47,22 @@ class MixedOp(nn.Module):
         self._live_slice = slice(lo, hi) if self._live == list(range(lo, hi)) else None
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        if self._fused(x, weights):
-            return fused.edge_forward(self._plan, x, weights)
+        backend = self._fused(x, weights)
+        if backend is not None:
+            return fused.edge_forward(self._plan, x, weights, backend)
         outs = [self._ops[k](x) for k in self._live]
         w = weights[self._live_slice] if self._live_slice is not None else weights[self._live]
         return mixed_sum(outs, w)
 
 
-    def _fused(self, x: torch.Tensor, weights: torch.Tensor) -> bool:
-        """Whether this call takes the fused edge kernels (the 'cpu' backend on a training-mode edge)."""
-        if x.device.type != "cpu":
-            return False
-        if _backend.resolve([x, weights]) != "cpu":
-            return False
+    def _fused(self, x: torch.Tensor, weights: torch.Tensor) -> Optional[str]:
+        """The backend that runs this call as one fused edge, or None (training-mode edges only)."""
+        chosen = _backend.resolve([x, weights])
+        if chosen == "reference" or (x.is_cuda and not fused.GPU_AUTO and _backend.current_backend() == "auto"):
+            return None
         if self._plan is None:
             self._plan = fused.EdgePlan(self, self._primitives, self._stride)
-        return fused.fusable(self._plan, x)
+        return chosen if fused.fusable(self._plan, x, chosen) else None
 
 
 class Cell(nn.Module):
