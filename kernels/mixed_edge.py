@@ -3,8 +3,10 @@
 The functions below have the names, argument order and return structure of the ``pynas._C``
 bindings ``edge_dw_forward``, ``edge_dw_backward``, ``edge_bn_stats``, ``edge_bn_backward``,
 ``edge_mix_forward`` and ``edge_mix_backward`` (contracts in ``csrc/include/pynas/mixed_edge.h``),
-so ``pynas/cnn/fused.py`` can call either module. Activations are NCHW; one (n, c) plane is
-``x[n, c]``, and every kernel's grid is (planes, tiles of a plane).
+so ``pynas/cnn/fused.py`` can call either module; ``edge_pw_forward`` / ``edge_pw_backward`` (the
+1x1 convs, CPU-only in ``pynas._C``) are here too, as torch matmuls plus the BatchNorm statistics
+kernel. Activations are NCHW; one (n, c) plane is ``x[n, c]``, and every kernel's grid is
+(planes, tiles of a plane).
 
 Math, for x (N, C, H, W), per channel c (``M`` = number of values a BatchNorm sees per channel)::
 
@@ -32,26 +34,29 @@ How the kernels split the work:
   torch adds the partials over tiles, then over the batch, in a fixed order. The per-channel
   coefficients (rstd, the BatchNorm backward's A, B, D, the mix's a_j = w_j * rstd_j) are a few
   torch ops on (C,)-vectors: no host synchronisation anywhere.
-* The depthwise taps are unrolled (``KS`` is a constexpr); the transposed conv of the backward is a
-  gather (each input pixel collects the outputs that read it), so it needs no atomics either. With
-  several convs in one call the input gradient is accumulated, conv by conv, in the accumulation
-  dtype, and rounded once.
+* A depthwise-conv program works on a (taps, pixels) tile: every tap of a block of output (or
+  input) pixels in one masked load, then a sum over the taps (``KS`` is a constexpr). The
+  transposed conv of the backward is a gather (each input pixel collects the outputs that read
+  it), so it needs no atomics either. With several convs in one call the input gradient is
+  accumulated, conv by conv, in the accumulation dtype, and rounded once.
 * The mix forward reads ``ps`` through up to ``MAX_POINTERS`` pointer arguments per launch (as
   ``kernels/mixed_sum.py`` does), more in chunks that add to a running sum.
 * The max pool's backward stores, per output pixel, the BatchNorm-backward gradient and the tap
   (0..8) of its first maximum; a gather kernel then brings them (and the avg pool's and the skip's
   share) to each input pixel.
 
-dtypes: activations float16, bfloat16, float32 or float64 (float32 and float64 under
-``TRITON_INTERPRET=1`` on CPU tensors). Everything is computed in float32 (float64 for float64);
-``mean``, ``rstd`` and ``sums`` are returned in that accumulation dtype (inputs of either the
-activations' or the accumulation dtype are accepted); running statistics are updated in their own
-dtype; ``grad_w`` of the mix has ``w``'s dtype, depthwise weight gradients the weights' dtype.
-Kernels are launched directly (no ``torch.library.wrap_triton``).
+dtypes: activations float16, bfloat16, float32 or float64, also on CPU tensors under
+``TRITON_INTERPRET=1`` (where float32 is rounded to bfloat16 by truncation, not to nearest).
+Everything is computed in float32 (float64 for float64); ``mean``, ``rstd`` and ``sums`` are
+returned in that accumulation dtype (as inputs, the activations' dtype is accepted too); running
+statistics are updated in their own dtype; ``grad_w`` of the mix has ``w``'s dtype, depthwise
+weight gradients the weights' dtype. Kernels are launched directly (no
+``torch.library.wrap_triton``), and the wrappers never synchronise with the GPU.
 """
 
 from __future__ import annotations
 
+import operator
 import os
 from collections.abc import Sequence
 from typing import List, Optional, Tuple
@@ -68,14 +73,16 @@ __all__ = [
     "edge_bn_backward",
     "edge_mix_forward",
     "edge_mix_backward",
+    "edge_pw_forward",
+    "edge_pw_backward",
 ]
 
 #: Pointer arguments of the mix-forward kernel; more ``ps`` are added in chunks.
 MAX_POINTERS = 8
 #: Largest tile (elements of a plane per program) of the elementwise and reduction kernels.
 _MAX_BLOCK = 1024
-#: Largest tile of the depthwise-conv kernels (their taps are unrolled: keep registers in check).
-_MAX_CONV_BLOCK = 512
+#: Largest (taps x pixels) tile of the depthwise-conv kernels, in elements.
+_MAX_CONV_TILE = 4096
 
 _PRE_NONE, _PRE_RELU, _PRE_NORM_RELU = 0, 1, 2
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -173,50 +180,53 @@ def _avg_pool_tile(xb, oh, ow, mask, H, W, stride, ACC: tl.constexpr, BLOCK: tl.
 
 
 @triton.jit
+def _taps(KS: tl.constexpr, TAPS: tl.constexpr):
+    """The taps of a KS x KS window as a (TAPS,) vector: (tap, ki, kj, valid); TAPS >= KS*KS."""
+    tap = tl.arange(0, TAPS)
+    return tap, tap // KS, tap % KS, tap < KS * KS
+
+
+@triton.jit
 def _dw_fwd_kernel(
     x_ptr, w_ptr, mean_ptr, rstd_ptr, y_ptr,
     C, H, W, Ho, Wo, stride, pad, dil,
-    KS: tl.constexpr, PRE: tl.constexpr, BLOCK: tl.constexpr,
+    KS: tl.constexpr, TAPS: tl.constexpr, PRE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """y[plane, o, p] = sum_{i,j < KS} w[c, i, j] * pre(x)[plane, o*stride - pad + i*dil, ...].
 
+    One (TAPS, BLOCK) tile: every tap of BLOCK output pixels, summed over the taps.
     x_ptr: (N*C, H, W) activations. w_ptr: (C, KS*KS) weights in the accumulation dtype (which
     sets the dtype of the math). mean_ptr, rstd_ptr: (C,) accumulation dtype, read when PRE == 2.
-    y_ptr: (N*C, Ho, Wo), x's dtype. Grid: (N*C, cdiv(Ho*Wo, BLOCK)).
+    y_ptr: (N*C, Ho, Wo), x's dtype. TAPS: power of two >= KS*KS.
+    Grid: (N*C, cdiv(Ho*Wo, BLOCK)).
     """
     ACC: tl.constexpr = w_ptr.dtype.element_ty
     plane, _, offs = _plane_tile(BLOCK)
     c = plane % C
     mask = offs < Ho * Wo
-    oh = offs // Wo
-    ow = offs % Wo
     if PRE == 2:
         mu = tl.load(mean_ptr + c)
         r = tl.load(rstd_ptr + c)
     else:
         mu = 0.0
         r = 1.0
-    xb = x_ptr + plane * H * W
-    wb = w_ptr + c * (KS * KS)
-    acc = tl.zeros([BLOCK], ACC)
-    for ki in tl.static_range(KS):
-        ih = oh * stride - pad + ki * dil
-        ok_h = mask & (ih >= 0) & (ih < H)
-        for kj in tl.static_range(KS):
-            iw = ow * stride - pad + kj * dil
-            ok = ok_h & (iw >= 0) & (iw < W)
-            v = tl.load(xb + ih * W + iw, mask=ok, other=0.0).to(ACC)
-            v = tl.where(ok, _transform(v, mu, r, PRE), 0.0)
-            acc += tl.load(wb + ki * KS + kj) * v
-    tl.store(y_ptr + plane * Ho * Wo + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    tap, ki, kj, tap_ok = _taps(KS, TAPS)
+    wv = tl.load(w_ptr + c * (KS * KS) + tap, mask=tap_ok, other=0.0)
+    ih = (offs // Wo * stride - pad)[None, :] + (ki * dil)[:, None]
+    iw = (offs % Wo * stride - pad)[None, :] + (kj * dil)[:, None]
+    ok = (tap_ok[:, None] & mask[None, :]) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    v = tl.load(x_ptr + plane * H * W + ih * W + iw, mask=ok, other=0.0).to(ACC)
+    v = tl.where(ok, _transform(v, mu, r, PRE), 0.0)  # the padding is zero after the transform
+    y = tl.sum(v * wv[:, None], axis=0)
+    tl.store(y_ptr + plane * Ho * Wo + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _dw_bwd_input_kernel(
     g_ptr, w_ptr, x_ptr, mean_ptr, rstd_ptr, acc_ptr, out_ptr, part_ptr,
     C, H, W, Ho, Wo, stride, pad, dil, n_tiles,
-    KS: tl.constexpr, PRE: tl.constexpr, ACCUMULATE: tl.constexpr, FINAL: tl.constexpr,
-    BLOCK: tl.constexpr,
+    KS: tl.constexpr, TAPS: tl.constexpr, PRE: tl.constexpr, ACCUMULATE: tl.constexpr,
+    FINAL: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Transposed depthwise conv of one conv's gradient, as a gather over input pixels:
 
@@ -233,26 +243,20 @@ def _dw_bwd_input_kernel(
     plane, tile, offs = _plane_tile(BLOCK)
     c = plane % C
     mask = offs < H * W
-    ih = offs // W
-    iw = offs % W
+    tap, ki, kj, tap_ok = _taps(KS, TAPS)
+    wv = tl.load(w_ptr + c * (KS * KS) + tap, mask=tap_ok, other=0.0)
+    th = (offs // W + pad)[None, :] - (ki * dil)[:, None]
+    tw = (offs % W + pad)[None, :] - (kj * dil)[:, None]
+    ok = (tap_ok[:, None] & mask[None, :]) & (th >= 0) & (tw >= 0)
+    th = tl.where(ok, th, 0)  # keeps // and % on non-negative numbers
+    tw = tl.where(ok, tw, 0)
+    oh = th // stride
+    ow = tw // stride
+    ok = ok & (th == oh * stride) & (tw == ow * stride) & (oh < Ho) & (ow < Wo)
+    gv = tl.load(g_ptr + plane * Ho * Wo + oh * Wo + ow, mask=ok, other=0.0).to(ACC)
+    t = tl.sum(gv * wv[:, None], axis=0)
     if ACCUMULATE:
-        t = tl.load(acc_ptr + plane * H * W + offs, mask=mask, other=0.0).to(ACC)
-    else:
-        t = tl.zeros([BLOCK], ACC)
-    gb = g_ptr + plane * Ho * Wo
-    wb = w_ptr + c * (KS * KS)
-    for ki in tl.static_range(KS):
-        th = ih + pad - ki * dil
-        th = tl.where(th >= 0, th, 0)  # keeps // and % on non-negative numbers
-        oh = th // stride
-        ok_h = mask & (ih + pad - ki * dil >= 0) & (th == oh * stride) & (oh < Ho)
-        for kj in tl.static_range(KS):
-            tw = iw + pad - kj * dil
-            tw = tl.where(tw >= 0, tw, 0)
-            ow = tw // stride
-            ok = ok_h & (iw + pad - kj * dil >= 0) & (tw == ow * stride) & (ow < Wo)
-            gv = tl.load(gb + oh * Wo + ow, mask=ok, other=0.0).to(ACC)
-            t += tl.load(wb + ki * KS + kj) * gv
+        t += tl.load(acc_ptr + plane * H * W + offs, mask=mask, other=0.0).to(ACC)
     if FINAL:
         if PRE == 0:
             v = t
@@ -287,8 +291,6 @@ def _dw_bwd_weight_kernel(
     plane, tile, offs = _plane_tile(BLOCK)
     c = plane % C
     mask = offs < Ho * Wo
-    oh = offs // Wo
-    ow = offs % Wo
     if PRE == 2:
         mu = tl.load(mean_ptr + c).to(ACC)
         r = tl.load(rstd_ptr + c).to(ACC)
@@ -296,20 +298,13 @@ def _dw_bwd_weight_kernel(
         mu = 0.0
         r = 1.0
     g = tl.load(g_ptr + plane * Ho * Wo + offs, mask=mask, other=0.0).to(ACC)
-    xb = x_ptr + plane * H * W
-    taps = tl.arange(0, TAPS)
-    sums = tl.zeros([TAPS], ACC)
-    for ki in tl.static_range(KS):
-        ih = oh * stride - pad + ki * dil
-        ok_h = mask & (ih >= 0) & (ih < H)
-        for kj in tl.static_range(KS):
-            iw = ow * stride - pad + kj * dil
-            ok = ok_h & (iw >= 0) & (iw < W)
-            v = tl.load(xb + ih * W + iw, mask=ok, other=0.0).to(ACC)
-            v = tl.where(ok, _transform(v, mu, r, PRE), 0.0)
-            s = tl.sum(g * v, axis=0)
-            sums = tl.where(taps == ki * KS + kj, sums + s, sums)
-    tl.store(part_ptr + (plane * n_tiles + tile) * TAPS + taps, sums)
+    tap, ki, kj, tap_ok = _taps(KS, TAPS)
+    ih = (offs // Wo * stride - pad)[None, :] + (ki * dil)[:, None]
+    iw = (offs % Wo * stride - pad)[None, :] + (kj * dil)[:, None]
+    ok = (tap_ok[:, None] & mask[None, :]) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    v = tl.load(x_ptr + plane * H * W + ih * W + iw, mask=ok, other=0.0).to(ACC)
+    v = tl.where(ok, _transform(v, mu, r, PRE), 0.0)
+    tl.store(part_ptr + (plane * n_tiles + tile) * TAPS + tap, tl.sum(v * g[None, :], axis=1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -637,9 +632,12 @@ def _check_ints(op: str, vals, name: str) -> List[int]:
         raise TypeError(f"{op}: `{name}` must be a list of ints, got {type(vals).__name__}")
     out = []
     for i, v in enumerate(vals):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"{op}: `{name}[{i}]` must be an int, got {type(v).__name__}")
-        out.append(int(v))
+        try:
+            if isinstance(v, bool):
+                raise TypeError
+            out.append(operator.index(v))
+        except TypeError:
+            raise TypeError(f"{op}: `{name}[{i}]` must be an int, got {type(v).__name__}") from None
     return out
 
 
@@ -659,15 +657,17 @@ def _stat_input(op: str, t, name: str, shape: Tuple[int, ...], x: torch.Tensor) 
     return t.detach().to(acc).contiguous()
 
 
-def _check_running(op: str, t, name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
+def _check_running(op: str, t, name: str, ref: torch.Tensor, ref_name: str,
+                   channels: Optional[int] = None) -> Optional[torch.Tensor]:
+    """A running statistic (or None): 1-D floating, one value per channel of ``ref`` (or
+    ``channels``), on ``ref``'s device."""
     if t is None:
         return None
     _check_tensor(op, t, name)
-    if t.dim() != 1 or t.shape[0] != x.shape[1] or not t.is_floating_point():
-        raise ValueError(
-            f"{op}: `{name}` must be 1-D with one floating value per channel ({x.shape[1]}), got {_describe(t)}"
-        )
-    _check_same_device(op, t, name, x, "x")
+    n = ref.shape[1] if channels is None else channels
+    if t.dim() != 1 or t.shape[0] != n or not t.is_floating_point():
+        raise ValueError(f"{op}: `{name}` must be 1-D with one floating value per channel ({n}), got {_describe(t)}")
+    _check_same_device(op, t, name, ref, ref_name)
     return t
 
 
@@ -693,9 +693,14 @@ def _check_dw_args(op, x, ws, strides, pads, dils, pre, mean, rstd):
             f"{op}: `strides`, `pads` and `dils` must have one entry per weight in `ws` ({len(ws)}), "
             f"got {len(strides)}, {len(pads)} and {len(dils)}"
         )
-    if isinstance(pre, bool) or not isinstance(pre, int) or pre not in (0, 1, 2):
+    if isinstance(pre, bool) or not hasattr(pre, "__index__") or operator.index(pre) not in (
+        _PRE_NONE, _PRE_RELU, _PRE_NORM_RELU
+    ):
         raise ValueError(f"{op}: `pre` must be 0 (none), 1 (relu) or 2 (normalise then relu), got {pre!r}")
+    pre = operator.index(pre)
     N, C, H, W = x.shape
+    if H < 1 or W < 1:
+        raise ValueError(f"{op}: `x` must have a non-empty plane, got {_describe(x)}")
     for m, w in enumerate(ws):
         name = f"ws[{m}]"
         _check_tensor(op, w, name)
@@ -717,13 +722,16 @@ def _check_dw_args(op, x, ws, strides, pads, dils, pre, mean, rstd):
         rstd = _stat_input(op, rstd, "rstd", (C,), x)
     else:
         mean = rstd = None
-    return ws, strides, pads, dils, mean, rstd
+    return ws, strides, pads, dils, pre, mean, rstd
 
 
 def _check_mix_args(op, x, ps, w, stride, has_skip):
     _check_activation(op, x, "x")
-    if isinstance(stride, bool) or stride not in (1, 2):
+    if isinstance(stride, bool) or not hasattr(stride, "__index__") or operator.index(stride) not in (1, 2):
         raise ValueError(f"{op}: `stride` must be 1 or 2, got {stride!r}")
+    stride = operator.index(stride)
+    if x.shape[2] < 1 or x.shape[3] < 1:
+        raise ValueError(f"{op}: `x` must have a non-empty plane, got {_describe(x)}")
     if has_skip and stride != 1:
         raise ValueError(
             f"{op}: `has_skip` (identity) needs stride 1; at stride 2 the skip is a FactorizedReduce, "
@@ -751,7 +759,7 @@ def _check_mix_args(op, x, ps, w, stride, has_skip):
     if not w.is_floating_point():
         raise TypeError(f"{op}: `w` must have a floating dtype, got {_describe(w)}")
     _check_same_device(op, w, "w", x, "x")
-    return ps, ho, wo
+    return ps, ho, wo, stride
 
 
 # --------------------------------------------------------------------------------------------
@@ -761,6 +769,11 @@ def _check_mix_args(op, x, ps, w, stride, has_skip):
 
 def _block(n: int, cap: int = _MAX_BLOCK) -> int:
     return max(16, min(cap, triton.next_power_of_2(max(n, 1))))
+
+
+def _conv_block(n: int, taps: int) -> int:
+    """Pixels per program of a depthwise-conv kernel: its (taps, pixels) tile <= _MAX_CONV_TILE."""
+    return max(16, min(_MAX_CONV_TILE // taps, triton.next_power_of_2(max(n, 1))))
 
 
 def _plane_sum(part: torch.Tensor) -> torch.Tensor:
@@ -861,7 +874,9 @@ def edge_dw_forward(
         list of M tensors (N, C, Ho_m, Wo_m) in x's dtype.
     """
     op = "edge_dw_forward"
-    ws, strides, pads, dils, mean, rstd = _check_dw_args(op, x, ws, strides, pads, dils, pre, mean, rstd)
+    ws, strides, pads, dils, pre, mean, rstd = _check_dw_args(
+        op, x, ws, strides, pads, dils, pre, mean, rstd
+    )
     x = x.detach().contiguous()
     N, C, H, W = x.shape
     acc = _accumulation_dtype(x.dtype)
@@ -874,10 +889,11 @@ def edge_dw_forward(
         if y.numel() == 0:
             continue
         wa = w.detach().to(acc).contiguous()
-        block = _block(ho * wo, _MAX_CONV_BLOCK)
+        taps = triton.next_power_of_2(k * k)
+        block = _conv_block(ho * wo, taps)
         _dw_fwd_kernel[(N * C, triton.cdiv(ho * wo, block))](
             x, wa, mean if mean is not None else wa, rstd if rstd is not None else wa, y,
-            C, H, W, ho, wo, s, pd, d, KS=k, PRE=pre, BLOCK=block,
+            C, H, W, ho, wo, s, pd, d, KS=k, TAPS=taps, PRE=pre, BLOCK=block,
         )
     return ys
 
@@ -892,18 +908,22 @@ def edge_dw_backward(
     pre: int,
     mean: Optional[torch.Tensor],
     rstd: Optional[torch.Tensor],
+    need_grad_w: bool = True,
 ) -> Tuple[torch.Tensor, List[torch.Tensor], Optional[torch.Tensor]]:
     """Backward of :func:`edge_dw_forward` for output gradients ``gs`` (one per conv).
 
     Returns:
         ``(grad_in, grad_ws, sums)``: grad_in (N, C, H, W) in x's dtype, ``pre'(x) * sum_m
         dwconv_m^T(gs[m])`` (for pre == 2 the gradient w.r.t. the normalised input a = (x - mean)
-        * rstd); grad_ws: list of M tensors shaped and typed like ``ws``; sums: for pre == 2 a
+        * rstd); grad_ws: list of M tensors shaped and typed like ``ws`` (an empty list unless
+        ``need_grad_w``); sums: for pre == 2 a
         (2, C) tensor in the accumulation dtype, (sum grad_in, sum grad_in * a) per channel (the
         reductions of the preceding BatchNorm's backward), else None.
     """
     op = "edge_dw_backward"
-    ws, strides, pads, dils, mean, rstd = _check_dw_args(op, x, ws, strides, pads, dils, pre, mean, rstd)
+    ws, strides, pads, dils, pre, mean, rstd = _check_dw_args(
+        op, x, ws, strides, pads, dils, pre, mean, rstd
+    )
     gs = _check_list(op, gs, "gs")
     if len(gs) != len(ws):
         raise ValueError(f"{op}: `gs` must have one gradient per weight in `ws` ({len(ws)}), got {len(gs)}")
@@ -929,7 +949,7 @@ def edge_dw_backward(
     gx = torch.empty_like(x)
     want_sums = pre == _PRE_NORM_RELU
     if x.numel() == 0:
-        gws = [torch.zeros_like(w) for w in ws]
+        gws = [torch.zeros_like(w) for w in ws] if need_grad_w else []
         sums = torch.zeros((2, C), dtype=acc, device=x.device) if want_sums else None
         return gx, gws, sums
     was = [w.detach().to(acc).contiguous() for w in ws]
@@ -938,7 +958,7 @@ def edge_dw_backward(
     rstd_a = rstd if rstd is not None else dummy
 
     # grad_in: one gather per conv, accumulated in the accumulation dtype, rounded once
-    block = _block(H * W, _MAX_CONV_BLOCK)
+    block = _conv_block(H * W, max(triton.next_power_of_2(k * k) for k, _, _ in geoms))
     T = triton.cdiv(H * W, block)
     part = torch.empty((N, C, T, 2), dtype=acc, device=x.device) if want_sums else dummy
     if M == 1:
@@ -951,15 +971,16 @@ def edge_dw_backward(
         _dw_bwd_input_kernel[(N * C, T)](
             gs[m], wa, x, mean_a, rstd_a, running, gx, part,
             C, H, W, ho, wo, strides[m], pads[m], dils[m], T,
-            KS=k, PRE=pre, ACCUMULATE=m > 0, FINAL=m == M - 1, BLOCK=block,
+            KS=k, TAPS=triton.next_power_of_2(k * k), PRE=pre, ACCUMULATE=m > 0, FINAL=m == M - 1,
+            BLOCK=block,
         )
     sums = _plane_sum(part).t().contiguous() if want_sums else None
 
     # grad_ws: per (plane, tile) tap sums, then over tiles and the batch
     gws = []
-    for m, ((k, ho, wo), w) in enumerate(zip(geoms, ws)):
+    for m, ((k, ho, wo), w) in enumerate(zip(geoms, ws) if need_grad_w else ()):
         taps = triton.next_power_of_2(k * k)
-        blk = _block(ho * wo, _MAX_CONV_BLOCK)
+        blk = _conv_block(ho * wo, taps)
         Tm = triton.cdiv(ho * wo, blk)
         wpart = torch.empty((N, C, Tm, taps), dtype=acc, device=x.device)
         _dw_bwd_weight_kernel[(N * C, Tm)](
@@ -995,8 +1016,8 @@ def edge_bn_stats(
             f"{op}: BatchNorm needs more than one value per channel in training, got `p` of {_describe(p)}"
         )
     _check_eps(op, eps)
-    rm = _check_running(op, running_mean, "running_mean", p)
-    rv = _check_running(op, running_var, "running_var", p)
+    rm = _check_running(op, running_mean, "running_mean", p, "p")
+    rv = _check_running(op, running_var, "running_var", p, "p")
     p = p.detach().contiguous()
     acc = _accumulation_dtype(p.dtype)
     if C == 0:
@@ -1049,6 +1070,87 @@ def edge_bn_backward(
 
 
 # --------------------------------------------------------------------------------------------
+# 1x1 convs (torch's matmul; the statistics through the BatchNorm kernels above)
+# --------------------------------------------------------------------------------------------
+
+
+def _check_pw(op: str, u, w) -> None:
+    _check_activation(op, u, "u")
+    _check_tensor(op, w, "w")
+    if not (w.dim() == 4 and w.shape[1] == u.shape[1] and w.shape[2] == 1 and w.shape[3] == 1):
+        raise ValueError(f"{op}: `w` must be a 1x1 conv weight (C_out, {u.shape[1]}, 1, 1), got {_describe(w)}")
+    if w.dtype != u.dtype:
+        raise TypeError(f"{op}: `w` must have `u`'s dtype {u.dtype}, got {_describe(w)}")
+    _check_same_device(op, w, "w", u, "u")
+
+
+def edge_pw_forward(
+    u: torch.Tensor,
+    w: torch.Tensor,
+    stats: bool,
+    eps: float,
+    momentum: float,
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """1x1 conv ``p[n] = w u[n]`` (u (N, Ci, H, W), w (Co, Ci, 1, 1)) as a batched matmul.
+
+    With ``stats`` also ``(mean, rstd)`` of p per output channel, as :func:`edge_bn_stats` gives
+    them (running statistics updated the same way); otherwise both are None.
+    Returns ``(p, mean, rstd)``, p (N, Co, H, W) in u's dtype.
+    """
+    op = "edge_pw_forward"
+    _check_pw(op, u, w)
+    N, Ci, H, W = u.shape
+    co = w.shape[0]
+    rm = rv = None
+    if stats:
+        if N * H * W <= 1:
+            raise ValueError(
+                f"{op}: BatchNorm needs more than one value per channel in training, got `u` of {_describe(u)}"
+            )
+        _check_eps(op, eps)
+        rm = _check_running(op, running_mean, "running_mean", u, "u", co)
+        rv = _check_running(op, running_var, "running_var", u, "u", co)
+    u = u.detach().contiguous()
+    p = torch.matmul(w.detach().reshape(co, Ci), u.view(N, Ci, H * W)).view(N, co, H, W)
+    if not stats:
+        return p, None, None
+    acc = _accumulation_dtype(p.dtype)
+    if p.numel() == 0:
+        e = torch.empty(co, dtype=acc, device=p.device)
+        return p, e, e.clone()
+    mean, var = _moments(_bn_stats(p, acc), N * H * W)
+    _update_running(rm, rv, mean, var, N * H * W, momentum)
+    return p, mean, _rstd(var, eps)
+
+
+def edge_pw_backward(
+    g: torch.Tensor, u: torch.Tensor, w: torch.Tensor, need_grad_w: bool = True
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Backward of the 1x1 conv: ``(grad_u = w^T g, grad_w = sum_n g[n] u[n]^T)``; grad_w (shaped
+    and typed like w) is None unless ``need_grad_w``."""
+    op = "edge_pw_backward"
+    _check_pw(op, u, w)
+    N, Ci, H, W = u.shape
+    co = w.shape[0]
+    _check_tensor(op, g, "g")
+    if tuple(g.shape) != (N, co, H, W) or g.dtype != u.dtype:
+        raise ValueError(
+            f"{op}: `g` must be shaped like the conv's output [{N}, {co}, {H}, {W}] with `u`'s dtype, "
+            f"got {_describe(g)}"
+        )
+    _check_same_device(op, g, "g", u, "u")
+    g3 = g.detach().reshape(N, co, H * W)
+    u3 = u.detach().reshape(N, Ci, H * W)
+    gu = torch.matmul(w.detach().reshape(co, Ci).t(), g3).view(N, Ci, H, W)
+    if not need_grad_w:
+        return gu, None
+    gw = torch.matmul(g3, u3.transpose(1, 2)).sum(0).view(co, Ci, 1, 1).to(w.dtype)
+    return gu, gw
+
+
+# --------------------------------------------------------------------------------------------
 # The mix
 # --------------------------------------------------------------------------------------------
 
@@ -1090,7 +1192,7 @@ def edge_mix_forward(
         accumulation dtype, rows 0 and 1 the pools' (0 and 1 when absent), row 2 + j ps[j]'s.
     """
     op = "edge_mix_forward"
-    ps, ho, wo = _check_mix_args(op, x, ps, w, stride, has_skip)
+    ps, ho, wo, stride = _check_mix_args(op, x, ps, w, stride, has_skip)
     _check_eps(op, eps)
     K = len(ps)
     J = 2 + K
@@ -1101,8 +1203,8 @@ def edge_mix_forward(
             f"{op}: `running_means` and `running_vars` must have 2 + len(ps) = {J} entries (None where "
             f"absent), got {len(rms)} and {len(rvs)}"
         )
-    rms = [_check_running(op, t, f"running_means[{j}]", x) for j, t in enumerate(rms)]
-    rvs = [_check_running(op, t, f"running_vars[{j}]", x) for j, t in enumerate(rvs)]
+    rms = [_check_running(op, t, f"running_means[{j}]", x, "x") for j, t in enumerate(rms)]
+    rvs = [_check_running(op, t, f"running_vars[{j}]", x, "x") for j, t in enumerate(rvs)]
     N, C, H, W = x.shape
     if N * ho * wo <= 1:
         raise ValueError(
@@ -1185,7 +1287,7 @@ def edge_mix_backward(
         (3 + K,) in w's dtype, zero where a term is absent.
     """
     op = "edge_mix_backward"
-    ps, ho, wo = _check_mix_args(op, x, ps, w, stride, has_skip)
+    ps, ho, wo, stride = _check_mix_args(op, x, ps, w, stride, has_skip)
     N, C, H, W = x.shape
     _check_tensor(op, g, "g")
     if tuple(g.shape) != (N, C, ho, wo) or g.dtype != x.dtype:

@@ -175,7 +175,9 @@ def test_dw_forward_backward(dtype, pre, stride, geoms):
 
     d64 = lambda ts: [t.double() if t is not None else None for t in ts]  # noqa: E731
     truth = dw_ref(*d64([x]), d64(ws), d64(gs), strides, pads, dils, pre, *d64([mean, rstd]))
-    plain = dw_ref(x, ws, gs, strides, pads, dils, pre, mean, rstd) if dtype in (torch.float16, torch.bfloat16) else None
+    plain = None
+    if dtype in (torch.float16, torch.bfloat16):
+        plain = dw_ref(x, ws, gs, strides, pads, dils, pre, mean, rstd)
     _check("dw", [ys, gin, gws, sums], [truth[0], *truth[1]], plain and [plain[0], *plain[1]], dtype)
 
 
@@ -247,6 +249,54 @@ def test_bn_stats_and_backward(dtype, shape):
     xhat = (p.double() - _chan(m)) * _chan(r)
     truth = _chan(r) * (g.double() - _chan(s[0]) / M - xhat * _chan(s[1]) / M)
     _check("bn backward sums", gp, truth, truth.to(dtype) if low else None, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids(DTYPES))
+def test_dw_backward_without_weight_gradients(dtype):
+    torch.manual_seed(8)
+    x = _randn(2, 3, 6, 5, dtype=dtype)
+    ws = [_randn(3, 1, 3, 3, dtype=dtype), _randn(3, 1, 5, 5, dtype=dtype)]
+    args = ([2, 2], [1, 4], [1, 2], 1, None, None)
+    gs = [torch.randn_like(y) for y in K.edge_dw_forward(x, ws, *args)]
+    full = K.edge_dw_backward(x, ws, gs, *args)
+    gin, gws, sums = K.edge_dw_backward(x, ws, gs, *args, False)
+    assert gws == [] and sums is None and torch.equal(gin, full[0])
+
+
+# --------------------------------------------------------------------------------------------
+# 1x1 convs
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids(DTYPES))
+def test_pw_forward_backward(dtype):
+    torch.manual_seed(9)
+    N, Ci, Co, H, W = 2, 3, 5, 5, 7
+    u = _randn(N, Ci, H, W, dtype=dtype)
+    w = _randn(Co, Ci, 1, 1, dtype=dtype)
+    rm, rv = _randn(Co, dtype=dtype), _randn(Co, dtype=dtype).abs() + 0.5
+    rm0, rv0 = rm.clone(), rv.clone()
+    p, mean, rstd = K.edge_pw_forward(u, w, True, EPS, MOMENTUM, rm, rv)
+    assert p.dtype == dtype and mean.dtype == _acc(dtype)
+    p2, m2, r2 = K.edge_pw_forward(u, w, False, EPS, MOMENTUM, None, None)
+    assert m2 is None and r2 is None and torch.equal(p2, p)
+    g = torch.randn_like(p)
+    gu, gw = K.edge_pw_backward(g, u, w)
+    gu2, gw2 = K.edge_pw_backward(g, u, w, False)
+    assert gw2 is None and torch.equal(gu2, gu)
+
+    def ref(u, w, g, rm, rv):
+        u = u.detach().clone().requires_grad_(True)
+        w = w.detach().clone().requires_grad_(True)
+        p = F.conv2d(u, w)
+        m, r = bn_stats_ref(p.detach().to(_acc(u.dtype)), None, None)
+        F.batch_norm(p.detach(), rm, rv, training=True, momentum=MOMENTUM, eps=EPS)
+        return [p.detach(), m, r, *torch.autograd.grad(p, [u, w], g), rm, rv]
+
+    truth = ref(u.double(), w.double(), g.double(), rm0.double(), rv0.double())
+    low = dtype in (torch.float16, torch.bfloat16)
+    _check("pw", [p, mean, rstd, gu, gw, rm, rv], truth, ref(u, w, g, rm0.clone(), rv0.clone()) if low else None,
+           dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -398,6 +448,20 @@ def test_same_as_cpu_extension_float64():
         got, ref = _both("edge_bn_backward", g, p, stats[0], stats[1], sums)
         _check("bn_backward", got, ref)
 
+    u, wp = _randn(N, C, 4, 5), _randn(5, C, 1, 1)
+    rm, rv = _randn(5), _randn(5).abs() + 0.5
+    rm_c, rv_c = rm.cpu().clone(), rv.cpu().clone()
+    pw = K.edge_pw_forward(u, wp, True, EPS, MOMENTUM, rm, rv)
+    ref = _ext_edge().edge_pw_forward(u.cpu(), wp.cpu(), True, EPS, MOMENTUM, rm_c, rv_c)
+    _check("pw_forward", [pw, rm, rv], [ref, rm_c, rv_c])
+    gp = torch.randn_like(pw[0])
+    for need in (True, False):
+        got, ref = _both("edge_pw_backward", gp, u, wp, need)
+        _check(f"pw_backward {need}", got, ref)
+        got, ref = _both("edge_dw_backward", x, ws, gs, *geo, need)
+        assert type(got[1]) is type(ref[1]) and len(got[1]) == len(ref[1])
+        _check(f"dw_backward need_grad_w={need}", got, ref)
+
     for stride in (1, 2):
         flags = (True, True, stride == 1)
         x, ps, w, g, rms, rvs = _mix_case(torch.float64, stride, *flags, 2, ints=stride == 2)
@@ -474,6 +538,13 @@ BAD = [
                                       sums=None), "`g`", ValueError),
     ("edge_bn_backward", lambda: dict(g=_randn(2, 3, 2, 2), p=_randn(2, 3, 2, 2), mean=_randn(3), rstd=_randn(3),
                                       sums=_randn(3, 3)), "`sums`", ValueError),
+    ("edge_dw_forward", lambda: _dw_args(x=_randn(2, 3, 0, 5), pads=[2]), "`x`", ValueError),
+    ("edge_pw_forward", lambda: dict(u=_randn(2, 3, 4, 4), w=_randn(5, 2, 1, 1), stats=False, eps=EPS, momentum=0.1,
+                                     running_mean=None, running_var=None), "`w`", ValueError),
+    ("edge_pw_forward", lambda: dict(u=_randn(2, 3, 4, 4), w=_randn(5, 3, 1, 1), stats=True, eps=EPS, momentum=0.1,
+                                     running_mean=_randn(3), running_var=None), "`running_mean`", ValueError),
+    ("edge_pw_backward", lambda: dict(g=_randn(2, 3, 4, 4), u=_randn(2, 3, 4, 4), w=_randn(5, 3, 1, 1)), "`g`",
+     ValueError),
     ("edge_mix_forward", lambda: _mix_args(stride=3), "`stride`", ValueError),
     ("edge_mix_forward", lambda: _mix_args(stride=2, ps=[_randn(2, 3, 3, 3)]), "`has_skip`", ValueError),
     ("edge_mix_forward", lambda: _mix_args(ps=[_randn(2, 3, 4, 5)]), "`ps[0]`", ValueError),

@@ -384,3 +384,31 @@ def test_kernel_bad_inputs_name_the_argument():
         k.edge_pw_forward(x, torch.randn(4, 2, 1, 1), False, 1e-5, 0.1, None, None)
     with pytest.raises(RuntimeError, match="set_cpu_isa: `name`"):
         k.set_cpu_isa("sse9")
+
+
+@pytest.mark.skipif(pynas.backends()["triton"] is not None, reason="triton unusable here (TRITON_INTERPRET=1 on CPU)")
+@pytest.mark.parametrize("stride", [1, 2])
+def test_triton_backend_composes_the_same_edge(stride):
+    """The fused edge through the Triton kernels (the interpreter on CPU tensors, a GPU where present)."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(stride)
+    op = MixedOp(4, stride).double().to(dev)
+    _randomize(op, 5)
+    ref = copy.deepcopy(op)
+    calls = []
+    real = fused._EdgeFunction.apply
+    x = torch.randn(2, 4, 4, 6, dtype=torch.float64, device=dev)
+    w = torch.softmax(torch.randn(8, dtype=torch.float64, device=dev), 0)
+    g = torch.randn(2, 4, (4 - 1) // stride + 1, (6 - 1) // stride + 1, dtype=torch.float64, device=dev)
+    y_ref, g_ref = _run(ref, x, w, g, "reference")
+    fused._EdgeFunction.apply = lambda *a: calls.append(a[1]) or real(*a)
+    try:
+        y, gr = _run(op, x, w, g, "triton")
+    finally:
+        fused._EdgeFunction.apply = real
+    assert calls == ["triton"]
+    torch.testing.assert_close(y, y_ref, **TOL[torch.float64])
+    for a, b in zip(gr, g_ref):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
+    for a, b in zip(op.buffers(), ref.buffers()):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
