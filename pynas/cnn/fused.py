@@ -6,10 +6,12 @@ For an edge with input x (N, C, H, W), stride s and softmax weights w over its c
           + sum_{sep, dil} w_k * BN(conv_k(x))            ('none' takes its share of w, never computed)
 
 The four conv candidates read ReLU(x) once (``edge_dw_forward`` runs all their first depthwise convs
-in one pass over each (n, c) plane); the 1x1 convs are batched matmuls; the second depthwise conv of a
-sep_conv normalises and rectifies its input as it reads it, so BN(p1) and its ReLU are never stored;
-``edge_mix_forward`` computes the pools, their BatchNorm statistics, every candidate's final
-BatchNorm and the weighted sum in two passes over x, storing no candidate output.
+in one pass over each (n, c) plane); the 1x1 convs gather the BatchNorm statistics of their output in
+the pass that produces it (``edge_pw_forward``; on GPUs they are cuBLAS matmuls); the second depthwise
+conv of a sep_conv normalises and rectifies its input as it reads it, so BN(p1) and its ReLU are never
+stored; ``edge_mix_forward`` computes the pools, their BatchNorm statistics, every candidate's final
+BatchNorm and the weighted sum, storing no candidate output. Backward skips every weight gradient when
+no parameter needs one (the finite-difference passes of the second-order step).
 
 Saved for backward per edge: x, and per sep_conv its u1, p1, u2, p2 (depthwise and 1x1 conv outputs),
 per dil_conv its u, p, for a FactorizedReduce its p. The pools, every ReLU and every BatchNorm output
@@ -18,14 +20,16 @@ are recomputed in backward. The reference saves about 28 activations per edge; t
 BatchNorm running statistics (and ``num_batches_tracked``) are updated exactly as the modules would.
 The module's parameters are used in place, so the state_dict is the reference one.
 
-The fused path serves CPU float32/float64 in training mode through the C++ kernels ('cpu' backend);
-:func:`fusable` says when. Anything else runs the modules one by one (the reference path).
+Backends: 'cpu' (C++, float32/float64), 'cuda' and 'triton' (GPU; Triton also on the CPU under
+TRITON_INTERPRET=1), all with the API of the C++ kernels (:func:`_kernels`). :func:`fusable` says when an
+edge runs fused: training-mode BatchNorms with a momentum, known candidates. Anything else runs the
+modules one by one (the reference path).
 """
 from __future__ import annotations
 
 import functools
-import os
 import inspect
+import os
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -235,14 +239,10 @@ def edge_forward_impl(spec: EdgeSpec, k, x: torch.Tensor, weights: torch.Tensor,
     us = k.edge_dw_forward(x, firsts, [spec.stride] * len(dws), [c.pad for c in dws], [c.dil for c in dws],
                            _PRE_RELU, _EMPTY, _EMPTY) if firsts else []
     ps, saved = [], []
-    bn = 2 * ((spec.max_column >= 0) + (spec.avg_column >= 0))  # index into running
-    final_running = [None, None, None, None]
-    if spec.max_column >= 0:
-        final_running[0], final_running[1] = running[0], running[1]
-    if spec.avg_column >= 0:
-        j = 2 if spec.max_column >= 0 else 0
-        final_running[2], final_running[3] = running[j], running[j + 1]
-    conv_running = []
+    # running = (mean, var) per BatchNorm: the pools' first, then per conv its own (sep: 2, others: 1)
+    pairs = [(running[i], running[i + 1]) for i in range(0, len(running), 2)]
+    pools = [pairs.pop(0) if col >= 0 else (None, None) for col in (spec.max_column, spec.avg_column)]
+    finals = []
     d = 0
     for c, at in zip(spec.convs, starts):
         if c.kind == "fr":
@@ -256,16 +256,14 @@ def edge_forward_impl(spec: EdgeSpec, k, x: torch.Tensor, weights: torch.Tensor,
         else:
             u1 = us[d]
             d += 1
-            p1, m1, r1 = k.edge_pw_forward(u1, params[at + 1], True, spec.eps, spec.momentum, running[bn],
-                                           running[bn + 1])
-            bn += 2
+            rm, rv = pairs.pop(0)
+            p1, m1, r1 = k.edge_pw_forward(u1, params[at + 1], True, spec.eps, spec.momentum, rm, rv)
             u2 = k.edge_dw_forward(p1, [params[at + 2]], [1], [c.pad], [1], _PRE_NORM_RELU, m1, r1)[0]
             ps.append(_pw(k, params[at + 3], u2))
             saved += [u1, p1, m1, r1, u2]
-        conv_running.append((running[bn], running[bn + 1]))
-        bn += 2
-    rms = [final_running[0], final_running[2]] + [r[0] for r in conv_running]
-    rvs = [final_running[1], final_running[3]] + [r[1] for r in conv_running]
+        finals.append(pairs.pop(0))
+    rms = [p[0] for p in pools + finals]
+    rvs = [p[1] for p in pools + finals]
     out, mean, rstd = k.edge_mix_forward(x, ps, wr, spec.stride, spec.max_column >= 0, spec.avg_column >= 0,
                                          spec.skip_column >= 0, spec.eps, spec.momentum, rms, rvs)
     if counters:
