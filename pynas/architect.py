@@ -13,6 +13,8 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
+from .ops import multi_tensor as mt
+
 
 def _momentum_buffers(params: Sequence[torch.Tensor], optimizer: Optional[torch.optim.Optimizer]):
     """The weight optimizer's momentum buffers, or ``None`` for each param that has none yet."""
@@ -85,14 +87,9 @@ class Architect:
 
     @torch.no_grad()
     def _virtual_step(self, params, grads, eta, network_optimizer):
-        """w <- w - eta * (momentum * buf + g + wd * w), in place."""
+        """w <- w - eta * (momentum * buf + g + wd * w), in place (one multi-tensor pass)."""
         bufs = _momentum_buffers(params, network_optimizer)
-        wd, mom = self.network_weight_decay, self.network_momentum
-        d = torch._foreach_add(grads, params, alpha=wd)  # g + wd * w
-        with_buf = [i for i, b in enumerate(bufs) if b is not None]
-        if with_buf and mom != 0.0:
-            torch._foreach_add_([d[i] for i in with_buf], [bufs[i] for i in with_buf], alpha=mom)
-        torch._foreach_add_(params, d, alpha=-eta)
+        mt.virtual_step_(params, grads, bufs, eta, self.network_momentum, self.network_weight_decay)
 
     def unrolled_grad(self, input_train, target_train, input_valid, target_valid, eta,
                       network_optimizer) -> List[torch.Tensor]:
@@ -107,7 +104,8 @@ class Architect:
         params = [p for p in model.parameters()]
         alphas = list(model.arch_parameters())
         eta = float(eta)
-        # Every pass over the weights is one multi-tensor (_foreach) op, not a loop over ~1000 tensors.
+        # Every pass over the weights is one multi-tensor op (pynas.ops.multi_tensor), not a loop over
+        # ~1000 tensors.
         saved = self._snapshot("weights", params)
         try:
             loss = model._loss(input_train, target_train)
@@ -123,19 +121,14 @@ class Architect:
             dalpha, v = list(grads[:len(alphas)]), list(grads[len(alphas):])
             del grads, loss_val
 
-            with torch.no_grad():
-                norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(v)))
-                R = self.fd_r / norm.clamp_min(torch.finfo(norm.dtype).tiny)
-                Rv = torch._foreach_mul(v, R)
-                torch._foreach_copy_(params, saved)
-                torch._foreach_add_(params, Rv)  # w + R v
+            # R = r / ||v|| stays a device tensor: no host sync anywhere in the step
+            sum_sq = mt.sum_squares(v)
+            R = mt.perturb_(params, saved, v, sum_sq, self.fd_r, 1.0)  # w + R v
             g_pos = _grad(model._loss(input_train, target_train), alphas)
-            with torch.no_grad():
-                torch._foreach_copy_(params, saved)
-                torch._foreach_sub_(params, Rv)  # w - R v
+            mt.perturb_(params, saved, v, sum_sq, self.fd_r, -1.0)  # w - R v
             g_neg = _grad(model._loss(input_train, target_train), alphas)
             with torch.no_grad():
-                scale = eta / (2.0 * R)
+                scale = (eta / (2.0 * R)).to(alphas[0].dtype)
                 return [da - (gp - gn) * scale for da, gp, gn in zip(dalpha, g_pos, g_neg)]
         finally:
             _copy_all(params, saved)  # bit-exact restore from the copy, not by adding back
@@ -154,5 +147,4 @@ class Architect:
 
 @torch.no_grad()
 def _copy_all(dst: List[torch.Tensor], src: List[torch.Tensor]) -> None:
-    if dst:
-        torch._foreach_copy_(dst, [s.detach() for s in src])
+    mt.copy_(dst, src)

@@ -1,0 +1,257 @@
+// CPU backend of the multi-tensor ops (contracts in csrc/include/pynas/multi_tensor.h).
+//
+// The elements of all tensors are cut into chunks of at most kChunk elements (a chunk never spans two
+// tensors); one at::parallel_for runs over all chunks of all tensors. Sums are made per chunk, in
+// double, and added in chunk order.
+
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
+#include "pynas/multi_tensor.h"
+
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace pynas {
+namespace cpu {
+namespace {
+
+constexpr int64_t kChunk = 1 << 15;
+
+struct Chunk {
+  int64_t tensor, begin, end;
+};
+
+std::vector<Chunk> chunks_of(const std::vector<at::Tensor>& ts) {
+  std::vector<Chunk> out;
+  for (int64_t t = 0; t < static_cast<int64_t>(ts.size()); ++t) {
+    const int64_t n = ts[t].numel();
+    for (int64_t b = 0; b < n; b += kChunk) out.push_back({t, b, std::min(n, b + kChunk)});
+  }
+  return out;
+}
+
+// Chunks per parallel task: about 4 chunks' worth of elements, so small tensors are batched.
+int64_t grain(const std::vector<Chunk>& chunks) { return chunks.size() > 64 ? 4 : 1; }
+
+double scalar_of(const at::Tensor& t) { return t.to(at::kDouble).const_data_ptr<double>()[0]; }
+
+}  // namespace
+
+void mt_virtual_step_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                      const std::vector<at::Tensor>& bufs, double eta, double momentum, double weight_decay,
+                      const at::Tensor& grad_scale) {
+  if (params.empty()) return;
+  const auto chunks = chunks_of(params);
+  const double s = grad_scale.defined() ? scalar_of(grad_scale) : 1.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "mt_virtual_step_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t e = static_cast<acc_t>(eta), m = static_cast<acc_t>(momentum);
+    const acc_t wd = static_cast<acc_t>(weight_decay), sc = static_cast<acc_t>(s);
+    at::parallel_for(0, static_cast<int64_t>(chunks.size()), grain(chunks), [&](int64_t b, int64_t en) {
+      for (int64_t c = b; c < en; ++c) {
+        const Chunk& k = chunks[c];
+        scalar_t* w = params[k.tensor].mutable_data_ptr<scalar_t>();
+        const scalar_t* g = grads[k.tensor].const_data_ptr<scalar_t>();
+        const at::Tensor& bt = bufs.empty() ? at::Tensor() : bufs[k.tensor];
+        const scalar_t* buf = bt.defined() ? bt.const_data_ptr<scalar_t>() : nullptr;
+        if (buf != nullptr && m != acc_t(0)) {
+          for (int64_t i = k.begin; i < k.end; ++i) {
+            const acc_t wi = static_cast<acc_t>(w[i]);
+            const acc_t d = sc * static_cast<acc_t>(g[i]) + wd * wi + m * static_cast<acc_t>(buf[i]);
+            w[i] = static_cast<scalar_t>(wi - e * d);
+          }
+        } else {
+          for (int64_t i = k.begin; i < k.end; ++i) {
+            const acc_t wi = static_cast<acc_t>(w[i]);
+            w[i] = static_cast<scalar_t>(wi - e * (sc * static_cast<acc_t>(g[i]) + wd * wi));
+          }
+        }
+      }
+    });
+  });
+}
+
+at::Tensor mt_sum_squares(const std::vector<at::Tensor>& xs) {
+  at::Tensor out = at::empty({}, at::TensorOptions().dtype(at::kDouble));
+  double* o = out.mutable_data_ptr<double>();
+  *o = 0.0;
+  if (xs.empty()) return out;
+  const auto chunks = chunks_of(xs);
+  std::vector<double> partial(chunks.size(), 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xs[0].scalar_type(), "mt_sum_squares", [&] {
+    at::parallel_for(0, static_cast<int64_t>(chunks.size()), grain(chunks), [&](int64_t b, int64_t en) {
+      for (int64_t c = b; c < en; ++c) {
+        const Chunk& k = chunks[c];
+        const scalar_t* x = xs[k.tensor].const_data_ptr<scalar_t>();
+        constexpr int kLanes = 8;
+        double lanes[kLanes] = {};
+        int64_t i = k.begin;
+        for (; i + kLanes <= k.end; i += kLanes) {
+          for (int l = 0; l < kLanes; ++l) {
+            const double v = static_cast<double>(x[i + l]);
+            lanes[l] += v * v;
+          }
+        }
+        double s = 0;
+        for (; i < k.end; ++i) s += static_cast<double>(x[i]) * static_cast<double>(x[i]);
+        for (int l = 0; l < kLanes; ++l) s += lanes[l];
+        partial[c] = s;
+      }
+    });
+  });
+  double total = 0;
+  for (double p : partial) total += p;
+  *o = total;
+  return out;
+}
+
+at::Tensor mt_perturb_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& base,
+                       const std::vector<at::Tensor>& v, const at::Tensor& sum_sq, double r, double sign) {
+  const double norm = std::sqrt(scalar_of(sum_sq));
+  const double R = r / std::max(norm, std::numeric_limits<double>::min());
+  at::Tensor out = at::empty({}, at::TensorOptions().dtype(at::kDouble));
+  out.mutable_data_ptr<double>()[0] = R;
+  if (params.empty()) return out;
+  const auto chunks = chunks_of(params);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "mt_perturb_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t a = static_cast<acc_t>(sign * R);
+    at::parallel_for(0, static_cast<int64_t>(chunks.size()), grain(chunks), [&](int64_t b, int64_t en) {
+      for (int64_t c = b; c < en; ++c) {
+        const Chunk& k = chunks[c];
+        scalar_t* w = params[k.tensor].mutable_data_ptr<scalar_t>();
+        const scalar_t* w0 = base[k.tensor].const_data_ptr<scalar_t>();
+        const scalar_t* vv = v[k.tensor].const_data_ptr<scalar_t>();
+        for (int64_t i = k.begin; i < k.end; ++i)
+          w[i] = static_cast<scalar_t>(static_cast<acc_t>(w0[i]) + a * static_cast<acc_t>(vv[i]));
+      }
+    });
+  });
+  return out;
+}
+
+void mt_copy_(const std::vector<at::Tensor>& dst, const std::vector<at::Tensor>& src) {
+  if (dst.empty()) return;
+  const auto chunks = chunks_of(dst);
+  const int64_t item = dst[0].element_size();
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), grain(chunks), [&](int64_t b, int64_t en) {
+    for (int64_t c = b; c < en; ++c) {
+      const Chunk& k = chunks[c];
+      char* d = static_cast<char*>(dst[k.tensor].data_ptr());
+      const char* s = static_cast<const char*>(src[k.tensor].const_data_ptr());
+      std::memcpy(d + k.begin * item, s + k.begin * item, static_cast<size_t>((k.end - k.begin) * item));
+    }
+  });
+}
+
+}  // namespace cpu
+}  // namespace pynas
+
+// ---- registration: torch.ops.pynas.mt_* (custom ops in C++; the CPU kernels above) ----------------------
+
+#include <torch/library.h>
+
+namespace {
+
+using TensorList = at::TensorList;
+
+void check_list(const char* op, TensorList ts, const char* name, const at::Tensor* ref, size_t len) {
+  TORCH_CHECK(ts.size() == len, op, ": `", name, "` must hold ", len, " tensors (one per parameter), got ",
+              ts.size());
+  for (size_t i = 0; i < ts.size(); ++i) {
+    const at::Tensor& t = ts[i];
+    TORCH_CHECK(t.defined() && t.layout() == at::kStrided && t.is_contiguous(), op, ": `", name, "[", i,
+                "]` must be a dense contiguous tensor");
+    TORCH_CHECK(t.is_floating_point(), op, ": `", name, "[", i, "]` must be floating, got ", t.scalar_type());
+    if (ref != nullptr) {
+      TORCH_CHECK(t.scalar_type() == ref->scalar_type() && t.device() == ref->device(), op, ": `", name, "[", i,
+                  "]` must have the dtype and device of the first parameter (", ref->scalar_type(), " on ",
+                  ref->device(), "), got ", t.scalar_type(), " on ", t.device());
+    }
+  }
+}
+
+void check_params(const char* op, TensorList params) {
+  check_list(op, params, "params", params.empty() ? nullptr : &params[0], params.size());
+}
+
+void check_like_params(const char* op, TensorList ts, const char* name, TensorList params) {
+  check_list(op, ts, name, params.empty() ? nullptr : &params[0], params.size());
+  for (size_t i = 0; i < ts.size(); ++i) {
+    TORCH_CHECK(ts[i].sizes() == params[i].sizes(), op, ": `", name, "[", i, "]` must have the shape of `params[",
+                i, "]` ", params[i].sizes(), ", got ", ts[i].sizes());
+  }
+}
+
+void virtual_step_op(TensorList params, TensorList grads, const c10::List<std::optional<at::Tensor>>& bufs,
+                     double eta, double momentum, double weight_decay, const std::optional<at::Tensor>& grad_scale) {
+  constexpr const char* op = "mt_virtual_step_";
+  check_params(op, params);
+  check_like_params(op, grads, "grads", params);
+  TORCH_CHECK(bufs.size() == 0 || bufs.size() == params.size(), op,
+              ": `bufs` must be empty or hold one entry (a tensor or None) per parameter (", params.size(),
+              "), got ", bufs.size());
+  std::vector<at::Tensor> b;
+  for (size_t i = 0; i < bufs.size(); ++i) {
+    const std::optional<at::Tensor> t = bufs.get(i);
+    if (t.has_value() && t->defined()) {
+      TORCH_CHECK(t->sizes() == params[i].sizes() && t->scalar_type() == params[i].scalar_type() &&
+                      t->device() == params[i].device() && t->is_contiguous(),
+                  op, ": `bufs[", i, "]` must be contiguous with the shape, dtype and device of `params[", i, "]`");
+      b.push_back(*t);
+    } else {
+      b.emplace_back();
+    }
+  }
+  at::Tensor s = grad_scale.value_or(at::Tensor());
+  TORCH_CHECK(!s.defined() || s.numel() == 1, op, ": `grad_scale` must hold one value, got ", s.numel());
+  pynas::cpu::mt_virtual_step_(params.vec(), grads.vec(), b, eta, momentum, weight_decay, s);
+}
+
+at::Tensor sum_squares_op(TensorList xs) {
+  check_list("mt_sum_squares", xs, "xs", xs.empty() ? nullptr : &xs[0], xs.size());
+  return pynas::cpu::mt_sum_squares(xs.vec());
+}
+
+at::Tensor perturb_op(TensorList params, TensorList base, TensorList v, const at::Tensor& sum_sq, double r,
+                      double sign) {
+  constexpr const char* op = "mt_perturb_";
+  check_params(op, params);
+  check_like_params(op, base, "base", params);
+  check_like_params(op, v, "v", params);
+  TORCH_CHECK(sum_sq.numel() == 1, op, ": `sum_sq` must hold one value, got ", sum_sq.numel());
+  TORCH_CHECK(r > 0, op, ": `r` must be positive, got ", r);
+  return pynas::cpu::mt_perturb_(params.vec(), base.vec(), v.vec(), sum_sq, r, sign);
+}
+
+void copy_op(TensorList dst, TensorList src) {
+  constexpr const char* op = "mt_copy_";
+  check_params(op, dst);
+  check_like_params(op, src, "src", dst);
+  pynas::cpu::mt_copy_(dst.vec(), src.vec());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(pynas, m) {
+  m.def("mt_virtual_step_(Tensor(a!)[] params, Tensor[] grads, Tensor?[] bufs, float eta, float momentum, "
+        "float weight_decay, Tensor? grad_scale=None) -> ()");
+  m.def("mt_sum_squares(Tensor[] xs) -> Tensor");
+  m.def("mt_perturb_(Tensor(a!)[] params, Tensor[] base, Tensor[] v, Tensor sum_sq, float r, float sign) -> Tensor");
+  m.def("mt_copy_(Tensor(a!)[] dst, Tensor[] src) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(pynas, CPU, m) {
+  m.impl("mt_virtual_step_", &virtual_step_op);
+  m.impl("mt_sum_squares", &sum_squares_op);
+  m.impl("mt_perturb_", &perturb_op);
+  m.impl("mt_copy_", &copy_op);
+}

@@ -1,0 +1,81 @@
+"""Multi-tensor ops of the second-order architect step: each is one pass over ALL weight tensors.
+
+    virtual_step_(params, grads, bufs, eta, momentum, weight_decay, grad_scale=None)
+        w <- w - eta * (momentum * buf + s * g + weight_decay * w)   (buf None: zero; s = grad_scale or 1)
+    sum_squares(xs) -> 0-d float64 tensor: sum over all tensors of sum(x^2)
+    perturb_(params, base, v, sum_sq, r, sign) -> R (0-d float64)
+        w <- base + sign * R * v,  R = r / max(sqrt(sum_sq), tiny)
+    copy_(dst, src): dst <- src, bit for bit
+
+Data-dependent scalars (sum_sq, R, grad_scale) stay tensors: nothing is read back to the host.
+
+Backends: 'cpu' runs the C++ kernels (``torch.ops.pynas.mt_*``, csrc/cpu/multi_tensor.cpp: one parallel
+region per op over fixed chunks of all tensors); every other backend runs the ``torch._foreach_*``
+formulation below (the reference; on a GPU these are torch's multi-tensor kernels).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .. import _backend, _ext
+
+__all__ = ["virtual_step_", "sum_squares", "perturb_", "copy_", "uses_kernels"]
+
+
+def uses_kernels(params: Sequence[torch.Tensor], backend: Optional[str] = None) -> bool:
+    """Whether the C++ kernels serve these tensors (else the torch._foreach reference)."""
+    if not params or _ext.load() is None or _backend.resolve(list(params[:1]), backend) != "cpu":
+        return False
+    dtype = params[0].dtype
+    return all(p.dtype == dtype and p.is_contiguous() for p in params)
+
+
+@torch.no_grad()
+def virtual_step_(params, grads, bufs, eta: float, momentum: float, weight_decay: float,
+                  grad_scale: Optional[torch.Tensor] = None, *, backend: Optional[str] = None) -> None:
+    params, grads = list(params), list(grads)
+    bufs = list(bufs) if bufs is not None else [None] * len(params)
+    if uses_kernels(params, backend):
+        torch.ops.pynas.mt_virtual_step_(params, grads, bufs, float(eta), float(momentum), float(weight_decay),
+                                         grad_scale)
+        return
+    g = torch._foreach_mul(grads, grad_scale) if grad_scale is not None else grads
+    d = torch._foreach_add(g, params, alpha=weight_decay)  # s g + wd w
+    with_buf = [i for i, b in enumerate(bufs) if b is not None]
+    if with_buf and momentum != 0.0:
+        torch._foreach_add_([d[i] for i in with_buf], [bufs[i] for i in with_buf], alpha=momentum)
+    torch._foreach_add_(params, d, alpha=-eta)
+
+
+@torch.no_grad()
+def sum_squares(xs, *, backend: Optional[str] = None) -> torch.Tensor:
+    xs = list(xs)
+    if uses_kernels(xs, backend):
+        return torch.ops.pynas.mt_sum_squares(xs)
+    norms = torch.stack(torch._foreach_norm(xs)).double()
+    return (norms * norms).sum()
+
+
+@torch.no_grad()
+def perturb_(params, base, v, sum_sq: torch.Tensor, r: float, sign: float, *,
+             backend: Optional[str] = None) -> torch.Tensor:
+    params, base, v = list(params), list(base), list(v)
+    if uses_kernels(params, backend):
+        return torch.ops.pynas.mt_perturb_(params, base, v, sum_sq, float(r), float(sign))
+    R = r / sum_sq.sqrt().clamp_min(torch.finfo(torch.float64).tiny)
+    torch._foreach_copy_(params, base)
+    torch._foreach_add_(params, torch._foreach_mul(v, (sign * R).to(params[0].dtype)))
+    return R
+
+
+@torch.no_grad()
+def copy_(dst, src, *, backend: Optional[str] = None) -> None:
+    dst, src = list(dst), list(src)
+    if not dst:
+        return
+    if uses_kernels(dst, backend):
+        torch.ops.pynas.mt_copy_(dst, [s.detach() for s in src])
+        return
+    torch._foreach_copy_(dst, [s.detach() for s in src])
