@@ -126,3 +126,20 @@ def test_architect_uses_the_kernels_and_restores_weights_bit_for_bit(monkeypatch
     assert len(weight_passes) >= 6 and all(weight_passes)  # every pass over the weights took the kernels
     for a, b in zip(model.parameters(), before):
         assert torch.equal(a, b)
+
+
+def test_rnn_variant_clipped_virtual_step_matches_clip_grad_norm():
+    """DARTS RNN: w' = w - eta * (clip(g, 0.25) + wd * w), no momentum."""
+    params, grads, _ = _lists(torch.float64, 4)
+    clipped = [g.clone() for g in grads]
+    torch.nn.utils.clip_grad_norm_([torch.nn.Parameter(p.clone()) for p in params], 0.25)  # API smoke
+    total = torch.sqrt(sum((g ** 2).sum() for g in grads))
+    coef = min(1.0, 0.25 / (float(total) + 1e-6))
+    for c in clipped:
+        c.mul_(coef)
+    ref = [p - 20.0 * (c + 5e-7 * p) for p, c in zip(params, clipped)]
+    scale = mt.clip_coefficient(mt.sum_squares(grads, backend="cpu"), 0.25)
+    out = [p.clone() for p in params]
+    mt.virtual_step_(out, grads, None, 20.0, 0.0, 5e-7, scale, backend="cpu")
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -6,6 +6,9 @@
     perturb_(params, base, v, sum_sq, r, sign) -> R (0-d float64)
         w <- base + sign * R * v,  R = r / max(sqrt(sum_sq), tiny)
     copy_(dst, src): dst <- src, bit for bit
+    clip_coefficient(sum_sq, max_norm) -> min(1, max_norm / (sqrt(sum_sq) + 1e-6)), as
+        torch.nn.utils.clip_grad_norm_ scales: the RNN architect's virtual step passes it as grad_scale
+        (DARTS RNN: no momentum, clip 0.25)
 
 Data-dependent scalars (sum_sq, R, grad_scale) stay tensors: nothing is read back to the host.
 
@@ -21,7 +24,7 @@ import torch
 
 from .. import _backend, _ext
 
-__all__ = ["virtual_step_", "sum_squares", "perturb_", "copy_", "uses_kernels"]
+__all__ = ["virtual_step_", "sum_squares", "perturb_", "copy_", "clip_coefficient", "uses_kernels"]
 
 
 def uses_kernels(params: Sequence[torch.Tensor], backend: Optional[str] = None) -> bool:
@@ -79,3 +82,8 @@ def copy_(dst, src, *, backend: Optional[str] = None) -> None:
         torch.ops.pynas.mt_copy_(dst, [s.detach() for s in src])
         return
     torch._foreach_copy_(dst, [s.detach() for s in src])
+
+
+def clip_coefficient(sum_sq: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """``min(1, max_norm / (||g|| + 1e-6))`` from ``sum_sq = ||g||^2``, a 0-d tensor (no host sync)."""
+    return (max_norm / (sum_sq.sqrt() + 1e-6)).clamp(max=1.0)
