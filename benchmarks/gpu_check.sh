@@ -204,7 +204,8 @@ if (( DRY_RUN )); then
     skip_step "gpu tests" "$TESTS_LOG" "no GPU (dry run)"
 else
     run_step "gpu tests" 180 120 "$TESTS_LOG" \
-        "$PY" -m pytest -q -x -rs tests/test_mixed_sum.py tests/test_compat_cnn.py tests/test_backends.py -p no:cacheprovider
+        "$PY" -m pytest -q -rs --maxfail=20 tests/test_edge_cuda.py tests/test_fused_edge.py tests/test_edge_triton.py \
+        tests/test_mixed_sum.py tests/test_compat_cnn.py tests/test_backends.py -p no:cacheprovider
 fi
 
 # ------------------------------------------------------------------ d. benchmarks
@@ -214,7 +215,8 @@ if (( DRY_RUN )); then
         "$PY" -m pynas bench --device cpu --size cpu --benchmarks mixed_sum --repeats 3 --no-progress --out "$RESULTS"
 else
     run_step "gpu bench" 240 25 "$BENCH_LOG" \
-        "$PY" -m pynas bench --device cuda --size gpu --no-progress --out "$RESULTS" --compile-timeout 120
+        "$PY" -m pynas bench --device cuda --size gpu --no-progress --out "$RESULTS" --compile-timeout 120 \
+        --providers reference,compiled,pynas,pynas-cuda,pynas-triton
 fi
 
 # ------------------------------------------------------------------ e. table
