@@ -31,6 +31,18 @@ CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_VERSION = 1
 
 
+def _weight_optimizer(params, cfg) -> torch.optim.SGD:
+    """SGD with momentum and weight decay, torch's fused kernel where it has one (CPU and CUDA): one pass
+    over all weights, measured 3.7 ms against 8.1 ms for the default foreach kernels (clip included,
+    889 tensors, 1 thread, benchmarks/results/weight_step.txt). Same update rule, same state_dict."""
+    params = list(params)
+    kw = dict(momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    try:
+        return torch.optim.SGD(params, cfg.learning_rate, fused=True, **kw)
+    except (RuntimeError, ValueError, TypeError):  # a device or dtype without the fused kernel
+        return torch.optim.SGD(params, cfg.learning_rate, **kw)
+
+
 @dataclass
 class CNNSearchConfig:
     """Settings of a CNN search; the defaults are DARTS's."""
@@ -149,8 +161,7 @@ class CNNSearch:
         self.valid_idx = torch.arange(split, n)
         self.criterion = nn.CrossEntropyLoss()
         self.model = Network(cfg.init_channels, self.data.num_classes, cfg.layers, self.criterion).to(self.device)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), cfg.learning_rate, momentum=cfg.momentum,
-                                         weight_decay=cfg.weight_decay)
+        self.optimizer = _weight_optimizer(self.model.parameters(), cfg)
         self.architect = Architect(self.model, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                    arch_learning_rate=cfg.arch_learning_rate,
                                    arch_weight_decay=cfg.arch_weight_decay, fd_r=cfg.fd_r)
