@@ -71,7 +71,7 @@ std::pair<std::vector<at::Tensor>, at::Tensor> mixed_sum_backward(const at::Tens
   fail_device(op, xs[0], "xs[0]");
 }
 
-// ---- the fused CNN edge (CPU only; see csrc/include/pynas/mixed_edge.h) --------------------------------
+// ---- the fused CNN edge (see csrc/include/pynas/mixed_edge.h; the 1x1 convs are CPU only) --------------
 
 void check_activation(const char* op, const at::Tensor& t, const char* name) {
   pynas::checks::check_dense(op, t, name);
@@ -81,17 +81,43 @@ void check_activation(const char* op, const at::Tensor& t, const char* name) {
   if (!t.is_cpu()) fail_device(op, t, name);
 }
 
-void check_channel_vector(const char* op, const at::Tensor& t, const std::string& name, const at::Tensor& x) {
+// The accumulation dtype of the edge kernels for activations `x`: that of mean/rstd, and of `sums` on a GPU.
+at::ScalarType edge_acc_dtype(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+// An activation of the edge kernels that run on both devices: float32 or float64 on the CPU, also
+// float16 or bfloat16 on a CUDA device (when pynas._C has its CUDA part).
+void check_edge_input(const char* op, const at::Tensor& t, const char* name) {
   pynas::checks::check_dense(op, t, name);
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(1) && t.scalar_type() == x.scalar_type() && t.is_cpu(), op,
-              ": `", name, "` must be 1-D with one ", pynas::checks::dtype_name(x.scalar_type()),
-              " value per channel (", x.size(1), ") on cpu, got ", pynas::checks::describe(t));
+  TORCH_CHECK(t.dim() == 4, op, ": `", name, "` must be 4-D (N, C, H, W), got ", pynas::checks::describe(t));
+#ifdef PYNAS_WITH_CUDA
+  if (t.is_cuda()) {
+    pynas::checks::check_supported_float(op, t, name);
+    return;
+  }
+#endif
+  if (!t.is_cpu()) fail_device(op, t, name);
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": `", name,
+              "` must have dtype torch.float32 or torch.float64 on cpu (float16 and bfloat16 need a CUDA device), "
+              "got ", pynas::checks::describe(t));
+}
+
+// One `dtype` value per channel of `x`, on `x`'s device.
+void check_channel_vector(const char* op, const at::Tensor& t, const std::string& name, const at::Tensor& x,
+                          at::ScalarType dtype) {
+  pynas::checks::check_dense(op, t, name);
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(1) && t.scalar_type() == dtype && t.device() == x.device(), op,
+              ": `", name, "` must be 1-D with one ", pynas::checks::dtype_name(dtype), " value per channel (",
+              x.size(1), ") on ", x.device(), ", got ", pynas::checks::describe(t));
+  // running statistics are updated in place through their data pointer
+  TORCH_CHECK(t.is_contiguous(), op, ": `", name, "` must be contiguous");
 }
 
 void check_dw_args(const char* op, const at::Tensor& x, const std::vector<at::Tensor>& ws,
                    const std::vector<int64_t>& strides, const std::vector<int64_t>& pads,
                    const std::vector<int64_t>& dils, int64_t pre, const at::Tensor& mean, const at::Tensor& rstd) {
-  check_activation(op, x, "x");
+  check_edge_input(op, x, "x");
+  TORCH_CHECK(x.size(2) >= 1 && x.size(3) >= 1, op, ": `x` must have a non-empty plane, got ",
+              pynas::checks::describe(x));
   TORCH_CHECK(!ws.empty(), op, ": `ws` must hold at least one weight");
   TORCH_CHECK(strides.size() == ws.size() && pads.size() == ws.size() && dils.size() == ws.size(), op,
               ": `strides`, `pads` and `dils` must have one entry per weight in `ws` (", ws.size(), "), got ",
@@ -103,22 +129,27 @@ void check_dw_args(const char* op, const at::Tensor& x, const std::vector<at::Te
     pynas::checks::check_dense(op, ws[m], name);
     TORCH_CHECK(ws[m].dim() == 4 && ws[m].size(0) == x.size(1) && ws[m].size(1) == 1 &&
                     ws[m].size(2) == ws[m].size(3) && ws[m].size(2) >= 1 &&
-                    ws[m].scalar_type() == x.scalar_type() && ws[m].is_cpu(),
-                op, ": `", name, "` must be a depthwise weight (", x.size(1), ", 1, k, k) like `x`, got ",
-                pynas::checks::describe(ws[m]));
+                    ws[m].scalar_type() == x.scalar_type() && ws[m].device() == x.device(),
+                op, ": `", name, "` must be a depthwise weight (", x.size(1),
+                ", 1, k, k) with the dtype and device of `x`, got ", pynas::checks::describe(ws[m]));
     TORCH_CHECK(ws[m].size(2) <= pynas::edge::kMaxKernel, op, ": `", name, "` is ", ws[m].size(2), "x",
                 ws[m].size(3), ", larger than the kernels take (", pynas::edge::kMaxKernel, "x",
                 pynas::edge::kMaxKernel, ")");
     TORCH_CHECK(strides[m] >= 1 && pads[m] >= 0 && dils[m] >= 1, op, ": conv ", m,
                 " needs stride >= 1, pad >= 0, dilation >= 1, got ", strides[m], ", ", pads[m], ", ", dils[m]);
+    // the window must fit in the padded input (out_size's division truncates where it should floor)
+    const int64_t span = dils[m] * (ws[m].size(2) - 1) + 1;
+    TORCH_CHECK(x.size(2) + 2 * pads[m] >= span && x.size(3) + 2 * pads[m] >= span, op, ": conv ", m,
+                "'s window (", span, " pixels with dilation ", dils[m], ") does not fit in `x` padded by ", pads[m],
+                ", got `x` of ", pynas::checks::describe(x));
     const int64_t ho = pynas::edge::out_size(x.size(2), ws[m].size(2), strides[m], pads[m], dils[m]);
     const int64_t wo = pynas::edge::out_size(x.size(3), ws[m].size(3), strides[m], pads[m], dils[m]);
     TORCH_CHECK(ho >= 1 && wo >= 1, op, ": conv ", m, " has an empty output for `x` of ",
                 pynas::checks::describe(x));
   }
   if (pre == pynas::edge::kPreNormRelu) {
-    check_channel_vector(op, mean, "mean", x);
-    check_channel_vector(op, rstd, "rstd", x);
+    check_channel_vector(op, mean, "mean", x, edge_acc_dtype(x));
+    check_channel_vector(op, rstd, "rstd", x, edge_acc_dtype(x));
   }
 }
 
@@ -126,8 +157,13 @@ std::vector<at::Tensor> edge_dw_forward(const at::Tensor& x, const std::vector<a
                                         const std::vector<int64_t>& strides, const std::vector<int64_t>& pads,
                                         const std::vector<int64_t>& dils, int64_t pre, const at::Tensor& mean,
                                         const at::Tensor& rstd) {
-  check_dw_args("edge_dw_forward", x, ws, strides, pads, dils, pre, mean, rstd);
-  return pynas::cpu::edge_dw_forward(x, ws, strides, pads, dils, pre, mean, rstd);
+  constexpr const char* op = "edge_dw_forward";
+  check_dw_args(op, x, ws, strides, pads, dils, pre, mean, rstd);
+  if (x.is_cpu()) return pynas::cpu::edge_dw_forward(x, ws, strides, pads, dils, pre, mean, rstd);
+#ifdef PYNAS_WITH_CUDA
+  if (x.is_cuda()) return pynas::cuda::edge_dw_forward(x, ws, strides, pads, dils, pre, mean, rstd);
+#endif
+  fail_device(op, x, "x");
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> edge_dw_backward(
@@ -144,42 +180,58 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> edge_dw_backward(
     const int64_t ho = pynas::edge::out_size(x.size(2), ws[m].size(2), strides[m], pads[m], dils[m]);
     const int64_t wo = pynas::edge::out_size(x.size(3), ws[m].size(3), strides[m], pads[m], dils[m]);
     TORCH_CHECK(gs[m].sizes() == at::IntArrayRef({x.size(0), x.size(1), ho, wo}) &&
-                    gs[m].scalar_type() == x.scalar_type() && gs[m].is_cpu(),
+                    gs[m].scalar_type() == x.scalar_type() && gs[m].device() == x.device(),
                 op, ": `", name, "` must be shaped like conv ", m, "'s output [", x.size(0), ", ", x.size(1), ", ",
-                ho, ", ", wo, "] with `x`'s dtype, got ", pynas::checks::describe(gs[m]));
+                ho, ", ", wo, "] with the dtype and device of `x`, got ", pynas::checks::describe(gs[m]));
   }
-  return pynas::cpu::edge_dw_backward(x, ws, gs, strides, pads, dils, pre, mean, rstd, need_grad_w);
+  if (x.is_cpu()) return pynas::cpu::edge_dw_backward(x, ws, gs, strides, pads, dils, pre, mean, rstd, need_grad_w);
+#ifdef PYNAS_WITH_CUDA
+  if (x.is_cuda()) return pynas::cuda::edge_dw_backward(x, ws, gs, strides, pads, dils, pre, mean, rstd, need_grad_w);
+#endif
+  fail_device(op, x, "x");
 }
 
 std::tuple<at::Tensor, at::Tensor> edge_bn_stats(const at::Tensor& p, double eps, double momentum,
                                                  const std::optional<at::Tensor>& running_mean,
                                                  const std::optional<at::Tensor>& running_var) {
   constexpr const char* op = "edge_bn_stats";
-  check_activation(op, p, "p");
+  check_edge_input(op, p, "p");
   TORCH_CHECK(p.size(0) * p.size(2) * p.size(3) > 1, op,
               ": BatchNorm needs more than one value per channel in training, got `p` of ",
               pynas::checks::describe(p));
   TORCH_CHECK(eps > 0, op, ": `eps` must be positive, got ", eps);
   const at::Tensor rm = running_mean.value_or(at::Tensor()), rv = running_var.value_or(at::Tensor());
-  if (rm.defined()) check_channel_vector(op, rm, "running_mean", p);
-  if (rv.defined()) check_channel_vector(op, rv, "running_var", p);
-  return pynas::cpu::edge_bn_stats(p, eps, momentum, rm, rv);
+  if (rm.defined()) check_channel_vector(op, rm, "running_mean", p, p.scalar_type());
+  if (rv.defined()) check_channel_vector(op, rv, "running_var", p, p.scalar_type());
+  if (p.is_cpu()) return pynas::cpu::edge_bn_stats(p, eps, momentum, rm, rv);
+#ifdef PYNAS_WITH_CUDA
+  if (p.is_cuda()) return pynas::cuda::edge_bn_stats(p, eps, momentum, rm, rv);
+#endif
+  fail_device(op, p, "p");
 }
 
 at::Tensor edge_bn_backward(const at::Tensor& g, const at::Tensor& p, const at::Tensor& mean, const at::Tensor& rstd,
                             const std::optional<at::Tensor>& sums) {
   constexpr const char* op = "edge_bn_backward";
-  check_activation(op, p, "p");
+  check_edge_input(op, p, "p");
   pynas::checks::check_like(op, g, "g", p, "p");
-  check_channel_vector(op, mean, "mean", p);
-  check_channel_vector(op, rstd, "rstd", p);
+  check_channel_vector(op, mean, "mean", p, edge_acc_dtype(p));
+  check_channel_vector(op, rstd, "rstd", p, edge_acc_dtype(p));
   const at::Tensor s = sums.value_or(at::Tensor());
   if (s.defined()) {
-    TORCH_CHECK(s.dim() == 2 && s.size(0) == 2 && s.size(1) == p.size(1) && s.scalar_type() == at::kDouble &&
-                    s.is_cpu(),
-                op, ": `sums` must be (2, C) float64 on cpu, got ", pynas::checks::describe(s));
+    // float64 on the CPU, the accumulation dtype on a GPU (as edge_dw_backward gives them)
+    const at::ScalarType dtype = p.is_cpu() ? at::kDouble : edge_acc_dtype(p);
+    pynas::checks::check_dense(op, s, "sums");
+    TORCH_CHECK(s.dim() == 2 && s.size(0) == 2 && s.size(1) == p.size(1) && s.scalar_type() == dtype &&
+                    s.device() == p.device(),
+                op, ": `sums` must be (2, C) = (2, ", p.size(1), ") ", pynas::checks::dtype_name(dtype), " on ",
+                p.device(), ", got ", pynas::checks::describe(s));
   }
-  return pynas::cpu::edge_bn_backward(g, p, mean, rstd, s);
+  if (p.is_cpu()) return pynas::cpu::edge_bn_backward(g, p, mean, rstd, s);
+#ifdef PYNAS_WITH_CUDA
+  if (p.is_cuda()) return pynas::cuda::edge_bn_backward(g, p, mean, rstd, s);
+#endif
+  fail_device(op, p, "p");
 }
 
 void check_pw_weight(const char* op, const at::Tensor& w, const at::Tensor& u) {
@@ -205,8 +257,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> edge_pw_forward(const at::Tensor&
     TORCH_CHECK(eps > 0, op, ": `eps` must be positive, got ", eps);
     for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>(rm, "running_mean"), {rv, "running_var"}}) {
       if (!t.defined()) continue;
-      TORCH_CHECK(t.dim() == 1 && t.size(0) == w.size(0) && t.scalar_type() == u.scalar_type() && t.is_cpu(), op,
-                  ": `", name, "` must be 1-D with one value per output channel (", w.size(0), "), got ",
+      TORCH_CHECK(t.dim() == 1 && t.size(0) == w.size(0) && t.scalar_type() == u.scalar_type() && t.is_cpu() &&
+                      t.is_contiguous(),
+                  op,
+                  ": `", name, "` must be contiguous, 1-D with one value per output channel (", w.size(0), "), got ",
                   pynas::checks::describe(t));
     }
   }
@@ -228,7 +282,9 @@ std::tuple<at::Tensor, at::Tensor> edge_pw_backward(const at::Tensor& g, const a
 
 void check_mix_args(const char* op, const at::Tensor& x, const std::vector<at::Tensor>& ps, const at::Tensor& w,
                     int64_t stride, bool has_skip) {
-  check_activation(op, x, "x");
+  check_edge_input(op, x, "x");
+  TORCH_CHECK(x.size(2) >= 1 && x.size(3) >= 1, op, ": `x` must have a non-empty plane, got ",
+              pynas::checks::describe(x));
   TORCH_CHECK(stride == 1 || stride == 2, op, ": `stride` must be 1 or 2, got ", stride);
   TORCH_CHECK(!has_skip || stride == 1, op, ": `has_skip` (identity) needs stride 1; at stride 2 the skip is a "
               "FactorizedReduce, pass its output in `ps`");
@@ -238,9 +294,9 @@ void check_mix_args(const char* op, const at::Tensor& x, const std::vector<at::T
     const std::string name = "ps[" + std::to_string(j) + "]";
     pynas::checks::check_dense(op, ps[j], name);
     TORCH_CHECK(ps[j].sizes() == at::IntArrayRef({x.size(0), x.size(1), ho, wo}) &&
-                    ps[j].scalar_type() == x.scalar_type() && ps[j].is_cpu(),
+                    ps[j].scalar_type() == x.scalar_type() && ps[j].device() == x.device(),
                 op, ": `", name, "` must be [", x.size(0), ", ", x.size(1), ", ", ho, ", ", wo,
-                "] (the edge's output shape) with `x`'s dtype, got ", pynas::checks::describe(ps[j]));
+                "] (the edge's output shape) with the dtype and device of `x`, got ", pynas::checks::describe(ps[j]));
   }
   pynas::checks::check_vector(op, w, "w", static_cast<int64_t>(3 + ps.size()),
                               "max, avg, skip, then one per tensor in `ps`", x, "x");
@@ -262,13 +318,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> edge_mix_forward(
   for (size_t j = 0; j < J; ++j) {
     rms.push_back(running_means[j].value_or(at::Tensor()));
     rvs.push_back(running_vars[j].value_or(at::Tensor()));
-    if (rms.back().defined()) check_channel_vector(op, rms.back(), "running_means[" + std::to_string(j) + "]", x);
-    if (rvs.back().defined()) check_channel_vector(op, rvs.back(), "running_vars[" + std::to_string(j) + "]", x);
+    if (rms.back().defined()) {
+      check_channel_vector(op, rms.back(), "running_means[" + std::to_string(j) + "]", x, x.scalar_type());
+    }
+    if (rvs.back().defined()) {
+      check_channel_vector(op, rvs.back(), "running_vars[" + std::to_string(j) + "]", x, x.scalar_type());
+    }
   }
   const int64_t ho = pynas::edge::out_size(x.size(2), 3, stride, 1, 1);
   TORCH_CHECK(x.size(0) * ho * pynas::edge::out_size(x.size(3), 3, stride, 1, 1) > 1, op,
               ": BatchNorm needs more than one value per channel in training, got `x` of ", pynas::checks::describe(x));
-  return pynas::cpu::edge_mix_forward(x, ps, w, stride, has_max, has_avg, has_skip, eps, momentum, rms, rvs);
+  if (x.is_cpu()) {
+    return pynas::cpu::edge_mix_forward(x, ps, w, stride, has_max, has_avg, has_skip, eps, momentum, rms, rvs);
+  }
+#ifdef PYNAS_WITH_CUDA
+  if (x.is_cuda()) {
+    return pynas::cuda::edge_mix_forward(x, ps, w, stride, has_max, has_avg, has_skip, eps, momentum, rms, rvs);
+  }
+#endif
+  fail_device(op, x, "x");
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> edge_mix_backward(
@@ -280,17 +348,23 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> edge_mix_backward(
   const int64_t wo = pynas::edge::out_size(x.size(3), 3, stride, 1, 1);
   pynas::checks::check_dense(op, g, "g");
   TORCH_CHECK(g.sizes() == at::IntArrayRef({x.size(0), x.size(1), ho, wo}) && g.scalar_type() == x.scalar_type() &&
-                  g.is_cpu(),
+                  g.device() == x.device(),
               op, ": `g` must be shaped like the edge's output [", x.size(0), ", ", x.size(1), ", ", ho, ", ", wo,
-              "] with `x`'s dtype, got ", pynas::checks::describe(g));
+              "] with the dtype and device of `x`, got ", pynas::checks::describe(g));
   const int64_t J = static_cast<int64_t>(2 + ps.size());
+  const at::ScalarType acc = edge_acc_dtype(x);
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>(mean, "mean"), {rstd, "rstd"}}) {
     pynas::checks::check_dense(op, t, name);
-    TORCH_CHECK(t.dim() == 2 && t.size(0) == J && t.size(1) == x.size(1) && t.scalar_type() == x.scalar_type(), op,
-                ": `", name, "` must be (2 + len(ps), C) = (", J, ", ", x.size(1), ") with `x`'s dtype, got ",
-                pynas::checks::describe(t));
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == J && t.size(1) == x.size(1) && t.scalar_type() == acc &&
+                    t.device() == x.device(),
+                op, ": `", name, "` must be (2 + len(ps), C) = (", J, ", ", x.size(1), ") ",
+                pynas::checks::dtype_name(acc), " on ", x.device(), ", got ", pynas::checks::describe(t));
   }
-  return pynas::cpu::edge_mix_backward(g, x, ps, w, stride, has_max, has_avg, has_skip, mean, rstd);
+  if (x.is_cpu()) return pynas::cpu::edge_mix_backward(g, x, ps, w, stride, has_max, has_avg, has_skip, mean, rstd);
+#ifdef PYNAS_WITH_CUDA
+  if (x.is_cuda()) return pynas::cuda::edge_mix_backward(g, x, ps, w, stride, has_max, has_avg, has_skip, mean, rstd);
+#endif
+  fail_device(op, x, "x");
 }
 
 const char* host_compiler() {
@@ -340,7 +414,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("edge_dw_forward", &edge_dw_forward, py::arg("x"), py::arg("ws"), py::arg("strides"), py::arg("pads"),
         py::arg("dils"), py::arg("pre"), py::arg("mean"), py::arg("rstd"), nogil,
-        "Depthwise convs of pre(x), one per weight (fused CNN edge, CPU).");
+        "Depthwise convs of pre(x), one per weight (fused CNN edge, CPU and CUDA).");
   m.def("edge_dw_backward", &edge_dw_backward, py::arg("x"), py::arg("ws"), py::arg("gs"), py::arg("strides"),
         py::arg("pads"), py::arg("dils"), py::arg("pre"), py::arg("mean"), py::arg("rstd"),
         py::arg("need_grad_w") = true, nogil,
@@ -353,7 +427,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("edge_mix_forward", &edge_mix_forward, py::arg("x"), py::arg("ps"), py::arg("w"), py::arg("stride"),
         py::arg("has_max"), py::arg("has_avg"), py::arg("has_skip"), py::arg("eps"), py::arg("momentum"),
         py::arg("running_means"), py::arg("running_vars"), nogil,
-        "(out, mean, rstd): the weighted sum of BN(pools(x)), x and BN(ps) (fused CNN edge, CPU).");
+        "(out, mean, rstd): the weighted sum of BN(pools(x)), x and BN(ps) (fused CNN edge, CPU and CUDA).");
   m.def("edge_mix_backward", &edge_mix_backward, py::arg("g"), py::arg("x"), py::arg("ps"), py::arg("w"),
         py::arg("stride"), py::arg("has_max"), py::arg("has_avg"), py::arg("has_skip"), py::arg("mean"),
         py::arg("rstd"), nogil, "(grad_x, grad_ps, grad_w) of edge_mix_forward; pools recomputed.");

@@ -137,6 +137,17 @@ bool use_avx2() {
 #define PYNAS_ISA_CALL(fn, ...) isa_base::fn(__VA_ARGS__)
 #endif
 
+// Units (planes or samples) per parallel task: at least kGrainWork multiply-adds or element visits each,
+// so the tiny tensors of small networks run inline instead of paying a parallel region's fork and join.
+constexpr int64_t kGrainWork = 1 << 15;
+int64_t grain_for(int64_t work_per_unit) { return std::max<int64_t>(1, kGrainWork / std::max<int64_t>(1, work_per_unit)); }
+
+int64_t dw_work(const std::vector<ConvGeom>& geoms) {
+  int64_t w = 0;
+  for (const auto& g : geoms) w += g.ho * g.wo * g.k * g.k;
+  return w;
+}
+
 std::vector<ConvGeom> conv_geoms(const at::Tensor& x, const std::vector<at::Tensor>& ws,
                                  const std::vector<int64_t>& strides, const std::vector<int64_t>& pads,
                                  const std::vector<int64_t>& dils) {
@@ -288,7 +299,8 @@ std::vector<at::Tensor> edge_dw_forward(const at::Tensor& x_in, const std::vecto
     a.geoms = geoms.data();
     a.ws = wp.data();
     a.ys = yp.data();
-    at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) { PYNAS_ISA_CALL(dw_forward_range<scalar_t>, b, e, a); });
+    at::parallel_for(0, N * C, grain_for(dw_work(geoms)),
+                     [&](int64_t b, int64_t e) { PYNAS_ISA_CALL(dw_forward_range<scalar_t>, b, e, a); });
   });
   return ys;
 }
@@ -338,7 +350,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> edge_dw_backward(
     a.tap_off = tap_off.data();
     a.plane_sums = want_sums ? plane_sums.data() : nullptr;
     if (x.numel() > 0) {
-      at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) { PYNAS_ISA_CALL(dw_backward_range<scalar_t>, b, e, a); });
+      at::parallel_for(0, N * C, grain_for(2 * dw_work(geoms)),
+                       [&](int64_t b, int64_t e) { PYNAS_ISA_CALL(dw_backward_range<scalar_t>, b, e, a); });
     }
     for (size_t m = 0; m < geoms.size() && need_grad_w; ++m) {
       const ConvGeom& g = geoms[m];
@@ -387,7 +400,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> edge_pw_forward(const at::Tensor&
     const scalar_t* up = u.const_data_ptr<scalar_t>();
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
     scalar_t* pp = p.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, N, grain_for(Ci * Co * HW), [&](int64_t b, int64_t e) {
       PYNAS_ISA_CALL(pw_range<scalar_t>, b, e, up, wp, Ci, Co, HW, false, pp, stats ? means.data() : nullptr,
                      stats ? m2s.data() : nullptr);
     });
@@ -419,7 +432,7 @@ std::tuple<at::Tensor, at::Tensor> edge_pw_backward(const at::Tensor& g_in, cons
     const scalar_t* up = u.const_data_ptr<scalar_t>();
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
     scalar_t* gup = gu.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, N, grain_for(2 * Ci * Co * HW), [&](int64_t b, int64_t e) {
       PYNAS_ISA_CALL(pw_range<scalar_t>, b, e, gp, wp, Co, Ci, HW, true, gup, nullptr, nullptr);
       if (need_grad_w) PYNAS_ISA_CALL(pw_weight_grad_range<scalar_t>, b, e, gp, up, Ci, Co, HW, partial.data());
     });
@@ -444,7 +457,7 @@ std::tuple<at::Tensor, at::Tensor> edge_bn_stats(const at::Tensor& p_in, double 
   std::vector<double> means(static_cast<size_t>(N * C)), m2s(static_cast<size_t>(N * C));
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "edge_bn_stats", [&] {
     const scalar_t* pp = p.const_data_ptr<scalar_t>();
-    at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, N * C, grain_for(2 * HW), [&](int64_t b, int64_t e) {
       PYNAS_ISA_CALL(moments_range<scalar_t>, b, e, pp, HW, means.data(), m2s.data());
     });
     scalar_t* mo = mean.mutable_data_ptr<scalar_t>();
@@ -481,7 +494,7 @@ at::Tensor edge_bn_backward(const at::Tensor& g_in, const at::Tensor& p_in, cons
       }
     } else {
       std::vector<double> part(static_cast<size_t>(N * C * 2));
-      at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
+      at::parallel_for(0, N * C, grain_for(3 * HW), [&](int64_t b, int64_t e) {
         std::vector<scalar_t> scratch(static_cast<size_t>(HW));
         PYNAS_ISA_CALL(bn_sums_range<scalar_t>, b, e, gpp, pp, mp, rp, C, HW, scratch, part.data());
       });
@@ -505,7 +518,7 @@ at::Tensor edge_bn_backward(const at::Tensor& g_in, const at::Tensor& p_in, cons
       D[c] = static_cast<scalar_t>(-r * sg[c] / M + r * r * mu * sgx[c] / M);
     }
     scalar_t* out = gp.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, N * C, grain_for(HW), [&](int64_t b, int64_t e) {
       PYNAS_ISA_CALL(affine2_range<scalar_t>, b, e, gpp, pp, A.data(), B.data(), D.data(), C, HW, out);
     });
   });
@@ -561,7 +574,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> edge_mix_forward(
     std::vector<double> means(static_cast<size_t>(N * C * J), 0.0), m2s(static_cast<size_t>(N * C * J), 0.0);
     a.means = means.data();
     a.m2s = m2s.data();
-    at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) { PYNAS_ISA_CALL(mix_stats_range<scalar_t>, b, e, a); });
+    at::parallel_for(0, N * C, grain_for((J + 9) * HWo),
+                     [&](int64_t b, int64_t e) { PYNAS_ISA_CALL(mix_stats_range<scalar_t>, b, e, a); });
 
     scalar_t* mu = mean.mutable_data_ptr<scalar_t>();
     scalar_t* rs = rstd.mutable_data_ptr<scalar_t>();
@@ -590,7 +604,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> edge_mix_forward(
     a.D = D.data();
     a.w_skip = static_cast<scalar_t>(wv[2]);
     a.out = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) { PYNAS_ISA_CALL(mix_out_range<scalar_t>, b, e, a); });
+    at::parallel_for(0, N * C, grain_for(J * HWo),
+                     [&](int64_t b, int64_t e) { PYNAS_ISA_CALL(mix_out_range<scalar_t>, b, e, a); });
   });
   return {out, mean, rstd};
 }
@@ -624,7 +639,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> edge_mix_backward(
     a.ymax = has_max ? ymax.mutable_data_ptr<scalar_t>() : nullptr;
     a.yavg = has_avg ? yavg.mutable_data_ptr<scalar_t>() : nullptr;
     a.part = part.data();
-    at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) { PYNAS_ISA_CALL(mix_sums_range<scalar_t>, b, e, a); });
+    at::parallel_for(0, N * C, grain_for((J + 9) * HWo),
+                     [&](int64_t b, int64_t e) { PYNAS_ISA_CALL(mix_sums_range<scalar_t>, b, e, a); });
 
     const scalar_t* mu = mean.const_data_ptr<scalar_t>();
     const scalar_t* rs = rstd.const_data_ptr<scalar_t>();
@@ -660,7 +676,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> edge_mix_backward(
     for (auto& t : gps) gpp.push_back(t.mutable_data_ptr<scalar_t>());
     a.gps = gpp.data();
     a.gx = gx.defined() ? gx.mutable_data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) { PYNAS_ISA_CALL(mix_grads_range<scalar_t>, b, e, a); });
+    at::parallel_for(0, N * C, grain_for((J + 18) * HWo),
+                     [&](int64_t b, int64_t e) { PYNAS_ISA_CALL(mix_grads_range<scalar_t>, b, e, a); });
   });
   at::Tensor gw_t = at::empty({3 + K}, w.options().dtype(at::kDouble));
   std::copy(gw.begin(), gw.end(), gw_t.mutable_data_ptr<double>());

@@ -30,7 +30,6 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
-#include <string>
 #include <tuple>
 #include <vector>
 
@@ -119,9 +118,12 @@ __device__ __forceinline__ void warp_combine_moments(const acc_t* src, int64_t c
   *var = q / (static_cast<acc_t>(count) * static_cast<acc_t>(per_plane));
 }
 
+__device__ __forceinline__ float square_root(float v) { return sqrtf(v); }
+__device__ __forceinline__ double square_root(double v) { return sqrt(v); }
+
 template <typename acc_t>
 __device__ __forceinline__ acc_t inv_std(acc_t var, double eps) {
-  return acc_t(1) / sqrt(var + static_cast<acc_t>(eps));
+  return acc_t(1) / square_root(var + static_cast<acc_t>(eps));
 }
 
 // running <- (1 - momentum) * running + momentum * batch value (unbiased variance), as BatchNorm2d does; in
@@ -239,14 +241,16 @@ __global__ void __launch_bounds__(kMaxThreads)
 }
 
 // The backward of dw_forward_kernel for one plane per block: gx (the gradient w.r.t. x, through pre),
-// and per plane part[plane * R + t] = sum over the plane of g_m * input at tap t (all convs' taps), then
-// with kPreNormRelu part[plane * R + taps + {0, 1}] = (sum gx, sum gx * xhat). Block memory: the padded
-// transformed plane, the incoming gradients' planes, the taps.
+// and per plane part[plane * R + t] for t < grad_taps (all convs' taps, or 0 when no weight gradient is
+// wanted) = sum over the plane of g_m * input at tap t, then with kPreNormRelu
+// part[plane * R + grad_taps + {0, 1}] = (sum gx, sum gx * xhat). Block memory: the padded transformed
+// plane, the incoming gradients' planes, the taps.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kMaxThreads)
     dw_backward_kernel(const scalar_t* __restrict__ x, const Convs<scalar_t> cv, const DwPlanes pg, const int pre,
                        const acc_t* __restrict__ mean, const acc_t* __restrict__ rstd, scalar_t* __restrict__ gx,
-                       acc_t* __restrict__ part, const int R, unsigned char* scratch, size_t scratch_stride) {
+                       acc_t* __restrict__ part, const int R, const int grad_taps, unsigned char* scratch,
+                       size_t scratch_stride) {
   acc_t* buf = reinterpret_cast<acc_t*>(block_memory(scratch, scratch_stride));
   acc_t* gys = buf + pg.Hp * pg.Wp;
   acc_t* wts = gys + cv.g_len;
@@ -303,13 +307,13 @@ __global__ void __launch_bounds__(kMaxThreads)
       sg = block_sum(sg);
       sgx = block_sum(sgx);
       if (threadIdx.x == 0) {
-        part[plane * R + cv.taps] = sg;
-        part[plane * R + cv.taps + 1] = sgx;
+        part[plane * R + grad_taps] = sg;
+        part[plane * R + grad_taps + 1] = sgx;
       }
     }
 
     // weight gradient of this plane: one warp per tap, lanes over the outputs
-    for (int t = warp; t < cv.taps; t += warps) {
+    for (int t = warp; t < grad_taps; t += warps) {
       const int m = conv_of_tap(cv, t);
       const ConvGeom g = cv.geom[m];
       const int tl = t - cv.tap_off[m], ki = tl / g.k, kj = tl - ki * g.k;
@@ -328,24 +332,25 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
-// The per-plane partials of dw_backward_kernel summed over n in order: column r < taps goes to its conv's
-// weight gradient (cv.out), column taps + k to sums[k * C + c]. One thread per (c, column).
+// The per-plane partials of dw_backward_kernel summed over n in order: column r < grad_taps goes to its
+// conv's weight gradient (cv.out), column grad_taps + k to sums[k * C + c]. One thread per (c, column).
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kMaxThreads)
     dw_reduce_kernel(const acc_t* __restrict__ part, const Convs<scalar_t> cv, int64_t N, int C, int R,
-                     acc_t* __restrict__ sums) {
+                     int grad_taps, acc_t* __restrict__ sums) {
   const int64_t total = static_cast<int64_t>(C) * R;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int c = static_cast<int>(idx / R), r = static_cast<int>(idx % R);
     acc_t s = acc_t(0);
+#pragma unroll 4
     for (int64_t n = 0; n < N; ++n) s += part[(n * C + c) * R + r];
-    if (r < cv.taps) {
+    if (r < grad_taps) {
       const int m = conv_of_tap(cv, r);
       const int kk = cv.geom[m].k * cv.geom[m].k;
       cv.out[m][static_cast<int64_t>(c) * kk + (r - cv.tap_off[m])] = static_cast<scalar_t>(s);
     } else {
-      sums[static_cast<int64_t>(r - cv.taps) * C + c] = s;
+      sums[static_cast<int64_t>(r - grad_taps) * C + c] = s;
     }
   }
 }
@@ -665,7 +670,9 @@ __global__ void __launch_bounds__(kMaxThreads)
     }
     acc_t sx = acc_t(0);
     if (mt.has_skip) {
-      for (int o = threadIdx.x; o < HWo; o += blockDim.x) sx += static_cast<acc_t>(gr[o]) * static_cast<acc_t>(x[plane * HW + o]);
+      for (int o = threadIdx.x; o < HWo; o += blockDim.x) {
+        sx += static_cast<acc_t>(gr[o]) * static_cast<acc_t>(x[plane * HW + o]);  // stride 1: HWo == HW
+      }
       sx = block_sum(sx);
     }
     if (threadIdx.x == 0) pp[1 + mt.J] = sx;
@@ -987,7 +994,7 @@ std::vector<at::Tensor> edge_dw_forward(const at::Tensor& x_in, const std::vecto
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> edge_dw_backward(
     const at::Tensor& x_in, const std::vector<at::Tensor>& ws_in, const std::vector<at::Tensor>& gs_in,
     const std::vector<int64_t>& strides, const std::vector<int64_t>& pads, const std::vector<int64_t>& dils,
-    int64_t pre, const at::Tensor& mean_in, const at::Tensor& rstd_in) {
+    int64_t pre, const at::Tensor& mean_in, const at::Tensor& rstd_in, bool need_grad_w) {
   constexpr const char* op = "edge_dw_backward";
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
@@ -999,8 +1006,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> edge_dw_backward(
   }
   const int64_t N = x.size(0), C = x.size(1);
   at::Tensor gx = at::empty_like(x);
-  std::vector<at::Tensor> gws;
-  for (const auto& w : ws) gws.push_back(at::empty_like(w));
+  std::vector<at::Tensor> gws;  // empty unless need_grad_w, as on the CPU
+  if (need_grad_w) {
+    for (const auto& w : ws) gws.push_back(at::empty_like(w));
+  }
   const bool want_sums = pre == kPreNormRelu;
   at::Tensor sums;
   if (want_sums) sums = at::empty({2, C}, x.options().dtype(acc_dtype(x)));
@@ -1013,12 +1022,12 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> edge_dw_backward(
     int64_t work = x.size(2) * x.size(3);
     for (int m = 0; m < cv.count; ++m) {
       cv.g[m] = gs[m].const_data_ptr<scalar_t>();
-      cv.out[m] = gws[m].mutable_data_ptr<scalar_t>();
+      if (need_grad_w) cv.out[m] = gws[m].mutable_data_ptr<scalar_t>();
       work = std::max<int64_t>(work, static_cast<int64_t>(cv.geom[m].ho) * cv.geom[m].wo);
     }
     const DwPlanes pg = dw_planes(op, x, P);
-    const int R = cv.taps + (want_sums ? 2 : 0);
-    at::Tensor part = at::empty({std::max<int64_t>(pg.planes, 1) * R}, x.options().dtype(acc_dtype(x)));
+    const int grad_taps = need_grad_w ? cv.taps : 0, R = grad_taps + (want_sums ? 2 : 0);
+    at::Tensor part = at::empty({pg.planes * R}, x.options().dtype(acc_dtype(x)));
     if (pg.planes > 0) {
       auto* kernel = &dw_backward_kernel<scalar_t, acc_t>;
       const size_t values = static_cast<size_t>(pg.Hp) * pg.Wp + cv.g_len + cv.taps;
@@ -1026,15 +1035,16 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> edge_dw_backward(
       kernel<<<static_cast<unsigned int>(mem.blocks), threads_for(work), mem.shared, stream>>>(
           x.const_data_ptr<scalar_t>(), cv, pg, static_cast<int>(pre),
           want_sums ? mean.const_data_ptr<acc_t>() : nullptr, want_sums ? rstd.const_data_ptr<acc_t>() : nullptr,
-          gx.mutable_data_ptr<scalar_t>(), part.mutable_data_ptr<acc_t>(), R, mem.ptr, mem.stride);
+          gx.mutable_data_ptr<scalar_t>(), R > 0 ? part.mutable_data_ptr<acc_t>() : nullptr, R, grad_taps, mem.ptr,
+          mem.stride);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     const int64_t outputs = C * R;
     if (outputs > 0) {
       dw_reduce_kernel<scalar_t, acc_t>
           <<<static_cast<unsigned int>(grid_for((outputs + kMaxThreads - 1) / kMaxThreads)), kMaxThreads, 0,
-             stream>>>(part.const_data_ptr<acc_t>(), cv, N, static_cast<int>(C), R,
-                       want_sums ? sums.mutable_data_ptr<acc_t>() : nullptr);
+             stream>>>(pg.planes > 0 ? part.const_data_ptr<acc_t>() : nullptr, cv, N, static_cast<int>(C), R,
+                       grad_taps, want_sums ? sums.mutable_data_ptr<acc_t>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
@@ -1061,7 +1071,8 @@ std::tuple<at::Tensor, at::Tensor> edge_bn_stats(const at::Tensor& p_in, double 
     bn_combine_kernel<scalar_t, acc_t>
         <<<static_cast<unsigned int>(grid_for((C + kWarpsPerBlock - 1) / kWarpsPerBlock)), kMaxThreads, 0, stream>>>(
             part.const_data_ptr<acc_t>(), N, C, HW, eps, momentum, mean.mutable_data_ptr<acc_t>(),
-            rstd.mutable_data_ptr<acc_t>(), running_mean.defined() ? running_mean.mutable_data_ptr<scalar_t>() : nullptr,
+            rstd.mutable_data_ptr<acc_t>(),
+            running_mean.defined() ? running_mean.mutable_data_ptr<scalar_t>() : nullptr,
             running_mean.defined() ? running_mean.stride(0) : 0,
             running_var.defined() ? running_var.mutable_data_ptr<scalar_t>() : nullptr,
             running_var.defined() ? running_var.stride(0) : 0);
@@ -1195,9 +1206,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> edge_mix_backward(
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
     auto* apply = &mix_backward_kernel<scalar_t, acc_t>;
+    // x's plane, the pools' output gradients and the max's argmax
     const size_t bytes2 =
-        pools && gx.defined() ? sizeof(acc_t) * static_cast<size_t>(HW + 2 * HWo) + sizeof(int) * static_cast<size_t>(HWo)
-                              : 0;
+        pools ? sizeof(acc_t) * static_cast<size_t>(HW + 2 * HWo) + sizeof(int) * static_cast<size_t>(HWo) : 0;
     const BlockMemory mem2 = block_memory_for(apply, N * C, bytes2, x);
     apply<<<static_cast<unsigned int>(mem2.blocks), threads, mem2.shared, stream>>>(
         g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), mt, mp, w_acc.const_data_ptr<acc_t>(),

@@ -113,7 +113,7 @@ std::vector<at::Tensor> edge_dw_forward(const at::Tensor& x, const std::vector<a
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> edge_dw_backward(
     const at::Tensor& x, const std::vector<at::Tensor>& ws, const std::vector<at::Tensor>& gs,
     const std::vector<int64_t>& strides, const std::vector<int64_t>& pads, const std::vector<int64_t>& dils,
-    int64_t pre, const at::Tensor& mean, const at::Tensor& rstd);
+    int64_t pre, const at::Tensor& mean, const at::Tensor& rstd, bool need_grad_w = true);
 
 std::tuple<at::Tensor, at::Tensor> edge_bn_stats(const at::Tensor& p, double eps, double momentum,
                                                  const at::Tensor& running_mean, const at::Tensor& running_var);
