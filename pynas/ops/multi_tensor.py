@@ -12,9 +12,10 @@
 
 Data-dependent scalars (sum_sq, R, grad_scale) stay tensors: nothing is read back to the host.
 
-Backends: 'cpu' runs the C++ kernels (``torch.ops.pynas.mt_*``, csrc/cpu/multi_tensor.cpp: one parallel
-region per op over fixed chunks of all tensors); every other backend runs the ``torch._foreach_*``
-formulation below (the reference; on a GPU these are torch's multi-tensor kernels).
+Backends: 'cpu' and 'cuda' run ``torch.ops.pynas.mt_*`` (C++ in csrc/cpu/multi_tensor.cpp: one parallel
+region per op over fixed chunks of all tensors; CUDA in csrc/cuda/multi_tensor.cu where built), 'triton'
+the kernels of kernels/multi_tensor.py; 'reference' (and any list the kernels do not take: mixed dtypes,
+non-contiguous tensors) runs the ``torch._foreach_*`` formulation below.
 """
 from __future__ import annotations
 
@@ -27,12 +28,60 @@ from .. import _backend, _ext
 __all__ = ["virtual_step_", "sum_squares", "perturb_", "copy_", "clip_coefficient", "uses_kernels"]
 
 
-def uses_kernels(params: Sequence[torch.Tensor], backend: Optional[str] = None) -> bool:
-    """Whether the C++ kernels serve these tensors (else the torch._foreach reference)."""
-    if not params or _ext.load() is None or _backend.resolve(list(params[:1]), backend) != "cpu":
+class _TorchOps:
+    """The C++ (CPU) and CUDA kernels: ``torch.ops.pynas.mt_*``, the dispatcher picks the device."""
+
+    @staticmethod
+    def virtual_step_(params, grads, bufs, eta, momentum, weight_decay, grad_scale=None):
+        torch.ops.pynas.mt_virtual_step_(params, grads, bufs, eta, momentum, weight_decay, grad_scale)
+
+    @staticmethod
+    def sum_squares(xs):
+        return torch.ops.pynas.mt_sum_squares(xs)
+
+    @staticmethod
+    def perturb_(params, base, v, sum_sq, r, sign):
+        return torch.ops.pynas.mt_perturb_(params, base, v, sum_sq, r, sign)
+
+    @staticmethod
+    def copy_(dst, src):
+        torch.ops.pynas.mt_copy_(dst, src)
+
+
+def _has_kernel(dispatch_key: str) -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("pynas::mt_sum_squares", dispatch_key)
+    except RuntimeError:  # the op is not registered (no extension)
         return False
+
+
+def _implementation(params: Sequence[torch.Tensor], backend: Optional[str] = None):
+    """The kernels serving these tensors, or None for the torch._foreach reference."""
+    if not params:
+        return None
+    chosen = _backend.resolve(list(params[:1]), backend)
+    if chosen == "reference":
+        return None
     dtype = params[0].dtype
-    return all(p.dtype == dtype and p.is_contiguous() for p in params)
+    if not all(p.dtype == dtype and p.is_contiguous() for p in params):
+        return None
+    if chosen in ("cpu", "cuda"):
+        if _ext.load() is None or not _has_kernel("CPU" if chosen == "cpu" else "CUDA"):
+            return None
+        return _TorchOps
+    if chosen == "triton":
+        from .._triton import kernel_module
+
+        try:
+            return kernel_module("multi_tensor")
+        except ModuleNotFoundError:
+            return None
+    return None
+
+
+def uses_kernels(params: Sequence[torch.Tensor], backend: Optional[str] = None) -> bool:
+    """Whether pynas's kernels serve these tensors (else the torch._foreach reference)."""
+    return _implementation(params, backend) is not None
 
 
 @torch.no_grad()
@@ -40,9 +89,9 @@ def virtual_step_(params, grads, bufs, eta: float, momentum: float, weight_decay
                   grad_scale: Optional[torch.Tensor] = None, *, backend: Optional[str] = None) -> None:
     params, grads = list(params), list(grads)
     bufs = list(bufs) if bufs is not None else [None] * len(params)
-    if uses_kernels(params, backend):
-        torch.ops.pynas.mt_virtual_step_(params, grads, bufs, float(eta), float(momentum), float(weight_decay),
-                                         grad_scale)
+    impl = _implementation(params, backend)
+    if impl is not None:
+        impl.virtual_step_(params, grads, bufs, float(eta), float(momentum), float(weight_decay), grad_scale)
         return
     g = torch._foreach_mul(grads, grad_scale) if grad_scale is not None else grads
     d = torch._foreach_add(g, params, alpha=weight_decay)  # s g + wd w
@@ -55,8 +104,9 @@ def virtual_step_(params, grads, bufs, eta: float, momentum: float, weight_decay
 @torch.no_grad()
 def sum_squares(xs, *, backend: Optional[str] = None) -> torch.Tensor:
     xs = list(xs)
-    if uses_kernels(xs, backend):
-        return torch.ops.pynas.mt_sum_squares(xs)
+    impl = _implementation(xs, backend)
+    if impl is not None:
+        return impl.sum_squares(xs)
     norms = torch.stack(torch._foreach_norm(xs)).double()
     return (norms * norms).sum()
 
@@ -65,8 +115,9 @@ def sum_squares(xs, *, backend: Optional[str] = None) -> torch.Tensor:
 def perturb_(params, base, v, sum_sq: torch.Tensor, r: float, sign: float, *,
              backend: Optional[str] = None) -> torch.Tensor:
     params, base, v = list(params), list(base), list(v)
-    if uses_kernels(params, backend):
-        return torch.ops.pynas.mt_perturb_(params, base, v, sum_sq, float(r), float(sign))
+    impl = _implementation(params, backend)
+    if impl is not None:
+        return impl.perturb_(params, base, v, sum_sq, float(r), float(sign))
     R = r / sum_sq.sqrt().clamp_min(torch.finfo(torch.float64).tiny)
     torch._foreach_copy_(params, base)
     torch._foreach_add_(params, torch._foreach_mul(v, (sign * R).to(params[0].dtype)))
@@ -78,8 +129,9 @@ def copy_(dst, src, *, backend: Optional[str] = None) -> None:
     dst, src = list(dst), list(src)
     if not dst:
         return
-    if uses_kernels(dst, backend):
-        torch.ops.pynas.mt_copy_(dst, [s.detach() for s in src])
+    impl = _implementation(dst, backend)
+    if impl is not None:
+        impl.copy_(dst, [s.detach() for s in src])
         return
     torch._foreach_copy_(dst, [s.detach() for s in src])
 
