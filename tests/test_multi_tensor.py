@@ -143,3 +143,18 @@ def test_rnn_variant_clipped_virtual_step_matches_clip_grad_norm():
     mt.virtual_step_(out, grads, None, 20.0, 0.0, 5e-7, scale, backend="cpu")
     for a, b in zip(out, ref):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(pynas.backends()["triton"] is not None, reason="triton unusable here (TRITON_INTERPRET=1 on CPU)")
+def test_triton_backend_dispatches_to_the_triton_kernels():
+    params, base, v = _lists(torch.float64, 5)
+    impl = mt._implementation(params, "triton")
+    assert impl is not None and impl.__name__.endswith("kernels.multi_tensor")
+    ss = mt.sum_squares(v, backend="triton")
+    torch.testing.assert_close(ss, mt.sum_squares(v, backend="cpu"), rtol=1e-12, atol=0)
+    out = [p.clone() for p in params]
+    mt.perturb_(out, base, v, ss, 0.01, -1.0, backend="triton")
+    ref = [p.clone() for p in params]
+    mt.perturb_(ref, base, v, ss, 0.01, -1.0, backend="cpu")
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)

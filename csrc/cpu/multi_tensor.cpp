@@ -157,62 +157,23 @@ void mt_copy_(const std::vector<at::Tensor>& dst, const std::vector<at::Tensor>&
 
 // ---- registration: torch.ops.pynas.mt_* (custom ops in C++; the CPU kernels above) ----------------------
 
+#include "pynas/multi_tensor_checks.h"
+
 #include <torch/library.h>
 
 namespace {
 
 using TensorList = at::TensorList;
-
-void check_list(const char* op, TensorList ts, const char* name, const at::Tensor* ref, size_t len) {
-  TORCH_CHECK(ts.size() == len, op, ": `", name, "` must hold ", len, " tensors (one per parameter), got ",
-              ts.size());
-  for (size_t i = 0; i < ts.size(); ++i) {
-    const at::Tensor& t = ts[i];
-    TORCH_CHECK(t.defined() && t.layout() == at::kStrided && t.is_contiguous(), op, ": `", name, "[", i,
-                "]` must be a dense contiguous tensor");
-    TORCH_CHECK(t.is_floating_point(), op, ": `", name, "[", i, "]` must be floating, got ", t.scalar_type());
-    if (ref != nullptr) {
-      TORCH_CHECK(t.scalar_type() == ref->scalar_type() && t.device() == ref->device(), op, ": `", name, "[", i,
-                  "]` must have the dtype and device of the first parameter (", ref->scalar_type(), " on ",
-                  ref->device(), "), got ", t.scalar_type(), " on ", t.device());
-    }
-  }
-}
-
-void check_params(const char* op, TensorList params) {
-  check_list(op, params, "params", params.empty() ? nullptr : &params[0], params.size());
-}
-
-void check_like_params(const char* op, TensorList ts, const char* name, TensorList params) {
-  check_list(op, ts, name, params.empty() ? nullptr : &params[0], params.size());
-  for (size_t i = 0; i < ts.size(); ++i) {
-    TORCH_CHECK(ts[i].sizes() == params[i].sizes(), op, ": `", name, "[", i, "]` must have the shape of `params[",
-                i, "]` ", params[i].sizes(), ", got ", ts[i].sizes());
-  }
-}
+using namespace pynas::multi_tensor;  // check_list, check_params, ... (shared with CUDA)
 
 void virtual_step_op(TensorList params, TensorList grads, const c10::List<std::optional<at::Tensor>>& bufs,
                      double eta, double momentum, double weight_decay, const std::optional<at::Tensor>& grad_scale) {
   constexpr const char* op = "mt_virtual_step_";
   check_params(op, params);
   check_like_params(op, grads, "grads", params);
-  TORCH_CHECK(bufs.size() == 0 || bufs.size() == params.size(), op,
-              ": `bufs` must be empty or hold one entry (a tensor or None) per parameter (", params.size(),
-              "), got ", bufs.size());
-  std::vector<at::Tensor> b;
-  for (size_t i = 0; i < bufs.size(); ++i) {
-    const std::optional<at::Tensor> t = bufs.get(i);
-    if (t.has_value() && t->defined()) {
-      TORCH_CHECK(t->sizes() == params[i].sizes() && t->scalar_type() == params[i].scalar_type() &&
-                      t->device() == params[i].device() && t->is_contiguous(),
-                  op, ": `bufs[", i, "]` must be contiguous with the shape, dtype and device of `params[", i, "]`");
-      b.push_back(*t);
-    } else {
-      b.emplace_back();
-    }
-  }
+  const std::vector<at::Tensor> b = checked_bufs(op, bufs, params);
   at::Tensor s = grad_scale.value_or(at::Tensor());
-  TORCH_CHECK(!s.defined() || s.numel() == 1, op, ": `grad_scale` must hold one value, got ", s.numel());
+  check_grad_scale(op, s);
   pynas::cpu::mt_virtual_step_(params.vec(), grads.vec(), b, eta, momentum, weight_decay, s);
 }
 
@@ -227,8 +188,7 @@ at::Tensor perturb_op(TensorList params, TensorList base, TensorList v, const at
   check_params(op, params);
   check_like_params(op, base, "base", params);
   check_like_params(op, v, "v", params);
-  TORCH_CHECK(sum_sq.numel() == 1, op, ": `sum_sq` must hold one value, got ", sum_sq.numel());
-  TORCH_CHECK(r > 0, op, ": `r` must be positive, got ", r);
+  check_perturb_scalars(op, sum_sq, r);
   return pynas::cpu::mt_perturb_(params.vec(), base.vec(), v.vec(), sum_sq, r, sign);
 }
 
