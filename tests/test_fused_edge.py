@@ -182,17 +182,30 @@ def test_eval_mode_uses_the_reference_path():
     torch.testing.assert_close(y, y_ref)
 
 
-def test_search_iterations_follow_the_reference():
+def _trajectory_backends():
+    out = []
+    for name in ("cpu", "cuda", "triton"):
+        why = pynas.backends()[name]
+        if why is None and name == "triton" and not torch.cuda.is_available():
+            why = "whole networks through the Triton interpreter take minutes; runs on a GPU"
+        out.append(pytest.param(name, marks=pytest.mark.skipif(why is not None, reason=f"{name}: {why}")))
+    return out
+
+
+@pytest.mark.parametrize("backend", _trajectory_backends())
+def test_search_iterations_follow_the_reference(backend):
     from pynas.architect import Architect
+
+    dev = "cpu" if backend == "cpu" else "cuda"
 
     def run(backend):
         torch.manual_seed(0)
-        model = Network(4, 10, 3, nn.CrossEntropyLoss()).double()
+        model = Network(4, 10, 3, nn.CrossEntropyLoss()).double().to(dev)
         opt = torch.optim.SGD(model.parameters(), 0.05, momentum=0.9, weight_decay=3e-4)
         arch = Architect(model, momentum=0.9, weight_decay=3e-4, arch_learning_rate=3e-3, arch_weight_decay=1e-3)
         g = torch.Generator().manual_seed(1)
-        data = [(torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 10, (4,), generator=g))
-                for _ in range(4)]
+        data = [(torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64).to(dev),
+                 torch.randint(0, 10, (4,), generator=g).to(dev)) for _ in range(4)]
         with pynas.use_backend(backend):
             for i, unrolled in enumerate([False, True, True]):
                 (x, y), (xv, yv) = data[i], data[i + 1]
@@ -203,7 +216,15 @@ def test_search_iterations_follow_the_reference():
                 opt.step()
         return model
 
-    a, b = run("cpu"), run("reference")
+    calls = []
+    real = fused._EdgeFunction.apply
+    fused._EdgeFunction.apply = lambda *a: calls.append(a[1]) or real(*a)
+    try:
+        a = run(backend)
+    finally:
+        fused._EdgeFunction.apply = real
+    assert calls and set(calls) == {backend}  # every edge of every pass went through the fused kernels
+    b = run("reference")
     for x, y in zip(a.arch_parameters(), b.arch_parameters()):
         torch.testing.assert_close(x, y, rtol=1e-8, atol=1e-10)
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
