@@ -205,6 +205,7 @@ if (( DRY_RUN )); then
 else
     run_step "gpu tests" 180 120 "$TESTS_LOG" \
         "$PY" -m pytest -q -rs --maxfail=20 tests/test_edge_cuda.py tests/test_fused_edge.py tests/test_edge_triton.py \
+        tests/test_multi_tensor_gpu.py tests/test_rnn_mix.py tests/test_rnn_mix_cuda.py tests/test_rnn_mix_triton.py \
         tests/test_mixed_sum.py tests/test_compat_cnn.py tests/test_backends.py -p no:cacheprovider
 fi
 

@@ -6,6 +6,7 @@
 #include "pynas/macros.h"
 #include "pynas/mixed_edge.h"
 #include "pynas/mixed_sum.h"
+#include "pynas/rnn_mix.h"
 
 #include <torch/python.h>
 
@@ -367,6 +368,53 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> edge_mix_backward(
   fail_device(op, x, "x");
 }
 
+// ---- rnn_mix -------------------------------------------------------------------------------------------
+
+void check_rnn_mix_args(const char* op, const at::Tensor& states, const at::Tensor& c, const at::Tensor& h,
+                        const at::Tensor& probs) {
+  pynas::checks::check_dense(op, states, "states");
+  pynas::checks::check_supported_float(op, states, "states");
+  TORCH_CHECK(states.dim() == 3, op, ": `states` must be 3-D (J, B, H), got ", pynas::checks::describe(states));
+  pynas::checks::check_like(op, c, "c", states, "states");
+  pynas::checks::check_like(op, h, "h", states, "states");
+  pynas::checks::check_dense(op, probs, "probs");
+  TORCH_CHECK(probs.dim() == 2 && probs.size(0) == states.size(0) && probs.size(1) == pynas::rnn_mix::kFuncs &&
+                  probs.is_floating_point() && probs.device() == states.device(),
+              op, ": `probs` must be a floating (J, 5) = (", states.size(0),
+              ", 5) tensor over none, tanh, relu, sigmoid, identity on the device of `states`, got ",
+              pynas::checks::describe(probs));
+}
+
+at::Tensor rnn_mix_forward(const at::Tensor& states, const at::Tensor& c, const at::Tensor& h,
+                           const at::Tensor& probs) {
+  constexpr const char* op = "rnn_mix_forward";
+  check_rnn_mix_args(op, states, c, h, probs);
+  if (states.is_cpu()) return pynas::cpu::rnn_mix_forward(states, c, h, probs);
+#ifdef PYNAS_WITH_CUDA
+  if (states.is_cuda()) return pynas::cuda::rnn_mix_forward(states, c, h, probs);
+#endif
+  fail_device(op, states, "states");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_mix_backward(const at::Tensor& grad_out,
+                                                                            const at::Tensor& states,
+                                                                            const at::Tensor& c,
+                                                                            const at::Tensor& h,
+                                                                            const at::Tensor& probs) {
+  constexpr const char* op = "rnn_mix_backward";
+  check_rnn_mix_args(op, states, c, h, probs);
+  pynas::checks::check_dense(op, grad_out, "grad_out");
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == states.size(1) && grad_out.size(1) == states.size(2) &&
+                  grad_out.scalar_type() == states.scalar_type() && grad_out.device() == states.device(),
+              op, ": `grad_out` must be (B, H) = (", states.size(1), ", ", states.size(2),
+              ") with the dtype and device of `states`, got ", pynas::checks::describe(grad_out));
+  if (states.is_cpu()) return pynas::cpu::rnn_mix_backward(grad_out, states, c, h, probs);
+#ifdef PYNAS_WITH_CUDA
+  if (states.is_cuda()) return pynas::cuda::rnn_mix_backward(grad_out, states, c, h, probs);
+#endif
+  fail_device(op, states, "states");
+}
+
 const char* host_compiler() {
 #if defined(__clang__)
   return "clang " __clang_version__;
@@ -440,6 +488,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa", &pynas::cpu::isa, "The instruction set of the CPU edge kernels in use: 'base' or 'avx2'.");
   m.def("set_cpu_isa", &pynas::cpu::set_isa, py::arg("name"),
         "Force the CPU edge kernels' instruction set: 'auto', 'base' or 'avx2' (PYNAS_CPU_ISA=base at startup).");
+  m.def("rnn_mix_forward", &rnn_mix_forward, py::arg("states"), py::arg("c"), py::arg("h"), py::arg("probs"), nogil,
+        "sum_j sum_{f != none} probs[j, f] * (states[j] + c[j] * (f(h[j]) - states[j])) of (J, B, H) inputs.");
+  m.def("rnn_mix_backward", &rnn_mix_backward, py::arg("grad_out"), py::arg("states"), py::arg("c"), py::arg("h"),
+        py::arg("probs"), nogil, "(d states, d c, d h, d probs) of rnn_mix_forward; activations recomputed.");
   m.def("build_info", &build_info,
         "How pynas._C was built: dict of cuda, cuda_version, cuda_archs, openmp, torch_version_built, compiler.");
 }

@@ -1,0 +1,139 @@
+"""rnn_mix: the node mix of the DARTS RNN search cell, fused.
+
+    out = sum_j sum_{f != none} probs[j, f] * (states[j] + c[j] * (f(h[j]) - states[j]))
+
+``states, c, h``: (J, B, H), one dtype and device, ``c`` already through the sigmoid; ``probs``: (J, 5),
+floating, over ``none, tanh, relu, sigmoid, identity`` (the softmaxed arch weights of the J edges
+into a node). Returns (B, H). The backward (d states, d c, d h, d probs) recomputes the activations
+instead of storing them; the reference formulation below stores every activation and every product.
+Math and kernels: csrc/include/pynas/rnn_mix.h, csrc/cpu/rnn_mix.cpp, csrc/cuda/rnn_mix.cu,
+kernels/rnn_mix.py.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from .. import _backend, _ext
+
+__all__ = ["rnn_mix", "rnn_mix_ref", "RNN_FUNCS"]
+
+#: The columns of ``probs``.
+RNN_FUNCS = ("none", "tanh", "relu", "sigmoid", "identity")
+
+
+def rnn_mix_ref(states: torch.Tensor, c: torch.Tensor, h: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """Plain-PyTorch reference (autograd by torch), in the form of the DARTS RNN cell."""
+    out = None
+    for j in range(states.shape[0]):
+        s, cj, hj = states[j], c[j], h[j]
+        for k, f in ((1, torch.tanh), (2, torch.relu), (3, torch.sigmoid), (4, lambda t: t)):
+            term = probs[j, k] * (s + cj * (f(hj) - s))
+            out = term if out is None else out + term
+    return out
+
+
+def _check(states, c, h, probs) -> None:
+    for name, t in (("states", states), ("c", c), ("h", h), ("probs", probs)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
+    if states.dim() != 3:
+        raise ValueError(f"states: expected shape (J, B, H), got {tuple(states.shape)}")
+    if not states.is_floating_point():
+        raise TypeError(f"states: expected a floating dtype, got {states.dtype}")
+    for name, t in (("c", c), ("h", h)):
+        if t.shape != states.shape or t.dtype != states.dtype or t.device != states.device:
+            raise ValueError(f"{name}: expected the shape, dtype and device of states "
+                             f"({tuple(states.shape)}, {states.dtype}, {states.device}), got "
+                             f"({tuple(t.shape)}, {t.dtype}, {t.device})")
+    if probs.shape != (states.shape[0], len(RNN_FUNCS)) or not probs.is_floating_point() \
+            or probs.device != states.device:
+        raise ValueError(f"probs: expected a floating ({states.shape[0]}, 5) tensor over {', '.join(RNN_FUNCS)} "
+                         f"on {states.device}, got {tuple(probs.shape)} {probs.dtype} on {probs.device}")
+
+
+def _kernels(backend: str):
+    if backend in ("cpu", "cuda"):
+        return _ext.get()
+    if backend == "triton":
+        from .._triton import kernel_module
+
+        return kernel_module("rnn_mix")
+    raise ValueError(f"backend: {backend!r} has no rnn_mix kernel")
+
+
+@torch.library.custom_op("pynas::rnn_mix", mutates_args=())
+def _rnn_mix_op(states: torch.Tensor, c: torch.Tensor, h: torch.Tensor, probs: torch.Tensor,
+                backend: str) -> torch.Tensor:
+    if backend == "reference":
+        with torch.no_grad():
+            return rnn_mix_ref(states, c, h, probs)
+    return _kernels(backend).rnn_mix_forward(states, c, h, probs)
+
+
+@_rnn_mix_op.register_fake
+def _(states, c, h, probs, backend):
+    return states.new_empty(states.shape[1:])
+
+
+@torch.library.custom_op("pynas::rnn_mix_backward", mutates_args=())
+def _rnn_mix_backward_op(grad_out: torch.Tensor, states: torch.Tensor, c: torch.Tensor, h: torch.Tensor,
+                         probs: torch.Tensor, backend: str) -> List[torch.Tensor]:
+    """[d states, d c, d h, d probs]."""
+    grad_out = grad_out.contiguous()
+    if backend == "reference":
+        with torch.enable_grad():
+            ins = [t.detach().requires_grad_(True) for t in (states, c, h, probs)]
+            return list(torch.autograd.grad(rnn_mix_ref(*ins), ins, grad_out))
+    return list(_kernels(backend).rnn_mix_backward(grad_out, states, c, h, probs))
+
+
+@_rnn_mix_backward_op.register_fake
+def _(grad_out, states, c, h, probs, backend):
+    return [torch.empty_like(states), torch.empty_like(states), torch.empty_like(states), torch.empty_like(probs)]
+
+
+def _setup_context(ctx, inputs, output):
+    states, c, h, probs, backend = inputs
+    ctx.save_for_backward(states, c, h, probs)
+    ctx.backend = backend
+
+
+def _backward(ctx, grad_out):
+    states, c, h, probs = ctx.saved_tensors
+    ds, dc, dh, dp = torch.ops.pynas.rnn_mix_backward(grad_out, states, c, h, probs, ctx.backend)
+    return ds, dc, dh, dp, None
+
+
+torch.library.register_autograd("pynas::rnn_mix", _backward, setup_context=_setup_context)
+
+
+class _RnnMixFunction(torch.autograd.Function):
+    """The eager path to the same kernels (an autograd.Function costs less per call than a custom op)."""
+
+    @staticmethod
+    def forward(ctx, backend: str, states, c, h, probs):
+        ctx.backend = backend
+        ctx.save_for_backward(states, c, h, probs)
+        return _kernels(backend).rnn_mix_forward(states, c, h, probs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        states, c, h, probs = ctx.saved_tensors
+        ds, dc, dh, dp = _kernels(ctx.backend).rnn_mix_backward(grad_out.contiguous(), states, c, h, probs)
+        return None, ds, dc, dh, dp
+
+
+def rnn_mix(states: torch.Tensor, c: torch.Tensor, h: torch.Tensor, probs: torch.Tensor, *,
+            backend: Optional[str] = None) -> torch.Tensor:
+    """The DARTS RNN node mix (see the module docstring); differentiable w.r.t. all four inputs."""
+    _check(states, c, h, probs)
+    chosen = _backend.resolve([states, c, h, probs], backend)
+    if chosen == "reference":
+        return rnn_mix_ref(states, c, h, probs)
+    states, c, h, probs = (t.contiguous() for t in (states, c, h, probs))
+    if torch.compiler.is_compiling():
+        return torch.ops.pynas.rnn_mix(states, c, h, probs, chosen)
+    return _RnnMixFunction.apply(chosen, states, c, h, probs)
