@@ -217,6 +217,21 @@ void update_running(const at::Tensor& rm, const at::Tensor& rv, int64_t c, doubl
   }
 }
 
+// Per channel, from per-plane moments (N x C, channel-minor): mean, rstd = 1/sqrt(var + eps), and the
+// running statistics updated.
+template <typename scalar_t>
+void finish_batch_stats(const std::vector<double>& means, const std::vector<double>& m2s, int64_t N, int64_t C,
+                        int64_t HW, double eps, double momentum, const at::Tensor& running_mean,
+                        const at::Tensor& running_var, scalar_t* mean, scalar_t* rstd) {
+  for (int64_t c = 0; c < C; ++c) {
+    double mu, var;
+    combine_moments(means.data() + c, m2s.data() + c, N, C, HW, &mu, &var);
+    mean[c] = static_cast<scalar_t>(mu);
+    rstd[c] = static_cast<scalar_t>(1.0 / std::sqrt(var + eps));
+    update_running<scalar_t>(running_mean, running_var, c, mu, var, N * HW, momentum);
+  }
+}
+
 // 1/count of each output pixel of the 3x3 avg pool (count_include_pad=False), in rows of length `row`
 // (the padded width w + 2 at stride 1, wo at stride 2); zeros past wo.
 template <typename T>
@@ -407,15 +422,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> edge_pw_forward(const at::Tensor&
     if (stats) {
       mean = at::empty({Co}, u.options());
       rstd = at::empty({Co}, u.options());
-      scalar_t* mo = mean.mutable_data_ptr<scalar_t>();
-      scalar_t* ro = rstd.mutable_data_ptr<scalar_t>();
-      for (int64_t c = 0; c < Co; ++c) {
-        double mu, var;
-        combine_moments(means.data() + c, m2s.data() + c, N, Co, HW, &mu, &var);
-        mo[c] = static_cast<scalar_t>(mu);
-        ro[c] = static_cast<scalar_t>(1.0 / std::sqrt(var + eps));
-        update_running<scalar_t>(running_mean, running_var, c, mu, var, N * HW, momentum);
-      }
+      finish_batch_stats<scalar_t>(means, m2s, N, Co, HW, eps, momentum, running_mean, running_var,
+                                   mean.mutable_data_ptr<scalar_t>(), rstd.mutable_data_ptr<scalar_t>());
     }
   });
   return {p, mean, rstd};
@@ -460,15 +468,8 @@ std::tuple<at::Tensor, at::Tensor> edge_bn_stats(const at::Tensor& p_in, double 
     at::parallel_for(0, N * C, grain_for(2 * HW), [&](int64_t b, int64_t e) {
       PYNAS_ISA_CALL(moments_range<scalar_t>, b, e, pp, HW, means.data(), m2s.data());
     });
-    scalar_t* mo = mean.mutable_data_ptr<scalar_t>();
-    scalar_t* ro = rstd.mutable_data_ptr<scalar_t>();
-    for (int64_t c = 0; c < C; ++c) {
-      double mu, var;
-      combine_moments(means.data() + c, m2s.data() + c, N, C, HW, &mu, &var);
-      mo[c] = static_cast<scalar_t>(mu);
-      ro[c] = static_cast<scalar_t>(1.0 / std::sqrt(var + eps));
-      update_running<scalar_t>(running_mean, running_var, c, mu, var, N * HW, momentum);
-    }
+    finish_batch_stats<scalar_t>(means, m2s, N, C, HW, eps, momentum, running_mean, running_var,
+                                 mean.mutable_data_ptr<scalar_t>(), rstd.mutable_data_ptr<scalar_t>());
   });
   return {mean, rstd};
 }

@@ -163,41 +163,14 @@ void mt_copy_(const std::vector<at::Tensor>& dst, const std::vector<at::Tensor>&
 
 namespace {
 
-using TensorList = at::TensorList;
-using namespace pynas::multi_tensor;  // check_list, check_params, ... (shared with CUDA)
-
-void virtual_step_op(TensorList params, TensorList grads, const c10::List<std::optional<at::Tensor>>& bufs,
-                     double eta, double momentum, double weight_decay, const std::optional<at::Tensor>& grad_scale) {
-  constexpr const char* op = "mt_virtual_step_";
-  check_params(op, params);
-  check_like_params(op, grads, "grads", params);
-  const std::vector<at::Tensor> b = checked_bufs(op, bufs, params);
-  at::Tensor s = grad_scale.value_or(at::Tensor());
-  check_grad_scale(op, s);
-  pynas::cpu::mt_virtual_step_(params.vec(), grads.vec(), b, eta, momentum, weight_decay, s);
-}
-
-at::Tensor sum_squares_op(TensorList xs) {
-  check_list("mt_sum_squares", xs, "xs", xs.empty() ? nullptr : &xs[0], xs.size());
-  return pynas::cpu::mt_sum_squares(xs.vec());
-}
-
-at::Tensor perturb_op(TensorList params, TensorList base, TensorList v, const at::Tensor& sum_sq, double r,
-                      double sign) {
-  constexpr const char* op = "mt_perturb_";
-  check_params(op, params);
-  check_like_params(op, base, "base", params);
-  check_like_params(op, v, "v", params);
-  check_perturb_scalars(op, sum_sq, r);
-  return pynas::cpu::mt_perturb_(params.vec(), base.vec(), v.vec(), sum_sq, r, sign);
-}
-
-void copy_op(TensorList dst, TensorList src) {
-  constexpr const char* op = "mt_copy_";
-  check_params(op, dst);
-  check_like_params(op, src, "src", dst);
-  pynas::cpu::mt_copy_(dst.vec(), src.vec());
-}
+// The CPU kernels above, as CheckedOps (multi_tensor_checks.h) expects them.
+struct CpuKernels {
+  static constexpr auto virtual_step_ = &pynas::cpu::mt_virtual_step_;
+  static constexpr auto sum_squares = &pynas::cpu::mt_sum_squares;
+  static constexpr auto perturb_ = &pynas::cpu::mt_perturb_;
+  static constexpr auto copy_ = &pynas::cpu::mt_copy_;
+};
+using Ops = pynas::multi_tensor::CheckedOps<CpuKernels>;
 
 }  // namespace
 
@@ -210,8 +183,8 @@ TORCH_LIBRARY_FRAGMENT(pynas, m) {
 }
 
 TORCH_LIBRARY_IMPL(pynas, CPU, m) {
-  m.impl("mt_virtual_step_", &virtual_step_op);
-  m.impl("mt_sum_squares", &sum_squares_op);
-  m.impl("mt_perturb_", &perturb_op);
-  m.impl("mt_copy_", &copy_op);
+  m.impl("mt_virtual_step_", &Ops::virtual_step_);
+  m.impl("mt_sum_squares", &Ops::sum_squares);
+  m.impl("mt_perturb_", &Ops::perturb_);
+  m.impl("mt_copy_", &Ops::copy_);
 }

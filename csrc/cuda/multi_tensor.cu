@@ -284,41 +284,14 @@ void copy(const std::vector<at::Tensor>& dst, const std::vector<at::Tensor>& src
 
 // ---- registration (same checks and messages as the CPU registration) ------------------------------------
 
-using at::TensorList;
-using namespace pynas::multi_tensor;
-
-void virtual_step_op(TensorList params, TensorList grads, const c10::List<std::optional<at::Tensor>>& bufs,
-                     double eta, double momentum, double weight_decay, const std::optional<at::Tensor>& grad_scale) {
-  constexpr const char* op = "mt_virtual_step_";
-  check_params(op, params);
-  check_like_params(op, grads, "grads", params);
-  const std::vector<at::Tensor> b = checked_bufs(op, bufs, params);
-  const at::Tensor s = grad_scale.value_or(at::Tensor());
-  check_grad_scale(op, s);
-  virtual_step(params.vec(), grads.vec(), b, eta, momentum, weight_decay, s);
-}
-
-at::Tensor sum_squares_op(TensorList xs) {
-  check_list("mt_sum_squares", xs, "xs", xs.empty() ? nullptr : &xs[0], xs.size());
-  return sum_squares(xs.vec());
-}
-
-at::Tensor perturb_op(TensorList params, TensorList base, TensorList v, const at::Tensor& sum_sq, double r,
-                      double sign) {
-  constexpr const char* op = "mt_perturb_";
-  check_params(op, params);
-  check_like_params(op, base, "base", params);
-  check_like_params(op, v, "v", params);
-  check_perturb_scalars(op, sum_sq, r);
-  return perturb(params.vec(), base.vec(), v.vec(), sum_sq, r, sign);
-}
-
-void copy_op(TensorList dst, TensorList src) {
-  constexpr const char* op = "mt_copy_";
-  check_params(op, dst);
-  check_like_params(op, src, "src", dst);
-  copy(dst.vec(), src.vec());
-}
+// The kernels above, as CheckedOps (multi_tensor_checks.h) expects them.
+struct CudaKernels {
+  static constexpr auto virtual_step_ = &virtual_step;
+  static constexpr auto sum_squares = &mt::sum_squares;
+  static constexpr auto perturb_ = &perturb;
+  static constexpr auto copy_ = &copy;
+};
+using Ops = pynas::multi_tensor::CheckedOps<CudaKernels>;
 
 }  // namespace
 }  // namespace mt
@@ -326,8 +299,8 @@ void copy_op(TensorList dst, TensorList src) {
 }  // namespace pynas
 
 TORCH_LIBRARY_IMPL(pynas, CUDA, m) {
-  m.impl("mt_virtual_step_", &pynas::cuda::mt::virtual_step_op);
-  m.impl("mt_sum_squares", &pynas::cuda::mt::sum_squares_op);
-  m.impl("mt_perturb_", &pynas::cuda::mt::perturb_op);
-  m.impl("mt_copy_", &pynas::cuda::mt::copy_op);
+  m.impl("mt_virtual_step_", &pynas::cuda::mt::Ops::virtual_step_);
+  m.impl("mt_sum_squares", &pynas::cuda::mt::Ops::sum_squares);
+  m.impl("mt_perturb_", &pynas::cuda::mt::Ops::perturb_);
+  m.impl("mt_copy_", &pynas::cuda::mt::Ops::copy_);
 }

@@ -28,7 +28,6 @@ modules one by one (the reference path).
 from __future__ import annotations
 
 import functools
-import inspect
 import os
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
@@ -57,10 +56,6 @@ class ConvSpec:
     @property
     def n_params(self) -> int:
         return 4 if self.kind == "sep" else 2
-
-    @property
-    def n_bns(self) -> int:
-        return 2 if self.kind == "sep" else 1
 
 
 @dataclass(frozen=True)
@@ -327,15 +322,11 @@ def edge_backward_impl(spec: EdgeSpec, k, g: torch.Tensor, x: torch.Tensor, weig
 
 
 class _MatmulPw:
-    """A backend's edge kernels plus 1x1 convs through torch.matmul (for the GPU backends, whose kernels
-    cover the depthwise convs, BatchNorms and the mix; cuBLAS serves the 1x1 convs well there)."""
+    """The extension's CUDA edge kernels plus 1x1 convs through torch.matmul (its 1x1 conv kernels are
+    CPU-only; cuBLAS serves them well on a GPU). The Triton module has the same pair itself."""
 
     def __init__(self, kernels):
         self._k = kernels
-        try:
-            self._dw_takes_flag = "need_grad_w" in inspect.signature(kernels.edge_dw_backward).parameters
-        except (TypeError, ValueError):  # a pybind function: it takes the flag
-            self._dw_takes_flag = True
 
     def __getattr__(self, name):
         return getattr(self._k, name)
@@ -357,12 +348,6 @@ class _MatmulPw:
             else None
         return gu, gw
 
-    def edge_dw_backward(self, *args, need_grad_w=True):
-        if self._dw_takes_flag:
-            return self._k.edge_dw_backward(*args, need_grad_w=need_grad_w)
-        gx, gws, sums = self._k.edge_dw_backward(*args)
-        return gx, (gws if need_grad_w else []), sums
-
 
 @functools.lru_cache(maxsize=None)
 def _kernels(backend: str):
@@ -374,7 +359,7 @@ def _kernels(backend: str):
     if backend == "triton":
         from .._triton import kernel_module
 
-        return _MatmulPw(kernel_module("mixed_edge"))
+        return kernel_module("mixed_edge")
     raise ValueError(f"backend: {backend!r} has no fused CNN edge kernels")
 
 

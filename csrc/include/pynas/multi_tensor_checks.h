@@ -74,5 +74,46 @@ inline void check_perturb_scalars(const char* op, const at::Tensor& sum_sq, doub
   TORCH_CHECK(r > 0, op, ": `r` must be positive, got ", r);
 }
 
+// The four ops with their argument checks, for a backend whose kernels are the static members
+// Impl::virtual_step_, Impl::sum_squares, Impl::perturb_ and Impl::copy_ (the signatures of
+// csrc/include/pynas/multi_tensor.h). Each backend registers CheckedOps<its Impl>, so every backend
+// rejects the same inputs with the same messages.
+template <typename Impl>
+struct CheckedOps {
+  static void virtual_step_(at::TensorList params, at::TensorList grads,
+                            const c10::List<std::optional<at::Tensor>>& bufs, double eta, double momentum,
+                            double weight_decay, const std::optional<at::Tensor>& grad_scale) {
+    constexpr const char* op = "mt_virtual_step_";
+    check_params(op, params);
+    check_like_params(op, grads, "grads", params);
+    const std::vector<at::Tensor> b = checked_bufs(op, bufs, params);
+    const at::Tensor s = grad_scale.value_or(at::Tensor());
+    check_grad_scale(op, s);
+    Impl::virtual_step_(params.vec(), grads.vec(), b, eta, momentum, weight_decay, s);
+  }
+
+  static at::Tensor sum_squares(at::TensorList xs) {
+    check_list("mt_sum_squares", xs, "xs", xs.empty() ? nullptr : &xs[0], xs.size());
+    return Impl::sum_squares(xs.vec());
+  }
+
+  static at::Tensor perturb_(at::TensorList params, at::TensorList base, at::TensorList v, const at::Tensor& sum_sq,
+                             double r, double sign) {
+    constexpr const char* op = "mt_perturb_";
+    check_params(op, params);
+    check_like_params(op, base, "base", params);
+    check_like_params(op, v, "v", params);
+    check_perturb_scalars(op, sum_sq, r);
+    return Impl::perturb_(params.vec(), base.vec(), v.vec(), sum_sq, r, sign);
+  }
+
+  static void copy_(at::TensorList dst, at::TensorList src) {
+    constexpr const char* op = "mt_copy_";
+    check_params(op, dst);
+    check_like_params(op, src, "src", dst);
+    Impl::copy_(dst.vec(), src.vec());
+  }
+};
+
 }  // namespace multi_tensor
 }  // namespace pynas
