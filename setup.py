@@ -149,7 +149,7 @@ def extension_modules():
         else:
             with_cuda = True
 
-    sources = [f"{CSRC}/bindings.cpp"] + _files(f"{CSRC}/cpu/*.cpp")
+    sources = _files(f"{CSRC}/*.cpp") + _files(f"{CSRC}/cpu/*.cpp")  # bindings.cpp, rnn_cell.cpp, kernels
     include_dirs = [os.path.join(ROOT, CSRC, "include")]
     # -g0: debug info (from Python's default -g) would be 80% of the binary: 11.7 MB instead of 2.3 MB.
     cxx = ["-O3", "-g0"] + os.environ.get("PYNAS_EXTRA_CXX", "").split() + [ f'-DPYNAS_TORCH_VERSION="{torch.__version__}"']

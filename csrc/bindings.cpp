@@ -6,6 +6,7 @@
 #include "pynas/macros.h"
 #include "pynas/mixed_edge.h"
 #include "pynas/mixed_sum.h"
+#include "pynas/rnn_cell.h"
 #include "pynas/rnn_mix.h"
 
 #include <torch/python.h>
@@ -415,6 +416,100 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_mix_backward(cons
   fail_device(op, states, "states");
 }
 
+// ---- rnn_cell ------------------------------------------------------------------------------------------
+
+void check_rnn_cell_weights(const char* op, const at::Tensor& xs, const at::Tensor& probs, const at::Tensor& W0,
+                            const std::vector<at::Tensor>& Ws, int64_t I, int64_t H) {
+  const int64_t steps = static_cast<int64_t>(Ws.size());
+  TORCH_CHECK(steps >= 1, op, ": `Ws` must hold at least one node weight, got none");
+  TORCH_CHECK(W0.dim() == 2 && W0.size(0) == I + H && W0.size(1) == 2 * H && W0.scalar_type() == xs.scalar_type() &&
+                  W0.device() == xs.device(),
+              op, ": `W0` must be (I + H, 2H) = (", I + H, ", ", 2 * H, ") with the dtype and device of `xs`, got ",
+              pynas::checks::describe(W0));
+  for (int64_t i = 0; i < steps; ++i) {
+    const auto& w = Ws[i];
+    TORCH_CHECK(w.dim() == 2 && w.size(0) == H && w.size(1) == 2 * H && w.scalar_type() == xs.scalar_type() &&
+                    w.device() == xs.device(),
+                op, ": `Ws[", i, "]` must be (H, 2H) = (", H, ", ", 2 * H, ") with the dtype and device of `xs`, got ",
+                pynas::checks::describe(w));
+  }
+  pynas::checks::check_dense(op, probs, "probs");
+  TORCH_CHECK(probs.dim() == 2 && probs.size(0) == steps * (steps + 1) / 2 && probs.size(1) == pynas::rnn_mix::kFuncs &&
+                  probs.scalar_type() == xs.scalar_type() && probs.device() == xs.device(),
+              op, ": `probs` must be (", steps * (steps + 1) / 2, ", 5) (one row per edge of ", steps,
+              " nodes) with the dtype and device of `xs`, got ", pynas::checks::describe(probs));
+}
+
+void check_rnn_cell_masks(const char* op, const at::Tensor& xs, const at::Tensor& x_mask, const at::Tensor& h_mask,
+                          int64_t B, int64_t I, int64_t H) {
+  TORCH_CHECK(x_mask.dim() == 2 && x_mask.size(0) == B && x_mask.size(1) == I, op, ": `x_mask` must be (B, I) = (",
+              B, ", ", I, "), got ", pynas::checks::describe(x_mask));
+  TORCH_CHECK(h_mask.dim() == 2 && h_mask.size(0) == B && h_mask.size(1) == H, op, ": `h_mask` must be (B, H) = (",
+              B, ", ", H, "), got ", pynas::checks::describe(h_mask));
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{x_mask, "x_mask"}, {h_mask, "h_mask"}}) {
+    TORCH_CHECK(t.scalar_type() == xs.scalar_type() && t.device() == xs.device(), op, ": `", name,
+                "` must have the dtype and device of `xs`, got ", pynas::checks::describe(t));
+  }
+}
+
+std::vector<at::Tensor> rnn_cell_forward(const at::Tensor& xs, const at::Tensor& h0, const at::Tensor& x_mask,
+                                         const at::Tensor& h_mask, const at::Tensor& probs, at::Tensor running_mean,
+                                         at::Tensor running_var, const at::Tensor& W0, const std::vector<at::Tensor>& Ws,
+                                         double momentum, double eps) {
+  constexpr const char* op = "rnn_cell_forward";
+  pynas::checks::check_dense(op, xs, "xs");
+  pynas::checks::check_supported_float(op, xs, "xs");
+  TORCH_CHECK(xs.dim() == 3 && xs.size(0) >= 1 && xs.size(1) >= 2 && xs.size(2) >= 1, op,
+              ": `xs` must be (T, B, I) with T >= 1 and B >= 2 (BatchNorm needs two samples), got ",
+              pynas::checks::describe(xs));
+  const int64_t B = xs.size(1), I = xs.size(2);
+  pynas::checks::check_dense(op, h0, "h0");
+  TORCH_CHECK(h0.dim() == 2 && h0.size(0) == B && h0.size(1) >= 1 && h0.scalar_type() == xs.scalar_type() &&
+                  h0.device() == xs.device(),
+              op, ": `h0` must be (B, H) with B = ", B, " and the dtype and device of `xs`, got ",
+              pynas::checks::describe(h0));
+  const int64_t H = h0.size(1);
+  check_rnn_cell_masks(op, xs, x_mask, h_mask, B, I, H);
+  check_rnn_cell_weights(op, xs, probs, W0, Ws, I, H);
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{running_mean, "running_mean"},
+                                {running_var, "running_var"}}) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == H && t.is_contiguous() && t.device() == xs.device() &&
+                    t.is_floating_point(),
+                op, ": `", name, "` must be a contiguous floating (H,) = (", H, ",) tensor on the device of `xs`, got ",
+                pynas::checks::describe(t));
+  }
+  TORCH_CHECK(momentum >= 0.0 && momentum <= 1.0, op, ": `momentum` must be in [0, 1], got ", momentum);
+  TORCH_CHECK(eps > 0.0, op, ": `eps` must be positive, got ", eps);
+  TORCH_CHECK(xs.is_cpu() || xs.is_cuda(), op, ": `xs` must be on a CPU or CUDA device, got ", xs.device());
+#ifndef PYNAS_WITH_CUDA
+  TORCH_CHECK(xs.is_cpu(), op, ": this build of pynas._C has no CUDA kernels; `xs` is on ", xs.device());
+#endif
+  return pynas::rnn_cell::forward(xs, h0, x_mask, h_mask, probs, running_mean, running_var, W0, Ws, momentum, eps);
+}
+
+std::vector<at::Tensor> rnn_cell_backward(const at::Tensor& grad_out, const at::Tensor& x_mask,
+                                          const at::Tensor& h_mask, const at::Tensor& probs, const at::Tensor& W0,
+                                          const std::vector<at::Tensor>& Ws, const std::vector<at::Tensor>& saved,
+                                          double eps) {
+  constexpr const char* op = "rnn_cell_backward";
+  TORCH_CHECK(saved.size() == 10, op, ": `saved` must be the 10 tensors rnn_cell_forward returned after the "
+              "hiddens, got ", saved.size());
+  const at::Tensor& xm = saved[0];
+  const at::Tensor& S = saved[1];
+  TORCH_CHECK(xm.dim() == 3 && S.dim() == 4 && S.size(0) == xm.size(0) && S.size(2) == xm.size(1) &&
+                  S.size(1) == static_cast<int64_t>(Ws.size()) + 1,
+              op, ": `saved` does not come from rnn_cell_forward with these `Ws`");
+  const int64_t T = S.size(0), B = S.size(2), H = S.size(3), I = xm.size(2);
+  TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == T && grad_out.size(1) == B && grad_out.size(2) == H &&
+                  grad_out.scalar_type() == xm.scalar_type() && grad_out.device() == xm.device(),
+              op, ": `grad_out` must be (T, B, H) = (", T, ", ", B, ", ", H, ") with the dtype and device of the "
+              "hiddens, got ", pynas::checks::describe(grad_out));
+  check_rnn_cell_masks(op, xm, x_mask, h_mask, B, I, H);
+  check_rnn_cell_weights(op, xm, probs, W0, Ws, I, H);
+  return pynas::rnn_cell::backward(grad_out, x_mask, h_mask, probs, W0, Ws, saved[0], saved[1], saved[2], saved[3],
+                                   saved[4], saved[5], saved[6], saved[7], saved[8], saved[9], eps);
+}
+
 const char* host_compiler() {
 #if defined(__clang__)
   return "clang " __clang_version__;
@@ -492,6 +587,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "sum_j sum_{f != none} probs[j, f] * (states[j] + c[j] * (f(h[j]) - states[j])) of (J, B, H) inputs.");
   m.def("rnn_mix_backward", &rnn_mix_backward, py::arg("grad_out"), py::arg("states"), py::arg("c"), py::arg("h"),
         py::arg("probs"), nogil, "(d states, d c, d h, d probs) of rnn_mix_forward; activations recomputed.");
+  m.def("rnn_cell_forward", &rnn_cell_forward, py::arg("xs"), py::arg("h0"), py::arg("x_mask"), py::arg("h_mask"),
+        py::arg("probs"), py::arg("running_mean"), py::arg("running_var"), py::arg("W0"), py::arg("Ws"),
+        py::arg("momentum"), py::arg("eps"), nogil,
+        "The training-mode DARTS RNN search cell over a sequence: [hiddens, saved...]; updates the running stats.");
+  m.def("rnn_cell_backward", &rnn_cell_backward, py::arg("grad_out"), py::arg("x_mask"), py::arg("h_mask"),
+        py::arg("probs"), py::arg("W0"), py::arg("Ws"), py::arg("saved"), py::arg("eps"), nogil,
+        "[d xs, d h0, d probs, d W0, d Ws...] of rnn_cell_forward.");
   m.def("build_info", &build_info,
         "How pynas._C was built: dict of cuda, cuda_version, cuda_archs, openmp, torch_version_built, compiler.");
 }

@@ -45,7 +45,22 @@ def settings_from_args(args) -> dict:
                 fd_r=getattr(args, "fd_r", 0.01))
 
 
-class Architect:
+class WeightSnapshots:
+    """Copies of tensor lists kept across steps, for the bit-exact restores of the second-order step."""
+
+    def _snapshot(self, key: str, tensors: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Copies of ``tensors`` in buffers kept across steps (re-allocated when the tensors change)."""
+        cache = self.__dict__.setdefault("_snapshots", {})
+        spec = [(t.shape, t.dtype, t.device) for t in tensors]
+        entry = cache.get(key)
+        if entry is None or entry[0] != spec:
+            entry = (spec, [torch.empty_like(t, memory_format=torch.preserve_format) for t in tensors])
+            cache[key] = entry
+        _copy_all(entry[1], tensors)
+        return entry[1]
+
+
+class Architect(WeightSnapshots):
     """Owns the arch optimizer (Adam) and computes ``grad_alpha`` for one step.
 
     Args:
@@ -132,17 +147,6 @@ class Architect:
                 return [da - (gp - gn) * scale for da, gp, gn in zip(dalpha, g_pos, g_neg)]
         finally:
             _copy_all(params, saved)  # bit-exact restore from the copy, not by adding back
-
-    def _snapshot(self, key: str, tensors: List[torch.Tensor]) -> List[torch.Tensor]:
-        """Copies of ``tensors`` in buffers kept across steps (re-allocated when the tensors change)."""
-        cache = self.__dict__.setdefault("_snapshots", {})
-        spec = [(t.shape, t.dtype, t.device) for t in tensors]
-        entry = cache.get(key)
-        if entry is None or entry[0] != spec:
-            entry = (spec, [torch.empty_like(t, memory_format=torch.preserve_format) for t in tensors])
-            cache[key] = entry
-        _copy_all(entry[1], tensors)
-        return entry[1]
 
 
 @torch.no_grad()

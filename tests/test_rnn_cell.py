@@ -21,8 +21,10 @@ class RefCell(nn.Module):
     def forward(self, inputs, hidden, weights):
         T, B = inputs.shape[:2]
         if self.training:
-            xm = torch.empty(B, inputs.size(2), dtype=inputs.dtype).bernoulli_(1 - self.dropoutx) / (1 - self.dropoutx)
-            hm = torch.empty(B, self.nhid, dtype=inputs.dtype).bernoulli_(1 - self.dropouth) / (1 - self.dropouth)
+            # the reference code's mask2d: floor(rand + keep) / keep, float32, CPU generator
+            kx, kh = 1 - self.dropoutx, 1 - self.dropouth
+            xm = (torch.floor(torch.rand(B, inputs.size(2)) + kx) / kx).to(inputs.dtype)
+            hm = (torch.floor(torch.rand(B, self.nhid) + kh) / kh).to(inputs.dtype)
         h = hidden[0]
         probs = F.softmax(weights, dim=-1)
         acts = {"tanh": torch.tanh, "relu": torch.relu, "sigmoid": torch.sigmoid, "identity": lambda t: t}
@@ -52,36 +54,66 @@ class RefCell(nn.Module):
         return hs, hs[-1].unsqueeze(0)
 
 
+def _cpu_built():
+    return pynas.backends()["cpu"] is None
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("training", [True, False])
-def test_cell_matches_the_plain_cell(backend, training):
-    if backend == "cpu" and pynas.backends()["cpu"] is not None:
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cell_matches_the_plain_cell(backend, training, dtype):
+    if backend == "cpu" and not _cpu_built():
         pytest.skip("the C++ CPU backend is not built")
     torch.manual_seed(0)
-    cell = DARTSCellSearch(6, 5, 0.25, 0.75).double()
-    ref = RefCell(6, 5, 0.25, 0.75).double()
+    cell = DARTSCellSearch(6, 5, 0.25, 0.75).to(dtype)
+    ref = RefCell(6, 5, 0.25, 0.75).to(dtype)
     ref.load_state_dict(cell.state_dict(), strict=True)
     cell.train(training)
     ref.train(training)
-    weights = (1e-1 * torch.randn(36, 5, dtype=torch.float64)).requires_grad_(True)
+    weights = (1e-1 * torch.randn(36, 5, dtype=dtype)).requires_grad_(True)
     cell.weights = weights
-    x = torch.randn(4, 3, 6, dtype=torch.float64)
-    h0 = torch.randn(1, 3, 5, dtype=torch.float64)
-    torch.manual_seed(1)
-    with pynas.use_backend(backend):
-        out, last = cell(x, h0)
-    torch.manual_seed(1)
-    out_ref, last_ref = ref(x, h0, weights)
-    torch.testing.assert_close(out, out_ref, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(last, last_ref)
-    g = torch.randn_like(out)
-    params = list(cell.parameters())
-    ga = torch.autograd.grad(out, params + [weights], g)
-    gb = torch.autograd.grad(out_ref, list(ref.parameters()) + [weights], g)
-    for a, b in zip(ga, gb):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
-    for a, b in zip(cell.buffers(), ref.buffers()):
-        torch.testing.assert_close(a, b)
+    x = torch.randn(4, 3, 6, dtype=dtype, requires_grad=True)
+    h0 = torch.randn(1, 3, 5, dtype=dtype, requires_grad=True)
+    tol = dict(rtol=1e-9, atol=1e-11) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-5)
+    for _ in range(2):  # two sequences: the running statistics carry over
+        torch.manual_seed(1)
+        with pynas.use_backend(backend):
+            out, last = cell(x, h0)
+        if training and backend == "cpu":
+            assert type(out.grad_fn).__name__ == "_CellSequenceBackward"  # the fused sequence ran
+        torch.manual_seed(1)
+        out_ref, last_ref = ref(x, h0, weights)
+        torch.testing.assert_close(out, out_ref, **tol)
+        torch.testing.assert_close(last, last_ref, **tol)
+        g = torch.randn_like(out)
+        ga = torch.autograd.grad(out, list(cell.parameters()) + [weights, x, h0], g)
+        gb = torch.autograd.grad(out_ref, list(ref.parameters()) + [weights, x, h0], g)
+        for a, b in zip(ga, gb):
+            torch.testing.assert_close(a, b, **tol)
+        for a, b in zip(cell.buffers(), ref.buffers()):
+            torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.skipif(not _cpu_built(), reason="the C++ CPU backend is not built")
+def test_fused_sequence_gradcheck():
+    from pynas.rnn.fused import _CellSequence
+
+    torch.manual_seed(3)
+    T, B, I, H, steps = 3, 4, 3, 2, 8
+    dt = torch.float64
+    xs = torch.randn(T, B, I, dtype=dt, requires_grad=True)
+    h0 = torch.randn(B, H, dtype=dt, requires_grad=True)
+    xm = (torch.rand(B, I, dtype=dt) > 0.3).to(dt) / 0.7
+    hm = (torch.rand(B, H, dtype=dt) > 0.2).to(dt) / 0.8
+    probs = torch.softmax(torch.randn(36, 5, dtype=dt), -1).requires_grad_(True)
+    W0 = (0.5 * torch.randn(I + H, 2 * H, dtype=dt)).requires_grad_(True)
+    Ws = [(0.5 * torch.randn(H, 2 * H, dtype=dt)).requires_grad_(True) for _ in range(steps)]
+
+    def f(xs, h0, probs, W0, *Ws):
+        rm, rv = torch.zeros(H, dtype=dt), torch.ones(H, dtype=dt)
+        return _CellSequence.apply("cpu", steps, 0.1, 1e-5, xs, h0, xm, hm, probs, rm, rv, W0, *Ws)
+
+    assert torch.autograd.gradcheck(f, (xs, h0, probs, W0, *Ws), eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
 def test_state_dict_keys_are_the_reference_layout():

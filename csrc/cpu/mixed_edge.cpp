@@ -262,6 +262,8 @@ int64_t w_index(int64_t j) { return j < 2 ? j : j + 1; }
 
 std::string isa() { return use_avx2() ? "avx2" : "base"; }
 
+bool isa_is_avx2() { return use_avx2(); }
+
 void set_isa(const std::string& name) {
   if (name == "base") {
     g_isa.store(0);

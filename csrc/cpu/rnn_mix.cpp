@@ -5,6 +5,7 @@
 // double), so it does not depend on the number of threads.
 
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
+#include "pynas/mixed_edge.h"  // isa_is_avx2
 #include "pynas/rnn_mix.h"
 
 #include <ATen/core/Tensor.h>
@@ -15,6 +16,8 @@
 #include <ATen/ops/empty_like.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace pynas {
@@ -32,6 +35,29 @@ std::vector<acc_t> probs_table(const at::Tensor& probs) {
 
 }  // namespace
 
+// The float loops, once per instruction set (as csrc/cpu/mixed_edge.cpp does for its planes).
+#ifdef _OPENMP
+#define PYNAS_SIMD _Pragma("omp simd")
+#else
+#define PYNAS_SIMD
+#endif
+namespace rnn_isa_base {
+#include "rnn_mix_loops.h"
+}  // namespace rnn_isa_base
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define PYNAS_RNN_HAVE_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace rnn_isa_avx2 {
+#include "rnn_mix_loops.h"
+}  // namespace rnn_isa_avx2
+#pragma GCC pop_options
+#define PYNAS_RNN_ISA_CALL(fn, ...) \
+  (isa_is_avx2() ? rnn_isa_avx2::fn(__VA_ARGS__) : rnn_isa_base::fn(__VA_ARGS__))
+#else
+#define PYNAS_RNN_ISA_CALL(fn, ...) rnn_isa_base::fn(__VA_ARGS__)
+#endif
+
 at::Tensor rnn_mix_forward(const at::Tensor& states_in, const at::Tensor& c_in, const at::Tensor& h_in,
                            const at::Tensor& probs) {
   const at::Tensor states = states_in.contiguous(), c = c_in.contiguous(), h = h_in.contiguous();
@@ -48,6 +74,13 @@ at::Tensor rnn_mix_forward(const at::Tensor& states_in, const at::Tensor& c_in, 
     at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t * kTile, e = std::min(n, b + kTile);
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          // (the casts only make the other dtypes' dead branch compile: AT_DISPATCH's lambdas are not templates)
+          PYNAS_RNN_ISA_CALL(forward_tile, reinterpret_cast<const float*>(sp), reinterpret_cast<const float*>(cp),
+                             reinterpret_cast<const float*>(hp), reinterpret_cast<const float*>(p.data()), J, n, b,
+                             e, reinterpret_cast<float*>(op));
+          continue;
+        }
         for (int64_t i = b; i < e; ++i) {
           acc_t acc = 0;
           for (int64_t j = 0; j < J; ++j) {
@@ -89,6 +122,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_mix_backward(cons
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t * kTile, e = std::min(n, b + kTile);
         acc_t* dp = partial.data() + t * J * kFuncs;
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          PYNAS_RNN_ISA_CALL(backward_tile, reinterpret_cast<const float*>(gp), reinterpret_cast<const float*>(sp),
+                             reinterpret_cast<const float*>(cp), reinterpret_cast<const float*>(hp),
+                             reinterpret_cast<const float*>(p.data()), J, n, b, e, reinterpret_cast<float*>(dsp),
+                             reinterpret_cast<float*>(dcp), reinterpret_cast<float*>(dhp),
+                             reinterpret_cast<float*>(dp));
+          continue;
+        }
         for (int64_t j = 0; j < J; ++j) {
           for (int64_t i = b; i < e; ++i) {
             const int64_t q = j * n + i;

@@ -1,6 +1,6 @@
-"""The DARTS RNN search space (work in progress: the search cell; the model, architect and search loop
-come next)."""
-from .genotypes import CONCAT, PRIMITIVES, STEPS, Genotype
-from .model_search import DARTSCellSearch
+"""The DARTS RNN search space: cell, model, architect, genotypes."""
+from .genotypes import CONCAT, PRIMITIVES, STEPS, Genotype, derive, from_json, to_json
+from .model_search import DARTSCellSearch, LockedDropout, RNNModelSearch, embedded_dropout
 
-__all__ = ["PRIMITIVES", "STEPS", "CONCAT", "Genotype", "DARTSCellSearch"]
+__all__ = ["PRIMITIVES", "STEPS", "CONCAT", "Genotype", "DARTSCellSearch", "RNNModelSearch", "LockedDropout",
+           "embedded_dropout", "derive", "to_json", "from_json"]

@@ -1,5 +1,11 @@
-"""The DARTS RNN search space's names (darts-spec.md, "RNN search space")."""
+"""The DARTS RNN search space's names, genotype derivation and JSON (darts-spec.md, "RNN search space")."""
+from __future__ import annotations
+
+import json
 from collections import namedtuple
+from typing import List, Sequence, Tuple
+
+import torch
 
 Genotype = namedtuple("Genotype", "recurrent concat")
 
@@ -8,3 +14,56 @@ PRIMITIVES = ["none", "tanh", "relu", "sigmoid", "identity"]
 #: Nodes per cell; the cell's output is the mean of the last CONCAT nodes.
 STEPS = 8
 CONCAT = 8
+
+
+def parse_recurrent(probs: torch.Tensor, steps: int = STEPS,
+                    primitives: Sequence[str] = PRIMITIVES) -> List[Tuple[str, int]]:
+    """The genes of a cell from its softmaxed arch weights (shape (edges, ops)).
+
+    Node i (0-based) has i + 1 incoming edges; keep the one whose best non-'none' weight is largest and
+    on it the argmax over the non-'none' candidates. Ties keep the earlier index, as the reference does.
+    """
+    W = probs.detach().to("cpu", torch.float64).tolist()
+    expected = steps * (steps + 1) // 2
+    if len(W) != expected or any(len(row) != len(primitives) for row in W):
+        raise ValueError(f"probs: expected shape ({expected}, {len(primitives)}), got {tuple(probs.shape)}")
+    none = primitives.index("none") if "none" in primitives else -1
+    gene: List[Tuple[str, int]] = []
+    start = 0
+    for i in range(steps):
+        rows = W[start:start + i + 1]
+        best = [max(w for k, w in enumerate(row) if k != none) for row in rows]
+        j = sorted(range(i + 1), key=lambda e: -best[e])[0]
+        k_best = None
+        for k, w in enumerate(rows[j]):
+            if k != none and (k_best is None or w > rows[j][k_best]):
+                k_best = k
+        gene.append((primitives[k_best], j))
+        start += i + 1
+    return gene
+
+
+def derive(weights: torch.Tensor, steps: int = STEPS, concat: int = CONCAT) -> Genotype:
+    """The genotype of an RNN search model from its arch tensor (36 x 5 for 8 steps)."""
+    gene = parse_recurrent(torch.softmax(weights.detach(), dim=-1), steps)
+    return Genotype(recurrent=gene, concat=list(range(steps + 1))[-concat:])
+
+
+def to_json(genotype: Genotype) -> str:
+    return json.dumps({"recurrent": [[op, int(j)] for op, j in genotype.recurrent],
+                       "concat": [int(i) for i in genotype.concat]})
+
+
+def from_json(text) -> Genotype:
+    """Parse :func:`to_json`'s output (a JSON string or an already-decoded dict)."""
+    data = json.loads(text) if isinstance(text, (str, bytes)) else text
+    if not isinstance(data, dict) or "recurrent" not in data or "concat" not in data:
+        raise ValueError("text: expected a JSON object with keys recurrent and concat")
+    genes = []
+    for item in data["recurrent"]:
+        if not (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str)):
+            raise ValueError(f"text: recurrent entries must be [op, input] pairs, got {item!r}")
+        if item[0] not in PRIMITIVES or item[0] == "none":
+            raise ValueError(f"text: unknown recurrent op {item[0]!r}")
+        genes.append((item[0], int(item[1])))
+    return Genotype(recurrent=genes, concat=[int(i) for i in data["concat"]])

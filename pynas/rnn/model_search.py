@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _backend
 from ..ops import rnn_mix
 from .genotypes import CONCAT, STEPS
 
@@ -24,9 +25,23 @@ INITRANGE = 0.04
 
 
 def mask2d(batch: int, size: int, keep_prob: float, like: torch.Tensor) -> torch.Tensor:
-    """A (batch, size) dropout mask scaled by 1/keep_prob (the reference code's mask2d)."""
-    m = torch.empty(batch, size, dtype=like.dtype, device=like.device).bernoulli_(keep_prob)
-    return m / keep_prob
+    """A (batch, size) dropout mask scaled by 1/keep_prob, drawn as the reference code draws it
+    (``floor(rand + keep) / keep`` from the CPU generator, in float32), so a seeded run draws the same masks."""
+    m = torch.floor(torch.rand(batch, size) + keep_prob) / keep_prob
+    return m.to(device=like.device, dtype=like.dtype)
+
+
+_ACTIVATIONS = (("tanh", torch.tanh), ("relu", torch.relu), ("sigmoid", torch.sigmoid), ("identity", None))
+
+
+def _mix_reference_form(states, c, h, probs):
+    """The node mix exactly as the DARTS reference code computes it (one candidate at a time, summed over
+    the node's inputs): the ``reference`` backend, and the eager baseline of the benchmarks."""
+    s = torch.zeros_like(states[0])
+    for k, (_, fn) in enumerate(_ACTIVATIONS, start=1):
+        unweighted = states + c * ((h if fn is None else fn(h)) - states)
+        s += torch.sum(probs[:, k].unsqueeze(-1).unsqueeze(-1) * unweighted, dim=0)
+    return s
 
 
 class DARTSCellSearch(nn.Module):
@@ -61,8 +76,15 @@ class DARTSCellSearch(nn.Module):
         else:
             x_mask = h_mask = None
         h = hidden[0]
-        outs = []
         probs = F.softmax(self.weights, dim=-1)
+        if self.training and self.bn.track_running_stats and self.bn.momentum is not None:
+            backend = _backend.resolve([inputs, h, probs])
+            if backend != "reference":
+                from .fused import cell_sequence
+
+                hiddens = cell_sequence(self, inputs, h, x_mask, h_mask, probs, backend)
+                return hiddens, hiddens[-1].unsqueeze(0)
+        outs = []
         for t in range(T):
             h = self.cell(inputs[t], h, x_mask, h_mask, probs)
             outs.append(h)
@@ -82,8 +104,140 @@ class DARTSCellSearch(nn.Module):
             masked = states * h_mask.unsqueeze(0) if self.training else states
             ch = masked.reshape(-1, self.nhid).mm(self._Ws[i]).view(i + 1, -1, 2 * self.nhid)
             c, hh = torch.split(ch, self.nhid, dim=-1)
-            s = rnn_mix(states, c.sigmoid(), hh, probs[offset:offset + i + 1])
+            p = probs[offset:offset + i + 1]
+            if _backend.resolve([states]) == "reference":
+                s = _mix_reference_form(states, c.sigmoid(), hh, p)
+            else:
+                s = rnn_mix(states, c.sigmoid(), hh, p)
             s = self.bn(s)
             states = torch.cat([states, s.unsqueeze(0)], 0)
             offset += i + 1
         return torch.mean(states[-CONCAT:], dim=0)
+
+
+class LockedDropout(nn.Module):
+    """Dropout with one mask per sequence: ``forward(x (T, B, D), dropout)`` drops the same units at every
+    step (the reference code's LockedDropout; the mask is drawn with ``bernoulli_`` on x's device)."""
+
+    def forward(self, x: torch.Tensor, dropout: float = 0.5) -> torch.Tensor:
+        if not self.training or not dropout:
+            return x
+        m = x.new_empty(1, x.size(1), x.size(2)).bernoulli_(1 - dropout) / (1 - dropout)
+        return m.expand_as(x) * x
+
+
+def embedded_dropout(embed: nn.Embedding, words: torch.Tensor, dropout: float = 0.1) -> torch.Tensor:
+    """Embedding lookup with whole words dropped: each row of the embedding matrix is zeroed with
+    probability ``dropout`` (the others scaled by 1 / (1 - dropout)), one draw per call."""
+    weight = embed.weight
+    if dropout:
+        mask = weight.new_empty(weight.size(0), 1).bernoulli_(1 - dropout).expand_as(weight) / (1 - dropout)
+        weight = mask * weight
+    return F.embedding(words, weight, embed.padding_idx, embed.max_norm, embed.norm_type,
+                       embed.scale_grad_by_freq, embed.sparse)
+
+
+class RNNModelSearch(nn.Module):
+    """The DARTS RNN search model: ``RNNModelSearch(ntoken, ninp, nhid, nhidlast, dropout, dropouth, dropoutx,
+    dropouti, dropoute)``, with the reference code's layout.
+
+    Submodules (state_dict keys): ``encoder`` (Embedding), ``rnns.0`` (:class:`DARTSCellSearch`), ``decoder``
+    (Linear, its weight tied to the encoder's). ``weights`` is the 36 x 5 arch tensor: not a parameter and not
+    in the state_dict, as in the reference. ``forward(input (T, B) ids, hidden)`` returns
+    ``(log_prob (T, B, ntoken), hidden)``, and with ``return_h=True`` also the cell's raw outputs and the
+    dropped outputs (one-element lists, as the reference returns them).
+    """
+
+    def __init__(self, ntoken: int, ninp: int, nhid: int, nhidlast: int, dropout: float = 0.5,
+                 dropouth: float = 0.5, dropoutx: float = 0.5, dropouti: float = 0.5, dropoute: float = 0.1):
+        super().__init__()
+        if not isinstance(ntoken, int) or isinstance(ntoken, bool) or ntoken < 1:
+            raise ValueError(f"ntoken: expected a positive int, got {ntoken!r}")
+        if not (ninp == nhid == nhidlast):
+            raise ValueError(f"ninp, nhid, nhidlast: the DARTS RNN ties the decoder to the embedding, so they must "
+                             f"be equal, got {ninp}, {nhid}, {nhidlast}")
+        for name, v in (("dropout", dropout), ("dropouti", dropouti), ("dropoute", dropoute)):
+            if not 0.0 <= v < 1.0:
+                raise ValueError(f"{name}: expected a probability in [0, 1), got {v!r}")
+        self._args = (ntoken, ninp, nhid, nhidlast, dropout, dropouth, dropoutx, dropouti, dropoute)
+        self.lockdrop = LockedDropout()
+        self.encoder = nn.Embedding(ntoken, ninp)
+        self.rnns = nn.ModuleList([DARTSCellSearch(ninp, nhid, dropouth, dropoutx)])
+        self.decoder = nn.Linear(ninp, ntoken)
+        self.decoder.weight = self.encoder.weight
+        self.init_weights()
+        self.ninp, self.nhid, self.nhidlast, self.ntoken = ninp, nhid, nhidlast, ntoken
+        self.dropout, self.dropouti, self.dropoute = dropout, dropouti, dropoute
+        self._initialize_arch_parameters()
+
+    def init_weights(self) -> None:
+        with torch.no_grad():
+            self.encoder.weight.uniform_(-INITRANGE, INITRANGE)
+            self.decoder.bias.fill_(0)
+            self.decoder.weight.uniform_(-INITRANGE, INITRANGE)
+
+    # -- architecture parameters -------------------------------------------------
+    def _initialize_arch_parameters(self) -> None:
+        from .genotypes import PRIMITIVES
+
+        k = STEPS * (STEPS + 1) // 2
+        self.weights = (1e-3 * torch.randn(k, len(PRIMITIVES))).requires_grad_(True)
+        self._arch_parameters = [self.weights]
+        for rnn in self.rnns:
+            rnn.weights = self.weights
+
+    def arch_parameters(self):
+        return self._arch_parameters
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        for a in self._arch_parameters:  # .to()/.double()/.cuda() carry the arch tensor along, in place
+            with torch.no_grad():
+                a.data = fn(a.data)
+            if a.grad is not None:
+                a.grad.data = fn(a.grad.data)
+        return self
+
+    def new(self) -> "RNNModelSearch":
+        """A fresh model of the same configuration, device and dtype, holding a copy of the arch tensor."""
+        ref = next(self.parameters())
+        model_new = type(self)(*self._args).to(device=ref.device, dtype=ref.dtype)
+        for x, y in zip(model_new.arch_parameters(), self.arch_parameters()):
+            x.data.copy_(y.data)
+        return model_new
+
+    clone = new  # the reference's search model calls it clone()
+
+    # -- forward -----------------------------------------------------------------
+    def init_hidden(self, bsz: int):
+        weight = next(self.parameters())
+        return [weight.new_zeros(1, bsz, self.nhid)]
+
+    def forward(self, input: torch.Tensor, hidden, return_h: bool = False):
+        batch_size = input.size(1)
+        emb = embedded_dropout(self.encoder, input, dropout=self.dropoute if self.training else 0)
+        emb = self.lockdrop(emb, self.dropouti)
+        raw_output = emb
+        new_hidden, raw_outputs, outputs = [], [], []
+        for layer, rnn in enumerate(self.rnns):
+            raw_output, new_h = rnn(raw_output, hidden[layer])
+            new_hidden.append(new_h)
+            raw_outputs.append(raw_output)
+        output = self.lockdrop(raw_output, self.dropout)
+        outputs.append(output)
+        logit = self.decoder(output.view(-1, self.ninp))
+        log_prob = F.log_softmax(logit, dim=-1).view(-1, batch_size, self.ntoken)
+        if return_h:
+            return log_prob, new_hidden, raw_outputs, outputs
+        return log_prob, new_hidden
+
+    def _loss(self, hidden, input, target):
+        """``(nll loss, next hidden)`` on a batch (``target`` flattened, (T * B,))."""
+        log_prob, hidden_next = self(input, hidden, return_h=False)
+        loss = F.nll_loss(log_prob.view(-1, log_prob.size(2)), target)
+        return loss, hidden_next
+
+    def genotype(self):
+        from .genotypes import derive
+
+        return derive(self.weights, STEPS, CONCAT)

@@ -69,6 +69,8 @@ std::tuple<at::Tensor, at::Tensor> edge_pw_backward(const at::Tensor& g, const a
 // The instruction set the CPU kernels use ("base" or "avx2") and a way to force one ("auto", "base",
 // "avx2"), for tests and comparisons.
 std::string isa();
+// Whether the AVX2+FMA variants of the CPU loops are in use (the choice isa()/set_isa() report and make).
+bool isa_is_avx2();
 void set_isa(const std::string& name);
 
 // Batch statistics of p per channel: (mean, rstd = 1/sqrt(var + eps)); running_mean/var (may be

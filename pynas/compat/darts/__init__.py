@@ -1,1 +1,1 @@
-"""Drop-in modules for the DARTS reference code: ``cnn`` replaces its ``model_search`` and ``architect``."""
+"""Drop-in modules for the DARTS reference code: ``cnn`` and ``rnn`` replace its ``model_search`` and ``architect``."""

@@ -1,0 +1,128 @@
+"""The DARTS RNN architect: the alpha step of the RNN search, first or second order.
+
+The RNN variant of the second-order step (darts-spec.md, "The search loop"): no momentum, the training
+gradient clipped to ``clip`` (0.25) in the virtual step, and the finite-difference correction scaled by
+the clip coefficient of v (the reference clips v before the Hessian-vector product; R = r / ||v|| makes
+the product's direction independent of that, so clipping v scales the correction by its coefficient).
+The finite difference is taken at the original weights on the training batch, as the spec says (the
+reference code takes it at the virtual weights, one of the known deviations). Every pass over the
+weights is one multi-tensor op (:mod:`pynas.ops.multi_tensor`); the clip coefficients and R stay on the
+device, so the step has no host sync.
+
+BatchNorm running statistics: the reference runs the passes after the first on a throw-away copy of the
+model, so they are restored here after those passes; only the first training pass updates them.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+from torch import nn
+
+from ..architect import WeightSnapshots, _copy_all, _grad
+from ..ops import multi_tensor as mt
+
+
+def _detach_hidden(hidden):
+    return [h.detach() for h in hidden]
+
+
+def settings_from_args(args) -> dict:
+    """Architect keyword arguments from the reference code's RNN ``args`` (``fd_r`` optional)."""
+    missing = [k for k in ("wdecay", "clip", "arch_lr", "arch_wdecay") if not hasattr(args, k)]
+    if missing:
+        raise ValueError(f"args: missing {', '.join(missing)}")
+    return dict(weight_decay=args.wdecay, clip=args.clip, arch_learning_rate=args.arch_lr,
+                arch_weight_decay=args.arch_wdecay, fd_r=getattr(args, "fd_r", 0.01))
+
+
+class Architect(WeightSnapshots):
+    """Owns the arch optimizer (Adam, default betas) of an RNN search model and steps alpha.
+
+    Args:
+        model: an :class:`~pynas.rnn.RNNModelSearch` (``parameters()``, ``arch_parameters()``,
+            ``_loss(hidden, input, target) -> (loss, next_hidden)``).
+        weight_decay, clip: the weight optimizer's weight decay and gradient clip, used by the virtual step.
+        arch_learning_rate, arch_weight_decay, arch_betas: the arch Adam's settings.
+        fd_r: the finite-difference radius r (``R = r / ||v||``).
+    """
+
+    def __init__(self, model: nn.Module, *, weight_decay: float = 5e-7, clip: float = 0.25,
+                 arch_learning_rate: float = 3e-3, arch_weight_decay: float = 1e-3, arch_betas=(0.9, 0.999),
+                 fd_r: float = 0.01):
+        if not (fd_r > 0):
+            raise ValueError(f"fd_r: expected a positive finite-difference radius, got {fd_r!r}")
+        if not (clip > 0):
+            raise ValueError(f"clip: expected a positive gradient clip, got {clip!r}")
+        self.model = model
+        self.network_weight_decay = float(weight_decay)
+        self.network_clip = float(clip)
+        self.fd_r = float(fd_r)
+        self.optimizer = torch.optim.Adam(model.arch_parameters(), lr=arch_learning_rate,
+                                          betas=tuple(arch_betas), weight_decay=arch_weight_decay)
+
+    def step(self, hidden_train, input_train, target_train, hidden_valid, input_valid, target_valid,
+             network_optimizer, unrolled):
+        """One arch step; eta is the weight optimizer's current lr. Returns ``(next_hidden_valid, None)``."""
+        eta = network_optimizer.param_groups[0]["lr"]
+        self.optimizer.zero_grad()
+        if unrolled:
+            grads, hidden = self.unrolled_grad(hidden_train, input_train, target_train, hidden_valid,
+                                               input_valid, target_valid, eta)
+        else:
+            grads, hidden = self.first_order_grad(hidden_valid, input_valid, target_valid)
+        for a, g in zip(self.model.arch_parameters(), grads):
+            a.grad = g
+        self.optimizer.step()
+        return hidden, None
+
+    def first_order_grad(self, hidden_valid, input_valid, target_valid):
+        """``(dL_val(w, alpha)/dalpha, next hidden)``."""
+        loss, hidden_next = self.model._loss(hidden_valid, input_valid, target_valid)
+        return _grad(loss, self.model.arch_parameters()), _detach_hidden(hidden_next)
+
+    def unrolled_grad(self, hidden_train, input_train, target_train, hidden_valid, input_valid, target_valid,
+                      eta):
+        """The second-order ``grad_alpha`` of the RNN search and the validation pass's next hidden state.
+
+        1. g = dL_train(w)/dw;  w' = w - eta * (clip_coef(g) * g + wd * w)
+        2. dalpha, v = dL_val(w', alpha)/d(alpha, w')
+        3. R = r / ||v||;  g+- = dL_train(w +- R v)/dalpha   (at the ORIGINAL w)
+        4. grad_alpha = dalpha - eta * clip_coef(v) * (g+ - g-) / (2 R);  w and the BN statistics restored.
+        """
+        model = self.model
+        params: List[torch.Tensor] = list(model.parameters())
+        alphas = list(model.arch_parameters())
+        eta = float(eta)
+        saved = self._snapshot("weights", params)
+        buffers = list(model.buffers())
+        saved_buffers = None
+        try:
+            loss, _ = model._loss(hidden_train, input_train, target_train)
+            g_train = _grad(loss, params)
+            del loss
+            saved_buffers = self._snapshot("buffers", buffers)
+            coef = mt.clip_coefficient(mt.sum_squares(g_train), self.network_clip)
+            mt.virtual_step_(params, g_train, None, eta, 0.0, self.network_weight_decay, grad_scale=coef)
+            del g_train
+
+            loss_val, hidden_next = model._loss(hidden_valid, input_valid, target_valid)
+            grads = _grad(loss_val, alphas + params)
+            dalpha, v = list(grads[:len(alphas)]), list(grads[len(alphas):])
+            hidden_next = _detach_hidden(hidden_next)
+            del grads, loss_val
+
+            sum_sq = mt.sum_squares(v)
+            coef_v = mt.clip_coefficient(sum_sq, self.network_clip)
+            R = mt.perturb_(params, saved, v, sum_sq, self.fd_r, 1.0)  # w + R v
+            g_pos = _grad(model._loss(hidden_train, input_train, target_train)[0], alphas)
+            mt.perturb_(params, saved, v, sum_sq, self.fd_r, -1.0)  # w - R v
+            g_neg = _grad(model._loss(hidden_train, input_train, target_train)[0], alphas)
+            with torch.no_grad():
+                scale = (eta * coef_v / (2.0 * R)).to(alphas[0].dtype)
+                out = [da - (gp - gn) * scale for da, gp, gn in zip(dalpha, g_pos, g_neg)]
+            return out, hidden_next
+        finally:
+            _copy_all(params, saved)  # bit-exact restore from the copy
+            if saved_buffers is not None:
+                _copy_all(buffers, saved_buffers)

@@ -1,0 +1,180 @@
+"""The training-mode DARTS RNN search cell over a whole sequence as ONE autograd node.
+
+The module path builds an autograd graph of about 90 nodes per time step (3000 for a 35-step
+sequence) and saves every intermediate; the eager reference builds about 280 per step. Here the
+forward runs the T steps without recording a graph (each node: one GEMM for all its inputs, the sigmoid,
+the fused node mix :func:`pynas.ops.rnn_mix`'s kernel, one BatchNorm call), saves only what the
+backward needs, and the backward walks the steps in reverse with hand-written derivatives (BatchNorm
+backward from the saved batch statistics, the mix's backward kernel, the GEMM transposes). The input
+half of the first GEMM, its weight gradient and the gradient of the inputs are computed for all steps
+at once (three GEMMs per sequence instead of 3T). BatchNorm running statistics and
+``num_batches_tracked`` are updated as the module would update them (nine calls per step).
+
+Used by :class:`~pynas.rnn.DARTSCellSearch` in training mode when the backend is not ``reference``;
+eval mode and the reference backend take the module path.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from .. import _ext
+from ..ops.rnn_mix import _kernels
+
+
+def _bn_forward(u, running_mean, running_var, momentum, eps):
+    """Training BatchNorm1d (affine=False) of u (B, H): (x_hat, saved mean, saved inverse std)."""
+    return torch.native_batch_norm(u, None, None, running_mean, running_var, True, momentum, eps)
+
+
+def _bn_backward(grad, u, mean, invstd, eps):
+    return torch.ops.aten.native_batch_norm_backward(grad, u, None, None, None, mean, invstd, True, eps,
+                                                     [True, False, False])[0]
+
+
+def _sequence_forward(kern, steps, momentum, eps, xs, h0, x_mask, h_mask, probs, running_mean, running_var,
+                      W0, Ws):
+    """The loops of csrc/rnn_cell.cpp in Python, around a backend's rnn_mix kernels (the Triton backend's
+    path; the C++ one is the same algorithm). Returns [hiddens, saved...] as the C++ function does."""
+    T, B, I = xs.shape
+    H = h0.shape[-1]
+    n = steps + 1
+    W0x, W0h = W0[:I], W0[I:]
+    xm = xs * x_mask  # (T, B, I): the masked inputs of every step
+    XW = torch.mm(xm.view(T * B, I), W0x).view(T, B, 2 * H)  # input half of the first GEMM, all steps
+    opts = dict(dtype=xs.dtype, device=xs.device)
+    S = torch.empty(T, n, B, H, **opts)  # node outputs s_0..s_steps (BatchNorm outputs)
+    U = torch.empty(T, n, B, H, **opts)  # their BatchNorm inputs
+    MEAN = torch.empty(T, n, H, dtype=torch.float32 if xs.dtype in (torch.float16, torch.bfloat16)
+                       else xs.dtype, device=xs.device)
+    INVSTD = torch.empty_like(MEAN)
+    E = steps * (steps + 1) // 2
+    C = torch.empty(T, E, B, H, **opts)  # sigmoid(c) of every edge
+    HH = torch.empty(T, E, B, H, **opts)  # h of every edge (before its activation)
+    C0 = torch.empty(T, B, H, **opts)
+    H0 = torch.empty(T, B, H, **opts)
+    HPREV = torch.empty(T, B, H, **opts)
+    out = torch.empty(T, B, H, **opts)
+    h = h0
+    for t in range(T):
+        HPREV[t] = h
+        ch0 = torch.addmm(XW[t], h * h_mask, W0h)
+        torch.sigmoid(ch0[:, :H], out=C0[t])
+        torch.tanh(ch0[:, H:], out=H0[t])
+        torch.lerp(h, H0[t], C0[t], out=U[t, 0])
+        s, MEAN[t, 0], INVSTD[t, 0] = _bn_forward(U[t, 0], running_mean, running_var, momentum, eps)
+        S[t, 0] = s
+        off = 0
+        for i in range(steps):
+            J = i + 1
+            st = S[t, :J]
+            ch = torch.mm((st * h_mask).view(J * B, H), Ws[i]).view(J, B, 2 * H)
+            c = C[t, off:off + J]
+            torch.sigmoid(ch[..., :H], out=c)
+            hh = HH[t, off:off + J]
+            hh.copy_(ch[..., H:])
+            U[t, J] = kern.rnn_mix_forward(st, c, hh, probs[off:off + J])
+            s, MEAN[t, J], INVSTD[t, J] = _bn_forward(U[t, J], running_mean, running_var, momentum, eps)
+            S[t, J] = s
+            off += J
+        torch.mean(S[t, n - steps:], dim=0, out=out[t])  # the mean of the last CONCAT (= steps) nodes
+        h = out[t]
+    return [out, xm, S, U, MEAN, INVSTD, C, HH, C0, H0, HPREV]
+
+
+def _sequence_backward(kern, grad_out, x_mask, h_mask, probs, W0, Ws, saved, eps):
+    """The backward of :func:`_sequence_forward`: [d xs, d h0, d probs, d W0, d Ws...]."""
+    xm, S, U, MEAN, INVSTD, C, HH, C0, H0, HPREV = saved
+    steps = len(Ws)
+    T, n, B, H = S.shape
+    I = xm.shape[-1]
+    W0x, W0h = W0[:I], W0[I:]
+    g_probs = torch.zeros_like(probs)
+    g_Ws: List[torch.Tensor] = [torch.zeros_like(w) for w in Ws]
+    g_W0h = torch.zeros_like(W0h)
+    G0 = torch.empty(T, B, 2 * H, dtype=S.dtype, device=S.device)  # d (first GEMM's output), all steps
+    gS = torch.empty(n, B, H, dtype=S.dtype, device=S.device)
+    gCH = torch.empty(steps, B, 2 * H, dtype=S.dtype, device=S.device)
+    g_h = torch.zeros(B, H, dtype=S.dtype, device=S.device)  # d h_t from step t + 1
+    E = steps * (steps + 1) // 2
+    inv_concat = 1.0 / steps
+    for t in reversed(range(T)):
+        g_ht = grad_out[t] + g_h
+        gS.zero_()
+        gS[n - steps:] += g_ht * inv_concat
+        off = E
+        for i in reversed(range(steps)):
+            J = i + 1
+            off -= J
+            g_u = _bn_backward(gS[J], U[t, J], MEAN[t, J], INVSTD[t, J], eps)
+            st, c, hh = S[t, :J], C[t, off:off + J], HH[t, off:off + J]
+            dS, dC, dHH, dP = kern.rnn_mix_backward(g_u, st, c, hh, probs[off:off + J])
+            g_probs[off:off + J] += dP
+            gch = gCH[:J]
+            torch.ops.aten.sigmoid_backward(dC, c, grad_input=gch[..., :H])
+            gch[..., H:] = dHH
+            masked = (st * h_mask).view(J * B, H)
+            g2 = gch.view(J * B, 2 * H)
+            g_Ws[i].addmm_(masked.t(), g2)
+            gM = torch.mm(g2, Ws[i].t()).view(J, B, H)
+            gS[:J] += dS
+            gS[:J].addcmul_(gM, h_mask)
+        # s_0 = BN(h + c0 * (h0 - h)),  [c0 | h0] = [x m_x | h m_h] @ W0 through sigmoid / tanh
+        g_u0 = _bn_backward(gS[0], U[t, 0], MEAN[t, 0], INVSTD[t, 0], eps)
+        c0, h0, hp = C0[t], H0[t], HPREV[t]
+        g0 = G0[t]
+        torch.ops.aten.sigmoid_backward(g_u0 * (h0 - hp), c0, grad_input=g0[:, :H])
+        torch.ops.aten.tanh_backward(g_u0 * c0, h0, grad_input=g0[:, H:])
+        g_W0h.addmm_((hp * h_mask).t(), g0)
+        g_h = g_u0 - g_u0 * c0
+        g_h.addcmul_(torch.mm(g0, W0h.t()), h_mask)
+    G = G0.view(T * B, 2 * H)
+    g_W0 = torch.cat([torch.mm(xm.view(T * B, I).t(), G), g_W0h], 0)
+    g_xs = torch.mm(G, W0x.t()).view(T, B, I) * x_mask
+    return [g_xs, g_h, g_probs, g_W0] + g_Ws
+
+
+class _CellSequence(torch.autograd.Function):
+    """forward(backend, steps, momentum, eps, xs (T,B,I), h0 (B,H), x_mask (B,I), h_mask (B,H), probs (E,5),
+    running_mean, running_var, W0 (I+H, 2H), *Ws (H, 2H)) -> hiddens (T, B, H)."""
+
+    @staticmethod
+    def forward(ctx, backend, steps, momentum, eps, xs, h0, x_mask, h_mask, probs, running_mean, running_var,
+                W0, *Ws):
+        if backend in ("cpu", "cuda"):
+            res = _ext.get().rnn_cell_forward(xs, h0, x_mask, h_mask, probs, running_mean, running_var, W0,
+                                              list(Ws), momentum, eps)
+        else:
+            res = _sequence_forward(_kernels(backend), steps, momentum, eps, xs, h0, x_mask, h_mask, probs,
+                                    running_mean, running_var, W0, Ws)
+        out, saved = res[0], res[1:]
+        ctx.save_for_backward(x_mask, h_mask, probs, W0, *saved, *Ws)
+        ctx.backend, ctx.eps, ctx.nsaved = backend, eps, len(saved)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x_mask, h_mask, probs, W0, *rest = ctx.saved_tensors
+        saved, Ws = rest[:ctx.nsaved], rest[ctx.nsaved:]
+        grad_out = grad_out.contiguous()
+        if ctx.backend in ("cpu", "cuda"):
+            g = _ext.get().rnn_cell_backward(grad_out, x_mask, h_mask, probs, W0, list(Ws), list(saved), ctx.eps)
+        else:
+            g = _sequence_backward(_kernels(ctx.backend), grad_out, x_mask, h_mask, probs, W0, Ws, saved, ctx.eps)
+        g_xs, g_h0, g_probs, g_W0, *g_Ws = g
+        return (None, None, None, None, g_xs, g_h0, None, None, g_probs, None, None, g_W0, *g_Ws)
+
+
+def cell_sequence(cell, inputs: torch.Tensor, h0: torch.Tensor, x_mask: torch.Tensor, h_mask: torch.Tensor,
+                  probs: torch.Tensor, backend: str) -> torch.Tensor:
+    """The hiddens (T, B, H) of ``cell`` (a training-mode DARTSCellSearch) over ``inputs`` (T, B, I)."""
+    bn = cell.bn
+    momentum = 0.1 if bn.momentum is None else bn.momentum
+    Ws = [w for w in cell._Ws]
+    out = _CellSequence.apply(backend, len(Ws), momentum, bn.eps, inputs.contiguous(), h0.contiguous(),
+                              x_mask, h_mask, probs.contiguous(), bn.running_mean, bn.running_var, cell._W0, *Ws)
+    with torch.no_grad():
+        bn.num_batches_tracked.add_(inputs.shape[0] * (len(Ws) + 1))
+    return out
