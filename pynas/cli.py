@@ -1,4 +1,4 @@
-"""The ``pynas`` command line: ``pynas search cnn``, ``pynas info``."""
+"""The ``pynas`` command line: ``pynas search cnn``, ``pynas search rnn``, ``pynas bench``, ``pynas info``."""
 from __future__ import annotations
 
 import argparse
@@ -44,12 +44,57 @@ def _add_cnn_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _add_rnn_args(p: argparse.ArgumentParser) -> None:
+    from .rnn.search import RNNSearchConfig
+
+    d = RNNSearchConfig()
+    p.add_argument("--data", choices=("stdlib", "ptb"), default=d.data,
+                   help="stdlib: embedded word-level corpus built at run time from the Python standard library's "
+                        "docstrings and comments (no download); ptb: ptb.{train,valid,test}.txt from --data-dir")
+    p.add_argument("--data-dir", default=None, help="folder with ptb.train.txt, ptb.valid.txt, ptb.test.txt")
+    p.add_argument("--max-tokens", type=int, default=None, help="stdlib corpus: cap on its size in tokens")
+    p.add_argument("--emsize", type=int, default=d.emsize, help="embedding size (= --nhid)")
+    p.add_argument("--nhid", type=int, default=d.nhid, help="hidden size")
+    p.add_argument("--nhidlast", type=int, default=-1, help="hidden size of the last layer (default: --emsize)")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--clip", type=float, default=d.clip, help="gradient clip (weights and the virtual step)")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--bptt", type=int, default=d.bptt, help="sequence length")
+    p.add_argument("--dropout", type=float, default=d.dropout, help="dropout of the cell's output")
+    p.add_argument("--dropouth", type=float, default=d.dropouth, help="dropout of the hidden states in the cell")
+    p.add_argument("--dropoutx", type=float, default=d.dropoutx, help="dropout of the cell's input")
+    p.add_argument("--dropouti", type=float, default=d.dropouti, help="dropout of the embedding output")
+    p.add_argument("--dropoute", type=float, default=d.dropoute, help="dropout of whole words in the embedding")
+    p.add_argument("--alpha", type=float, default=d.alpha, help="activation regularisation")
+    p.add_argument("--beta", type=float, default=d.beta, help="temporal activation regularisation")
+    p.add_argument("--wdecay", type=float, default=d.wdecay, help="weight decay")
+    order = p.add_mutually_exclusive_group()
+    order.add_argument("--unrolled", "--second-order", dest="unrolled", action="store_true",
+                       help="second-order (unrolled) architecture gradient")
+    order.add_argument("--first-order", dest="unrolled", action="store_false", help="first order (default)")
+    p.set_defaults(unrolled=d.unrolled)
+    p.add_argument("--fd-r", type=float, default=d.fd_r, help="finite-difference radius r of the second-order step")
+    p.add_argument("--arch-lr", type=float, default=d.arch_lr)
+    p.add_argument("--arch-wdecay", type=float, default=d.arch_wdecay)
+    p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--steps-per-epoch", type=int, default=None, help="cap on iterations per epoch")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--backend", default=None, help="auto, reference, cpu, triton, cuda (default: $PYNAS_BACKEND or auto)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--save", default=None, help="run folder for checkpoint, log and genotype (default runs/<time>)")
+    p.add_argument("--resume", default=None, help="checkpoint file or run folder to continue")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pynas", description="Fast differentiable architecture search (DARTS).")
     sub = parser.add_subparsers(dest="command", required=True)
     search = sub.add_parser("search", help="run a DARTS search")
     spaces = search.add_subparsers(dest="space", required=True)
     _add_cnn_args(spaces.add_parser("cnn", help="DARTS CNN search space"))
+    _add_rnn_args(spaces.add_parser("rnn", help="DARTS RNN search space (word-level language model)"))
     sub.add_parser("info", help="backends and build facts")
     bench = sub.add_parser("bench", help="benchmarks: reference vs torch.compile vs pynas, side by side")
     bench.add_argument("--size", choices=("cpu", "gpu", "tiny"), default=None,
@@ -71,16 +116,72 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_folder(args, space: str):
+    """The run folder (made) and a logger that prints and appends to its log.txt."""
+    save = args.save
+    if save is None:
+        if args.resume is not None:
+            save = args.resume if os.path.isdir(args.resume) else os.path.dirname(os.path.abspath(args.resume))
+        else:
+            save = os.path.join("runs", f"search-{space}-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    os.makedirs(save, exist_ok=True)
+    log_path = os.path.join(save, "log.txt")
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+        with open(log_path, "a") as fh:
+            fh.write(line + "\n")
+
+    return save, log
+
+
+def _set_threads(threads) -> None:
+    import torch
+
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads: expected a positive integer, got {threads}")
+        torch.set_num_threads(threads)
+
+
+def _search_rnn(args) -> int:
+    import json
+
+    import torch
+
+    from . import _backend
+    from .rnn.search import RNNSearchConfig, check_config, run_rnn_search
+
+    _set_threads(args.threads)
+    backend = args.backend if args.backend is not None else _backend.current_backend()
+    nhidlast = args.emsize if args.nhidlast < 0 else args.nhidlast
+    cfg = RNNSearchConfig(
+        data=args.data, data_dir=args.data_dir, max_tokens=args.max_tokens, emsize=args.emsize, nhid=args.nhid,
+        nhidlast=nhidlast, lr=args.lr, clip=args.clip, epochs=args.epochs, batch_size=args.batch_size,
+        bptt=args.bptt, dropout=args.dropout, dropouth=args.dropouth, dropoutx=args.dropoutx,
+        dropouti=args.dropouti, dropoute=args.dropoute, alpha=args.alpha, beta=args.beta, wdecay=args.wdecay,
+        unrolled=args.unrolled, fd_r=args.fd_r, arch_lr=args.arch_lr, arch_wdecay=args.arch_wdecay,
+        eval_batch_size=args.eval_batch_size, seed=args.seed, steps_per_epoch=args.steps_per_epoch,
+        device=args.device, backend=backend)
+    if args.resume is None:
+        check_config(cfg)  # fail before a run folder is made
+    save, log = _run_folder(args, "rnn")
+    log(f"pynas search rnn: run folder {save}; data {cfg.data}; backend {backend}; "
+        f"{'second' if cfg.unrolled else 'first'} order; torch threads {torch.get_num_threads()}")
+    result = run_rnn_search(cfg, save_dir=save, resume=args.resume, log=log, progress=not args.no_progress)
+    print("genotype: " + json.dumps(result["genotype"]), flush=True)
+    return 0
+
+
 def _search_cnn(args) -> int:
+    import json
+
     import torch
 
     from . import _backend
     from .search import run_search
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads: expected a positive integer, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     backend = args.backend if args.backend is not None else _backend.current_backend()
     cfg = CNNSearchConfig(
         data=args.data, data_dir=args.data_dir, num_train=args.num_train, epochs=args.epochs,
@@ -94,25 +195,10 @@ def _search_cnn(args) -> int:
         from .search import _check_config
 
         _check_config(cfg)  # fail before a run folder is made
-    save = args.save
-    if save is None:
-        if args.resume is not None:
-            save = args.resume if os.path.isdir(args.resume) else os.path.dirname(os.path.abspath(args.resume))
-        else:
-            save = os.path.join("runs", "search-cnn-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    os.makedirs(save, exist_ok=True)
-    log_path = os.path.join(save, "log.txt")
-
-    def log(line: str) -> None:
-        print(line, flush=True)
-        with open(log_path, "a") as fh:
-            fh.write(line + "\n")
-
+    save, log = _run_folder(args, "cnn")
     log(f"pynas search cnn: run folder {save}; backend {backend}; "
         f"{'second' if cfg.unrolled else 'first'} order; torch threads {torch.get_num_threads()}")
     result = run_search(cfg, save_dir=save, resume=args.resume, log=log, progress=not args.no_progress)
-    import json
-
     print("genotype: " + json.dumps(result["genotype"]), flush=True)
     return 0
 
@@ -124,10 +210,7 @@ def _bench(args) -> int:
 
     from . import bench
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads: expected a positive integer, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     names = []
     for item in (args.benchmarks.split(",") if args.benchmarks else list(bench.BENCHMARKS)):
         item = item.strip()
@@ -165,6 +248,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _bench(args)
         if args.command == "search" and args.space == "cnn":
             return _search_cnn(args)
+        if args.command == "search" and args.space == "rnn":
+            return _search_rnn(args)
     except (ValueError, FileNotFoundError, TypeError, RuntimeError) as exc:
         print(f"pynas: error: {exc}", file=sys.stderr)
         return 2

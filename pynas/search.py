@@ -301,6 +301,8 @@ def run_search(cfg: CNNSearchConfig, save_dir: Optional[str] = None, resume: Opt
     """Run (or resume) a CNN search; returns the final genotype and the per-epoch history."""
     if resume is not None:
         ckpt = load_checkpoint(resume)
+        if ckpt.get("space", "cnn") != "cnn":
+            raise ValueError(f"resume: {resume} is a checkpoint of a {ckpt.get('space')!r} search, not a cnn one")
         saved = CNNSearchConfig(**ckpt["config"])
         # a resumed run keeps its own settings (the lr schedule depends on them); only where it
         # runs may change

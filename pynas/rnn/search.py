@@ -1,0 +1,292 @@
+"""The DARTS RNN search loop: a word-level language model whose recurrent cell is searched.
+
+Per darts-spec.md: the training tokens are split in two halves, the first trains the weights w, the
+second the architecture alpha. Each iteration takes a (train, search) batch pair of ``bptt`` steps (5 % of
+the iterations use bptt / 2, with the learning rate scaled by seq_len / bptt): the architect steps alpha
+(first or second order, the RNN rules: no momentum, clip 0.25), then SGD steps the weights on the train
+batch with the temporal activation regularisation (``beta``) and, if set, the activation regularisation
+(``alpha``), the gradient clipped to ``clip``. Hidden states are carried across batches (detached) and
+reset at the start of each epoch. Perplexity on the validation text is logged after every epoch, and a
+checkpoint is written atomically; ``resume`` continues a run exactly as if it had not stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import _backend
+from ..search import CHECKPOINT_NAME, CHECKPOINT_VERSION, atomic_save, load_checkpoint
+from .architect import Architect
+from .data import batchify, get_batch, load_corpus
+from .genotypes import to_json
+from .model_search import RNNModelSearch
+
+
+@dataclass
+class RNNSearchConfig:
+    """Settings of an RNN search; the defaults are DARTS's (rnn/train_search.py)."""
+
+    data: str = "stdlib"
+    data_dir: Optional[str] = None
+    max_tokens: Optional[int] = None  # stdlib corpus: cap on its size (None: the corpus's default)
+    emsize: int = 300
+    nhid: int = 300
+    nhidlast: int = 300
+    lr: float = 20.0
+    clip: float = 0.25
+    epochs: int = 50
+    batch_size: int = 256
+    bptt: int = 35
+    dropout: float = 0.75
+    dropouth: float = 0.25
+    dropoutx: float = 0.75
+    dropouti: float = 0.2
+    dropoute: float = 0.0
+    alpha: float = 0.0  # activation regularisation (on the dropped outputs)
+    beta: float = 1e-3  # temporal activation regularisation (slowness)
+    wdecay: float = 5e-7
+    unrolled: bool = False
+    fd_r: float = 0.01
+    arch_lr: float = 3e-3
+    arch_wdecay: float = 1e-3
+    eval_batch_size: int = 10
+    seed: int = 2
+    steps_per_epoch: Optional[int] = None  # cap on iterations per epoch (None: a full pass)
+    device: str = "cpu"
+    backend: str = "auto"
+
+
+def check_config(cfg: RNNSearchConfig) -> None:
+    for name in ("emsize", "nhid", "epochs", "batch_size", "bptt", "eval_batch_size"):
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+    if cfg.batch_size < 2:
+        raise ValueError(f"batch_size: the search cell's BatchNorm needs at least 2 sequences, got {cfg.batch_size}")
+    if not (cfg.emsize == cfg.nhid == cfg.nhidlast):
+        raise ValueError(f"emsize, nhid, nhidlast: the decoder is tied to the embedding, so they must be equal, "
+                         f"got {cfg.emsize}, {cfg.nhid}, {cfg.nhidlast}")
+    for name in ("dropout", "dropouth", "dropoutx", "dropouti", "dropoute"):
+        v = getattr(cfg, name)
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"{name}: expected a probability in [0, 1), got {v!r}")
+    for name in ("lr", "clip", "fd_r", "arch_lr"):
+        if not getattr(cfg, name) > 0:
+            raise ValueError(f"{name}: expected a positive number, got {getattr(cfg, name)!r}")
+    for name in ("alpha", "beta", "wdecay", "arch_wdecay"):
+        if not getattr(cfg, name) >= 0:
+            raise ValueError(f"{name}: expected a non-negative number, got {getattr(cfg, name)!r}")
+    if cfg.steps_per_epoch is not None and cfg.steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch: expected a positive integer, got {cfg.steps_per_epoch}")
+    if cfg.data not in ("stdlib", "ptb"):
+        raise ValueError(f"data: expected 'stdlib' or 'ptb', got {cfg.data!r}")
+    if cfg.data == "ptb" and not cfg.data_dir:
+        raise ValueError("data_dir: --data ptb needs --data-dir (the folder with ptb.train.txt, ptb.valid.txt, "
+                         "ptb.test.txt)")
+
+
+class RNNSearch:
+    """A DARTS RNN search run: build it, call :meth:`run`; see :func:`run_rnn_search`."""
+
+    def __init__(self, cfg: RNNSearchConfig, save_dir: Optional[str] = None,
+                 log: Callable[[str], None] = print, progress: bool = True):
+        check_config(cfg)
+        self.cfg, self.save_dir, self.log, self.progress = cfg, save_dir, log, progress
+        self.device = torch.device(cfg.device)
+        kw = {"max_tokens": cfg.max_tokens} if (cfg.data == "stdlib" and cfg.max_tokens) else {}
+        self.corpus = load_corpus(cfg.data, cfg.data_dir, **kw)
+        train = self.corpus.train
+        half = train.numel() // 2
+        need = 2 * cfg.batch_size * 2
+        if half < need:
+            raise ValueError(f"batch_size: the training text ({train.numel()} tokens) is too short for two halves of "
+                             f"at least 2 x batch_size = {2 * cfg.batch_size} tokens each")
+        self.train_data = batchify(train[:half], cfg.batch_size).to(self.device)
+        self.search_data = batchify(train[half:], cfg.batch_size).to(self.device)
+        self.val_data = batchify(self.corpus.valid, cfg.eval_batch_size).to(self.device)
+        torch.manual_seed(cfg.seed)
+        self.model = RNNModelSearch(self.corpus.ntokens, cfg.emsize, cfg.nhid, cfg.nhidlast, cfg.dropout,
+                                    cfg.dropouth, cfg.dropoutx, cfg.dropouti, cfg.dropoute).to(self.device)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.wdecay)
+        self.architect = Architect(self.model, weight_decay=cfg.wdecay, clip=cfg.clip, arch_learning_rate=cfg.arch_lr,
+                                   arch_weight_decay=cfg.arch_wdecay, fd_r=cfg.fd_r)
+        self.epoch = 0
+        self.history: List[dict] = []
+
+    # -- checkpoints -------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "format": "pynas-search",
+            "version": CHECKPOINT_VERSION,
+            "space": "rnn",
+            "config": dataclasses.asdict(self.cfg),
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "alphas": [a.detach().cpu().clone() for a in self.model.arch_parameters()],
+            "optimizer": self.optimizer.state_dict(),
+            "arch_optimizer": self.architect.optimizer.state_dict(),
+            "history": list(self.history),
+            "torch_rng": torch.get_rng_state(),
+            "genotype": to_json(self.model.genotype()),
+        }
+
+    def load_state(self, ckpt: dict) -> None:
+        try:
+            self.model.load_state_dict(ckpt["model"], strict=True)
+            with torch.no_grad():
+                for a, saved in zip(self.model.arch_parameters(), ckpt["alphas"]):
+                    if a.shape != saved.shape:
+                        raise ValueError(f"alphas of shape {tuple(saved.shape)}, the model has {tuple(a.shape)}")
+                    a.copy_(saved)
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.architect.optimizer.load_state_dict(ckpt["arch_optimizer"])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise ValueError(f"resume: the checkpoint does not fit this search: {exc}") from exc
+        self.epoch = int(ckpt["epoch"])
+        self.history = list(ckpt.get("history", []))
+        torch.set_rng_state(ckpt["torch_rng"])
+
+    def save(self) -> Optional[str]:
+        if not self.save_dir:
+            return None
+        path = os.path.join(self.save_dir, CHECKPOINT_NAME)
+        atomic_save(self.state(), path)
+        return path
+
+    # -- the loop ----------------------------------------------------------------
+    def _weight_loss(self, data, targets, hidden):
+        """The weight step's loss: NLL + alpha * AR + beta * TAR, and the raw NLL and next hidden."""
+        cfg = self.cfg
+        log_prob, hidden, rnn_hs, dropped_rnn_hs = self.model(data, hidden, return_h=True)
+        raw_loss = F.nll_loss(log_prob.view(-1, log_prob.size(2)), targets)
+        loss = raw_loss
+        if cfg.alpha > 0:
+            loss = loss + cfg.alpha * dropped_rnn_hs[-1].pow(2).mean()
+        if cfg.beta > 0:
+            loss = loss + cfg.beta * (rnn_hs[-1][1:] - rnn_hs[-1][:-1]).pow(2).mean()
+        return loss, raw_loss, hidden
+
+    def train_epoch(self, epoch: int):
+        cfg, model = self.cfg, self.model
+        model.train()
+        rng = random.Random(cfg.seed * 1000003 + epoch)  # bptt draws: per epoch, so a resumed run repeats them
+        hidden = model.init_hidden(cfg.batch_size)
+        hidden_valid = model.init_hidden(cfg.batch_size)
+        n_rows, n_search = self.train_data.size(0), self.search_data.size(0)
+        total = (n_rows - 2) // cfg.bptt + 1
+        if cfg.steps_per_epoch:
+            total = min(total, cfg.steps_per_epoch)
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr,
+                       dynamic_ncols=True)
+        loss_sum, tokens, steps, i = 0.0, 0, 0, 0
+        group = self.optimizer.param_groups[0]
+        while i < n_rows - 1 - 1:
+            if cfg.steps_per_epoch and steps >= cfg.steps_per_epoch:
+                break
+            bptt = cfg.bptt if rng.random() < 0.95 else cfg.bptt / 2.0
+            seq_len = max(int(bptt), 1)
+            lr = group["lr"]
+            group["lr"] = lr * seq_len / cfg.bptt
+            try:
+                data_valid, targets_valid = get_batch(self.search_data, i % (n_search - 1), cfg.bptt)
+                data, targets = get_batch(self.train_data, i, seq_len)
+                hidden = [h.detach() for h in hidden]
+                hidden_valid = [h.detach() for h in hidden_valid]
+                hidden_valid, _ = self.architect.step(hidden, data, targets, hidden_valid, data_valid, targets_valid,
+                                                      self.optimizer, cfg.unrolled)
+                self.optimizer.zero_grad()
+                loss, raw_loss, hidden = self._weight_loss(data, targets, hidden)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+                self.optimizer.step()
+            finally:
+                group["lr"] = lr
+            n_tok = targets.numel()
+            # summed on the device: no host sync per iteration (the bar reads it every 10 steps)
+            loss_sum = raw_loss.detach() * n_tok + loss_sum
+            tokens += n_tok
+            steps += 1
+            i += seq_len
+            if bar is not None:
+                bar.update(1)
+                if steps % 10 == 1:
+                    avg = float(loss_sum) / tokens
+                    bar.set_postfix(loss=f"{avg:.3f}", ppl=f"{math.exp(min(avg, 50)):.1f}")
+        if bar is not None:
+            bar.close()
+        return float(loss_sum) / max(tokens, 1), steps
+
+    @torch.no_grad()
+    def evaluate(self, data_source: torch.Tensor) -> float:
+        """Mean NLL per token on ``data_source`` (eval mode: no dropout, BatchNorm running statistics)."""
+        cfg, model = self.cfg, self.model
+        model.eval()
+        hidden = model.init_hidden(data_source.size(1))
+        loss_sum, tokens = 0.0, 0
+        for i in range(0, data_source.size(0) - 1, cfg.bptt):
+            data, targets = get_batch(data_source, i, cfg.bptt)
+            log_prob, hidden = model(data, hidden)
+            loss_sum += float(F.nll_loss(log_prob.view(-1, log_prob.size(2)), targets, reduction="sum"))
+            tokens += targets.numel()
+        model.train()
+        return loss_sum / max(tokens, 1)
+
+    def run(self, until: Optional[int] = None) -> dict:
+        """Train to the end of the run, or only until ``until`` epochs are complete."""
+        cfg = self.cfg
+        stop = cfg.epochs if until is None else min(until, cfg.epochs)
+        with _backend.use_backend(cfg.backend):
+            while self.epoch < stop:
+                epoch = self.epoch
+                t0 = time.perf_counter()
+                train_loss, steps = self.train_epoch(epoch)
+                val_loss = self.evaluate(self.val_data)
+                seconds = time.perf_counter() - t0
+                genotype = to_json(self.model.genotype())
+                record = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"], "steps": steps,
+                          "train_loss": train_loss, "train_ppl": math.exp(min(train_loss, 50)),
+                          "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)), "seconds": seconds,
+                          "genotype": genotype}
+                self.history.append(record)
+                self.epoch = epoch + 1
+                self.log(f"epoch {epoch + 1}/{cfg.epochs} steps {steps} train_loss {train_loss:.4f} "
+                         f"train_ppl {record['train_ppl']:.2f} val_loss {val_loss:.4f} val_ppl {record['val_ppl']:.2f} "
+                         f"time {seconds:.1f}s genotype {genotype}")
+                self.save()
+        genotype = to_json(self.model.genotype())
+        if self.save_dir:
+            with open(os.path.join(self.save_dir, "genotype.json"), "w") as fh:
+                fh.write(genotype + "\n")
+        return {"genotype": json.loads(genotype), "history": self.history}
+
+
+def run_rnn_search(cfg: RNNSearchConfig, save_dir: Optional[str] = None, resume: Optional[str] = None,
+                   log: Callable[[str], None] = print, progress: bool = True) -> dict:
+    """Run (or resume) an RNN search; returns the final genotype and the per-epoch history."""
+    if resume is not None:
+        ckpt = load_checkpoint(resume)
+        if ckpt.get("space") != "rnn":
+            raise ValueError(f"resume: {resume} is a checkpoint of a {ckpt.get('space')!r} search, not an rnn one")
+        saved = RNNSearchConfig(**ckpt["config"])
+        saved.device, saved.backend = cfg.device, cfg.backend  # only where it runs may change
+        search = RNNSearch(saved, save_dir=save_dir, log=log, progress=progress)
+        search.load_state(ckpt)
+    else:
+        search = RNNSearch(cfg, save_dir=save_dir, log=log, progress=progress)
+    if save_dir:
+        os.makedirs(save_dir, exist_ok=True)
+    return search.run()
