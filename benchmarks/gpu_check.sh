@@ -206,6 +206,7 @@ else
     run_step "gpu tests" 180 120 "$TESTS_LOG" \
         "$PY" -m pytest -q -rs --maxfail=20 tests/test_edge_cuda.py tests/test_fused_edge.py tests/test_edge_triton.py \
         tests/test_multi_tensor_gpu.py tests/test_rnn_mix.py tests/test_rnn_mix_cuda.py tests/test_rnn_mix_triton.py \
+        tests/test_rnn_fused_sequence.py \
         tests/test_mixed_sum.py tests/test_compat_cnn.py tests/test_backends.py -p no:cacheprovider
 fi
 
@@ -215,9 +216,14 @@ if (( DRY_RUN )); then
     run_step "cpu smoke bench" 120 30 "$BENCH_LOG" \
         "$PY" -m pynas bench --device cpu --size cpu --benchmarks mixed_sum --repeats 3 --no-progress --out "$RESULTS"
 else
-    run_step "gpu bench" 240 25 "$BENCH_LOG" \
-        "$PY" -m pynas bench --device cuda --size gpu --no-progress --out "$RESULTS" --compile-timeout 120 \
-        --providers reference,compiled,pynas,pynas-cuda,pynas-triton
+    run_step "gpu bench" 200 25 "$BENCH_LOG" \
+        "$PY" -m pynas bench --device cuda --size gpu --benchmarks cnn,micro --no-progress --out "$RESULTS" \
+        --compile-timeout 120 --providers reference,compiled,pynas,pynas-cuda,pynas-triton
+    # The RNN search iterations without torch.compile (it unrolls 35 steps x 8 nodes; its compile alone
+    # would take the GPU budget).
+    run_step "gpu rnn bench" 90 25 "$BENCH_LOG" \
+        "$PY" -m pynas bench --device cuda --size gpu --benchmarks rnn --no-progress --out "$RESULTS" \
+        --providers reference,pynas,pynas-cuda,pynas-triton
 fi
 
 # ------------------------------------------------------------------ e. table

@@ -12,6 +12,10 @@ Benchmarks:
     search iteration (architect step plus weight step, as the search loop
     runs it), with the bytes held by the autograd graph after a training
     forward and, on GPU, the peak memory and the kernels launched;
+  * ``rnn_search_first_order`` / ``rnn_search_second_order``: one DARTS RNN
+    search iteration (the RNN architect's step plus the weight step with the
+    temporal activation regularisation, clipped SGD), on random tokens;
+  * ``cnn_edge_fwd_bwd``: one training-mode MixedOp forward and backward;
   * ``mixed_sum_fwd`` / ``_bwd`` / ``_fwd_bwd``: the fused op against its
     reference, with the bytes it must move and the fraction of the machine's
     copy bandwidth it achieves.
@@ -41,7 +45,7 @@ from .architect import Architect
 from .cnn import Network
 from .ops import mixed_sum, mixed_sum_ref
 
-MACRO = ("cnn_search_first_order", "cnn_search_second_order")
+MACRO = ("cnn_search_first_order", "cnn_search_second_order", "rnn_search_first_order", "rnn_search_second_order")
 MICRO = ("mixed_sum_fwd", "mixed_sum_bwd", "mixed_sum_fwd_bwd", "cnn_edge_fwd_bwd")
 BENCHMARKS = MACRO + MICRO
 BASE_PROVIDERS = ("reference", "compiled", "pynas")
@@ -49,13 +53,26 @@ BASE_PROVIDERS = ("reference", "compiled", "pynas")
 SIZES = {
     # the CPU size of the issues, and the DARTS default for GPUs
     "cpu": {"search": dict(C=8, layers=5, batch=16, image=32), "mixed_sum": dict(K=7, shape=(16, 8, 32, 32)),
-            "edge": dict(C=8, batch=16, image=32, stride=1)},
+            "edge": dict(C=8, batch=16, image=32, stride=1),
+            "rnn": dict(emsize=64, batch=16, bptt=35, ntoken=10000)},
     "gpu": {"search": dict(C=16, layers=8, batch=64, image=32), "mixed_sum": dict(K=7, shape=(64, 16, 32, 32)),
-            "edge": dict(C=16, batch=64, image=32, stride=1)},
+            "edge": dict(C=16, batch=64, image=32, stride=1),
+            "rnn": dict(emsize=300, batch=256, bptt=35, ntoken=10000)},
     # a smoke size for tests and dry runs: measures nothing of interest
     "tiny": {"search": dict(C=2, layers=2, batch=2, image=8), "mixed_sum": dict(K=3, shape=(4, 5)),
-             "edge": dict(C=2, batch=2, image=4, stride=1)},
+             "edge": dict(C=2, batch=2, image=4, stride=1), "rnn": dict(emsize=4, batch=2, bptt=3, ntoken=20)},
 }
+
+
+def size_group(bench: str) -> str:
+    """The key of SIZES[...] a benchmark reads its size from."""
+    if bench.startswith("rnn_search"):
+        return "rnn"
+    if bench.startswith("cnn_search"):
+        return "search"
+    if bench.startswith("cnn_edge"):
+        return "edge"
+    return "mixed_sum"
 
 
 # -- environment -------------------------------------------------------------------------------
@@ -261,6 +278,45 @@ def search_case(size: dict, device: torch.device, unrolled: bool, compiled: bool
     return Case(step, forward)
 
 
+def rnn_search_case(size: dict, device: torch.device, unrolled: bool, compiled: bool, seed: int = 0) -> Case:
+    """One iteration of the RNN search loop (pynas/rnn/search.py) with DARTS's settings."""
+    from .rnn import RNNModelSearch
+    from .rnn.architect import Architect as RNNArchitect
+
+    torch.manual_seed(seed)
+    e, ntok, b, t = size["emsize"], size["ntoken"], size["batch"], size["bptt"]
+    model = RNNModelSearch(ntok, e, e, e, 0.75, 0.25, 0.75, 0.2, 0.0).to(device)
+    fn = torch.compile(model) if compiled else model
+    if compiled:
+        model._loss = lambda hidden, input, target: _rnn_nll(fn, hidden, input, target)  # the compiled forward
+    opt = torch.optim.SGD(model.parameters(), lr=20.0, weight_decay=5e-7)
+    arch = RNNArchitect(model, weight_decay=5e-7, clip=0.25, arch_learning_rate=3e-3, arch_weight_decay=1e-3)
+    g = torch.Generator().manual_seed(seed + 1)
+    x, xv = (torch.randint(0, ntok, (t, b), generator=g).to(device) for _ in range(2))
+    y, yv = (torch.randint(0, ntok, (t * b,), generator=g).to(device) for _ in range(2))
+    hidden, hidden_v = model.init_hidden(b), model.init_hidden(b)
+
+    def step():
+        arch.step(hidden, x, y, hidden_v, xv, yv, opt, unrolled)
+        opt.zero_grad()
+        log_prob, _, rnn_hs, _ = fn(x, hidden, return_h=True)
+        loss = nn.functional.nll_loss(log_prob.view(-1, ntok), y)
+        loss = loss + 1e-3 * (rnn_hs[-1][1:] - rnn_hs[-1][:-1]).pow(2).mean()
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 0.25)
+        opt.step()
+
+    def forward():
+        return model._loss(hidden, x, y)[0]
+
+    return Case(step, forward)
+
+
+def _rnn_nll(fn, hidden, input, target):
+    log_prob, hidden_next = fn(input, hidden)
+    return nn.functional.nll_loss(log_prob.view(-1, log_prob.size(2)), target), hidden_next
+
+
 def mixed_sum_case(size: dict, device: torch.device, which: str, provider: str, seed: int = 0) -> Case:
     K, shape = size["K"], tuple(size["shape"])
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -323,6 +379,8 @@ def edge_case(size: dict, device: torch.device, compiled: bool, seed: int = 0) -
 
 
 def _size_label(bench: str, size: dict) -> str:
+    if bench.startswith("rnn_search"):
+        return f"E=H={size['emsize']} B={size['batch']} T={size['bptt']} V={size['ntoken']}"
     if bench in MACRO:
         return f"C={size['C']} L={size['layers']} B={size['batch']} {size['image']}x{size['image']}"
     if bench.startswith("cnn_edge"):
@@ -366,7 +424,13 @@ def _run_one(bench: str, provider: str, cfg: BenchConfig, device: torch.device) 
         why = _backend.BACKENDS[backend].unavailable_reason()
         if why:
             return {"status": "skipped", "note": f"backend {backend} unusable: {why}"}
-    if bench in MACRO:
+    if bench.startswith("rnn_search"):
+        size = sizes["rnn"]
+        repeats, min_repeat = cfg.repeats or 5, 0.0
+
+        def make():
+            return rnn_search_case(size, device, unrolled=bench.endswith("second_order"), compiled=compiled)
+    elif bench in MACRO:
         size = sizes["search"]
         repeats, min_repeat = cfg.repeats or 5, 0.0
 
@@ -450,7 +514,7 @@ def run(cfg: BenchConfig, progress: bool = True, on_row: Optional[Callable[[dict
             measured = _run_one(bench, provider, cfg, device)
         except Exception as exc:  # a failing provider is a row, not a crashed suite
             measured = {"status": "error", "note": f"{type(exc).__name__}: {exc}"}
-        sizes = SIZES[cfg.size]["search" if bench in MACRO else "edge" if bench.startswith("cnn_edge") else "mixed_sum"]
+        sizes = SIZES[cfg.size][size_group(bench)]
         row = {k: None for k in ROW_FIELDS}
         row.update(benchmark=bench, provider=provider, size=_size_label(bench, sizes), params=dict(sizes))
         row.update(measured)

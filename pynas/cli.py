@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: by --device)")
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--benchmarks", default=None,
-                       help="comma-separated names or groups (search, mixed_sum, micro); default all")
+                       help="comma-separated names or groups (search, cnn, rnn, mixed_sum, micro); default all")
     bench.add_argument("--providers", default="reference,compiled,pynas",
                        help="comma-separated: reference, compiled, pynas, pynas-<backend>")
     bench.add_argument("--repeats", type=int, default=None)
@@ -216,6 +216,8 @@ def _bench(args) -> int:
         item = item.strip()
         if item == "search":
             names += list(bench.MACRO)
+        elif item in ("cnn", "rnn"):
+            names += [b for b in bench.MACRO if b.startswith(item + "_")]
         elif item == "mixed_sum":
             names += [b for b in bench.MICRO if b.startswith("mixed_sum")]
         elif item == "micro":
