@@ -17,6 +17,8 @@ from pynas.rnn import RNNModelSearch
 from pynas.rnn.architect import Architect
 
 NTOKEN, NINP, T, B = 20, 5, 3, 3
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only stall
+
 TOL = 1e-8  # relative (max-abs) tolerance of the finite difference with fd_r = 1e-5 in float64
 WD = 5e-4  # larger than the default 5e-7, so the weight-decay term of the virtual step matters
 
@@ -70,7 +72,7 @@ def _exact(model, d, eta, clip, wd=WD, hessian_at_virtual=False):
             for p, gi in zip(params, g):
                 p.sub_(eta * (coef_g * gi + wd * p))
         w_virtual = [p.detach().clone() for p in params]
-        loss_v = m._loss(d["hidden_valid"], d["input_valid"], d["target_valid"])[0]
+        loss_v, hidden_v = m._loss(d["hidden_valid"], d["input_valid"], d["target_valid"])
         grads = torch.autograd.grad(loss_v, alphas + params)
         dalpha, v = grads[0], grads[1:]
         coef_v, norm_v = _clip_coef(v, clip)
@@ -84,7 +86,8 @@ def _exact(model, d, eta, clip, wd=WD, hessian_at_virtual=False):
         hvp = torch.autograd.grad(dot, alphas)[0]
     grad = dalpha - eta * coef_v * hvp
     return grad.detach(), dict(dalpha=dalpha, hvp=hvp, coef_g=coef_g, coef_v=coef_v, norm_g=norm_g,
-                               norm_v=norm_v, w_virtual=w_virtual)
+                               norm_v=norm_v, w_virtual=w_virtual,
+                               hidden_v=hidden_v[0].detach())
 
 
 def _close(a, b, rtol):
@@ -118,6 +121,9 @@ def test_unrolled_grad_is_the_exact_hypergradient(clipped):
     assert isinstance(out, list) and len(out) == 1 and out[0].shape == (36, 5)
     ok, rel = _close(out[0], exact, TOL)  # measured: ~1e-11 (clipped), ~1e-10 (unclipped)
     assert ok, rel
+    # the returned hidden is the validation pass's, at the virtual weights w', detached
+    assert isinstance(hidden, list) and len(hidden) == 1 and not hidden[0].requires_grad
+    torch.testing.assert_close(hidden[0], parts["hidden_v"], rtol=1e-12, atol=1e-14)
 
     # the tolerance is meaningful: the known bugs of other ports would fail it by far
     R = 1e-5 / parts["norm_v"]

@@ -12,6 +12,8 @@ import pynas
 import pynas.rnn
 from pynas.rnn import CONCAT, PRIMITIVES, STEPS, Genotype, RNNModelSearch
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only stall
+
 NTOKEN, NINP, T, B = 23, 6, 4, 3
 
 
@@ -310,6 +312,24 @@ def test_json_round_trip_and_errors():
                 '{"recurrent": [["conv", 0]], "concat": [1]}', '{"recurrent": [["tanh"]], "concat": [1]}']:
         with pytest.raises(ValueError):
             pynas.rnn.from_json(bad)
+
+
+@pytest.mark.parametrize("bad", ['{"recurrent": null, "concat": [1]}', '{"recurrent": 5, "concat": [1]}',
+                                 '{"recurrent": [["tanh", null]], "concat": [1]}',
+                                 '{"recurrent": [["tanh", 0]], "concat": null}',
+                                 '{"recurrent": [["tanh", 0]], "concat": [[1]]}'])
+def test_from_json_wrong_types_raise_value_error(bad):
+    with pytest.raises(ValueError):
+        pynas.rnn.from_json(bad)
+
+
+@pytest.mark.parametrize("bad", ['{"recurrent": [["tanh", 1.7]], "concat": [1]}',
+                                 '{"recurrent": [["tanh", true]], "concat": [1]}',
+                                 '{"recurrent": [["tanh", 99]], "concat": [1]}',
+                                 '{"recurrent": [["tanh", 0], ["relu", 0.0]], "concat": [1]}'])
+def test_from_json_rejects_bad_input_indices(bad):
+    with pytest.raises(ValueError):
+        pynas.rnn.from_json(bad)
 
 
 def test_constructor_errors():

@@ -54,16 +54,30 @@ def to_json(genotype: Genotype) -> str:
                        "concat": [int(i) for i in genotype.concat]})
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def from_json(text) -> Genotype:
-    """Parse :func:`to_json`'s output (a JSON string or an already-decoded dict)."""
+    """Parse :func:`to_json`'s output (a JSON string or an already-decoded dict).
+
+    Node i (0-based) may take a state j with 0 <= j <= i; concat holds node indices in [0, len(recurrent)]."""
     data = json.loads(text) if isinstance(text, (str, bytes)) else text
     if not isinstance(data, dict) or "recurrent" not in data or "concat" not in data:
         raise ValueError("text: expected a JSON object with keys recurrent and concat")
+    rec, concat = data["recurrent"], data["concat"]
+    if not isinstance(rec, list) or not rec:
+        raise ValueError(f"text: recurrent must be a non-empty list of [op, input] pairs, got {rec!r}")
     genes = []
-    for item in data["recurrent"]:
+    for i, item in enumerate(rec):
         if not (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str)):
             raise ValueError(f"text: recurrent entries must be [op, input] pairs, got {item!r}")
-        if item[0] not in PRIMITIVES or item[0] == "none":
-            raise ValueError(f"text: unknown recurrent op {item[0]!r}")
-        genes.append((item[0], int(item[1])))
-    return Genotype(recurrent=genes, concat=[int(i) for i in data["concat"]])
+        op, j = item
+        if op not in PRIMITIVES or op == "none":
+            raise ValueError(f"text: unknown recurrent op {op!r}")
+        if not _is_int(j) or not 0 <= j <= i:
+            raise ValueError(f"text: node {i} can take a state 0..{i}, got input {j!r}")
+        genes.append((op, j))
+    if not isinstance(concat, list) or not concat or not all(_is_int(c) and 0 <= c <= len(genes) for c in concat):
+        raise ValueError(f"text: concat must be a non-empty list of node indices 0..{len(genes)}, got {concat!r}")
+    return Genotype(recurrent=genes, concat=list(concat))

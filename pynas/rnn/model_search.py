@@ -1,4 +1,4 @@
-"""The DARTS RNN search cell, with the node mix through :func:`pynas.ops.rnn_mix`.
+"""The DARTS RNN search cell and model (the reference code's ``DARTSCellSearch`` and ``RNNModelSearch``).
 
 Names and parameters follow the DARTS reference code (``_W0``, ``_Ws.i``, ``bn``), so a state_dict moves
 between the two. Per time step (darts-spec.md):
@@ -9,7 +9,9 @@ between the two. Per time step (darts-spec.md):
     output:  mean(s_1 .. s_8)
 
 The masks are drawn once per sequence (training only). ``weights`` (36 x 5 arch tensor) is set by the
-model that owns the cell.
+model that owns the cell. In training mode, on a backend other than ``reference``, the whole sequence is
+one fused autograd node (:mod:`pynas.rnn.fused`); otherwise the cell runs module by module, the node mix
+through :func:`pynas.ops.rnn_mix` (or, on ``reference``, written as the reference code writes it).
 """
 from __future__ import annotations
 
