@@ -179,3 +179,23 @@ def test_cpp_entry_points_name_bad_arguments():
         C.rnn_cell_backward(gout, xm, hm, probs, W0, Ws, res[1:5], 1e-5)
     with pytest.raises(RuntimeError, match="`grad_out` must be \\(T, B, H\\)"):
         C.rnn_cell_backward(gout[:1], xm, hm, probs, W0, Ws, res[1:], 1e-5)
+
+
+@needs_cpu
+def test_torch_compile_of_the_model_matches_eager():
+    """Under torch.compile the cell takes the module path (rnn_mix as the custom op pynas::rnn_mix)."""
+    from pynas.rnn import RNNModelSearch
+
+    torch.manual_seed(0)
+    m = RNNModelSearch(30, 6, 6, 6, 0.0, 0.0, 0.0, 0.0, 0.0)
+    x, y = torch.randint(0, 30, (2, 3)), torch.randint(0, 30, (6,))
+    h = m.init_hidden(3)
+    with pynas.use_backend("cpu"):
+        eager, _ = m._loss(h, x, y)
+        g_eager = torch.autograd.grad(eager, [m.weights] + list(m.parameters()))
+        lp, _ = torch.compile(m, fullgraph=True)(x, h)
+        compiled = torch.nn.functional.nll_loss(lp.view(-1, 30), y)
+        g_compiled = torch.autograd.grad(compiled, [m.weights] + list(m.parameters()))
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_compiled, g_eager):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

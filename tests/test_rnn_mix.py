@@ -113,3 +113,41 @@ def test_bad_inputs_name_the_argument():
             k.rnn_mix_forward(s, s, s, torch.randn(3, 5))
         with pytest.raises(RuntimeError, match="rnn_mix_backward: `grad_out` must be"):
             k.rnn_mix_backward(torch.randn(3, 3), s, s, s, p)
+
+
+@pytest.mark.skipif(pynas.backends()["cpu"] is not None, reason="the C++ CPU backend is not built")
+@pytest.mark.parametrize("isa", ["base", "avx2"])
+@pytest.mark.parametrize("shape,scale", [((3, 70, 61), 1.0), ((2, 9, 13), 60.0), ((5, 1, 3), 4.0)], ids=str)
+def test_cpu_float32_lanes_tiles_and_saturation(isa, shape, scale):
+    """The C++ float loops (8 lanes, one exponential, clamped): several tiles, a ragged tail, |h| up to
+    hundreds, both instruction sets, against the float64 reference; d probs independent of the threads."""
+    from pynas import _ext
+
+    C = _ext.get()
+    if isa == "avx2":
+        try:
+            C.set_cpu_isa("avx2")
+        except RuntimeError as exc:
+            pytest.skip(str(exc))
+    else:
+        C.set_cpu_isa("base")
+    try:
+        ins = _inputs(shape, torch.float32, "cpu", seed=7, scale=scale)
+        out = rnn_mix(*ins, backend="cpu")
+        g = torch.randn(shape[1:], dtype=torch.float32)
+        grads = torch.autograd.grad(out, ins, g)
+        ref_in = [t.detach().double().requires_grad_(True) for t in ins]
+        ref = rnn_mix_ref(*ref_in)
+        ref_grads = torch.autograd.grad(ref, ref_in, g.double())
+        for a, b in zip([out] + list(grads), [ref] + list(ref_grads)):
+            assert torch.isfinite(a).all()
+            torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=2e-6 * max(1.0, float(b.detach().abs().max())))
+        n = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            one = torch.autograd.grad(rnn_mix(*ins, backend="cpu"), ins, g)[3]
+        finally:
+            torch.set_num_threads(n)
+        assert torch.equal(one, grads[3])
+    finally:
+        C.set_cpu_isa("auto")

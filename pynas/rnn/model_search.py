@@ -79,12 +79,14 @@ class DARTSCellSearch(nn.Module):
             x_mask = h_mask = None
         h = hidden[0]
         probs = F.softmax(self.weights, dim=-1)
-        if self.training and self.bn.track_running_stats and self.bn.momentum is not None:
-            backend = _backend.resolve([inputs, h, probs])
-            if backend != "reference":
-                from .fused import cell_sequence
+        if self.training and self.bn.track_running_stats and self.bn.momentum is not None \
+                and not torch.compiler.is_compiling():  # under torch.compile: the module path, rnn_mix a custom op
+            from . import fused
 
-                hiddens = cell_sequence(self, inputs, h, x_mask, h_mask, probs, backend)
+            backend = _backend.resolve([inputs, h, probs])
+            gated = inputs.is_cuda and not fused.GPU_AUTO and _backend.current_backend() == "auto"
+            if backend != "reference" and not gated:
+                hiddens = fused.cell_sequence(self, inputs, h, x_mask, h_mask, probs, backend)
                 return hiddens, hiddens[-1].unsqueeze(0)
         outs = []
         for t in range(T):
