@@ -5,7 +5,7 @@ import argparse
 import datetime
 import os
 import sys
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from .search import CNNSearchConfig
 
@@ -144,11 +144,23 @@ def _set_threads(threads) -> None:
         torch.set_num_threads(threads)
 
 
-def _search_rnn(args) -> int:
+def _run_search(args, space: str, cfg, check: Callable, run: Callable, about: str = "") -> int:
+    """Check the settings (before a run folder is made), make the run folder, run, print the genotype."""
     import json
 
     import torch
 
+    if args.resume is None:
+        check(cfg)
+    save, log = _run_folder(args, space)
+    log(f"pynas search {space}: run folder {save}; {about}backend {cfg.backend}; "
+        f"{'second' if cfg.unrolled else 'first'} order; torch threads {torch.get_num_threads()}")
+    result = run(cfg, save_dir=save, resume=args.resume, log=log, progress=not args.no_progress)
+    print("genotype: " + json.dumps(result["genotype"]), flush=True)
+    return 0
+
+
+def _search_rnn(args) -> int:
     from . import _backend
     from .rnn.search import RNNSearchConfig, check_config, run_rnn_search
 
@@ -163,23 +175,12 @@ def _search_rnn(args) -> int:
         unrolled=args.unrolled, fd_r=args.fd_r, arch_lr=args.arch_lr, arch_wdecay=args.arch_wdecay,
         eval_batch_size=args.eval_batch_size, seed=args.seed, steps_per_epoch=args.steps_per_epoch,
         device=args.device, backend=backend)
-    if args.resume is None:
-        check_config(cfg)  # fail before a run folder is made
-    save, log = _run_folder(args, "rnn")
-    log(f"pynas search rnn: run folder {save}; data {cfg.data}; backend {backend}; "
-        f"{'second' if cfg.unrolled else 'first'} order; torch threads {torch.get_num_threads()}")
-    result = run_rnn_search(cfg, save_dir=save, resume=args.resume, log=log, progress=not args.no_progress)
-    print("genotype: " + json.dumps(result["genotype"]), flush=True)
-    return 0
+    return _run_search(args, "rnn", cfg, check_config, run_rnn_search, f"data {cfg.data}; ")
 
 
 def _search_cnn(args) -> int:
-    import json
-
-    import torch
-
     from . import _backend
-    from .search import run_search
+    from .search import _check_config, run_search
 
     _set_threads(args.threads)
     backend = args.backend if args.backend is not None else _backend.current_backend()
@@ -191,16 +192,7 @@ def _search_cnn(args) -> int:
         unrolled=args.unrolled, fd_r=args.fd_r, arch_learning_rate=args.arch_learning_rate,
         arch_weight_decay=args.arch_weight_decay, seed=args.seed, steps_per_epoch=args.steps_per_epoch,
         device=args.device, backend=backend)
-    if args.resume is None:
-        from .search import _check_config
-
-        _check_config(cfg)  # fail before a run folder is made
-    save, log = _run_folder(args, "cnn")
-    log(f"pynas search cnn: run folder {save}; backend {backend}; "
-        f"{'second' if cfg.unrolled else 'first'} order; torch threads {torch.get_num_threads()}")
-    result = run_search(cfg, save_dir=save, resume=args.resume, log=log, progress=not args.no_progress)
-    print("genotype: " + json.dumps(result["genotype"]), flush=True)
-    return 0
+    return _run_search(args, "cnn", cfg, _check_config, run_search)
 
 
 def _bench(args) -> int:

@@ -140,8 +140,58 @@ def load_checkpoint(path: str) -> dict:
     return ckpt
 
 
-class CNNSearch:
+class SearchCheckpoints:
+    """Checkpoints of a search run (the CNN and RNN searches): the model, alphas, both optimizers, the
+    history and the RNG, written atomically; ``SPACE`` names the search space, ``genotype_json()`` the
+    current genotype."""
+
+    SPACE = ""
+
+    # -- checkpoints -------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "format": "pynas-search",
+            "version": CHECKPOINT_VERSION,
+            "space": self.SPACE,
+            "config": dataclasses.asdict(self.cfg),
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "alphas": [a.detach().cpu().clone() for a in self.model.arch_parameters()],
+            "optimizer": self.optimizer.state_dict(),
+            "arch_optimizer": self.architect.optimizer.state_dict(),
+            "history": list(self.history),
+            "torch_rng": torch.get_rng_state(),
+            "genotype": self.genotype_json(),
+        }
+
+    def load_state(self, ckpt: dict) -> None:
+        try:
+            self.model.load_state_dict(ckpt["model"], strict=True)
+            with torch.no_grad():
+                for a, saved in zip(self.model.arch_parameters(), ckpt["alphas"]):
+                    if a.shape != saved.shape:
+                        raise ValueError(f"alphas of shape {tuple(saved.shape)}, the model has {tuple(a.shape)}")
+                    a.copy_(saved)
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.architect.optimizer.load_state_dict(ckpt["arch_optimizer"])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise ValueError(f"resume: the checkpoint does not fit this search: {exc}") from exc
+        self.epoch = int(ckpt["epoch"])
+        self.history = list(ckpt.get("history", []))
+        torch.set_rng_state(ckpt["torch_rng"])
+
+    def save(self) -> Optional[str]:
+        if not self.save_dir:
+            return None
+        path = os.path.join(self.save_dir, CHECKPOINT_NAME)
+        atomic_save(self.state(), path)
+        return path
+
+
+class CNNSearch(SearchCheckpoints):
     """A DARTS CNN search run: build it, call :meth:`run`; see :func:`run_search`."""
+
+    SPACE = "cnn"
 
     def __init__(self, cfg: CNNSearchConfig, save_dir: Optional[str] = None,
                  log: Callable[[str], None] = print, progress: bool = True):
@@ -168,45 +218,8 @@ class CNNSearch:
         self.epoch = 0  # epochs completed
         self.history: list = []
 
-    # -- checkpoints -------------------------------------------------------------
-    def state(self) -> dict:
-        return {
-            "format": "pynas-search",
-            "version": CHECKPOINT_VERSION,
-            "space": "cnn",
-            "config": dataclasses.asdict(self.cfg),
-            "epoch": self.epoch,
-            "model": self.model.state_dict(),
-            "alphas": [a.detach().cpu().clone() for a in self.model.arch_parameters()],
-            "optimizer": self.optimizer.state_dict(),
-            "arch_optimizer": self.architect.optimizer.state_dict(),
-            "history": list(self.history),
-            "torch_rng": torch.get_rng_state(),
-            "genotype": to_json(self.model.genotype()),
-        }
-
-    def load_state(self, ckpt: dict) -> None:
-        try:
-            self.model.load_state_dict(ckpt["model"], strict=True)
-            with torch.no_grad():
-                for a, saved in zip(self.model.arch_parameters(), ckpt["alphas"]):
-                    if a.shape != saved.shape:
-                        raise ValueError(f"alphas of shape {tuple(saved.shape)}, the model has {tuple(a.shape)}")
-                    a.copy_(saved)
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-            self.architect.optimizer.load_state_dict(ckpt["arch_optimizer"])
-        except (KeyError, RuntimeError, ValueError) as exc:
-            raise ValueError(f"resume: the checkpoint does not fit this search: {exc}") from exc
-        self.epoch = int(ckpt["epoch"])
-        self.history = list(ckpt.get("history", []))
-        torch.set_rng_state(ckpt["torch_rng"])
-
-    def save(self) -> Optional[str]:
-        if not self.save_dir:
-            return None
-        path = os.path.join(self.save_dir, CHECKPOINT_NAME)
-        atomic_save(self.state(), path)
-        return path
+    def genotype_json(self) -> str:
+        return to_json(self.model.genotype())
 
     # -- the loop ----------------------------------------------------------------
     def _steps(self) -> int:

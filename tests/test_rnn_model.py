@@ -25,49 +25,7 @@ BACKENDS = ["reference", pytest.param("cpu", marks=pytest.mark.skipif(not _cpu_b
                                                                        reason="the C++ CPU backend is not built"))]
 
 
-class RefCell(nn.Module):
-    """The reference code's search cell, written out (same pattern as tests/test_rnn_cell.py)."""
-
-    def __init__(self, ninp, nhid, dropouth, dropoutx):
-        super().__init__()
-        self.nhid, self.dropouth, self.dropoutx = nhid, dropouth, dropoutx
-        self._W0 = nn.Parameter(torch.empty(ninp + nhid, 2 * nhid))
-        self._Ws = nn.ParameterList([nn.Parameter(torch.empty(nhid, 2 * nhid)) for _ in range(STEPS)])
-        self.bn = nn.BatchNorm1d(nhid, affine=False)
-
-    def forward(self, inputs, hidden, weights):
-        T_, B_ = inputs.shape[:2]
-        if self.training:
-            kx, kh = 1 - self.dropoutx, 1 - self.dropouth
-            xm = (torch.floor(torch.rand(B_, inputs.size(2)) + kx) / kx).to(inputs.dtype)
-            hm = (torch.floor(torch.rand(B_, self.nhid) + kh) / kh).to(inputs.dtype)
-        h = hidden[0]
-        probs = F.softmax(weights, dim=-1)
-        acts = {"tanh": torch.tanh, "relu": torch.relu, "sigmoid": torch.sigmoid, "identity": lambda t: t}
-        outs = []
-        for t in range(T_):
-            x = inputs[t]
-            xh = torch.cat([x * xm, h * hm], -1) if self.training else torch.cat([x, h], -1)
-            c0, h0 = torch.split(xh.mm(self._W0), self.nhid, -1)
-            s0 = self.bn(h + c0.sigmoid() * (h0.tanh() - h))
-            states, offset = s0.unsqueeze(0), 0
-            for i in range(STEPS):
-                masked = states * hm.unsqueeze(0) if self.training else states
-                c, hh = torch.split(masked.view(-1, self.nhid).mm(self._Ws[i]).view(i + 1, -1, 2 * self.nhid),
-                                    self.nhid, -1)
-                c = c.sigmoid()
-                s = torch.zeros_like(s0)
-                for k, name in enumerate(PRIMITIVES):
-                    if name == "none":
-                        continue
-                    unweighted = states + c * (acts[name](hh) - states)
-                    s = s + torch.sum(probs[offset:offset + i + 1, k].unsqueeze(-1).unsqueeze(-1) * unweighted, 0)
-                states = torch.cat([states, self.bn(s).unsqueeze(0)], 0)
-                offset += i + 1
-            h = torch.mean(states[-CONCAT:], 0)
-            outs.append(h)
-        hs = torch.stack(outs)
-        return hs, hs[-1].unsqueeze(0)
+from test_rnn_cell import RefCell  # noqa: E402  (the plain cell written out from the spec)
 
 
 class RefModel(nn.Module):

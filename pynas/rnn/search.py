@@ -11,7 +11,6 @@ checkpoint is written atomically; ``resume`` continues a run exactly as if it ha
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend
-from ..search import CHECKPOINT_NAME, CHECKPOINT_VERSION, atomic_save, load_checkpoint
+from ..search import SearchCheckpoints, load_checkpoint
 from .architect import Architect
 from .data import batchify, get_batch, load_corpus
 from .genotypes import to_json
@@ -95,8 +94,10 @@ def check_config(cfg: RNNSearchConfig) -> None:
                          "ptb.test.txt)")
 
 
-class RNNSearch:
+class RNNSearch(SearchCheckpoints):
     """A DARTS RNN search run: build it, call :meth:`run`; see :func:`run_rnn_search`."""
+
+    SPACE = "rnn"
 
     def __init__(self, cfg: RNNSearchConfig, save_dir: Optional[str] = None,
                  log: Callable[[str], None] = print, progress: bool = True):
@@ -123,45 +124,8 @@ class RNNSearch:
         self.epoch = 0
         self.history: List[dict] = []
 
-    # -- checkpoints -------------------------------------------------------------
-    def state(self) -> dict:
-        return {
-            "format": "pynas-search",
-            "version": CHECKPOINT_VERSION,
-            "space": "rnn",
-            "config": dataclasses.asdict(self.cfg),
-            "epoch": self.epoch,
-            "model": self.model.state_dict(),
-            "alphas": [a.detach().cpu().clone() for a in self.model.arch_parameters()],
-            "optimizer": self.optimizer.state_dict(),
-            "arch_optimizer": self.architect.optimizer.state_dict(),
-            "history": list(self.history),
-            "torch_rng": torch.get_rng_state(),
-            "genotype": to_json(self.model.genotype()),
-        }
-
-    def load_state(self, ckpt: dict) -> None:
-        try:
-            self.model.load_state_dict(ckpt["model"], strict=True)
-            with torch.no_grad():
-                for a, saved in zip(self.model.arch_parameters(), ckpt["alphas"]):
-                    if a.shape != saved.shape:
-                        raise ValueError(f"alphas of shape {tuple(saved.shape)}, the model has {tuple(a.shape)}")
-                    a.copy_(saved)
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-            self.architect.optimizer.load_state_dict(ckpt["arch_optimizer"])
-        except (KeyError, RuntimeError, ValueError) as exc:
-            raise ValueError(f"resume: the checkpoint does not fit this search: {exc}") from exc
-        self.epoch = int(ckpt["epoch"])
-        self.history = list(ckpt.get("history", []))
-        torch.set_rng_state(ckpt["torch_rng"])
-
-    def save(self) -> Optional[str]:
-        if not self.save_dir:
-            return None
-        path = os.path.join(self.save_dir, CHECKPOINT_NAME)
-        atomic_save(self.state(), path)
-        return path
+    def genotype_json(self) -> str:
+        return to_json(self.model.genotype())
 
     # -- the loop ----------------------------------------------------------------
     def _weight_loss(self, data, targets, hidden):
