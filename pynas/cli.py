@@ -10,6 +10,28 @@ from typing import Callable, List, Optional
 from .search import CNNSearchConfig
 
 
+def _add_order_args(p: argparse.ArgumentParser, d) -> None:
+    """First or second order, and the finite-difference radius (both search spaces)."""
+    order = p.add_mutually_exclusive_group()
+    order.add_argument("--unrolled", "--second-order", dest="unrolled", action="store_true",
+                       help="second-order (unrolled) architecture gradient")
+    order.add_argument("--first-order", dest="unrolled", action="store_false", help="first order (default)")
+    p.set_defaults(unrolled=d.unrolled)
+    p.add_argument("--fd-r", type=float, default=d.fd_r, help="finite-difference radius r of the second-order step")
+
+
+def _add_run_args(p: argparse.ArgumentParser, d) -> None:
+    """Seed, length, device, backend, threads, run folder and resume (both search spaces)."""
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--steps-per-epoch", type=int, default=None, help="cap on iterations per epoch")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--backend", default=None, help="auto, reference, cpu, triton, cuda (default: $PYNAS_BACKEND or auto)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--save", default=None, help="run folder for checkpoint, log and genotype (default runs/<time>)")
+    p.add_argument("--resume", default=None, help="checkpoint file or run folder to continue")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def _add_cnn_args(p: argparse.ArgumentParser) -> None:
     d = CNNSearchConfig()
     p.add_argument("--data", choices=("shapes10", "cifar10"), default=d.data,
@@ -26,22 +48,10 @@ def _add_cnn_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-channels", type=int, default=d.init_channels)
     p.add_argument("--layers", type=int, default=d.layers)
     p.add_argument("--train-portion", type=float, default=d.train_portion)
-    order = p.add_mutually_exclusive_group()
-    order.add_argument("--unrolled", "--second-order", dest="unrolled", action="store_true",
-                       help="second-order (unrolled) architecture gradient")
-    order.add_argument("--first-order", dest="unrolled", action="store_false", help="first order (default)")
-    p.set_defaults(unrolled=d.unrolled)
-    p.add_argument("--fd-r", type=float, default=d.fd_r, help="finite-difference radius r of the second-order step")
+    _add_order_args(p, d)
     p.add_argument("--arch-learning-rate", "--arch-lr", type=float, default=d.arch_learning_rate)
     p.add_argument("--arch-weight-decay", type=float, default=d.arch_weight_decay)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--steps-per-epoch", type=int, default=None, help="cap on iterations per epoch")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--backend", default=None, help="auto, reference, cpu, triton, cuda (default: $PYNAS_BACKEND or auto)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--save", default=None, help="run folder for checkpoint, log and genotype (default runs/<time>)")
-    p.add_argument("--resume", default=None, help="checkpoint file or run folder to continue")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_run_args(p, d)
 
 
 def _add_rnn_args(p: argparse.ArgumentParser) -> None:
@@ -69,23 +79,11 @@ def _add_rnn_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=d.alpha, help="activation regularisation")
     p.add_argument("--beta", type=float, default=d.beta, help="temporal activation regularisation")
     p.add_argument("--wdecay", type=float, default=d.wdecay, help="weight decay")
-    order = p.add_mutually_exclusive_group()
-    order.add_argument("--unrolled", "--second-order", dest="unrolled", action="store_true",
-                       help="second-order (unrolled) architecture gradient")
-    order.add_argument("--first-order", dest="unrolled", action="store_false", help="first order (default)")
-    p.set_defaults(unrolled=d.unrolled)
-    p.add_argument("--fd-r", type=float, default=d.fd_r, help="finite-difference radius r of the second-order step")
+    _add_order_args(p, d)
     p.add_argument("--arch-lr", type=float, default=d.arch_lr)
     p.add_argument("--arch-wdecay", type=float, default=d.arch_wdecay)
     p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--steps-per-epoch", type=int, default=None, help="cap on iterations per epoch")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--backend", default=None, help="auto, reference, cpu, triton, cuda (default: $PYNAS_BACKEND or auto)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--save", default=None, help="run folder for checkpoint, log and genotype (default runs/<time>)")
-    p.add_argument("--resume", default=None, help="checkpoint file or run folder to continue")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_run_args(p, d)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,7 +16,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -187,6 +187,48 @@ class SearchCheckpoints:
         atomic_save(self.state(), path)
         return path
 
+    # -- the epochs --------------------------------------------------------------
+    def run(self, until: Optional[int] = None) -> dict:
+        """Train to the end of the run, or only until ``until`` epochs are complete; one log line and one
+        checkpoint per epoch, ``genotype.json`` at the end."""
+        cfg = self.cfg
+        stop = cfg.epochs if until is None else min(until, cfg.epochs)
+        with _backend.use_backend(cfg.backend):
+            while self.epoch < stop:
+                epoch = self.epoch
+                t0 = time.perf_counter()
+                figures, text = self.run_epoch(epoch)
+                seconds = time.perf_counter() - t0
+                genotype = self.genotype_json()
+                self.history.append({"epoch": epoch + 1, **figures, "seconds": seconds, "genotype": genotype})
+                self.epoch = epoch + 1
+                self.log(f"epoch {epoch + 1}/{cfg.epochs} {text} time {seconds:.1f}s genotype {genotype}")
+                self.save()
+        genotype = self.genotype_json()
+        if self.save_dir:
+            with open(os.path.join(self.save_dir, "genotype.json"), "w") as fh:
+                fh.write(genotype + "\n")
+        return {"genotype": json.loads(genotype), "history": self.history}
+
+
+def start_or_resume(search_cls, config_cls, cfg, save_dir: Optional[str], resume: Optional[str], log, progress):
+    """Run a new search, or resume one from its checkpoint: a resumed run keeps its own settings (the lr
+    schedule depends on them); only where it runs (device, backend) may change."""
+    if resume is not None:
+        ckpt = load_checkpoint(resume)
+        space = ckpt.get("space", "cnn")
+        if space != search_cls.SPACE:
+            raise ValueError(f"resume: {resume} holds a {space!r} search, this is a {search_cls.SPACE!r} search")
+        saved = config_cls(**ckpt["config"])
+        saved.device, saved.backend = cfg.device, cfg.backend
+        search = search_cls(saved, save_dir=save_dir, log=log, progress=progress)
+        search.load_state(ckpt)
+    else:
+        search = search_cls(cfg, save_dir=save_dir, log=log, progress=progress)
+    if save_dir:
+        os.makedirs(save_dir, exist_ok=True)
+    return search.run()
+
 
 class CNNSearch(SearchCheckpoints):
     """A DARTS CNN search run: build it, call :meth:`run`; see :func:`run_search`."""
@@ -282,48 +324,17 @@ class CNNSearch(SearchCheckpoints):
         model.train()
         return loss_sum / max(seen, 1), 100.0 * correct / max(seen, 1)
 
-    def run(self, until: Optional[int] = None) -> dict:
-        """Train to the end of the run, or only until ``until`` epochs are complete."""
-        cfg = self.cfg
-        stop = cfg.epochs if until is None else min(until, cfg.epochs)
-        with _backend.use_backend(cfg.backend):
-            while self.epoch < stop:
-                epoch = self.epoch
-                t0 = time.perf_counter()
-                lr, train_loss, train_acc = self.train_epoch(epoch)
-                val_loss, val_acc = self.evaluate(epoch)
-                seconds = time.perf_counter() - t0
-                genotype = to_json(self.model.genotype())
-                record = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
-                          "val_loss": val_loss, "val_acc": val_acc, "seconds": seconds, "genotype": genotype}
-                self.history.append(record)
-                self.epoch = epoch + 1
-                self.log(f"epoch {epoch + 1}/{cfg.epochs} lr {lr:.5f} train_loss {train_loss:.4f} "
-                         f"train_acc {train_acc:.2f} val_loss {val_loss:.4f} val_acc {val_acc:.2f} "
-                         f"time {seconds:.1f}s genotype {genotype}")
-                self.save()
-        genotype = to_json(self.model.genotype())
-        if self.save_dir:
-            with open(os.path.join(self.save_dir, "genotype.json"), "w") as fh:
-                fh.write(genotype + "\n")
-        return {"genotype": json.loads(genotype), "history": self.history}
+    def run_epoch(self, epoch: int):
+        """Train and evaluate one epoch: (the history record's figures, their log text)."""
+        lr, train_loss, train_acc = self.train_epoch(epoch)
+        val_loss, val_acc = self.evaluate(epoch)
+        record = {"lr": lr, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
+                  "val_acc": val_acc}
+        return record, (f"lr {lr:.5f} train_loss {train_loss:.4f} train_acc {train_acc:.2f} "
+                        f"val_loss {val_loss:.4f} val_acc {val_acc:.2f}")
 
 
 def run_search(cfg: CNNSearchConfig, save_dir: Optional[str] = None, resume: Optional[str] = None,
                log: Callable[[str], None] = print, progress: bool = True) -> dict:
     """Run (or resume) a CNN search; returns the final genotype and the per-epoch history."""
-    if resume is not None:
-        ckpt = load_checkpoint(resume)
-        if ckpt.get("space", "cnn") != "cnn":
-            raise ValueError(f"resume: {resume} is a checkpoint of a {ckpt.get('space')!r} search, not a cnn one")
-        saved = CNNSearchConfig(**ckpt["config"])
-        # a resumed run keeps its own settings (the lr schedule depends on them); only where it
-        # runs may change
-        saved.device, saved.backend = cfg.device, cfg.backend
-        search = CNNSearch(saved, save_dir=save_dir, log=log, progress=progress)
-        search.load_state(ckpt)
-    else:
-        search = CNNSearch(cfg, save_dir=save_dir, log=log, progress=progress)
-    if save_dir:
-        os.makedirs(save_dir, exist_ok=True)
-    return search.run()
+    return start_or_resume(CNNSearch, CNNSearchConfig, cfg, save_dir, resume, log, progress)

@@ -116,5 +116,5 @@ def test_cli_bad_arguments(tmp_path, capsys, argv, message):
 
 def test_resume_rejects_a_cnn_checkpoint(tmp_path):
     torch.save({"format": "pynas-search", "version": 1, "space": "cnn", "config": {}}, tmp_path / "checkpoint.pt")
-    with pytest.raises(ValueError, match="not an rnn one"):
+    with pytest.raises(ValueError, match="holds a 'cnn' search"):
         run_rnn_search(_cfg(), resume=str(tmp_path), progress=False)

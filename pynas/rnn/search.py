@@ -11,20 +11,16 @@ checkpoint is written atomically; ``resume`` continues a run exactly as if it ha
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
 import sys
-import time
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
 
-from .. import _backend
-from ..search import SearchCheckpoints, load_checkpoint
+from ..search import SearchCheckpoints, start_or_resume
 from .architect import Architect
 from .data import batchify, get_batch, load_corpus
 from .genotypes import to_json
@@ -209,48 +205,18 @@ class RNNSearch(SearchCheckpoints):
         model.train()
         return loss_sum / max(tokens, 1)
 
-    def run(self, until: Optional[int] = None) -> dict:
-        """Train to the end of the run, or only until ``until`` epochs are complete."""
-        cfg = self.cfg
-        stop = cfg.epochs if until is None else min(until, cfg.epochs)
-        with _backend.use_backend(cfg.backend):
-            while self.epoch < stop:
-                epoch = self.epoch
-                t0 = time.perf_counter()
-                train_loss, steps = self.train_epoch(epoch)
-                val_loss = self.evaluate(self.val_data)
-                seconds = time.perf_counter() - t0
-                genotype = to_json(self.model.genotype())
-                record = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"], "steps": steps,
-                          "train_loss": train_loss, "train_ppl": math.exp(min(train_loss, 50)),
-                          "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)), "seconds": seconds,
-                          "genotype": genotype}
-                self.history.append(record)
-                self.epoch = epoch + 1
-                self.log(f"epoch {epoch + 1}/{cfg.epochs} steps {steps} train_loss {train_loss:.4f} "
-                         f"train_ppl {record['train_ppl']:.2f} val_loss {val_loss:.4f} val_ppl {record['val_ppl']:.2f} "
-                         f"time {seconds:.1f}s genotype {genotype}")
-                self.save()
-        genotype = to_json(self.model.genotype())
-        if self.save_dir:
-            with open(os.path.join(self.save_dir, "genotype.json"), "w") as fh:
-                fh.write(genotype + "\n")
-        return {"genotype": json.loads(genotype), "history": self.history}
+    def run_epoch(self, epoch: int):
+        """Train and evaluate one epoch: (the history record's figures, their log text)."""
+        train_loss, steps = self.train_epoch(epoch)
+        val_loss = self.evaluate(self.val_data)
+        record = {"lr": self.optimizer.param_groups[0]["lr"], "steps": steps, "train_loss": train_loss,
+                  "train_ppl": math.exp(min(train_loss, 50)), "val_loss": val_loss,
+                  "val_ppl": math.exp(min(val_loss, 50))}
+        return record, (f"steps {steps} train_loss {train_loss:.4f} train_ppl {record['train_ppl']:.2f} "
+                        f"val_loss {val_loss:.4f} val_ppl {record['val_ppl']:.2f}")
 
 
 def run_rnn_search(cfg: RNNSearchConfig, save_dir: Optional[str] = None, resume: Optional[str] = None,
                    log: Callable[[str], None] = print, progress: bool = True) -> dict:
     """Run (or resume) an RNN search; returns the final genotype and the per-epoch history."""
-    if resume is not None:
-        ckpt = load_checkpoint(resume)
-        if ckpt.get("space") != "rnn":
-            raise ValueError(f"resume: {resume} is a checkpoint of a {ckpt.get('space')!r} search, not an rnn one")
-        saved = RNNSearchConfig(**ckpt["config"])
-        saved.device, saved.backend = cfg.device, cfg.backend  # only where it runs may change
-        search = RNNSearch(saved, save_dir=save_dir, log=log, progress=progress)
-        search.load_state(ckpt)
-    else:
-        search = RNNSearch(cfg, save_dir=save_dir, log=log, progress=progress)
-    if save_dir:
-        os.makedirs(save_dir, exist_ok=True)
-    return search.run()
+    return start_or_resume(RNNSearch, RNNSearchConfig, cfg, save_dir, resume, log, progress)
