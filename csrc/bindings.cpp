@@ -473,10 +473,12 @@ std::vector<at::Tensor> rnn_cell_forward(const at::Tensor& xs, const at::Tensor&
   check_rnn_cell_weights(op, xs, probs, W0, Ws, I, H);
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{running_mean, "running_mean"},
                                 {running_var, "running_var"}}) {
+    // BatchNorm keeps float32 statistics for float16/bfloat16 inputs; otherwise the input's dtype
+    const bool reduced = xs.scalar_type() == at::kHalf || xs.scalar_type() == at::kBFloat16;
     TORCH_CHECK(t.dim() == 1 && t.size(0) == H && t.is_contiguous() && t.device() == xs.device() &&
-                    t.is_floating_point(),
-                op, ": `", name, "` must be a contiguous floating (H,) = (", H, ",) tensor on the device of `xs`, got ",
-                pynas::checks::describe(t));
+                    (t.scalar_type() == xs.scalar_type() || (reduced && t.scalar_type() == at::kFloat)),
+                op, ": `", name, "` must be a contiguous (H,) = (", H, ",) tensor with the dtype of `xs` (float32 for ",
+                "float16/bfloat16) on its device, got ", pynas::checks::describe(t));
   }
   TORCH_CHECK(momentum >= 0.0 && momentum <= 1.0, op, ": `momentum` must be in [0, 1], got ", momentum);
   TORCH_CHECK(eps > 0.0, op, ": `eps` must be positive, got ", eps);

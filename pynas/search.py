@@ -161,6 +161,8 @@ class SearchCheckpoints:
             "arch_optimizer": self.architect.optimizer.state_dict(),
             "history": list(self.history),
             "torch_rng": torch.get_rng_state(),
+            # dropout masks drawn on a GPU come from its generator
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "genotype": self.genotype_json(),
         }
 
@@ -179,6 +181,8 @@ class SearchCheckpoints:
         self.epoch = int(ckpt["epoch"])
         self.history = list(ckpt.get("history", []))
         torch.set_rng_state(ckpt["torch_rng"])
+        if self.device.type == "cuda" and ckpt.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], self.device)
 
     def save(self) -> Optional[str]:
         if not self.save_dir:

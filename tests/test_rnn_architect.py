@@ -3,8 +3,8 @@
 The spec's RNN hypergradient (darts-spec.md, "The search loop"):
     g = dL_train(w)/dw;  w' = w - eta * (clip_coef(g) * g + wd * w)
     dalpha, v = dL_val(w', alpha)/d(alpha, w')
-    grad = dalpha - eta * clip_coef(v) * d/dalpha [ dL_train(w)/dw . v ]     (Hessian at the ORIGINAL w)
-with clip_coef(x) = min(1, clip / (||x|| + 1e-6)) a constant. The architect approximates the mixed
+    grad = dalpha - eta * clip_coef(g) * d/dalpha [ dL_train(w)/dw . v ]     (Hessian at the ORIGINAL w)
+with clip_coef(x) = min(1, clip / (||x|| + 1e-6)) a constant: dw'/dalpha = -eta clip_coef(g) dg/dalpha. The architect approximates the mixed
 Hessian-vector product by a central finite difference; with a small radius in float64 it matches.
 """
 import copy
@@ -84,7 +84,7 @@ def _exact(model, d, eta, clip, wd=WD, hessian_at_virtual=False):
         g = torch.autograd.grad(loss, params, create_graph=True)
         dot = sum((gi * vi).sum() for gi, vi in zip(g, v))
         hvp = torch.autograd.grad(dot, alphas)[0]
-    grad = dalpha - eta * coef_v * hvp
+    grad = dalpha - eta * coef_g * hvp
     return grad.detach(), dict(dalpha=dalpha, hvp=hvp, coef_g=coef_g, coef_v=coef_v, norm_g=norm_g,
                                norm_v=norm_v, w_virtual=w_virtual,
                                hidden_v=hidden_v[0].detach())
@@ -109,7 +109,7 @@ def test_unrolled_grad_is_the_exact_hypergradient(clipped):
     else:
         assert parts["coef_g"] == 1 and parts["coef_v"] == 1
     # the correction is a sizeable part of the gradient, so a wrong correction is visible
-    corr = (eta * parts["coef_v"] * parts["hvp"]).abs().max()
+    corr = (eta * parts["coef_g"] * parts["hvp"]).abs().max()
     assert corr > 1e-3 * parts["dalpha"].abs().max()
     # and the virtual step moved the weights
     assert any(not torch.equal(a, b) for a, b in zip(parts["w_virtual"], model.parameters()))
@@ -128,17 +128,18 @@ def test_unrolled_grad_is_the_exact_hypergradient(clipped):
     # the tolerance is meaningful: the known bugs of other ports would fail it by far
     R = 1e-5 / parts["norm_v"]
     fd = 2 * R * parts["hvp"]  # what (g+ - g-) is, to first order
-    wrong_div = parts["dalpha"] - eta * parts["coef_v"] * fd / 2. * R  # "/ 2. * R"
-    # (measured relative errors: 1.4e-2 / 0.7, Hessian at w' 3.3e-4 / 0.76, no clip of v 13 / -,
-    # no virtual step 3.6e-3 / 0.28, for clipped / unclipped; all >= 1000 x TOL)
+    wrong_div = parts["dalpha"] - eta * parts["coef_g"] * fd / 2. * R  # "/ 2. * R"
+    # (each misses the exact value by >= 1000 x TOL)
     assert not _close(wrong_div, exact, 1000 * TOL)[0]
     wrong_at_virtual, _ = _exact(model, d, eta, clip, hessian_at_virtual=True)
     assert not _close(wrong_at_virtual, exact, 1000 * TOL)[0]
-    no_clip_v = parts["dalpha"] - eta * parts["hvp"]  # the correction not scaled by clip_coef(v)
+    no_clip = parts["dalpha"] - eta * parts["hvp"]  # the correction not scaled by clip_coef(g)
+    with_clip_v = parts["dalpha"] - eta * parts["coef_g"] * parts["coef_v"] * parts["hvp"]  # v clipped too
     if clipped:
-        assert not _close(no_clip_v, exact, 1000 * TOL)[0]
+        assert not _close(no_clip, exact, 1000 * TOL)[0]
+        assert not _close(with_clip_v, exact, 1000 * TOL)[0]
     no_virtual_step, _ = _exact(model, d, 0.0, clip)  # a virtual step that never changes the weights
-    no_virtual_step = no_virtual_step - eta * parts["coef_v"] * parts["hvp"]
+    no_virtual_step = no_virtual_step - eta * parts["coef_g"] * parts["hvp"]
     assert not _close(no_virtual_step, exact, 1000 * TOL)[0]
 
 

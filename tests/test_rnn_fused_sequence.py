@@ -172,6 +172,8 @@ def test_cpp_entry_points_name_bad_arguments():
         f(xs, h0, xm, hm, probs[:0], rm, rv, W0, [], 0.1, 1e-5)
     with pytest.raises(RuntimeError, match="`running_var` must be"):
         f(xs, h0, xm, hm, probs, rm, torch.ones(4), W0, Ws, 0.1, 1e-5)
+    with pytest.raises(RuntimeError, match="`running_mean` must be .* with the dtype of `xs`"):
+        f(xs, h0, xm, hm, probs, rm.double(), rv, W0, Ws, 0.1, 1e-5)
     with pytest.raises(RuntimeError, match="`eps` must be positive"):
         f(xs, h0, xm, hm, probs, rm, rv, W0, Ws, 0.1, 0.0)
     res = f(xs, h0, xm, hm, probs, rm, rv, W0, Ws, 0.1, 1e-5)

@@ -151,3 +151,12 @@ def test_cpu_float32_lanes_tiles_and_saturation(isa, shape, scale):
         assert torch.equal(one, grads[3])
     finally:
         C.set_cpu_isa("auto")
+
+
+@pytest.mark.skipif(pynas.backends()["cpu"] is not None, reason="the C++ CPU backend is not built")
+def test_cpu_float32_nan_propagates():
+    s, c, h, p = (t.detach() for t in _inputs((2, 3, 11), torch.float32, "cpu", seed=5))
+    h[1, 2, 4] = float("nan")
+    out = rnn_mix(s, c, h, p, backend="cpu")
+    assert torch.isnan(out[2, 4]) and torch.isfinite(out[~torch.isnan(out)]).all()
+    assert int(torch.isnan(out).sum()) == 1

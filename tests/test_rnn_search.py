@@ -107,6 +107,8 @@ def test_cli_ptb(tmp_path, capsys):
     (["--batch-size", "1"], "batch_size"),
     (["--dropoutx", "1.5"], "dropoutx"),
     (["--threads", "0"], "--threads"),
+    (["--max-tokens", "0"], "max_tokens: expected a positive integer"),
+    (["--data", "ptb", "--data-dir", "/tmp", "--max-tokens", "100"], "max_tokens: only the stdlib corpus"),
 ])
 def test_cli_bad_arguments(tmp_path, capsys, argv, message):
     rc = main(["search", "rnn", "--save", str(tmp_path / "run"), "--no-progress"] + argv)

@@ -36,16 +36,10 @@ std::vector<acc_t> probs_table(const at::Tensor& probs) {
 }  // namespace
 
 // The float loops, once per instruction set (as csrc/cpu/mixed_edge.cpp does for its planes).
-#ifdef _OPENMP
-#define PYNAS_SIMD _Pragma("omp simd")
-#else
-#define PYNAS_SIMD
-#endif
 namespace rnn_isa_base {
 #include "rnn_mix_loops.h"
 }  // namespace rnn_isa_base
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define PYNAS_RNN_HAVE_AVX2 1
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace rnn_isa_avx2 {
@@ -154,6 +148,180 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_mix_backward(cons
     dprobs = d.to(probs.scalar_type());
   });
   return {ds, dc, dh, dprobs};
+}
+
+}  // namespace cpu
+}  // namespace pynas
+
+// ---- the fused node epilogues of the RNN cell sequence (declared in pynas/rnn_cell.h) ---------------------
+namespace pynas {
+namespace cpu {
+namespace {
+
+// Rows of the batch per parallel chunk: a fixed number (not the thread count) so d probs, summed per
+// chunk and then in chunk order, does not depend on how many threads ran.
+int64_t rows_per_chunk(int64_t H) { return std::max<int64_t>(1, kTile / std::max<int64_t>(H, 1)); }
+
+// Training BatchNorm (no affine) of u (B x H) into s, with the batch mean and inverse std, and the running
+// statistics updated as torch does (unbiased variance in running_var). Column sums in double.
+template <typename T>
+void batch_norm_rows(const T* u, int64_t B, int64_t H, double momentum, double eps, T* s, T* mean, T* invstd,
+                     T* running_mean, T* running_var) {
+  std::vector<double> m(static_cast<size_t>(H), 0.0), v(static_cast<size_t>(H), 0.0);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t k = 0; k < H; ++k) m[k] += static_cast<double>(u[b * H + k]);
+  for (int64_t k = 0; k < H; ++k) m[k] /= static_cast<double>(B);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t k = 0; k < H; ++k) {
+      const double d = static_cast<double>(u[b * H + k]) - m[k];
+      v[k] += d * d;
+    }
+  for (int64_t k = 0; k < H; ++k) {
+    const double var = v[k] / static_cast<double>(B);
+    const double is = 1.0 / std::sqrt(var + eps);
+    mean[k] = static_cast<T>(m[k]);
+    invstd[k] = static_cast<T>(is);
+    v[k] = is;
+    running_mean[k] = static_cast<T>((1.0 - momentum) * static_cast<double>(running_mean[k]) + momentum * m[k]);
+    running_var[k] = static_cast<T>((1.0 - momentum) * static_cast<double>(running_var[k]) +
+                                    momentum * var * static_cast<double>(B) / static_cast<double>(B - 1));
+  }
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t k = 0; k < H; ++k)
+      s[b * H + k] = static_cast<T>((static_cast<double>(u[b * H + k]) - m[k]) * v[k]);
+}
+
+// d u of the BatchNorm above from d s (g) and its output x_hat = s: invstd (g - mean(g) - x_hat mean(g x_hat)).
+template <typename T>
+void batch_norm_backward_rows(const T* g, const T* xhat, const T* invstd, int64_t B, int64_t H, T* gu) {
+  std::vector<double> sg(static_cast<size_t>(H), 0.0), sgx(static_cast<size_t>(H), 0.0);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t k = 0; k < H; ++k) {
+      const double gv = static_cast<double>(g[b * H + k]);
+      sg[k] += gv;
+      sgx[k] += gv * static_cast<double>(xhat[b * H + k]);
+    }
+  for (int64_t k = 0; k < H; ++k) {
+    sg[k] /= static_cast<double>(B);
+    sgx[k] /= static_cast<double>(B);
+  }
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t k = 0; k < H; ++k) {
+      const int64_t i = b * H + k;
+      gu[i] = static_cast<T>(static_cast<double>(invstd[k]) *
+                             (static_cast<double>(g[i]) - sg[k] - static_cast<double>(xhat[i]) * sgx[k]));
+    }
+}
+
+}  // namespace
+
+bool rnn_node_supported(const at::Tensor& xs, const at::Tensor& running_mean, const at::Tensor& running_var) {
+  const auto t = xs.scalar_type();
+  return xs.is_cpu() && (t == at::kFloat || t == at::kDouble) && running_mean.scalar_type() == t &&
+         running_var.scalar_type() == t;
+}
+
+void rnn_node_forward(const at::Tensor& ch, const at::Tensor& states, const at::Tensor& probs, at::Tensor& c,
+                      at::Tensor& hh, at::Tensor& u, at::Tensor& s, at::Tensor& mean, at::Tensor& invstd,
+                      at::Tensor& running_mean, at::Tensor& running_var, double momentum, double eps) {
+  const int64_t J = states.size(0), B = states.size(1), H = states.size(2), n = B * H;
+  AT_DISPATCH_FLOATING_TYPES(states.scalar_type(), "rnn_node_forward_cpu", [&] {
+    const std::vector<scalar_t> p = probs_table<scalar_t>(probs);
+    const scalar_t* chp = ch.const_data_ptr<scalar_t>();
+    const scalar_t* sp = states.const_data_ptr<scalar_t>();
+    scalar_t* cp = c.mutable_data_ptr<scalar_t>();
+    scalar_t* hp = hh.mutable_data_ptr<scalar_t>();
+    scalar_t* up = u.mutable_data_ptr<scalar_t>();
+    const int64_t rows = J * B, chunk = rows_per_chunk(H);
+    at::parallel_for(0, (rows + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1) {
+      const int64_t r0 = c0 * chunk, r1 = std::min(rows, c1 * chunk);
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        PYNAS_RNN_ISA_CALL(sigmoid_split_rows, reinterpret_cast<const float*>(chp), H, r0, r1,
+                           reinterpret_cast<float*>(cp), reinterpret_cast<float*>(hp));
+      } else {
+        for (int64_t r = r0; r < r1; ++r)
+          for (int64_t k = 0; k < H; ++k) {
+            cp[r * H + k] = scalar_t(1) / (scalar_t(1) + std::exp(-chp[r * 2 * H + k]));
+            hp[r * H + k] = chp[r * 2 * H + H + k];
+          }
+      }
+    });
+    const int64_t tiles = (n + kTile - 1) / kTile;
+    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t * kTile, e = std::min(n, b + kTile);
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          PYNAS_RNN_ISA_CALL(forward_tile, reinterpret_cast<const float*>(sp), reinterpret_cast<const float*>(cp),
+                             reinterpret_cast<const float*>(hp), reinterpret_cast<const float*>(p.data()), J, n, b,
+                             e, reinterpret_cast<float*>(up));
+        } else {
+          for (int64_t i = b; i < e; ++i) {
+            scalar_t acc = 0;
+            for (int64_t j = 0; j < J; ++j) {
+              const int64_t q = j * n + i;
+              acc += rnn_mix::forward_term<scalar_t>(sp[q], cp[q], hp[q], p.data() + j * kFuncs);
+            }
+            up[i] = acc;
+          }
+        }
+      }
+    });
+    batch_norm_rows<scalar_t>(up, B, H, momentum, eps, s.mutable_data_ptr<scalar_t>(),
+                              mean.mutable_data_ptr<scalar_t>(), invstd.mutable_data_ptr<scalar_t>(),
+                              running_mean.mutable_data_ptr<scalar_t>(), running_var.mutable_data_ptr<scalar_t>());
+  });
+}
+
+void rnn_node_backward(const at::Tensor& g_s, const at::Tensor& xhat, const at::Tensor& invstd,
+                       const at::Tensor& states, const at::Tensor& c, const at::Tensor& hh, const at::Tensor& probs,
+                       at::Tensor& g_states, at::Tensor& g_ch, at::Tensor& g_probs) {
+  const int64_t J = states.size(0), B = states.size(1), H = states.size(2);
+  AT_DISPATCH_FLOATING_TYPES(states.scalar_type(), "rnn_node_backward_cpu", [&] {
+    const std::vector<scalar_t> p = probs_table<scalar_t>(probs);
+    std::vector<scalar_t> gu(static_cast<size_t>(B * H));
+    batch_norm_backward_rows<scalar_t>(g_s.const_data_ptr<scalar_t>(), xhat.const_data_ptr<scalar_t>(),
+                                       invstd.const_data_ptr<scalar_t>(), B, H, gu.data());
+    const scalar_t* sp = states.const_data_ptr<scalar_t>();
+    const scalar_t* cp = c.const_data_ptr<scalar_t>();
+    const scalar_t* hp = hh.const_data_ptr<scalar_t>();
+    scalar_t* gsp = g_states.mutable_data_ptr<scalar_t>();
+    scalar_t* gchp = g_ch.mutable_data_ptr<scalar_t>();
+    const int64_t chunk = rows_per_chunk(H), chunks = (B + chunk - 1) / chunk;
+    std::vector<scalar_t> partial(static_cast<size_t>(chunks * J * kFuncs), scalar_t(0));
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t ci = c0; ci < c1; ++ci) {
+        const int64_t r0 = ci * chunk, r1 = std::min(B, r0 + chunk);
+        scalar_t* dp = partial.data() + ci * J * kFuncs;
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          PYNAS_RNN_ISA_CALL(node_backward_rows, reinterpret_cast<const float*>(gu.data()),
+                             reinterpret_cast<const float*>(sp), reinterpret_cast<const float*>(cp),
+                             reinterpret_cast<const float*>(hp), reinterpret_cast<const float*>(p.data()), J, B, H,
+                             r0, r1, reinterpret_cast<float*>(gsp), reinterpret_cast<float*>(gchp),
+                             reinterpret_cast<float*>(dp));
+        } else {
+          for (int64_t j = 0; j < J; ++j)
+            for (int64_t r = r0; r < r1; ++r)
+              for (int64_t k = 0; k < H; ++k) {
+                const int64_t q = (j * B + r) * H + k;
+                scalar_t ds, dc, dh;
+                rnn_mix::backward_term<scalar_t>(gu[r * H + k], sp[q], cp[q], hp[q], p.data() + j * kFuncs, &ds, &dc,
+                                                 &dh, dp + j * kFuncs);
+                gsp[q] += ds;
+                scalar_t* row = gchp + (j * B + r) * 2 * H;
+                row[k] = dc * cp[q] * (scalar_t(1) - cp[q]);
+                row[H + k] = dh;
+              }
+        }
+      }
+    });
+    // d probs: chunks in order, in double, added to the rows of g_probs
+    scalar_t* gp = g_probs.mutable_data_ptr<scalar_t>();
+    for (int64_t q = 0; q < J * kFuncs; ++q) {
+      double sum = 0;
+      for (int64_t ci = 0; ci < chunks; ++ci) sum += static_cast<double>(partial[ci * J * kFuncs + q]);
+      gp[q] += static_cast<scalar_t>(sum);
+    }
+  });
 }
 
 }  // namespace cpu

@@ -30,7 +30,10 @@ inline VF rnn_exp(VF x) {
   x = x < vsplat(-43.0f) ? vsplat(-43.0f) : x;
   x = x > vsplat(43.0f) ? vsplat(43.0f) : x;
   const VF magic = vsplat(12582912.0f);  // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer
-  const VF k = (x * vsplat(1.44269504088896341f) + magic) - magic;
+  // k from a NaN-free copy (a NaN lane gives k = 0; r and the result stay NaN), so the float-to-int
+  // conversion below only sees integers in [-62, 62]
+  const VF xk = x == x ? x : vsplat(0.0f);
+  const VF k = (xk * vsplat(1.44269504088896341f) + magic) - magic;
   const VF r = (x - k * vsplat(0.693145751953125f)) - k * vsplat(1.42860682030941723212e-6f);
   VF p = vsplat(1.0f / 720.0f);
   p = p * r + vsplat(1.0f / 120.0f);
@@ -164,6 +167,92 @@ inline void backward_tile(const float* g, const float* s, const float* c, const 
         ds[o + i] = at[i - mv];
         dc[o + i] = bt[i - mv];
         dh[o + i] = ctt[i - mv];
+      }
+    }
+    float* dpj = dp + j * kFuncs;
+    for (int f = 0; f < 4; ++f) {
+      float lanes[kW];
+      vstore(lanes, d[f]);
+      float sum = 0.0f;
+      for (int l = 0; l < kW; ++l) sum += lanes[l];
+      dpj[f + 1] += sum;
+    }
+  }
+}
+
+// ---- the fused node epilogues of the RNN cell sequence (csrc/rnn_cell.cpp, CPU) ----------------------
+
+// c = sigmoid(ch[r, :H]) and h = ch[r, H:] for rows r in [r0, r1) of ch (rows x 2H) into c, h (rows x H).
+inline void sigmoid_split_rows(const float* ch, int64_t H, int64_t r0, int64_t r1, float* c, float* h) {
+  const VF one = vsplat(1.0f);
+  const int64_t Hv = H - H % kW;
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* in = ch + r * 2 * H;
+    float* co = c + r * H;
+    float* ho = h + r * H;
+    for (int64_t k = 0; k < Hv; k += kW) {
+      vstore(co + k, one / (one + rnn_exp(-vload(in + k))));
+      vstore(ho + k, vload(in + H + k));
+    }
+    if (Hv < H) {
+      float t[kW] = {0}, o[kW];
+      for (int64_t k = Hv; k < H; ++k) t[k - Hv] = in[k];
+      vstore(o, one / (one + rnn_exp(-vload(t))));
+      for (int64_t k = Hv; k < H; ++k) {
+        co[k] = o[k - Hv];
+        ho[k] = in[H + k];
+      }
+    }
+  }
+}
+
+// The node's backward for rows [r0, r1) of the batch: from gu (B x H, d of the mix output) and the node's
+// inputs s, c, h (J x B x H): gS[j] += d s_j, gch[j, r] = [d c_j * c (1 - c) | d h_j] (the GEMM output's
+// gradient, J x B x 2H), and dp[j * kFuncs + f] += this range's share of d probs (8 lanes, summed in order).
+inline void node_backward_rows(const float* gu, const float* s, const float* c, const float* h, const float* p,
+                               int64_t J, int64_t B, int64_t H, int64_t r0, int64_t r1, float* gS, float* gch,
+                               float* dp) {
+  const int64_t Hv = H - H % kW;
+  const VF one = vsplat(1.0f);
+  for (int64_t j = 0; j < J; ++j) {
+    const float* pj = p + j * kFuncs;
+    BwdCoefs k;
+    k.p1 = vsplat(pj[1]);
+    k.p2 = vsplat(pj[2]);
+    k.p3 = vsplat(pj[3]);
+    k.p4 = vsplat(pj[4]);
+    k.P = vsplat(pj[1] + pj[2] + pj[3] + pj[4]);
+    VF d[4] = {vsplat(0.0f), vsplat(0.0f), vsplat(0.0f), vsplat(0.0f)};
+    VF a, bb, cc;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t o = (j * B + r) * H;
+      const float* g = gu + r * H;
+      float* gcho = gch + (j * B + r) * 2 * H;
+      for (int64_t q = 0; q < Hv; q += kW) {
+        const VF cv = vload(c + o + q);
+        backward8(vload(g + q), vload(s + o + q), cv, vload(h + o + q), k, &a, &bb, &cc, d);
+        vstore(gS + o + q, vload(gS + o + q) + a);
+        vstore(gcho + q, bb * cv * (one - cv));
+        vstore(gcho + H + q, cc);
+      }
+      if (Hv < H) {  // zero-padded lanes: g = 0 there, so they add nothing to d
+        float gt[kW] = {0}, st[kW] = {0}, ct[kW] = {0}, ht[kW] = {0}, at[kW], bt[kW], dt[kW];
+        for (int64_t q = Hv; q < H; ++q) {
+          gt[q - Hv] = g[q];
+          st[q - Hv] = s[o + q];
+          ct[q - Hv] = c[o + q];
+          ht[q - Hv] = h[o + q];
+        }
+        const VF cv = vload(ct);
+        backward8(vload(gt), vload(st), cv, vload(ht), k, &a, &bb, &cc, d);
+        vstore(at, a);
+        vstore(bt, bb * cv * (one - cv));
+        vstore(dt, cc);
+        for (int64_t q = Hv; q < H; ++q) {
+          gS[o + q] += at[q - Hv];
+          gcho[q] = bt[q - Hv];
+          gcho[H + q] = dt[q - Hv];
+        }
       }
     }
     float* dpj = dp + j * kFuncs;

@@ -1,16 +1,19 @@
 """The DARTS RNN architect: the alpha step of the RNN search, first or second order.
 
 The RNN variant of the second-order step (darts-spec.md, "The search loop"): no momentum, the training
-gradient clipped to ``clip`` (0.25) in the virtual step, and the finite-difference correction scaled by
-the clip coefficient of v (the reference clips v before the Hessian-vector product; R = r / ||v|| makes
-the product's direction independent of that, so clipping v scales the correction by its coefficient).
-The finite difference is taken at the original weights on the training batch, as the spec says (the
-reference code takes it at the virtual weights, one of the known deviations). Every pass over the
-weights is one multi-tensor op (:mod:`pynas.ops.multi_tensor`); the clip coefficients and R stay on the
-device, so the step has no host sync.
+gradient clipped to ``clip`` (0.25) in the virtual step, w' = w - eta (coef g + wd w) with
+coef = min(1, clip / (||g|| + 1e-6)), and the finite-difference correction scaled by that clip coefficient:
+it is exactly the factor dw'/dalpha carries (-eta coef d g / d alpha, the coefficient held constant), so
+with a small radius the step matches the exact hypergradient. (The reference code multiplies by the raw
+ratio clip / (||g|| + 1e-6) even where it exceeds 1 and nothing was clipped, and also clips v; with R = r / ||v||
+clipping v only rescales the correction once more. Neither is reproduced.) The finite difference is taken at
+the original weights on the training batch, as the spec says (the reference takes it at the virtual
+weights, one of the known deviations). Every pass over the weights is one multi-tensor op
+(:mod:`pynas.ops.multi_tensor`); the clip coefficient and R stay on the device, so the step has no host sync.
 
-BatchNorm running statistics: the reference runs the passes after the first on a throw-away copy of the
-model, so they are restored here after those passes; only the first training pass updates them.
+BatchNorm running statistics: only the first training pass updates them; they are restored after the
+later passes (the reference runs the validation pass at w' on a throw-away copy of the model; its
+finite-difference passes would update them).
 """
 from __future__ import annotations
 
@@ -88,7 +91,7 @@ class Architect(WeightSnapshots):
         1. g = dL_train(w)/dw;  w' = w - eta * (clip_coef(g) * g + wd * w)
         2. dalpha, v = dL_val(w', alpha)/d(alpha, w')
         3. R = r / ||v||;  g+- = dL_train(w +- R v)/dalpha   (at the ORIGINAL w)
-        4. grad_alpha = dalpha - eta * clip_coef(v) * (g+ - g-) / (2 R);  w and the BN statistics restored.
+        4. grad_alpha = dalpha - eta * clip_coef(g) * (g+ - g-) / (2 R);  w and the BN statistics restored.
         """
         model = self.model
         params: List[torch.Tensor] = list(model.parameters())
@@ -113,13 +116,12 @@ class Architect(WeightSnapshots):
             del grads, loss_val
 
             sum_sq = mt.sum_squares(v)
-            coef_v = mt.clip_coefficient(sum_sq, self.network_clip)
             R = mt.perturb_(params, saved, v, sum_sq, self.fd_r, 1.0)  # w + R v
             g_pos = _grad(model._loss(hidden_train, input_train, target_train)[0], alphas)
             mt.perturb_(params, saved, v, sum_sq, self.fd_r, -1.0)  # w - R v
             g_neg = _grad(model._loss(hidden_train, input_train, target_train)[0], alphas)
             with torch.no_grad():
-                scale = (eta * coef_v / (2.0 * R)).to(alphas[0].dtype)
+                scale = (eta * coef / (2.0 * R)).to(alphas[0].dtype)  # coef: the virtual step's clip
                 out = [da - (gp - gn) * scale for da, gp, gn in zip(dalpha, g_pos, g_neg)]
             return out, hidden_next
         finally:

@@ -8,18 +8,17 @@ backward needs, and the backward walks the steps in reverse with hand-written de
 backward from the saved batch statistics, the mix's backward kernel, the GEMM transposes). The input
 half of the first GEMM, its weight gradient and the gradient of the inputs are computed for all steps
 at once (three GEMMs per sequence instead of 3T). BatchNorm running statistics and
-``num_batches_tracked`` are updated as the module would update them (nine calls per step).
+``num_batches_tracked`` are updated as the module would update them (steps + 1 calls per time step).
 
 Used by :class:`~pynas.rnn.DARTSCellSearch` in training mode when the backend is not ``reference``;
 eval mode and the reference backend take the module path.
 """
 from __future__ import annotations
 
+import os
 from typing import List
 
 import torch
-
-import os
 
 from .. import _ext
 from ..ops.rnn_mix import _kernels
@@ -128,10 +127,10 @@ def _sequence_backward(kern, grad_out, x_mask, h_mask, probs, W0, Ws, saved, eps
             gS[:J].addcmul_(gM, h_mask)
         # s_0 = BN(h + c0 * (h0 - h)),  [c0 | h0] = [x m_x | h m_h] @ W0 through sigmoid / tanh
         g_u0 = _bn_backward(gS[0], U[t, 0], MEAN[t, 0], INVSTD[t, 0], eps)
-        c0, h0, hp = C0[t], H0[t], HPREV[t]
+        c0, hh0, hp = C0[t], H0[t], HPREV[t]
         g0 = G0[t]
-        torch.ops.aten.sigmoid_backward(g_u0 * (h0 - hp), c0, grad_input=g0[:, :H])
-        torch.ops.aten.tanh_backward(g_u0 * c0, h0, grad_input=g0[:, H:])
+        torch.ops.aten.sigmoid_backward(g_u0 * (hh0 - hp), c0, grad_input=g0[:, :H])
+        torch.ops.aten.tanh_backward(g_u0 * c0, hh0, grad_input=g0[:, H:])
         g_W0h.addmm_((hp * h_mask).t(), g0)
         g_h = g_u0 - g_u0 * c0
         g_h.addcmul_(torch.mm(g0, W0h.t()), h_mask)
@@ -177,7 +176,7 @@ def cell_sequence(cell, inputs: torch.Tensor, h0: torch.Tensor, x_mask: torch.Te
                   probs: torch.Tensor, backend: str) -> torch.Tensor:
     """The hiddens (T, B, H) of ``cell`` (a training-mode DARTSCellSearch) over ``inputs`` (T, B, I)."""
     bn = cell.bn
-    momentum = 0.1 if bn.momentum is None else bn.momentum
+    momentum = bn.momentum  # the cell takes the module path when it is None (cumulative averages)
     Ws = [w for w in cell._Ws]
     out = _CellSequence.apply(backend, len(Ws), momentum, bn.eps, inputs.contiguous(), h0.contiguous(),
                               x_mask, h_mask, probs.contiguous(), bn.running_mean, bn.running_var, cell._W0, *Ws)

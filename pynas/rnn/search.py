@@ -83,6 +83,11 @@ def check_config(cfg: RNNSearchConfig) -> None:
             raise ValueError(f"{name}: expected a non-negative number, got {getattr(cfg, name)!r}")
     if cfg.steps_per_epoch is not None and cfg.steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch: expected a positive integer, got {cfg.steps_per_epoch}")
+    if cfg.max_tokens is not None:
+        if not isinstance(cfg.max_tokens, int) or isinstance(cfg.max_tokens, bool) or cfg.max_tokens < 1:
+            raise ValueError(f"max_tokens: expected a positive integer, got {cfg.max_tokens!r}")
+        if cfg.data != "stdlib":
+            raise ValueError(f"max_tokens: only the stdlib corpus has a size to choose (data is {cfg.data!r})")
     if cfg.data not in ("stdlib", "ptb"):
         raise ValueError(f"data: expected 'stdlib' or 'ptb', got {cfg.data!r}")
     if cfg.data == "ptb" and not cfg.data_dir:
@@ -100,14 +105,13 @@ class RNNSearch(SearchCheckpoints):
         check_config(cfg)
         self.cfg, self.save_dir, self.log, self.progress = cfg, save_dir, log, progress
         self.device = torch.device(cfg.device)
-        kw = {"max_tokens": cfg.max_tokens} if (cfg.data == "stdlib" and cfg.max_tokens) else {}
+        kw = {"max_tokens": cfg.max_tokens} if cfg.max_tokens is not None else {}
         self.corpus = load_corpus(cfg.data, cfg.data_dir, **kw)
         train = self.corpus.train
         half = train.numel() // 2
-        need = 2 * cfg.batch_size * 2
-        if half < need:
+        if half < 4 * cfg.batch_size:  # each half must give batches of at least 4 steps
             raise ValueError(f"batch_size: the training text ({train.numel()} tokens) is too short for two halves of "
-                             f"at least 2 x batch_size = {2 * cfg.batch_size} tokens each")
+                             f"at least 4 x batch_size = {4 * cfg.batch_size} tokens each")
         self.train_data = batchify(train[:half], cfg.batch_size).to(self.device)
         self.search_data = batchify(train[half:], cfg.batch_size).to(self.device)
         self.val_data = batchify(self.corpus.valid, cfg.eval_batch_size).to(self.device)
@@ -163,6 +167,8 @@ class RNNSearch(SearchCheckpoints):
             group["lr"] = lr * seq_len / cfg.bptt
             try:
                 data_valid, targets_valid = get_batch(self.search_data, i % (n_search - 1), cfg.bptt)
+                # the train batch has seq_len steps (the spec: 5 % of the batches use bptt / 2; the reference
+                # code reads full bptt batches there and only scales the lr and the stride)
                 data, targets = get_batch(self.train_data, i, seq_len)
                 hidden = [h.detach() for h in hidden]
                 hidden_valid = [h.detach() for h in hidden_valid]

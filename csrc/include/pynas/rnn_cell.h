@@ -28,4 +28,22 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x
                                  const at::Tensor& HPREV, double eps);
 
 }  // namespace rnn_cell
+
+namespace cpu {
+// The per-node work between the GEMMs, fused on the CPU for float32/float64 when the running statistics
+// have the input's dtype (csrc/cpu/rnn_mix.cpp); elsewhere rnn_cell.cpp calls ATen and the rnn_mix kernels.
+bool rnn_node_supported(const at::Tensor& xs, const at::Tensor& running_mean, const at::Tensor& running_var);
+
+// From the node's GEMM output ch (J, B, 2H) and its input states (J, B, H): c = sigmoid(ch[..., :H]),
+// hh = ch[..., H:], u = rnn_mix(states, c, hh, probs), s = BatchNorm(u) with the batch mean and inverse std,
+// the running statistics updated. All outputs are preallocated, contiguous.
+void rnn_node_forward(const at::Tensor& ch, const at::Tensor& states, const at::Tensor& probs, at::Tensor& c,
+                      at::Tensor& hh, at::Tensor& u, at::Tensor& s, at::Tensor& mean, at::Tensor& invstd,
+                      at::Tensor& running_mean, at::Tensor& running_var, double momentum, double eps);
+
+// Its backward from d s (B, H): g_states (J, B, H) += d states, g_ch (J, B, 2H) = d ch, g_probs (J, 5) += d probs.
+void rnn_node_backward(const at::Tensor& g_s, const at::Tensor& xhat, const at::Tensor& invstd,
+                       const at::Tensor& states, const at::Tensor& c, const at::Tensor& hh, const at::Tensor& probs,
+                       at::Tensor& g_states, at::Tensor& g_ch, at::Tensor& g_probs);
+}  // namespace cpu
 }  // namespace pynas
