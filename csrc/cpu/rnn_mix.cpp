@@ -52,6 +52,36 @@ namespace rnn_isa_avx2 {
 #define PYNAS_RNN_ISA_CALL(fn, ...) rnn_isa_base::fn(__VA_ARGS__)
 #endif
 
+namespace {
+
+// out[i] = sum_j forward_term(s, c, h at [j, i]) for i < n, in fixed tiles over the threads (float: the
+// 8-lane loops; other dtypes: the scalar math of rnn_mix.h in acc_t).
+template <typename scalar_t, typename acc_t>
+void mix_forward_tiles(const scalar_t* sp, const scalar_t* cp, const scalar_t* hp, const acc_t* p, int64_t J,
+                       int64_t n, scalar_t* op) {
+  const int64_t tiles = (n + kTile - 1) / kTile;
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t * kTile, e = std::min(n, b + kTile);
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        PYNAS_RNN_ISA_CALL(forward_tile, sp, cp, hp, p, J, n, b, e, op);
+      } else {
+        for (int64_t i = b; i < e; ++i) {
+          acc_t acc = 0;
+          for (int64_t j = 0; j < J; ++j) {
+            const int64_t q = j * n + i;
+            acc += rnn_mix::forward_term<acc_t>(static_cast<acc_t>(sp[q]), static_cast<acc_t>(cp[q]),
+                                                static_cast<acc_t>(hp[q]), p + j * kFuncs);
+          }
+          op[i] = static_cast<scalar_t>(acc);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
 at::Tensor rnn_mix_forward(const at::Tensor& states_in, const at::Tensor& c_in, const at::Tensor& h_in,
                            const at::Tensor& probs) {
   const at::Tensor states = states_in.contiguous(), c = c_in.contiguous(), h = h_in.contiguous();
@@ -64,28 +94,7 @@ at::Tensor rnn_mix_forward(const at::Tensor& states_in, const at::Tensor& c_in, 
     const scalar_t* cp = c.const_data_ptr<scalar_t>();
     const scalar_t* hp = h.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    const int64_t tiles = (n + kTile - 1) / kTile;
-    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t b = t * kTile, e = std::min(n, b + kTile);
-        if constexpr (std::is_same_v<scalar_t, float>) {
-          // (the casts only make the other dtypes' dead branch compile: AT_DISPATCH's lambdas are not templates)
-          PYNAS_RNN_ISA_CALL(forward_tile, reinterpret_cast<const float*>(sp), reinterpret_cast<const float*>(cp),
-                             reinterpret_cast<const float*>(hp), reinterpret_cast<const float*>(p.data()), J, n, b,
-                             e, reinterpret_cast<float*>(op));
-          continue;
-        }
-        for (int64_t i = b; i < e; ++i) {
-          acc_t acc = 0;
-          for (int64_t j = 0; j < J; ++j) {
-            const int64_t q = j * n + i;
-            acc += rnn_mix::forward_term<acc_t>(static_cast<acc_t>(sp[q]), static_cast<acc_t>(cp[q]),
-                                                static_cast<acc_t>(hp[q]), p.data() + j * kFuncs);
-          }
-          op[i] = static_cast<scalar_t>(acc);
-        }
-      }
-    });
+    mix_forward_tiles<scalar_t, acc_t>(sp, cp, hp, p.data(), J, n, op);
   });
   return out;
 }
@@ -246,26 +255,7 @@ void rnn_node_forward(const at::Tensor& ch, const at::Tensor& states, const at::
           }
       }
     });
-    const int64_t tiles = (n + kTile - 1) / kTile;
-    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t b = t * kTile, e = std::min(n, b + kTile);
-        if constexpr (std::is_same_v<scalar_t, float>) {
-          PYNAS_RNN_ISA_CALL(forward_tile, reinterpret_cast<const float*>(sp), reinterpret_cast<const float*>(cp),
-                             reinterpret_cast<const float*>(hp), reinterpret_cast<const float*>(p.data()), J, n, b,
-                             e, reinterpret_cast<float*>(up));
-        } else {
-          for (int64_t i = b; i < e; ++i) {
-            scalar_t acc = 0;
-            for (int64_t j = 0; j < J; ++j) {
-              const int64_t q = j * n + i;
-              acc += rnn_mix::forward_term<scalar_t>(sp[q], cp[q], hp[q], p.data() + j * kFuncs);
-            }
-            up[i] = acc;
-          }
-        }
-      }
-    });
+    mix_forward_tiles<scalar_t, scalar_t>(sp, cp, hp, p.data(), J, n, up);
     batch_norm_rows<scalar_t>(up, B, H, momentum, eps, s.mutable_data_ptr<scalar_t>(),
                               mean.mutable_data_ptr<scalar_t>(), invstd.mutable_data_ptr<scalar_t>(),
                               running_mean.mutable_data_ptr<scalar_t>(), running_var.mutable_data_ptr<scalar_t>());

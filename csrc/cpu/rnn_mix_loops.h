@@ -112,6 +112,27 @@ struct BwdCoefs {
   VF p1, p2, p3, p4, P;
 };
 
+inline BwdCoefs coefs_of(const float* pj) {
+  BwdCoefs k;
+  k.p1 = vsplat(pj[1]);
+  k.p2 = vsplat(pj[2]);
+  k.p3 = vsplat(pj[3]);
+  k.p4 = vsplat(pj[4]);
+  k.P = vsplat(pj[1] + pj[2] + pj[3] + pj[4]);
+  return k;
+}
+
+// dpj[1..4] += the lanes of d[0..3], each summed in lane order.
+inline void add_lane_sums(const VF* d, float* dpj) {
+  for (int f = 0; f < 4; ++f) {
+    float lanes[kW];
+    vstore(lanes, d[f]);
+    float sum = 0.0f;
+    for (int l = 0; l < kW; ++l) sum += lanes[l];
+    dpj[f + 1] += sum;
+  }
+}
+
 inline void backward8(VF g, VF s, VF c, VF h, const BwdCoefs& k, VF* ds, VF* dc, VF* dh, VF* d) {
   const VF one = vsplat(1.0f);
   const Acts a = activations8(h);
@@ -135,13 +156,7 @@ inline void backward_tile(const float* g, const float* s, const float* c, const 
   const int64_t m = e - b, mv = m - m % kW;
   const float* gb = g + b;
   for (int64_t j = 0; j < J; ++j) {
-    const float* pj = p + j * kFuncs;
-    BwdCoefs k;
-    k.p1 = vsplat(pj[1]);
-    k.p2 = vsplat(pj[2]);
-    k.p3 = vsplat(pj[3]);
-    k.p4 = vsplat(pj[4]);
-    k.P = vsplat(pj[1] + pj[2] + pj[3] + pj[4]);
+    const BwdCoefs k = coefs_of(p + j * kFuncs);
     const int64_t o = j * n + b;
     VF d[4] = {vsplat(0.0f), vsplat(0.0f), vsplat(0.0f), vsplat(0.0f)};
     VF a, bb, cc;
@@ -169,14 +184,7 @@ inline void backward_tile(const float* g, const float* s, const float* c, const 
         dh[o + i] = ctt[i - mv];
       }
     }
-    float* dpj = dp + j * kFuncs;
-    for (int f = 0; f < 4; ++f) {
-      float lanes[kW];
-      vstore(lanes, d[f]);
-      float sum = 0.0f;
-      for (int l = 0; l < kW; ++l) sum += lanes[l];
-      dpj[f + 1] += sum;
-    }
+    add_lane_sums(d, dp + j * kFuncs);
   }
 }
 
@@ -215,13 +223,7 @@ inline void node_backward_rows(const float* gu, const float* s, const float* c, 
   const int64_t Hv = H - H % kW;
   const VF one = vsplat(1.0f);
   for (int64_t j = 0; j < J; ++j) {
-    const float* pj = p + j * kFuncs;
-    BwdCoefs k;
-    k.p1 = vsplat(pj[1]);
-    k.p2 = vsplat(pj[2]);
-    k.p3 = vsplat(pj[3]);
-    k.p4 = vsplat(pj[4]);
-    k.P = vsplat(pj[1] + pj[2] + pj[3] + pj[4]);
+    const BwdCoefs k = coefs_of(p + j * kFuncs);
     VF d[4] = {vsplat(0.0f), vsplat(0.0f), vsplat(0.0f), vsplat(0.0f)};
     VF a, bb, cc;
     for (int64_t r = r0; r < r1; ++r) {
@@ -255,13 +257,6 @@ inline void node_backward_rows(const float* gu, const float* s, const float* c, 
         }
       }
     }
-    float* dpj = dp + j * kFuncs;
-    for (int f = 0; f < 4; ++f) {
-      float lanes[kW];
-      vstore(lanes, d[f]);
-      float sum = 0.0f;
-      for (int l = 0; l < kW; ++l) sum += lanes[l];
-      dpj[f + 1] += sum;
-    }
+    add_lane_sums(d, dp + j * kFuncs);
   }
 }
