@@ -606,3 +606,22 @@ def test_bad_architect_args():
 
     with pytest.raises(ValueError, match="arch_weight_decay"):
         Architect(net, Args())
+
+
+@pytest.mark.parametrize("bad", [
+    {"normal": None},
+    {"normal": [["sep_conv_3x3", None], ["skip_connect", 0]]},
+    {"normal": [["sep_conv_3x3", 1.0], ["skip_connect", 0]]},
+    {"normal": [["sep_conv_3x3", True], ["skip_connect", 0]]},
+    {"normal": [["sep_conv_3x3", 2], ["skip_connect", 0]]},  # node 0 takes states 0..1
+    {"normal": [["sep_conv_3x3", 0]]},  # two genes per node
+    {"normal": [["conv_9x9", 0], ["skip_connect", 1]]},
+    {"normal_concat": [2, 9]},
+    {"normal_concat": None},
+])
+def test_genotype_json_checks_types_and_ranges(bad):
+    good = {"normal": [["sep_conv_3x3", 0], ["skip_connect", 1]], "normal_concat": [2],
+            "reduce": [["max_pool_3x3", 0], ["max_pool_3x3", 1]], "reduce_concat": [2]}
+    assert from_json(json.dumps(good)).normal == [("sep_conv_3x3", 0), ("skip_connect", 1)]
+    with pytest.raises(ValueError, match="text: "):
+        from_json(json.dumps(dict(good, **bad)))

@@ -7,7 +7,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from .operations import PRIMITIVES
+from .operations import OPS, PRIMITIVES
 
 Genotype = namedtuple("Genotype", "normal normal_concat reduce reduce_concat")
 
@@ -56,8 +56,15 @@ def to_json(genotype: Genotype) -> str:
     })
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def from_json(text: str) -> Genotype:
-    """Parse :func:`to_json`'s output (a JSON string or an already-decoded dict)."""
+    """Parse :func:`to_json`'s output (a JSON string or an already-decoded dict).
+
+    Each cell lists two [op, input] genes per node; node i (0-based) takes a state 0..i + 1 (the two cell
+    inputs, then the earlier nodes); the concat lists hold state indices."""
     data = json.loads(text) if isinstance(text, (str, bytes)) else text
     if not isinstance(data, dict):
         raise ValueError("text: expected a JSON object with keys normal, normal_concat, reduce, reduce_concat")
@@ -66,12 +73,27 @@ def from_json(text: str) -> Genotype:
         raise ValueError(f"text: genotype JSON lacks {', '.join(missing)}")
 
     def genes(key):
+        items = data[key]
+        if not isinstance(items, list) or not items or len(items) % 2:
+            raise ValueError(f"text: {key} must be a non-empty list of [op, input] pairs, two per node, got {items!r}")
         out = []
-        for item in data[key]:
+        for e, item in enumerate(items):
             if not (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str)):
                 raise ValueError(f"text: {key} entries must be [op, input] pairs, got {item!r}")
-            out.append((item[0], int(item[1])))
+            if item[0] not in OPS or item[0] == "none":
+                raise ValueError(f"text: unknown {key} op {item[0]!r}")
+            node = e // 2
+            if not _is_int(item[1]) or not 0 <= item[1] <= node + 1:
+                raise ValueError(f"text: {key} node {node} can take a state 0..{node + 1}, got input {item[1]!r}")
+            out.append((item[0], item[1]))
         return out
 
-    return Genotype(normal=genes("normal"), normal_concat=[int(i) for i in data["normal_concat"]],
-                    reduce=genes("reduce"), reduce_concat=[int(i) for i in data["reduce_concat"]])
+    def concat(key, n_states):
+        items = data[key]
+        if not isinstance(items, list) or not items or not all(_is_int(i) and 0 <= i < n_states for i in items):
+            raise ValueError(f"text: {key} must be a non-empty list of state indices 0..{n_states - 1}, got {items!r}")
+        return list(items)
+
+    normal, reduce = genes("normal"), genes("reduce")
+    return Genotype(normal=normal, normal_concat=concat("normal_concat", 2 + len(normal) // 2),
+                    reduce=reduce, reduce_concat=concat("reduce_concat", 2 + len(reduce) // 2))
