@@ -65,6 +65,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import MAX_POINTERS, accumulation_dtype, chunks, padded
+
 __all__ = [
     "MAX_POINTERS",
     "edge_dw_forward",
@@ -77,8 +79,6 @@ __all__ = [
     "edge_pw_backward",
 ]
 
-#: Pointer arguments of the mix-forward kernel; more ``ps`` are added in chunks.
-MAX_POINTERS = 8
 #: Largest tile (elements of a plane per program) of the elementwise and reduction kernels.
 _MAX_BLOCK = 1024
 #: Largest (taps x pixels) tile of the depthwise-conv kernels, in elements.
@@ -641,15 +641,11 @@ def _check_ints(op: str, vals, name: str) -> List[int]:
     return out
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _stat_input(op: str, t, name: str, shape: Tuple[int, ...], x: torch.Tensor) -> torch.Tensor:
     """A statistic (mean, rstd, sums): ``shape``, x's or the accumulation dtype, x's device;
     returned contiguous in the accumulation dtype."""
     _check_tensor(op, t, name)
-    acc = _accumulation_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     if tuple(t.shape) != shape or t.dtype not in (x.dtype, acc):
         what = str(x.dtype) if x.dtype == acc else f"{x.dtype} or {acc}"
         raise ValueError(f"{op}: `{name}` must have shape {list(shape)} and dtype {what}, got {_describe(t)}")
@@ -879,7 +875,7 @@ def edge_dw_forward(
     )
     x = x.detach().contiguous()
     N, C, H, W = x.shape
-    acc = _accumulation_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     ys = []
     for w, s, pd, d in zip(ws, strides, pads, dils):
         k = w.shape[2]
@@ -944,7 +940,7 @@ def edge_dw_backward(
         geoms.append((k, ho, wo))
     x = x.detach().contiguous()
     gs = [g.detach().contiguous() for g in gs]
-    acc = _accumulation_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     M = len(ws)
     gx = torch.empty_like(x)
     want_sums = pre == _PRE_NORM_RELU
@@ -1019,7 +1015,7 @@ def edge_bn_stats(
     rm = _check_running(op, running_mean, "running_mean", p, "p")
     rv = _check_running(op, running_var, "running_var", p, "p")
     p = p.detach().contiguous()
-    acc = _accumulation_dtype(p.dtype)
+    acc = accumulation_dtype(p.dtype)
     if C == 0:
         e = torch.empty(0, dtype=acc, device=p.device)
         return e, e.clone()
@@ -1051,7 +1047,7 @@ def edge_bn_backward(
     N, C, H, W = p.shape
     mean = _stat_input(op, mean, "mean", (C,), p)
     rstd = _stat_input(op, rstd, "rstd", (C,), p)
-    acc = _accumulation_dtype(p.dtype)
+    acc = accumulation_dtype(p.dtype)
     if sums is not None:
         _check_tensor(op, sums, "sums")
         if tuple(sums.shape) != (2, C) or not sums.is_floating_point():
@@ -1116,7 +1112,7 @@ def edge_pw_forward(
     p = torch.matmul(w.detach().reshape(co, Ci), u.view(N, Ci, H * W)).view(N, co, H, W)
     if not stats:
         return p, None, None
-    acc = _accumulation_dtype(p.dtype)
+    acc = accumulation_dtype(p.dtype)
     if p.numel() == 0:
         e = torch.empty(co, dtype=acc, device=p.device)
         return p, e, e.clone()
@@ -1153,14 +1149,6 @@ def edge_pw_backward(
 # --------------------------------------------------------------------------------------------
 # The mix
 # --------------------------------------------------------------------------------------------
-
-
-def _chunks(n: int) -> List[Tuple[int, int]]:
-    return [(c, min(c + MAX_POINTERS, n)) for c in range(0, n, MAX_POINTERS)] or [(0, 0)]
-
-
-def _padded(ts: List[torch.Tensor], dummy: torch.Tensor) -> List[torch.Tensor]:
-    return list(ts) + [dummy] * (MAX_POINTERS - len(ts))
 
 
 def edge_mix_forward(
@@ -1212,7 +1200,7 @@ def edge_mix_forward(
         )
     x = x.detach().contiguous()
     ps = [p.detach().contiguous() for p in ps]
-    acc = _accumulation_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     dev = x.device
     wa = w.detach().to(acc).contiguous()
     out = torch.empty((N, C, ho, wo), dtype=x.dtype, device=dev)
@@ -1250,12 +1238,12 @@ def edge_mix_forward(
     D = -(a_max * mean[0] + a_avg * mean[1] + (a_ps * mean[2:]).sum(0))
     w_skip = (wa[2] if has_skip else wa[2] * 0).expand(C)
     coef = torch.cat([torch.stack([D, w_skip, a_max, a_avg], 1), a_ps.t()], 1).contiguous()  # (C, 4 + K)
-    chunks = _chunks(K)
-    running = out if len(chunks) == 1 or out.dtype == acc else torch.empty(out.shape, dtype=acc, device=dev)
-    for i, (start, stop) in enumerate(chunks):
-        last = i == len(chunks) - 1
+    spans = chunks(K) or [(0, 0)]
+    running = out if len(spans) == 1 or out.dtype == acc else torch.empty(out.shape, dtype=acc, device=dev)
+    for i, (start, stop) in enumerate(spans):
+        last = i == len(spans) - 1
         _mix_out_kernel[(N * C, T)](
-            out if last else running, running, x, coef, *_padded(ps[start:stop], x),
+            out if last else running, running, x, coef, *padded(ps[start:stop], x),
             C, H, W, ho, wo, stride, 4 + K, 4 + start,
             K=stop - start, FIRST=i == 0, HAS_MAX=bool(has_max), HAS_AVG=bool(has_avg),
             HAS_SKIP=bool(has_skip), BLOCK=block,
@@ -1303,7 +1291,7 @@ def edge_mix_backward(
     g = g.detach().contiguous()
     x = x.detach().contiguous()
     ps = [p.detach().contiguous() for p in ps]
-    acc = _accumulation_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     dev = x.device
     wa = w.detach().to(acc).contiguous()
     pools = bool(has_max or has_avg)

@@ -42,14 +42,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import MAX_POINTERS, accumulation_dtype, check_block, chunks, launch_geometry, launchable, padded
+
 __all__ = ["MAX_POINTERS", "DEFAULT_BLOCK", "mixed_sum_forward", "mixed_sum_backward"]
 
-#: Pointer arguments per launch; K > MAX_POINTERS is handled by one launch per chunk.
-MAX_POINTERS = 8
 #: Elements per program.
 DEFAULT_BLOCK = 1024
-#: Offsets switch to int64 once the last offset of the grid can reach this (2**31).
-_INT64_OFFSETS_FROM = 2**31
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -211,32 +209,6 @@ def _mixed_sum_bwd_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def _launchable(kernel, tensors: Sequence[torch.Tensor]):
-    """The kernel itself, or wrapped by ``wrap_triton`` when ``tensors`` are being traced.
-
-    Plain tensors get a direct launch: the higher-order-op dispatch behind ``wrap_triton`` costs
-    about a millisecond per eager launch. Tensor subclasses (Fake/Functional tensors while
-    ``triton_op`` or ``torch.compile`` trace) need the wrapper to appear in the graph. An
-    interpreted kernel (``TRITON_INTERPRET=1``) is never wrapped: some torch releases reject it.
-    """
-    from triton.runtime.jit import JITFunction
-
-    plain = (torch.Tensor, torch.nn.Parameter)
-    if not isinstance(kernel, JITFunction) or all(type(t) in plain for t in tensors):
-        return kernel
-    return torch.library.wrap_triton(kernel)
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _check_block(block_size: int) -> int:
-    if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
-        raise ValueError(f"block_size must be a power of two >= 16, got {block_size!r}")
-    return block_size
-
-
 def _check_xs(xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Validate ``xs`` (K >= 1 tensors of one shape, dtype and device); return them contiguous."""
     if isinstance(xs, torch.Tensor) or not isinstance(xs, Sequence):
@@ -279,21 +251,6 @@ def _check_weights(weights: torch.Tensor, xs: list[torch.Tensor]) -> None:
         )
 
 
-def _chunks(n: int) -> list[tuple[int, int]]:
-    """[(start, stop), ...] covering range(n) in pieces of at most MAX_POINTERS."""
-    return [(c, min(c + MAX_POINTERS, n)) for c in range(0, n, MAX_POINTERS)]
-
-
-def _padded(ts: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``ts`` padded to MAX_POINTERS entries with ``ts[0]`` as the never-read dummy."""
-    return list(ts) + [ts[0]] * (MAX_POINTERS - len(ts))
-
-
-def _launch_geometry(numel: int, block: int) -> tuple[int, bool]:
-    n_programs = triton.cdiv(numel, block)
-    return n_programs, n_programs * block > _INT64_OFFSETS_FROM - 1
-
-
 def mixed_sum_forward(
     xs: Sequence[torch.Tensor],
     weights: torch.Tensor,
@@ -314,30 +271,30 @@ def mixed_sum_forward(
     """
     xs = _check_xs(xs)
     _check_weights(weights, xs)
-    block = _check_block(block_size)
+    block = check_block(block_size)
     x0 = xs[0]
-    acc_dtype = _accumulation_dtype(x0.dtype)
+    acc_dtype = accumulation_dtype(x0.dtype)
     w = weights.detach().to(acc_dtype).contiguous()
     out = torch.empty_like(x0, memory_format=torch.contiguous_format)
     numel = x0.numel()
     if numel == 0:
         return out
 
-    chunks = _chunks(len(xs))
+    spans = chunks(len(xs))
     # Running sum between chunks: the output itself when it already has the accumulation dtype.
-    if len(chunks) == 1 or out.dtype == acc_dtype:
+    if len(spans) == 1 or out.dtype == acc_dtype:
         acc = out
     else:
         acc = torch.empty(x0.shape, dtype=acc_dtype, device=x0.device)
-    n_programs, use_int64 = _launch_geometry(numel, block)
-    kernel = _launchable(_mixed_sum_fwd_kernel, [out, w, *xs])
-    for i, (start, stop) in enumerate(chunks):
-        last = i == len(chunks) - 1
+    n_programs, use_int64 = launch_geometry(numel, block)
+    kernel = launchable(_mixed_sum_fwd_kernel, [out, w, *xs])
+    for i, (start, stop) in enumerate(spans):
+        last = i == len(spans) - 1
         kernel[(n_programs,)](
             out if last else acc,
             acc,
             w[start:],  # starts at a multiple of 8 elements: stays 16-byte aligned
-            *_padded(xs[start:stop]),
+            *padded(xs[start:stop], xs[0]),
             numel,
             K=stop - start,
             ACCUMULATE=i > 0,
@@ -373,7 +330,7 @@ def mixed_sum_backward(
     """
     xs = _check_xs(xs)
     _check_weights(weights, xs)
-    block = _check_block(block_size)
+    block = check_block(block_size)
     x0 = xs[0]
     if not isinstance(grad_out, torch.Tensor):
         raise TypeError(f"grad_out must be a tensor, got {type(grad_out).__name__}")
@@ -390,23 +347,23 @@ def mixed_sum_backward(
     grad_out = grad_out.contiguous()
 
     K = len(xs)
-    acc_dtype = _accumulation_dtype(x0.dtype)
+    acc_dtype = accumulation_dtype(x0.dtype)
     w = weights.detach().to(acc_dtype).contiguous()
     grad_xs = [torch.empty_like(x) for x in xs]
     numel = x0.numel()
     if numel == 0:
         return grad_xs, torch.zeros(K, dtype=weights.dtype, device=weights.device)
 
-    n_programs, use_int64 = _launch_geometry(numel, block)
+    n_programs, use_int64 = launch_geometry(numel, block)
     partial = torch.empty((K, n_programs), dtype=acc_dtype, device=x0.device)
-    kernel = _launchable(_mixed_sum_bwd_kernel, [grad_out, w, *xs])
-    for start, stop in _chunks(K):
+    kernel = launchable(_mixed_sum_bwd_kernel, [grad_out, w, *xs])
+    for start, stop in chunks(K):
         kernel[(n_programs,)](
             grad_out,
             w[start:],  # chunk starts are multiples of 8 elements: views stay 16-byte aligned
             partial[start:],
-            *_padded(xs[start:stop]),
-            *_padded(grad_xs[start:stop]),
+            *padded(xs[start:stop], xs[0]),
+            *padded(grad_xs[start:stop], grad_xs[0]),
             numel,
             n_programs,
             K=stop - start,

@@ -40,11 +40,12 @@ the truth than on a GPU.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
+
+from ._common import INT64_OFFSETS_FROM, accumulation_dtype, check_block, launch_geometry, launchable
 
 __all__ = ["DEFAULT_BLOCK", "NUM_FUNCS", "rnn_mix_forward", "rnn_mix_backward"]
 
@@ -52,8 +53,6 @@ __all__ = ["DEFAULT_BLOCK", "NUM_FUNCS", "rnn_mix_forward", "rnn_mix_backward"]
 DEFAULT_BLOCK = 1024
 #: Columns of ``probs``: none, tanh, relu, sigmoid, identity.
 NUM_FUNCS = 5
-#: Offsets switch to int64 once the last offset of the grid can reach this (2**31).
-_INT64_OFFSETS_FROM = 2**31
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -212,31 +211,6 @@ def _rnn_mix_bwd_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def _launchable(kernel, tensors: Sequence[torch.Tensor]):
-    """The kernel itself, or wrapped by ``wrap_triton`` when ``tensors`` are being traced.
-
-    Plain tensors get a direct launch (``wrap_triton``'s dispatch costs about a millisecond per
-    eager launch); tensor subclasses need the wrapper to appear in a traced graph. An interpreted
-    kernel (``TRITON_INTERPRET=1``) is never wrapped: some torch releases reject it.
-    """
-    from triton.runtime.jit import JITFunction
-
-    plain = (torch.Tensor, torch.nn.Parameter)
-    if not isinstance(kernel, JITFunction) or all(type(t) in plain for t in tensors):
-        return kernel
-    return torch.library.wrap_triton(kernel)
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _check_block(block_size: int) -> int:
-    if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
-        raise ValueError(f"block_size must be a power of two >= 16, got {block_size!r}")
-    return block_size
-
-
 def _check_inputs(
     states: torch.Tensor, c: torch.Tensor, h: torch.Tensor, probs: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -273,11 +247,6 @@ def _check_inputs(
     return states.contiguous(), c.contiguous(), h.contiguous()
 
 
-def _launch_geometry(n: int, block: int) -> tuple[int, bool]:
-    n_programs = triton.cdiv(n, block)
-    return n_programs, n_programs * block > _INT64_OFFSETS_FROM - 1
-
-
 def rnn_mix_forward(
     states: torch.Tensor,
     c: torch.Tensor,
@@ -300,9 +269,9 @@ def rnn_mix_forward(
         float64 inputs) and rounded once. J = 0 gives zeros.
     """
     states, c, h = _check_inputs(states, c, h, probs)
-    block = _check_block(block_size)
+    block = check_block(block_size)
     J, B, H = states.shape
-    acc_dtype = _accumulation_dtype(states.dtype)
+    acc_dtype = accumulation_dtype(states.dtype)
     p = probs.detach().to(acc_dtype).contiguous()
     out = torch.empty((B, H), dtype=states.dtype, device=states.device)
     n = B * H
@@ -310,8 +279,8 @@ def rnn_mix_forward(
         return out
     if J == 0:
         return out.zero_()
-    n_programs, use_int64 = _launch_geometry(n, block)
-    kernel = _launchable(_rnn_mix_fwd_kernel, [out, states, c, h, p])
+    n_programs, use_int64 = launch_geometry(n, block)
+    kernel = launchable(_rnn_mix_fwd_kernel, [out, states, c, h, p])
     kernel[(n_programs,)](out, states, c, h, p, J, n, BLOCK=block, USE_INT64=use_int64)
     return out
 
@@ -339,7 +308,7 @@ def rnn_mix_backward(
         programs by torch, so it is deterministic.
     """
     states, c, h = _check_inputs(states, c, h, probs)
-    block = _check_block(block_size)
+    block = check_block(block_size)
     J, B, H = states.shape
     if not isinstance(grad_out, torch.Tensor):
         raise TypeError(f"grad_out must be a tensor, got {type(grad_out).__name__}")
@@ -353,7 +322,7 @@ def rnn_mix_backward(
         raise ValueError(f"grad_out is on {grad_out.device}, expected {states.device} (states)")
     grad_out = grad_out.contiguous()
 
-    acc_dtype = _accumulation_dtype(states.dtype)
+    acc_dtype = accumulation_dtype(states.dtype)
     p = probs.detach().to(acc_dtype).contiguous()
     d_states = torch.empty_like(states)
     d_c = torch.empty_like(c)
@@ -363,11 +332,11 @@ def rnn_mix_backward(
         d_probs = torch.zeros((J, NUM_FUNCS), dtype=probs.dtype, device=probs.device)
         return d_states, d_c, d_h, d_probs
 
-    n_programs, use_int64 = _launch_geometry(n, block)
+    n_programs, use_int64 = launch_geometry(n, block)
     # partial offsets pid * J * 5 + ... must fit as well
-    use_int64 = use_int64 or n_programs * J * NUM_FUNCS > _INT64_OFFSETS_FROM - 1
+    use_int64 = use_int64 or n_programs * J * NUM_FUNCS > INT64_OFFSETS_FROM - 1
     partial = torch.empty((n_programs, J, NUM_FUNCS), dtype=acc_dtype, device=states.device)
-    kernel = _launchable(_rnn_mix_bwd_kernel, [grad_out, states, c, h, p])
+    kernel = launchable(_rnn_mix_bwd_kernel, [grad_out, states, c, h, p])
     kernel[(n_programs,)](
         grad_out, states, c, h, p, d_states, d_c, d_h, partial, J, n,
         BLOCK=block, USE_INT64=use_int64,
