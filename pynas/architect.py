@@ -45,8 +45,20 @@ def settings_from_args(args) -> dict:
                 fd_r=getattr(args, "fd_r", 0.01))
 
 
-class WeightSnapshots:
-    """Copies of tensor lists kept across steps, for the bit-exact restores of the second-order step."""
+class ArchitectBase:
+    """What the CNN and RNN architects share: the model, the arch optimizer (Adam), the virtual step's weight
+    decay, the finite-difference radius, and copies of tensor lists kept across steps (the bit-exact restores
+    of the second-order step)."""
+
+    def __init__(self, model: nn.Module, weight_decay: float, arch_learning_rate: float, arch_weight_decay: float,
+                 arch_betas, fd_r: float):
+        if not (fd_r > 0):
+            raise ValueError(f"fd_r: expected a positive finite-difference radius, got {fd_r!r}")
+        self.model = model
+        self.network_weight_decay = float(weight_decay)
+        self.fd_r = float(fd_r)
+        self.optimizer = torch.optim.Adam(model.arch_parameters(), lr=arch_learning_rate,
+                                          betas=tuple(arch_betas), weight_decay=arch_weight_decay)
 
     def _snapshot(self, key: str, tensors: List[torch.Tensor]) -> List[torch.Tensor]:
         """Copies of ``tensors`` in buffers kept across steps (re-allocated when the tensors change)."""
@@ -60,7 +72,7 @@ class WeightSnapshots:
         return entry[1]
 
 
-class Architect(WeightSnapshots):
+class Architect(ArchitectBase):
     """Owns the arch optimizer (Adam) and computes ``grad_alpha`` for one step.
 
     Args:
@@ -73,14 +85,8 @@ class Architect(WeightSnapshots):
     def __init__(self, model: nn.Module, *, momentum: float = 0.9, weight_decay: float = 3e-4,
                  arch_learning_rate: float = 3e-4, arch_weight_decay: float = 1e-3,
                  arch_betas=(0.5, 0.999), fd_r: float = 0.01):
-        if not (fd_r > 0):
-            raise ValueError(f"fd_r: expected a positive finite-difference radius, got {fd_r!r}")
-        self.model = model
+        super().__init__(model, weight_decay, arch_learning_rate, arch_weight_decay, arch_betas, fd_r)
         self.network_momentum = float(momentum)
-        self.network_weight_decay = float(weight_decay)
-        self.fd_r = float(fd_r)
-        self.optimizer = torch.optim.Adam(model.arch_parameters(), lr=arch_learning_rate,
-                                          betas=tuple(arch_betas), weight_decay=arch_weight_decay)
 
     # -- public ------------------------------------------------------------------
     def step(self, input_train, target_train, input_valid, target_valid, eta, network_optimizer, unrolled):

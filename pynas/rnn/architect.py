@@ -22,7 +22,7 @@ from typing import List
 import torch
 from torch import nn
 
-from ..architect import WeightSnapshots, _copy_all, _grad
+from ..architect import ArchitectBase, _copy_all, _grad
 from ..ops import multi_tensor as mt
 
 
@@ -39,7 +39,7 @@ def settings_from_args(args) -> dict:
                 arch_weight_decay=args.arch_wdecay, fd_r=getattr(args, "fd_r", 0.01))
 
 
-class Architect(WeightSnapshots):
+class Architect(ArchitectBase):
     """Owns the arch optimizer (Adam, default betas) of an RNN search model and steps alpha.
 
     Args:
@@ -53,16 +53,10 @@ class Architect(WeightSnapshots):
     def __init__(self, model: nn.Module, *, weight_decay: float = 5e-7, clip: float = 0.25,
                  arch_learning_rate: float = 3e-3, arch_weight_decay: float = 1e-3, arch_betas=(0.9, 0.999),
                  fd_r: float = 0.01):
-        if not (fd_r > 0):
-            raise ValueError(f"fd_r: expected a positive finite-difference radius, got {fd_r!r}")
         if not (clip > 0):
             raise ValueError(f"clip: expected a positive gradient clip, got {clip!r}")
-        self.model = model
-        self.network_weight_decay = float(weight_decay)
+        super().__init__(model, weight_decay, arch_learning_rate, arch_weight_decay, arch_betas, fd_r)
         self.network_clip = float(clip)
-        self.fd_r = float(fd_r)
-        self.optimizer = torch.optim.Adam(model.arch_parameters(), lr=arch_learning_rate,
-                                          betas=tuple(arch_betas), weight_decay=arch_weight_decay)
 
     def step(self, hidden_train, input_train, target_train, hidden_valid, input_valid, target_valid,
              network_optimizer, unrolled):

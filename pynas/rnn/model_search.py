@@ -79,18 +79,18 @@ class DARTSCellSearch(nn.Module):
             x_mask = h_mask = None
         h = hidden[0]
         probs = F.softmax(self.weights, dim=-1)
+        backend = _backend.resolve([inputs, h, probs])  # once per sequence, not per node
         if self.training and self.bn.track_running_stats and self.bn.momentum is not None \
                 and not torch.compiler.is_compiling():  # under torch.compile: the module path, rnn_mix a custom op
             from . import fused
 
-            backend = _backend.resolve([inputs, h, probs])
             gated = inputs.is_cuda and not fused.GPU_AUTO and _backend.current_backend() == "auto"
             if backend != "reference" and not gated:
                 hiddens = fused.cell_sequence(self, inputs, h, x_mask, h_mask, probs, backend)
                 return hiddens, hiddens[-1].unsqueeze(0)
         outs = []
         for t in range(T):
-            h = self.cell(inputs[t], h, x_mask, h_mask, probs)
+            h = self.cell(inputs[t], h, x_mask, h_mask, probs, backend=backend)
             outs.append(h)
         hiddens = torch.stack(outs)
         return hiddens, hiddens[-1].unsqueeze(0)
@@ -100,7 +100,10 @@ class DARTSCellSearch(nn.Module):
         c0, h0 = torch.split(xh.mm(self._W0), self.nhid, dim=-1)
         return h_prev + c0.sigmoid() * (h0.tanh() - h_prev)
 
-    def cell(self, x, h_prev, x_mask, h_mask, probs):
+    def cell(self, x, h_prev, x_mask, h_mask, probs, backend=None):
+        """One time step; ``backend``: the node mix's (resolved from the tensors when None)."""
+        if backend is None:
+            backend = _backend.resolve([x, h_prev, probs])
         s0 = self.bn(self._init_state(x, h_prev, x_mask, h_mask))
         states = s0.unsqueeze(0)
         offset = 0
@@ -109,10 +112,10 @@ class DARTSCellSearch(nn.Module):
             ch = masked.reshape(-1, self.nhid).mm(self._Ws[i]).view(i + 1, -1, 2 * self.nhid)
             c, hh = torch.split(ch, self.nhid, dim=-1)
             p = probs[offset:offset + i + 1]
-            if _backend.resolve([states]) == "reference":
+            if backend == "reference":
                 s = _mix_reference_form(states, c.sigmoid(), hh, p)
             else:
-                s = rnn_mix(states, c.sigmoid(), hh, p)
+                s = rnn_mix(states, c.sigmoid(), hh, p, backend=backend)
             s = self.bn(s)
             states = torch.cat([states, s.unsqueeze(0)], 0)
             offset += i + 1
