@@ -309,11 +309,13 @@ void dw_input_grad(const T* __restrict__ x, const T* __restrict__ abuf, const T*
 // ---- 3x3 pools, padding 1 ----------------------------------------------------------------------------
 // `buf`: (h + 2) x (w + 2) plus slack, `wp` = w + 2. The max pool's border is -inf, the avg pool's 0.
 
-template <typename T>
-void max_pool_plane(const T* x, int64_t h, int64_t w, int64_t s, int64_t ho, int64_t wo, T* __restrict__ buf,
-                    T* __restrict__ acc, T* __restrict__ y) {
+// One 3x3 pool of a plane, max (border -inf) or average (border 0, each window's sum times `inv`, its
+// 1 / count); `inv` is unused by the max pool.
+template <typename T, bool kMax>
+void pool3x3_plane(const T* x, int64_t h, int64_t w, int64_t s, int64_t ho, int64_t wo, const T* inv,
+                   T* __restrict__ buf, T* __restrict__ acc, T* __restrict__ y) {
   const int64_t wp = w + 2;
-  std::fill(buf, buf + (h + 3) * wp, -std::numeric_limits<T>::infinity());
+  std::fill(buf, buf + (h + 3) * wp, kMax ? -std::numeric_limits<T>::infinity() : T(0));
   load_padded(x, h, w, 1, wp, kPreNone, T(0), T(1), buf);
   if (s == 1) {
     const int64_t L = ho * wp;
@@ -321,8 +323,17 @@ void max_pool_plane(const T* x, int64_t h, int64_t w, int64_t s, int64_t ho, int
     for (int64_t i = 0; i < L; ++i) acc[i] = buf[i];
     for (int64_t t = 1; t < 9; ++t) {
       const T* __restrict__ src = buf + (t / 3) * wp + t % 3;
+      if constexpr (kMax) {
+        PYNAS_SIMD
+        for (int64_t i = 0; i < L; ++i) acc[i] = src[i] > acc[i] ? src[i] : acc[i];
+      } else {
+        PYNAS_SIMD
+        for (int64_t i = 0; i < L; ++i) acc[i] += src[i];
+      }
+    }
+    if constexpr (!kMax) {
       PYNAS_SIMD
-      for (int64_t i = 0; i < L; ++i) acc[i] = src[i] > acc[i] ? src[i] : acc[i];
+      for (int64_t i = 0; i < L; ++i) acc[i] *= inv[i];
     }
     crop_rows(acc, ho, wo, wp, y);
     return;
@@ -330,12 +341,25 @@ void max_pool_plane(const T* x, int64_t h, int64_t w, int64_t s, int64_t ho, int
   for (int64_t oh = 0; oh < ho; ++oh) {
     const T* r0 = buf + (oh * s) * wp;
     for (int64_t ow = 0; ow < wo; ++ow) {
-      T m = r0[ow * s];
+      T m = kMax ? r0[ow * s] : T(0);
       for (int64_t ki = 0; ki < 3; ++ki)
-        for (int64_t kj = 0; kj < 3; ++kj) m = std::max(m, r0[ki * wp + ow * s + kj]);
-      y[oh * wo + ow] = m;
+        for (int64_t kj = 0; kj < 3; ++kj) {
+          const T v = r0[ki * wp + ow * s + kj];
+          if constexpr (kMax) {
+            m = std::max(m, v);
+          } else {
+            m += v;
+          }
+        }
+      y[oh * wo + ow] = kMax ? m : m * inv[oh * wo + ow];
     }
   }
+}
+
+template <typename T>
+void max_pool_plane(const T* x, int64_t h, int64_t w, int64_t s, int64_t ho, int64_t wo, T* __restrict__ buf,
+                    T* __restrict__ acc, T* __restrict__ y) {
+  pool3x3_plane<T, true>(x, h, w, s, ho, wo, nullptr, buf, acc, y);
 }
 
 // gbuf (padded like buf, which holds the -inf padded input from max_pool_plane) += gy routed to the first
@@ -390,32 +414,7 @@ void max_pool_plane_backward(const T* __restrict__ buf, int64_t w, int64_t s, in
 template <typename T>
 void avg_pool_plane(const T* x, int64_t h, int64_t w, int64_t s, int64_t ho, int64_t wo, const T* inv,
                     T* __restrict__ buf, T* __restrict__ acc, T* __restrict__ y) {
-  const int64_t wp = w + 2;
-  std::fill(buf, buf + (h + 3) * wp, T(0));
-  load_padded(x, h, w, 1, wp, kPreNone, T(0), T(1), buf);
-  if (s == 1) {
-    const int64_t L = ho * wp;
-    PYNAS_SIMD
-    for (int64_t i = 0; i < L; ++i) acc[i] = buf[i];
-    for (int64_t t = 1; t < 9; ++t) {
-      const T* __restrict__ src = buf + (t / 3) * wp + t % 3;
-      PYNAS_SIMD
-      for (int64_t i = 0; i < L; ++i) acc[i] += src[i];
-    }
-    PYNAS_SIMD
-    for (int64_t i = 0; i < L; ++i) acc[i] *= inv[i];
-    crop_rows(acc, ho, wo, wp, y);
-    return;
-  }
-  for (int64_t oh = 0; oh < ho; ++oh) {
-    const T* r0 = buf + (oh * s) * wp;
-    for (int64_t ow = 0; ow < wo; ++ow) {
-      T a = 0;
-      for (int64_t ki = 0; ki < 3; ++ki)
-        for (int64_t kj = 0; kj < 3; ++kj) a += r0[ki * wp + ow * s + kj];
-      y[oh * wo + ow] = a * inv[oh * wo + ow];
-    }
-  }
+  pool3x3_plane<T, false>(x, h, w, s, ho, wo, inv, buf, acc, y);
 }
 
 template <typename T>
