@@ -157,6 +157,17 @@ def use_backend(name: str) -> Iterator[str]:
         _current.reset(token)
 
 
+#: Whether ``auto`` takes pynas's fused GPU paths (the fused CNN edge, the fused RNN sequence, the multi-tensor
+#: kernels of the second-order step): off until their GPU check (benchmarks/gpu_check.sh) has passed on a real
+#: card; ``PYNAS_FUSED_GPU_AUTO=1`` opts in; naming the 'cuda' or 'triton' backend uses them regardless.
+GPU_FUSED_AUTO = os.environ.get("PYNAS_FUSED_GPU_AUTO", "0") == "1"
+
+
+def fused_held_back(t: torch.Tensor, name: Optional[str] = None) -> bool:
+    """Whether a fused path stays off for ``t``: a GPU tensor under ``auto`` while GPU_FUSED_AUTO is off."""
+    return t.is_cuda and not GPU_FUSED_AUTO and (name or current_backend()) == "auto"
+
+
 def resolve(tensors: Sequence[torch.Tensor], name: Optional[str] = None) -> str:
     """The concrete backend that will compute an op on ``tensors``."""
     key = _check_name(name) if name is not None else current_backend()

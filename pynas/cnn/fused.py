@@ -28,7 +28,6 @@ modules one by one (the reference path).
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -188,10 +187,6 @@ class EdgePlan:
     def counters(self) -> List[torch.Tensor]:
         return [b.num_batches_tracked for b in self.bns]
 
-
-#: Whether ``auto`` picks the fused edge on a GPU. Off until the GPU kernels have passed the GPU check on a
-#: real card (benchmarks/gpu_check.sh); naming the 'cuda' or 'triton' backend uses them regardless.
-GPU_AUTO = os.environ.get("PYNAS_FUSED_GPU_AUTO", "0") == "1"
 
 _CPU_DTYPES = (torch.float32, torch.float64)
 _GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

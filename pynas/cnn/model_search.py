@@ -58,7 +58,7 @@ class MixedOp(nn.Module):
     def _fused(self, x: torch.Tensor, weights: torch.Tensor) -> Optional[str]:
         """The backend that runs this call as one fused edge, or None (training-mode edges only)."""
         chosen = _backend.resolve([x, weights])
-        if chosen == "reference" or (x.is_cuda and not fused.GPU_AUTO and _backend.current_backend() == "auto"):
+        if chosen == "reference" or _backend.fused_held_back(x):
             return None
         if self._plan is None:
             self._plan = fused.EdgePlan(self, self._primitives, self._stride)

@@ -19,7 +19,6 @@ non-contiguous tensors) runs the ``torch._foreach_*`` formulation below.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence
 
 import torch
@@ -28,10 +27,6 @@ from .. import _backend, _ext
 
 __all__ = ["virtual_step_", "sum_squares", "perturb_", "copy_", "clip_coefficient", "uses_kernels"]
 
-
-#: Whether ``auto`` picks pynas's multi-tensor kernels on a GPU (as pynas.cnn.fused.GPU_AUTO: off until the
-#: GPU check has passed on a card; naming the 'cuda' or 'triton' backend uses them regardless).
-GPU_AUTO = os.environ.get("PYNAS_FUSED_GPU_AUTO", "0") == "1"
 
 
 class _TorchOps:
@@ -68,7 +63,7 @@ def _implementation(params: Sequence[torch.Tensor], backend: Optional[str] = Non
     chosen = _backend.resolve(list(params[:1]), backend)
     if chosen == "reference":
         return None
-    if params[0].is_cuda and not GPU_AUTO and (backend or _backend.current_backend()) == "auto":
+    if _backend.fused_held_back(params[0], backend):
         return None  # not yet run on a GPU: `auto` keeps torch's foreach kernels there
     dtype = params[0].dtype
     if not all(p.dtype == dtype and p.is_contiguous() for p in params):

@@ -15,17 +15,12 @@ eval mode and the reference backend take the module path.
 """
 from __future__ import annotations
 
-import os
 from typing import List
 
 import torch
 
 from .. import _ext
 from ..ops.rnn_mix import _kernels
-
-#: Whether ``auto`` takes the fused sequence on a GPU (as pynas.cnn.fused.GPU_AUTO: off until the GPU check
-#: has passed on a real card; PYNAS_FUSED_GPU_AUTO=1 opts in; naming ``cuda`` or ``triton`` always uses it).
-GPU_AUTO = os.environ.get("PYNAS_FUSED_GPU_AUTO", "0") == "1"
 
 
 def _bn_forward(u, running_mean, running_var, momentum, eps):

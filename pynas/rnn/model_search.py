@@ -84,8 +84,7 @@ class DARTSCellSearch(nn.Module):
                 and not torch.compiler.is_compiling():  # under torch.compile: the module path, rnn_mix a custom op
             from . import fused
 
-            gated = inputs.is_cuda and not fused.GPU_AUTO and _backend.current_backend() == "auto"
-            if backend != "reference" and not gated:
+            if backend != "reference" and not _backend.fused_held_back(inputs):
                 hiddens = fused.cell_sequence(self, inputs, h, x_mask, h_mask, probs, backend)
                 return hiddens, hiddens[-1].unsqueeze(0)
         outs = []
