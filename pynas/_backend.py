@@ -13,6 +13,7 @@ import contextlib
 import contextvars
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
 
@@ -133,10 +134,41 @@ def _env_default() -> str:
 _current: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("pynas_backend", default=None)
 
 
-def current_backend() -> str:
-    """The backend in force: the innermost ``use_backend``, else ``$PYNAS_BACKEND``, else ``auto``."""
+def _constant_under_compile(fn):
+    """What ``torch.compiler.assume_constant_result`` does (the attribute is all it sets, which
+    tests/test_backends.py checks), without importing torch._dynamo, and with it triton, at pynas import."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+def _read_backend() -> str:
     name = _current.get()
     return name if name is not None else _env_default()
+
+
+@_constant_under_compile
+def _read_backend_at_trace() -> str:
+    return _read_backend()
+
+
+@_constant_under_compile
+def _dynamo_traces_contextvars() -> bool:
+    """Whether the torch.compile in use traces ContextVar.get (and guards on its value); torch 2.11, the GPU
+    machine's, does not."""
+    source = sys.modules.get("torch._dynamo.source")
+    return source is not None and hasattr(source, "ContextVarGetSource")
+
+
+def current_backend() -> str:
+    """The backend in force: the innermost ``use_backend``, else ``$PYNAS_BACKEND``, else ``auto``.
+
+    Under torch.compile the graph records the backend in force when it was traced; with a torch whose compiler
+    cannot trace ContextVar.get, that graph is reused under another ``use_backend`` (compile again to change
+    it) rather than breaking the graph at every fused op.
+    """
+    if torch.compiler.is_compiling() and not _dynamo_traces_contextvars():
+        return _read_backend_at_trace()
+    return _read_backend()
 
 
 @contextlib.contextmanager

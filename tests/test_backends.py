@@ -1,4 +1,5 @@
 """Backend table, selection, environment default, lean import."""
+import importlib
 import os
 import subprocess
 import sys
@@ -80,6 +81,48 @@ def test_env_default_and_lean_import():
     """, PYNAS_BACKEND="reference")
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "reference"
+
+
+def test_constant_marker_is_what_torch_sets():
+    # pynas marks functions as torch.compiler.assume_constant_result does, without importing torch._dynamo.
+    def f():
+        return 0
+
+    def g():
+        return 0
+
+    torch.compiler.assume_constant_result(f)
+    _backend._constant_under_compile(g)
+    assert vars(f) == vars(g) == {"_dynamo_marked_constant": True}
+    assert _backend.current_backend.__dict__ == {}  # read at run time; only its helpers are constants
+    assert _backend._read_backend_at_trace._dynamo_marked_constant is True
+    assert _backend._dynamo_traces_contextvars._dynamo_marked_constant is True
+
+
+@pytest.mark.parametrize("contextvars_traced", [True, False], ids=["contextvar-traced", "contextvar-constant"])
+def test_backend_under_torch_compile(monkeypatch, contextvars_traced):
+    # fullgraph: reading the backend never breaks the graph, whether or not this torch's compiler traces
+    # ContextVar.get (2.11 does not: "constant" is its path, forced here on any torch).
+    if contextvars_traced and not _backend._dynamo_traces_contextvars():
+        importlib.import_module("torch._dynamo.source")  # what the check looks at
+        if not _backend._dynamo_traces_contextvars():
+            pytest.skip(f"torch {torch.__version__}'s compiler does not trace ContextVar.get")
+    if not contextvars_traced:
+        monkeypatch.setattr(_backend, "_dynamo_traces_contextvars", lambda: False)
+    torch._dynamo.reset()
+    names = {"cpu": 1.0, "reference": 2.0, "auto": 3.0}
+
+    def f(x):
+        return x + names[_backend.current_backend()]
+
+    g = torch.compile(f, fullgraph=True, backend="eager")
+    x = torch.zeros(2)
+    with pynas.use_backend("cpu"):
+        assert g(x).tolist() == [1.0, 1.0]
+    with pynas.use_backend("reference"):
+        # traced: the graph is guarded on the ContextVar and traced again; constant: the graph keeps 'cpu'
+        assert g(x).tolist() == ([2.0, 2.0] if contextvars_traced else [1.0, 1.0])
+    torch._dynamo.reset()
 
 
 def test_missing_extension_is_a_recorded_reason():
