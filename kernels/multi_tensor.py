@@ -6,7 +6,7 @@
     sum_squares(xs) -> 0-d float64 tensor: sum over all tensors of sum(x^2)
     perturb_(params, base, v, sum_sq, r, sign) -> R (0-d float64)
         w <- base + sign * R * v,  R = r / max(sqrt(sum_sq), tiny)
-    copy_(dst, src): dst <- src, bit for bit (torch._foreach_copy_)
+    copy_(dst, src): dst <- src, bit for bit
 
 How ALL tensors reach ONE launch: the wrappers cut every tensor into chunks of at most ``CHUNK``
 elements (a chunk never spans two tensors) and write one row per chunk into an int64 table,
@@ -19,7 +19,8 @@ pattern of Triton's grouped-GEMM tutorial), so the number of tensors never chang
 launches. On a GPU the table goes to the device through pinned memory with ``non_blocking=True``
 (no host sync). Launches per call: virtual_step_ 1, sum_squares 2 (per-chunk float64 partials, then
 ``torch.sum`` of the partials: fixed order, no atomics), perturb_ 1 (R is computed in every program
-from the 0-d ``sum_sq`` tensor; program 0 stores it), copy_ torch's multi-tensor copy.
+from the 0-d ``sum_sq`` tensor; program 0 stores it), copy_ 1 (the elements moved as integers of their
+size, so every bit pattern, NaN payloads included, arrives unchanged).
 
 Arithmetic is in float32 (float64 for float64 tensors); the partial sums of squares are stored in
 float64. Data-dependent scalars (``sum_sq``, ``grad_scale``) are read by the kernels, never on the
@@ -151,6 +152,20 @@ def _perturb_kernel(table_ptr, n_rows, sum_sq_ptr, r_out_ptr,
             w0 = tl.load(b_ptr + offs, mask=mask, other=0.0).to(ACC)
             v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(ACC)
             tl.store(w_ptr + offs, (w0 + a * v).to(DTYPE), mask=mask)
+
+
+@triton.jit
+def _copy_kernel(table_ptr, BITS: tl.constexpr, BLOCK: tl.constexpr):
+    """dst <- src on the chunk of program ``pid`` (table: header, then rows [dst, src, -, length]), moved as
+    BITS, the integer dtype of the element size. Grid: (n_rows,)."""
+    pid = tl.program_id(0)
+    d_ptr = _row(table_ptr, pid, 0, BITS)
+    s_ptr = _row(table_ptr, pid, 1, BITS)
+    n = _length(table_ptr, pid)
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < n
+        tl.store(d_ptr + offs, tl.load(s_ptr + offs, mask=mask), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,12 +320,21 @@ def perturb_(params, base, v, sum_sq: torch.Tensor, r: float, sign: float) -> to
     return R
 
 
+_BIT_DTYPES = {2: tl.int16, 4: tl.int32, 8: tl.int64}
+
+
 @torch.no_grad()
 def copy_(dst, src) -> None:
-    """dst[i] <- src[i], bit for bit (torch's multi-tensor copy: few launches for any number)."""
+    """dst[i] <- src[i] for every tensor, bit for bit (one launch).
+
+    dst, src: lists of N same-dtype contiguous tensors shaped alike.
+    """
     dst, src = list(dst), list(src)
     if not dst:
         return
     _check("copy_", "dst", dst, dst[0])
     _check_like("copy_", "src", src, dst)
-    torch._foreach_copy_(dst, [s.detach() for s in src])
+    table, n_rows = _table([dst, src], dst[0].device)
+    if n_rows == 0:
+        return
+    _copy_kernel[(n_rows,)](table, BITS=_BIT_DTYPES[dst[0].element_size()], BLOCK=BLOCK)

@@ -6,6 +6,8 @@ of pynas.ops.multi_tensor (backend="reference") and the float64 formulas.
   tensor longer than a chunk).
 * CUDA (torch.ops.pynas.mt_*, csrc/cuda/multi_tensor.cu): skipped without a GPU or without the CUDA
   kernels in pynas._C; all four dtypes, determinism, launch count over 900 tensors, no host sync.
+* The finite-difference part's kernels: counted by the profiler over 900 tensors on a GPU (both backends);
+  for Triton also on the CPU, as the ops it dispatches under the interpreter for 10 and 300 tensors.
 """
 import pytest
 import torch
@@ -142,6 +144,78 @@ def test_triton_sum_squares_perturb_copy(K, dtype):
     K.copy_(dst, src)
     for d, s in zip(dst, src):
         assert torch.equal(_bits(d), _bits(s))
+
+
+@triton_only
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],
+                         ids=_ids([torch.float64, torch.float32, torch.float16, torch.bfloat16]))
+def test_triton_copy_is_bit_exact_in_every_dtype(K, dtype):
+    # random bit patterns: NaNs with payloads, infinities, subnormals, negative zero all arrive unchanged
+    g = torch.Generator().manual_seed(3)
+    bits = _bits(torch.empty(0, dtype=dtype)).dtype
+    src = [torch.randint(torch.iinfo(bits).min, torch.iinfo(bits).max, s, generator=g, dtype=bits)
+           .view(dtype).to(DEVICE) for s in SHAPES]
+    dst = [torch.zeros_like(x) for x in src]
+    K.copy_(dst, src)
+    for d, x in zip(dst, src):
+        assert torch.equal(_bits(d), _bits(x))
+    with pytest.raises(ValueError, match="src"):
+        K.copy_(dst, src[:-1])
+
+
+# The ops that launch no kernel on a GPU (allocation, metadata, and the host-side table).
+NO_KERNEL_OPS = {"aten.empty.memory_format", "aten.empty_strided.default", "aten.new_empty.default",
+                 "aten.view.default", "aten.alias.default", "aten.detach.default", "aten.lift_fresh.default"}
+
+
+@triton_only
+@pytest.mark.skipif(CUDA, reason="counts dispatched ops under the interpreter; on a GPU "
+                                 "test_triton_launch_count_900_tensors counts the real launches")
+def test_triton_finite_difference_dispatches_the_same_few_kernels_for_any_tensor_count(K, monkeypatch):
+    """The CPU's view of issue 5's GPU target for the Triton backend: the finite-difference part (||v||^2,
+    w + R v, w - R v, the restore) dispatches the same short list of kernels for 10 and 300 tensors. A
+    torch._foreach op would pass this count on the CPU while its CUDA kernel launches once per ~100 tensors,
+    so none may appear."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from triton.runtime.interpreter import InterpretedFunction
+
+    log, inside = [], []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not inside:  # the interpreter's own host copies around a launch are not GPU work
+                log.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    run = InterpretedFunction.run
+
+    def counted(self, *args, grid, warmup, **kwargs):
+        log.append("triton:" + self.fn.__name__)
+        inside.append(1)
+        try:
+            return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+        finally:
+            inside.pop()
+
+    monkeypatch.setattr(InterpretedFunction, "run", counted)
+    kernels = {}
+    for n in (10, 300):
+        g = torch.Generator().manual_seed(n)
+        sizes = [(i * 37) % 1500 + 1 for i in range(n)]
+        params, base, v = [[torch.randn(s, generator=g) for s in sizes] for _ in range(3)]
+        log.clear()
+        with Ops():
+            ss = K.sum_squares(v)
+            K.perturb_(params, base, v, ss, 0.01, 1.0)
+            K.perturb_(params, base, v, ss, 0.01, -1.0)
+            K.copy_(params, base)
+        kernels[n] = [op for op in log if op not in NO_KERNEL_OPS]
+        assert not [op for op in log if "_foreach" in op], log
+        for p, b in zip(params, base):
+            assert torch.equal(p, b)
+    assert kernels[10] == kernels[300], kernels
+    assert kernels[10] == ["triton:_sum_squares_kernel", "aten.sum.default", "triton:_perturb_kernel",
+                           "triton:_perturb_kernel", "triton:_copy_kernel"], kernels[10]
 
 
 @triton_only
@@ -285,6 +359,31 @@ def test_cuda_launch_count_900_tensors():
     kernels = [e.name for e in device_events if not e.name.lower().startswith(("memcpy", "memset"))]
     assert 1 <= len(kernels) <= 10, kernels
     # and the result is right: params back to base, bit for bit
+    for p, b in zip(params, base):
+        assert torch.equal(p, b)
+
+
+@pytest.mark.skipif(not CUDA, reason="no CUDA device")
+@triton_only
+def test_triton_launch_count_900_tensors(K):
+    from torch.profiler import ProfilerActivity, profile
+
+    params, base, v = _many()
+
+    def fd():
+        ss = K.sum_squares(v)
+        K.perturb_(params, base, v, ss, 0.01, 1.0)
+        K.perturb_(params, base, v, ss, 0.01, -1.0)
+        K.copy_(params, base)
+
+    fd()  # warm up (compiles, pinned host blocks)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fd()
+        torch.cuda.synchronize()
+    device_events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = [e.name for e in device_events if not e.name.lower().startswith(("memcpy", "memset"))]
+    assert 1 <= len(kernels) <= 10, kernels
     for p, b in zip(params, base):
         assert torch.equal(p, b)
 
