@@ -12,7 +12,7 @@ import math
 import os
 import pickle
 from dataclasses import dataclass
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, Tuple
 
 import torch
 

@@ -1,7 +1,6 @@
 """The RNN search loop and `pynas search rnn`: runs, logs perplexity, checkpoints, resumes exactly."""
 import json
 import math
-import os
 
 import pytest
 import torch

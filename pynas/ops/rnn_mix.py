@@ -11,7 +11,7 @@ kernels/rnn_mix.py.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 
