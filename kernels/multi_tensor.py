@@ -136,8 +136,9 @@ def _perturb_kernel(table_ptr, n_rows, sum_sq_ptr, r_out_ptr,
     ``pid`` (table: header [r, sign, tiny, -] as float64 bits, then rows [w, base, v, length]);
     program 0 stores R to r_out (0-d float64). Grid: (max(n_rows, 1),)."""
     pid = tl.program_id(0)
-    ss = tl.load(sum_sq_ptr).to(tl.float64)
-    R = _header(table_ptr, 0) / tl.maximum(tl.sqrt(ss), _header(table_ptr, 2))
+    norm = tl.sqrt(tl.load(sum_sq_ptr).to(tl.float64))
+    # not tl.maximum (max.f64 on a GPU returns the non-NaN operand): a NaN norm gives a NaN R, as on the CPU
+    R = _header(table_ptr, 0) / tl.where(norm < _header(table_ptr, 2), _header(table_ptr, 2), norm)
     if pid == 0:
         tl.store(r_out_ptr, R)
     if pid < n_rows:
@@ -236,8 +237,12 @@ def _table(lists: Sequence[Sequence[Optional[torch.Tensor]]], device: torch.devi
 
 
 def _scalar_on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A one-value tensor as a 0-d float64 tensor on ``device`` (no copy when it already is one)."""
-    return t.reshape(()).to(device=device, dtype=torch.float64)
+    """A one-value tensor as a 0-d float64 tensor on ``device`` (no copy when it already is one; a CPU value
+    goes to a GPU through pinned memory, non_blocking: from pageable memory the copy would sync the host)."""
+    s = t.reshape(()).to(dtype=torch.float64)
+    if s.device.type == "cpu" and device.type != "cpu":
+        s = s.pin_memory()
+    return s.to(device=device, non_blocking=True)
 
 
 @torch.no_grad()

@@ -82,6 +82,25 @@ def test_zero_vector_gives_finite_radius():
         assert torch.equal(a, b)
 
 
+def _backend_devices():
+    pairs = [("reference", "cpu"), ("cpu", "cpu"), ("triton", "cuda" if torch.cuda.is_available() else "cpu")]
+    if torch.cuda.is_available():
+        pairs += [("reference", "cuda"), ("cuda", "cuda")]
+    return [pytest.param(b, d, id=f"{b}-{d}", marks=pytest.mark.skipif(
+        pynas.backends()[b] is not None, reason=f"backend {b} unusable here: {pynas.backends()[b]}")) for b, d in pairs]
+
+
+@pytest.mark.parametrize("backend, device", _backend_devices())
+def test_nan_norm_gives_nan_radius_on_every_backend(backend, device):
+    # a NaN in v must not turn into a huge finite R (fmax / max.f64 would return the other operand)
+    params, base, v = ([t.to(device) for t in ts] for ts in _lists(torch.float32, 4))
+    v[0].view(-1)[0] = float("nan")
+    ss = mt.sum_squares(v, backend=backend)
+    R = mt.perturb_(params, base, v, ss, 0.01, 1.0, backend=backend)
+    assert torch.isnan(ss) and torch.isnan(R)
+    assert all(torch.isnan(p).all() for p in params if p.numel())
+
+
 def test_bad_inputs_name_the_argument():
     a = [torch.randn(3), torch.randn(4)]
     with pytest.raises(RuntimeError, match="`grads` must hold 2 tensors"):

@@ -397,6 +397,8 @@ def test_cuda_no_host_sync():
         ss = _second_order_ops(params, base, v)
         scale = mt.clip_coefficient(ss, 0.25)
         torch.ops.pynas.mt_virtual_step_(params, grads, list(v), ETA, MOMENTUM, WD, scale)
+        # a scale on the CPU goes over through pinned memory, not a syncing pageable copy
+        torch.ops.pynas.mt_virtual_step_(params, grads, list(v), ETA, MOMENTUM, WD, torch.tensor(0.5))
     torch.cuda.synchronize()
     assert torch.isfinite(ss)
 
@@ -411,5 +413,6 @@ def test_triton_no_host_sync_on_cuda(K):
         K.perturb_(params, base, v, ss, 0.01, 1.0)
         K.copy_(params, base)
         K.virtual_step_(params, v, list(v), ETA, MOMENTUM, WD, mt.clip_coefficient(ss, 0.25))
+        K.virtual_step_(params, v, list(v), ETA, MOMENTUM, WD, torch.tensor(0.5))  # CPU scale: pinned copy
     torch.cuda.synchronize()
     assert torch.isfinite(ss)

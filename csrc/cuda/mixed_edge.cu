@@ -850,7 +850,10 @@ BlockMemory block_memory_for(Kernel* kernel, int64_t planes, size_t bytes, const
     m.shared = bytes;
     m.blocks = planes;
   } else if (bytes + reserve <= optin) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+    // Always the same value (the most a launch can have), never this launch's size: two host threads
+    // launching the kernel with different sizes cannot lower the limit under each other.
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(optin - reserve)));
     m.shared = bytes;
     m.blocks = planes;
   } else {

@@ -165,7 +165,8 @@ __global__ void sum_partials_kernel(const double* __restrict__ partial, int64_t 
 template <typename scalar_t, typename acc_t>
 __global__ void perturb_kernel(const Desc* __restrict__ table, int64_t n_chunks, const double* __restrict__ sum_sq,
                                double r, double sign, double* __restrict__ R_out) {
-  const double R = r / fmax(sqrt(*sum_sq), DBL_MIN);
+  const double norm = sqrt(*sum_sq);
+  const double R = r / (norm < DBL_MIN ? DBL_MIN : norm);  // not fmax: a NaN norm gives a NaN R, as on the CPU
   if (blockIdx.x == 0 && threadIdx.x == 0) *R_out = R;
   if (blockIdx.x >= n_chunks) return;
   const Desc d = table[blockIdx.x];
@@ -189,9 +190,12 @@ __global__ void copy_kernel(const Desc* __restrict__ table) {
 
 // ---- host: the ops ------------------------------------------------------------------------------------------
 
-// A 0-d scalar as a double on `device` (no copy when it already is one; never read on the host).
+// A 0-d scalar as a double on `device` (no copy when it already is one; never read on the host). A CPU
+// scalar goes through pinned memory with non_blocking: a copy from pageable memory would sync the host.
 at::Tensor scalar_on(const at::Tensor& t, const at::Device& device) {
-  return t.reshape({}).to(device, at::kDouble).contiguous();
+  at::Tensor s = t.reshape({}).to(at::kDouble);
+  if (s.is_cpu()) s = s.pin_memory();
+  return s.to(device, at::kDouble, /*non_blocking=*/true).contiguous();
 }
 
 void virtual_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
