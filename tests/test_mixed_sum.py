@@ -34,6 +34,13 @@ def _small(backend):
     return backend == "triton" and not torch.cuda.is_available()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_reference_keeps_the_dtype_of_0d_inputs(dtype):
+    xs = [torch.randn((), dtype=dtype) for _ in range(3)]
+    out = mixed_sum(xs, torch.softmax(torch.randn(3), 0), backend="reference")
+    assert out.shape == () and out.dtype == dtype
+
+
 @pytest.mark.parametrize("backend,device,dtype", list(_cases()))
 @pytest.mark.parametrize("K", KS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)

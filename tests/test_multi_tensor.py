@@ -101,6 +101,14 @@ def test_nan_norm_gives_nan_radius_on_every_backend(backend, device):
     assert all(torch.isnan(p).all() for p in params if p.numel())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_reference_sum_squares_accumulates_in_float64(dtype):
+    _, _, v = _lists(dtype, 5)
+    truth = sum(float((x.double() ** 2).sum()) for x in v)
+    ss = mt.sum_squares(v, backend="reference")
+    assert ss.dtype == torch.float64 and abs(float(ss) - truth) <= 1e-12 * truth
+
+
 def test_bad_inputs_name_the_argument():
     a = [torch.randn(3), torch.randn(4)]
     with pytest.raises(RuntimeError, match="`grads` must hold 2 tensors"):

@@ -20,11 +20,12 @@ __all__ = ["mixed_sum", "mixed_sum_ref"]
 
 
 def mixed_sum_ref(xs: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
-    """Plain-PyTorch reference: ``sum_k weights[k] * xs[k]`` (autograd by torch)."""
+    """Plain-PyTorch reference: ``sum_k weights[k] * xs[k]`` in xs' dtype (autograd by torch)."""
     out = weights[0] * xs[0]
     for k in range(1, len(xs)):
         out = out + weights[k] * xs[k]
-    return out
+    # 0-d xs: a float32 weight times a 0-d bfloat16 / float16 x promotes to float32
+    return out.to(xs[0].dtype)
 
 
 def _ref_backward(grad_out, xs, weights):

@@ -110,7 +110,8 @@ def sum_squares(xs, *, backend: Optional[str] = None) -> torch.Tensor:
     impl = _implementation(xs, backend)
     if impl is not None:
         return impl.sum_squares(xs)
-    norms = torch.stack(torch._foreach_norm(xs)).double()
+    # accumulated in float64 (by default _foreach_norm returns, and rounds to, the inputs' dtype)
+    norms = torch.stack(torch._foreach_norm(xs, 2, dtype=torch.float64))
     return (norms * norms).sum()
 
 
