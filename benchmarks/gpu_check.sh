@@ -211,7 +211,8 @@ else
         "$PY" -m pytest -q -rs --maxfail=100 ${XDIST[@]+"${XDIST[@]}"} tests/test_edge_cuda.py tests/test_fused_edge.py \
         tests/test_edge_triton.py tests/test_multi_tensor.py tests/test_multi_tensor_gpu.py tests/test_rnn_mix.py \
         tests/test_rnn_mix_cuda.py tests/test_rnn_mix_triton.py tests/test_rnn_fused_sequence.py \
-        tests/test_mixed_sum.py -p no:cacheprovider
+        tests/test_mixed_sum.py tests/test_backends.py tests/test_architect.py tests/test_rnn_architect.py \
+        -p no:cacheprovider
 fi
 
 # ------------------------------------------------------------------ d. benchmarks

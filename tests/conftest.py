@@ -41,3 +41,14 @@ def backend_devices():
 
 def pytest_report_header(config):
     return "pynas backends: " + ", ".join(f"{k}={'ok' if v is None else 'no'}" for k, v in pynas.backends().items())
+
+
+def gpu_backend_params():
+    """pytest params 'auto', 'cuda', 'triton' for CUDA tensors, each skipped with its reason where it cannot run."""
+    out = []
+    for name in ("auto", "cuda", "triton"):
+        why = None if torch.cuda.is_available() else "no CUDA device"
+        if why is None and name != "auto":
+            why = pynas.backends()[name]
+        out.append(pytest.param(name, marks=pytest.mark.skipif(why is not None, reason=f"{name}: {why}")))
+    return out

@@ -20,6 +20,8 @@ from torch.func import functional_call
 import pynas
 from pynas.compat.darts.cnn import Architect, Network
 
+from conftest import gpu_backend_params
+
 MOM, WD = 0.9, 3e-4
 ARCH_LR, ARCH_WD = 3e-3, 1e-3
 
@@ -392,5 +394,27 @@ def test_architect_gradient_makes_no_host_sync(unrolled):
             grads = arch.unrolled_grad(x, y, x.flip(0), y.flip(0), 0.1, opt)
         else:
             grads = arch.first_order_grad(x.flip(0), y.flip(0))
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("backend", gpu_backend_params())
+def test_unrolled_grad_makes_no_host_sync_on_a_gpu(backend):
+    """On CUDA tensors torch's sync debug mode is on too: any hidden device-to-host read fails."""
+    from pynas._sync import no_host_sync
+
+    torch.manual_seed(11)
+    model = Network(4, 3, 3, nn.CrossEntropyLoss()).to("cuda")
+    opt = torch.optim.SGD(model.parameters(), 0.1, momentum=MOM, weight_decay=WD)
+    arch = Architect(model, _args())
+    x, y = torch.randn(4, 3, 8, 8, device="cuda"), torch.randint(0, 3, (4,), device="cuda")
+    with pynas.use_backend(backend):
+        model._loss(x, y).backward()
+        opt.step()  # momentum buffers exist
+        arch.unrolled_grad(x, y, x.flip(0), y.flip(0), 0.1, opt)  # warm-up: compiles, lazy init, pinned blocks
+        torch.cuda.synchronize()
+        with no_host_sync():
+            grads = arch.unrolled_grad(x, y, x.flip(0), y.flip(0), 0.1, opt)
+    torch.cuda.synchronize()
     assert all(torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)

@@ -16,6 +16,8 @@ import pynas
 from pynas.rnn import RNNModelSearch
 from pynas.rnn.architect import Architect
 
+from conftest import gpu_backend_params
+
 NTOKEN, NINP, T, B = 20, 5, 3, 3
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only stall
 
@@ -274,6 +276,27 @@ def test_architect_argument_errors():
         Architect(model, fd_r=0.0)
     with pytest.raises(ValueError, match="clip"):
         Architect(model, clip=0.0)
+
+
+@pytest.mark.parametrize("backend", gpu_backend_params())
+def test_unrolled_grad_makes_no_host_sync_on_a_gpu(backend):
+    """On CUDA tensors torch's sync debug mode is on too: any hidden device-to-host read fails (dropout masks
+    included)."""
+    from pynas._sync import no_host_sync
+
+    model, d = _setup(dropouts=(0.3, 0.25, 0.4, 0.2, 0.1))
+    model = model.to("cuda")
+    d = {k: ([t.to("cuda") for t in v] if isinstance(v, list) else v.to("cuda")) for k, v in d.items()}
+    arch = Architect(model, weight_decay=WD, clip=0.25)
+    args = (d["hidden_train"], d["input_train"], d["target_train"], d["hidden_valid"], d["input_valid"],
+            d["target_valid"], 1.0)
+    with pynas.use_backend(backend):
+        arch.unrolled_grad(*args)  # warm-up: compiles, lazy init, pinned blocks
+        torch.cuda.synchronize()
+        with no_host_sync():
+            grads, _ = arch.unrolled_grad(*args)
+    torch.cuda.synchronize()
+    assert torch.isfinite(grads[0]).all() and grads[0].abs().sum() > 0
 
 
 @needs_cpu

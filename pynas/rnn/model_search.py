@@ -30,7 +30,9 @@ def mask2d(batch: int, size: int, keep_prob: float, like: torch.Tensor) -> torch
     """A (batch, size) dropout mask scaled by 1/keep_prob, drawn as the reference code draws it
     (``floor(rand + keep) / keep`` from the CPU generator, in float32), so a seeded run draws the same masks."""
     m = torch.floor(torch.rand(batch, size) + keep_prob) / keep_prob
-    return m.to(device=like.device, dtype=like.dtype)
+    if like.device.type == "cuda":  # pinned + non_blocking: no host sync per sequence
+        m = m.pin_memory()
+    return m.to(device=like.device, dtype=like.dtype, non_blocking=True)
 
 
 _ACTIVATIONS = (("tanh", torch.tanh), ("relu", torch.relu), ("sigmoid", torch.sigmoid), ("identity", None))
