@@ -205,10 +205,7 @@ def test_triton_finite_difference_dispatches_the_same_few_kernels_for_any_tensor
         params, base, v = [[torch.randn(s, generator=g) for s in sizes] for _ in range(3)]
         log.clear()
         with Ops():
-            ss = K.sum_squares(v)
-            K.perturb_(params, base, v, ss, 0.01, 1.0)
-            K.perturb_(params, base, v, ss, 0.01, -1.0)
-            K.copy_(params, base)
+            _second_order_ops(params, base, v, K)
         kernels[n] = [op for op in log if op not in NO_KERNEL_OPS]
         assert not [op for op in log if "_foreach" in op], log
         for p, b in zip(params, base):
@@ -337,23 +334,24 @@ def _many(n=900, dtype=torch.float32):
     return [[torch.randn(s, generator=g, device="cuda", dtype=dtype) for s in sizes] for _ in range(3)]
 
 
-def _second_order_ops(params, base, v):
-    ss = torch.ops.pynas.mt_sum_squares(v)
-    torch.ops.pynas.mt_perturb_(params, base, v, ss, 0.01, 1.0)
-    torch.ops.pynas.mt_perturb_(params, base, v, ss, 0.01, -1.0)
-    torch.ops.pynas.mt_copy_(params, base)
+def _second_order_ops(params, base, v, ops=mt._TorchOps):
+    """The finite-difference part: ||v||^2, w + R v, w - R v, the restore (ops: the CUDA ops or the Triton
+    kernel module, which share this interface)."""
+    ss = ops.sum_squares(v)
+    ops.perturb_(params, base, v, ss, 0.01, 1.0)
+    ops.perturb_(params, base, v, ss, 0.01, -1.0)
+    ops.copy_(params, base)
     return ss
 
 
-@cuda_only
-def test_cuda_launch_count_900_tensors():
+def _launch_count_900_tensors(ops):
     from torch.profiler import ProfilerActivity, profile
 
     params, base, v = _many()
-    _second_order_ops(params, base, v)  # warm up (pinned host blocks, lazy init)
+    _second_order_ops(params, base, v, ops)  # warm up (compiles, pinned host blocks, lazy init)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        _second_order_ops(params, base, v)
+        _second_order_ops(params, base, v, ops)
         torch.cuda.synchronize()
     device_events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     kernels = [e.name for e in device_events if not e.name.lower().startswith(("memcpy", "memset"))]
@@ -363,29 +361,15 @@ def test_cuda_launch_count_900_tensors():
         assert torch.equal(p, b)
 
 
+@cuda_only
+def test_cuda_launch_count_900_tensors():
+    _launch_count_900_tensors(mt._TorchOps)
+
+
 @pytest.mark.skipif(not CUDA, reason="no CUDA device")
 @triton_only
 def test_triton_launch_count_900_tensors(K):
-    from torch.profiler import ProfilerActivity, profile
-
-    params, base, v = _many()
-
-    def fd():
-        ss = K.sum_squares(v)
-        K.perturb_(params, base, v, ss, 0.01, 1.0)
-        K.perturb_(params, base, v, ss, 0.01, -1.0)
-        K.copy_(params, base)
-
-    fd()  # warm up (compiles, pinned host blocks)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fd()
-        torch.cuda.synchronize()
-    device_events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    kernels = [e.name for e in device_events if not e.name.lower().startswith(("memcpy", "memset"))]
-    assert 1 <= len(kernels) <= 10, kernels
-    for p, b in zip(params, base):
-        assert torch.equal(p, b)
+    _launch_count_900_tensors(K)
 
 
 @cuda_only
