@@ -1,12 +1,6 @@
-"""Triton kernels of the multi-tensor ops of the second-order architect step (the contracts of
-``pynas.ops.multi_tensor``, whose ``torch._foreach`` formulation is the reference)::
-
-    virtual_step_(params, grads, bufs, eta, momentum, weight_decay, grad_scale=None)
-        w <- w - eta * (momentum * buf + s * g + weight_decay * w)   (buf None: zero; s = grad_scale or 1)
-    sum_squares(xs) -> 0-d float64 tensor: sum over all tensors of sum(x^2)
-    perturb_(params, base, v, sum_sq, r, sign) -> R (0-d float64)
-        w <- base + sign * R * v,  R = r / max(sqrt(sum_sq), tiny)
-    copy_(dst, src): dst <- src, bit for bit
+"""Triton kernels of the multi-tensor ops of the second-order architect step: ``virtual_step_``,
+``sum_squares``, ``perturb_`` and ``copy_``, with the contracts (math, shapes) stated in
+``pynas.ops.multi_tensor``, whose ``torch._foreach`` formulation is the reference.
 
 How ALL tensors reach ONE launch: the wrappers cut every tensor into chunks of at most ``CHUNK``
 elements (a chunk never spans two tensors) and write one row per chunk into an int64 table,
