@@ -32,9 +32,10 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .. import _ext
+from .. import _autodiff, _ext
 
 _PRE_RELU = 1
 _PRE_NORM_RELU = 2
@@ -196,6 +197,8 @@ def fusable(plan: EdgePlan, x: torch.Tensor, backend: str = "cpu") -> bool:
     """Whether ``backend`` runs this edge fused for input ``x`` (else the modules run one by one)."""
     if backend not in ("cpu", "cuda", "triton") or x.dim() != 4 or not plan.supported or not plan.ready():
         return False
+    if not torch.compiler.is_compiling() and _autodiff.under_transform():
+        return False  # torch.func / forward AD: the modules (through the reference ops) compose with them
     if x.device.type == "cpu":
         return backend in ("cpu", "triton") and x.dtype in _CPU_DTYPES
     return backend in ("cuda", "triton") and x.device.type == "cuda" and x.dtype in _GPU_DTYPES
@@ -316,6 +319,41 @@ def edge_backward_impl(spec: EdgeSpec, k, g: torch.Tensor, x: torch.Tensor, weig
     return gx, gweights, gparams
 
 
+def edge_ref(spec: EdgeSpec, x: torch.Tensor, weights: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The fused edge's output in plain PyTorch ops (the modules' math, functionally): batch-statistics
+    BatchNorm that leaves the running statistics alone. The double backward of the fused edge
+    differentiates this."""
+    c_in = x.shape[1]
+
+    def bn(t):
+        return F.batch_norm(t, None, None, training=True, eps=spec.eps)
+
+    terms = []
+    if spec.max_column >= 0:
+        terms.append(weights[spec.max_column] * bn(F.max_pool2d(x, 3, spec.stride, 1)))
+    if spec.avg_column >= 0:
+        terms.append(weights[spec.avg_column] * bn(F.avg_pool2d(x, 3, spec.stride, 1, count_include_pad=False)))
+    if spec.skip_column >= 0:
+        terms.append(weights[spec.skip_column] * x)
+    at = 0
+    r = torch.relu(x)
+    for c in spec.convs:
+        if c.kind == "fr":
+            y = torch.cat([F.conv2d(r, params[at], stride=2), F.conv2d(r[:, :, 1:, 1:], params[at + 1], stride=2)], 1)
+        else:
+            y = F.conv2d(r, params[at], stride=spec.stride, padding=c.pad, dilation=c.dil, groups=c_in)
+            y = F.conv2d(y, params[at + 1])
+            if c.kind == "sep":
+                y = torch.relu(bn(y))
+                y = F.conv2d(F.conv2d(y, params[at + 2], padding=c.pad, groups=c_in), params[at + 3])
+        terms.append(weights[c.column] * bn(y))
+        at += c.n_params
+    out = terms[0]
+    for t in terms[1:]:
+        out = out + t
+    return out
+
+
 class _MatmulPw:
     """The extension's CUDA edge kernels plus 1x1 convs through torch.matmul (its 1x1 conv kernels are
     CPU-only; cuBLAS serves them well on a GPU). The Triton module has the same pair itself."""
@@ -373,11 +411,14 @@ class _EdgeFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         x, weights, wr, mean, rstd, *rest = ctx.saved_tensors
         n_params, n_ps = ctx.n
         params, ps, saved = rest[:n_params], rest[n_params:n_params + n_ps], rest[n_params + n_ps:]
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the functional reference (exact)
+            spec = ctx.spec
+            return (None, None, *_autodiff.grad_through(lambda x_, w_, *p_: edge_ref(spec, x_, w_, p_),
+                                                        (x, weights, *params), ctx.needs_input_grad[2:], grad_out))
         need_w = any(ctx.needs_input_grad[4:])
         gx, gweights, gparams = edge_backward_impl(ctx.spec, _kernels(ctx.backend), grad_out, x, weights, wr, mean,
                                                    rstd, params, ps, saved, need_w)
@@ -447,6 +488,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grads):
     x, weights, *rest = ctx.saved_tensors
     params, extras = rest[:ctx.n_params], rest[ctx.n_params:]
+    if torch.is_grad_enabled():  # create_graph=True: differentiate the functional reference (exact)
+        spec = EdgeSpec.decode(ctx.spec)
+        g = _autodiff.grad_through(lambda x_, w_, *p_: edge_ref(spec, x_, w_, p_), (x, weights, *params),
+                                   [t.requires_grad for t in (x, weights, *params)], grads[0])
+        return g[0], g[1], g[2:], [None] * ctx.n_running, None, None
     need_w = bool(ctx.needs_input_grad[2])
     res = torch.ops.pynas.cnn_edge_backward(grads[0], x, weights, list(extras), list(params), ctx.spec, ctx.backend,
                                             need_w)

@@ -13,7 +13,7 @@ from typing import List, Sequence, Union
 
 import torch
 
-from .. import _backend, _ext
+from .. import _autodiff, _backend, _ext
 from ._checks import as_tensor_list, check_same, check_weights
 
 __all__ = ["mixed_sum", "mixed_sum_ref"]
@@ -78,6 +78,12 @@ def _(grad_out, xs, weights, backend):
     return grads + [torch.empty_like(weights)]
 
 
+def _differentiable_backward(grad_out, xs, weights):
+    """(grad_xs, grad_weights) in differentiable ops: a backward run with create_graph=True takes this."""
+    grad_xs = [weights[k] * grad_out for k in range(len(xs))]
+    return grad_xs, torch.stack([(grad_out * x).sum() for x in xs]).to(weights.dtype)
+
+
 def _setup_context(ctx, inputs, output):
     xs, weights, backend = inputs
     ctx.save_for_backward(*xs, weights)
@@ -86,6 +92,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     *xs, weights = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: the reference backward, differentiable (exact)
+        grad_xs, grad_w = _differentiable_backward(grad_out, xs, weights)
+        return grad_xs, grad_w, None
     grads = torch.ops.pynas.mixed_sum_backward(grad_out, xs, weights, ctx.backend)
     return list(grads[:-1]), grads[-1], None
 
@@ -108,9 +117,11 @@ class _MixedSumFunction(torch.autograd.Function):
         return _kernels(backend).mixed_sum_forward(list(xs), weights)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         weights, *xs = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the reference backward, differentiable (exact)
+            grad_xs, grad_w = _differentiable_backward(grad_out, xs, weights)
+            return (None, grad_w, *grad_xs)
         grad_xs, grad_w = _kernels(ctx.backend).mixed_sum_backward(grad_out.contiguous(), xs, weights)
         return (None, grad_w, *grad_xs)
 
@@ -135,9 +146,10 @@ def mixed_sum(
     check_same(items, "xs")
     check_weights(weights, len(items), items[0].device)
     chosen = _backend.resolve(items + [weights], backend)
-    if chosen == "reference":
+    compiling = torch.compiler.is_compiling()
+    if chosen == "reference" or (not compiling and _autodiff.under_transform()):
         return mixed_sum_ref(items, weights)
     items = [x.contiguous() for x in items]
-    if torch.compiler.is_compiling():
+    if compiling:
         return torch.ops.pynas.mixed_sum(items, weights.contiguous(), chosen)
     return _MixedSumFunction.apply(chosen, weights.contiguous(), *items)

@@ -15,7 +15,7 @@ from typing import List, Optional
 
 import torch
 
-from .. import _backend, _ext
+from .. import _autodiff, _backend, _ext
 
 __all__ = ["rnn_mix", "rnn_mix_ref", "RNN_FUNCS"]
 
@@ -31,7 +31,8 @@ def rnn_mix_ref(states: torch.Tensor, c: torch.Tensor, h: torch.Tensor, probs: t
         for k, f in ((1, torch.tanh), (2, torch.relu), (3, torch.sigmoid), (4, lambda t: t)):
             term = probs[j, k] * (s + cj * (f(hj) - s))
             out = term if out is None else out + term
-    return out
+    # J = 0 (a node with no inputs): zeros (B, H), still in the graph of states
+    return states.sum(0) if out is None else out
 
 
 def _check(states, c, h, probs) -> None:
@@ -102,6 +103,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     states, c, h, probs = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: differentiate the reference (exact to any order)
+        return (*_autodiff.grad_through(rnn_mix_ref, (states, c, h, probs), ctx.needs_input_grad[:4], grad_out),
+                None)
     ds, dc, dh, dp = torch.ops.pynas.rnn_mix_backward(grad_out, states, c, h, probs, ctx.backend)
     return ds, dc, dh, dp, None
 
@@ -119,9 +123,11 @@ class _RnnMixFunction(torch.autograd.Function):
         return _kernels(backend).rnn_mix_forward(states, c, h, probs)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         states, c, h, probs = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the reference (exact to any order)
+            return (None, *_autodiff.grad_through(rnn_mix_ref, (states, c, h, probs), ctx.needs_input_grad[1:],
+                                                  grad_out))
         ds, dc, dh, dp = _kernels(ctx.backend).rnn_mix_backward(grad_out.contiguous(), states, c, h, probs)
         return None, ds, dc, dh, dp
 
@@ -131,9 +137,10 @@ def rnn_mix(states: torch.Tensor, c: torch.Tensor, h: torch.Tensor, probs: torch
     """The DARTS RNN node mix (see the module docstring); differentiable w.r.t. all four inputs."""
     _check(states, c, h, probs)
     chosen = _backend.resolve([states, c, h, probs], backend)
-    if chosen == "reference":
+    compiling = torch.compiler.is_compiling()
+    if chosen == "reference" or (not compiling and _autodiff.under_transform()):
         return rnn_mix_ref(states, c, h, probs)
     states, c, h, probs = (t.contiguous() for t in (states, c, h, probs))
-    if torch.compiler.is_compiling():
+    if compiling:
         return torch.ops.pynas.rnn_mix(states, c, h, probs, chosen)
     return _RnnMixFunction.apply(chosen, states, c, h, probs)

@@ -18,9 +18,10 @@ from __future__ import annotations
 from typing import List
 
 import torch
+import torch.nn.functional as F
 
-from .. import _ext
-from ..ops.rnn_mix import _kernels
+from .. import _autodiff, _ext
+from ..ops.rnn_mix import _kernels, rnn_mix_ref
 
 
 def _bn_forward(u, running_mean, running_var, momentum, eps):
@@ -135,6 +136,30 @@ def _sequence_backward(kern, grad_out, x_mask, h_mask, probs, W0, Ws, saved, eps
     return [g_xs, g_h, g_probs, g_W0] + g_Ws
 
 
+def sequence_ref(steps, eps, xs, h0, x_mask, h_mask, probs, W0, Ws):
+    """The hiddens (T, B, H) of the cell over xs in plain PyTorch ops (the module path's math, functionally):
+    batch-statistics BatchNorm that leaves the running statistics alone. The double backward of the fused
+    sequence differentiates this."""
+    H = h0.shape[-1]
+
+    def bn(u):
+        return F.batch_norm(u, None, None, training=True, eps=eps)
+
+    h, outs = h0, []
+    for t in range(xs.shape[0]):
+        c0, hh0 = torch.split(torch.cat([xs[t] * x_mask, h * h_mask], -1).mm(W0), H, dim=-1)
+        states = [bn(h + c0.sigmoid() * (hh0.tanh() - h))]
+        off = 0
+        for i in range(steps):
+            st = torch.stack(states)
+            c, hh = torch.split((st * h_mask).reshape(-1, H).mm(Ws[i]).view(i + 1, -1, 2 * H), H, dim=-1)
+            states.append(bn(rnn_mix_ref(st, c.sigmoid(), hh, probs[off:off + i + 1])))
+            off += i + 1
+        h = torch.stack(states[-steps:]).mean(0)
+        outs.append(h)
+    return torch.stack(outs)
+
+
 class _CellSequence(torch.autograd.Function):
     """forward(backend, steps, momentum, eps, xs (T,B,I), h0 (B,H), x_mask (B,I), h_mask (B,H), probs (E,5),
     running_mean, running_var, W0 (I+H, 2H), *Ws (H, 2H)) -> hiddens (T, B, H)."""
@@ -149,15 +174,23 @@ class _CellSequence(torch.autograd.Function):
             res = _sequence_forward(_kernels(backend), steps, momentum, eps, xs, h0, x_mask, h_mask, probs,
                                     running_mean, running_var, W0, Ws)
         out, saved = res[0], res[1:]
-        ctx.save_for_backward(x_mask, h_mask, probs, W0, *saved, *Ws)
-        ctx.backend, ctx.eps, ctx.nsaved = backend, eps, len(saved)
+        ctx.save_for_backward(xs, h0, x_mask, h_mask, probs, W0, *saved, *Ws)
+        ctx.backend, ctx.steps, ctx.eps, ctx.nsaved = backend, steps, eps, len(saved)
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        x_mask, h_mask, probs, W0, *rest = ctx.saved_tensors
+        xs, h0, x_mask, h_mask, probs, W0, *rest = ctx.saved_tensors
         saved, Ws = rest[:ctx.nsaved], rest[ctx.nsaved:]
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the functional reference (exact)
+            steps, eps = ctx.steps, ctx.eps
+            needs = ctx.needs_input_grad
+            g = _autodiff.grad_through(lambda xs_, h0_, p_, W0_, *Ws_: sequence_ref(steps, eps, xs_, h0_, x_mask,
+                                                                                     h_mask, p_, W0_, Ws_),
+                                       (xs, h0, probs, W0, *Ws), (needs[4], needs[5], needs[8], *needs[11:]),
+                                       grad_out)
+            g_xs, g_h0, g_probs, g_W0, *g_Ws = g
+            return (None, None, None, None, g_xs, g_h0, None, None, g_probs, None, None, g_W0, *g_Ws)
         grad_out = grad_out.contiguous()
         if ctx.backend in ("cpu", "cuda"):
             g = _ext.get().rnn_cell_backward(grad_out, x_mask, h_mask, probs, W0, list(Ws), list(saved), ctx.eps)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import _backend
+from .. import _autodiff, _backend
 from ..ops import rnn_mix
 from .genotypes import CONCAT, STEPS
 
@@ -44,7 +44,8 @@ def _mix_reference_form(states, c, h, probs):
     s = torch.zeros_like(states[0])
     for k, (_, fn) in enumerate(_ACTIVATIONS, start=1):
         unweighted = states + c * ((h if fn is None else fn(h)) - states)
-        s += torch.sum(probs[:, k].unsqueeze(-1).unsqueeze(-1) * unweighted, dim=0)
+        # out of place (the reference adds in place; same numbers), so that torch.func.vmap can batch it
+        s = s + torch.sum(probs[:, k].unsqueeze(-1).unsqueeze(-1) * unweighted, dim=0)
     return s
 
 
@@ -83,7 +84,9 @@ class DARTSCellSearch(nn.Module):
         probs = F.softmax(self.weights, dim=-1)
         backend = _backend.resolve([inputs, h, probs])  # once per sequence, not per node
         if self.training and self.bn.track_running_stats and self.bn.momentum is not None \
-                and not torch.compiler.is_compiling():  # under torch.compile: the module path, rnn_mix a custom op
+                and not torch.compiler.is_compiling() and not _autodiff.under_transform():
+            # under torch.compile: the module path, rnn_mix a custom op; under torch.func / forward AD: the
+            # module path through the reference ops
             from . import fused
 
             if backend != "reference" and not _backend.fused_held_back(inputs):
