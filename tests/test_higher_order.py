@@ -455,3 +455,11 @@ def test_compiled_backward_keeps_the_kernels():
     with mode:
         loss.backward()
     assert {"pynas.mixed_sum_backward", "pynas.rnn_mix_backward"} <= mode.names, mode.names
+
+
+def test_rnn_mix_with_no_inputs_is_zeros_on_every_backend():
+    s = torch.zeros(0, 2, 3, dtype=torch.float64, requires_grad=True)
+    p = torch.zeros(0, 5, dtype=torch.float64)
+    for backend in ["reference"] + FAST:
+        out = _on(backend, rnn_mix, s, s, s, p)
+        assert isinstance(out, torch.Tensor) and torch.equal(out, torch.zeros(2, 3, dtype=torch.float64)), backend
