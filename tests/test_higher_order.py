@@ -463,3 +463,15 @@ def test_rnn_mix_with_no_inputs_is_zeros_on_every_backend():
     for backend in ["reference"] + FAST:
         out = _on(backend, rnn_mix, s, s, s, p)
         assert isinstance(out, torch.Tensor) and torch.equal(out, torch.zeros(2, 3, dtype=torch.float64)), backend
+
+
+def test_multi_tensor_sum_squares_refuses_to_be_differentiated():
+    # an optimizer-side pass: a silently constant result inside a graph would be a wrong derivative
+    from pynas.ops import multi_tensor
+
+    xs = [torch.randn(3, requires_grad=True), torch.randn(2)]
+    with pytest.raises(RuntimeError, match="sum_squares: .*not differentiable"):
+        multi_tensor.sum_squares(xs)
+    with torch.no_grad():
+        assert float(multi_tensor.sum_squares(xs)) == pytest.approx(float(sum((x * x).sum() for x in xs)))
+    assert float(multi_tensor.sum_squares([x.detach() for x in xs])) > 0

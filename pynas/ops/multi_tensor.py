@@ -104,9 +104,16 @@ def virtual_step_(params, grads, bufs, eta: float, momentum: float, weight_decay
     torch._foreach_add_(params, d, alpha=-eta)
 
 
-@torch.no_grad()
 def sum_squares(xs, *, backend: Optional[str] = None) -> torch.Tensor:
     xs = list(xs)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in xs):
+        raise RuntimeError("sum_squares: pynas's multi-tensor ops are not differentiable (optimizer-side passes "
+                           "under no_grad); detach xs, or use torch.stack([x.pow(2).sum() for x in xs]).sum()")
+    with torch.no_grad():
+        return _sum_squares(xs, backend)
+
+
+def _sum_squares(xs, backend):
     impl = _implementation(xs, backend)
     if impl is not None:
         return impl.sum_squares(xs)
