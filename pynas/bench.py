@@ -27,11 +27,15 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import logging
 import os
 import platform
+import re
 import signal
 import statistics
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -195,6 +199,63 @@ def copy_bandwidth(device: torch.device, nbytes: int) -> float:
     return 2 * n * 4 / statistics.median(times)
 
 
+# -- the profiler's own output -------------------------------------------------------------------------
+# torch.profiler's C++ side (kineto) logs to the process's file descriptors, below Python: "USDT:... profiler_start",
+# "ERROR:... gpuGetDeviceCount failed with code 35" on a machine without a GPU, and the like. Around the profiler
+# calls those descriptors go to temporary files; lines in kineto's log format (LEVEL:date time pid:tid File.cpp:line])
+# are dropped (logged at debug level to the "pynas.bench" logger), everything else is written back.
+_NOISE_RE = re.compile(rb"^(?:USDT|INFO|WARNING|ERROR|STAGE|VERBOSE|DEBUG):\d{4}-\d\d-\d\d \d\d:\d\d:\d\d "
+                       rb"\d+:\d+ [\w./-]+\.(?:cpp|cc|h|cu):\d+\]")
+_log = logging.getLogger("pynas.bench")
+
+
+def _flush_python_streams() -> None:
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+@contextlib.contextmanager
+def quiet_fds(fds=(1, 2)):
+    """Send what is written to the file descriptors ``fds`` (default stdout and stderr, at the C level) to
+    temporary files while the block runs; afterwards write back to each descriptor what it received, minus the
+    lines of the profiler's own log format. The descriptors are restored even when the block raises."""
+    _flush_python_streams()
+    saved, captures = {}, {}
+    try:
+        for fd in fds:
+            captures[fd] = tempfile.TemporaryFile()
+            saved[fd] = os.dup(fd)
+            os.dup2(captures[fd].fileno(), fd)
+        yield
+    finally:
+        _flush_python_streams()
+        for fd in fds:
+            if fd in saved:
+                os.dup2(saved[fd], fd)
+                os.close(saved[fd])
+        for fd, tmp in captures.items():
+            try:
+                tmp.seek(0)
+                data = tmp.read()
+            finally:
+                tmp.close()
+            kept = []
+            for line in data.splitlines(keepends=True):
+                if _NOISE_RE.match(line):
+                    _log.debug("profiler: %s", line.decode("utf-8", "replace").rstrip())
+                else:
+                    kept.append(line)
+            if kept and fd in saved:
+                try:
+                    os.write(fd, b"".join(kept))
+                except OSError:
+                    pass
+
+
 # -- memory and launches -------------------------------------------------------------------------
 def graph_bytes(fn: Callable[[], object], device: torch.device) -> int:
     """Bytes that stay allocated after ``fn()`` while its result (e.g. a loss and its graph) is alive.
@@ -212,9 +273,10 @@ def graph_bytes(fn: Callable[[], object], device: torch.device) -> int:
         return int(held)
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()
-    held = sum(e.self_cpu_memory_usage for e in prof.events())
+    with quiet_fds():
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            out = fn()
+        held = sum(e.self_cpu_memory_usage for e in prof.events())
     del out
     return int(held)
 
@@ -226,11 +288,12 @@ def gpu_launches_and_peak(fn: Callable[[], object], device: torch.device):
 
     _sync(device)
     torch.cuda.reset_peak_memory_stats(device)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        fn()
-        _sync(device)
+    with quiet_fds():
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            _sync(device)
+        launches = sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA)
     peak = torch.cuda.max_memory_allocated(device)
-    launches = sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA)
     return launches, int(peak)
 
 
@@ -536,11 +599,25 @@ def run(cfg: BenchConfig, progress: bool = True, on_row: Optional[Callable[[dict
     return rows
 
 
+def check_output(path: str) -> None:
+    """Make sure rows can be appended to ``path`` (its folder made); an OSError names the path."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(21, "is a folder, expected a JSONL file", path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a"):
+        pass
+
+
 def append_rows(rows: Sequence[dict], path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "a") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, default=str) + "\n")
+    try:
+        with open(path, "a") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, default=str) + "\n")
+    except OSError as exc:
+        if exc.filename is None:  # e.g. a full disk while writing
+            raise OSError(exc.errno, exc.strerror or str(exc), path) from exc
+        raise
 
 
 def format_table(rows: Sequence[dict]) -> str:

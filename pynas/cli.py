@@ -30,6 +30,31 @@ def _add_run_args(p: argparse.ArgumentParser, d) -> None:
     p.add_argument("--save", default=None, help="run folder for checkpoint, log and genotype (default runs/<time>)")
     p.add_argument("--resume", default=None, help="checkpoint file or run folder to continue")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_hessian_args(p, d)
+
+
+def _add_hessian_args(p: argparse.ArgumentParser, d) -> None:
+    """--track-hessian and DARTS-ES (Zela et al., ICLR 2020; both search spaces)."""
+    g = p.add_argument_group("Hessian of the validation loss w.r.t. alpha (Robust-DARTS)")
+    g.add_argument("--track-hessian", action="store_true",
+                   help="after every epoch, log the dominant eigenvalue of the Hessian of the validation loss w.r.t. "
+                        "the architecture parameters (power iteration on exact Hessian-vector products, one fixed "
+                        "validation batch); the run's trajectory is unchanged")
+    g.add_argument("--hessian-iters", type=int, default=d.hessian_iters, help="power iterations per eigenvalue")
+    g.add_argument("--hessian-stop", action="store_true",
+                   help="DARTS-ES: stop when the eigenvalue's mean over --hessian-window epochs grew by more than "
+                        "1/--hessian-threshold within --hessian-k epochs; keep the genotype of k epochs before "
+                        "(needs --track-hessian)")
+    g.add_argument("--hessian-window", type=int, default=d.hessian_window, help="DARTS-ES: epochs averaged")
+    g.add_argument("--hessian-k", type=int, default=d.hessian_k, help="DARTS-ES: epochs looked back")
+    g.add_argument("--hessian-threshold", type=float, default=d.hessian_threshold,
+                   help="DARTS-ES: stop when mean(i - k) / mean(i) falls below this")
+
+
+def _hessian_settings(args) -> dict:
+    return dict(track_hessian=args.track_hessian, hessian_iters=args.hessian_iters, hessian_stop=args.hessian_stop,
+                hessian_window=args.hessian_window, hessian_k=args.hessian_k,
+                hessian_threshold=args.hessian_threshold)
 
 
 def _add_cnn_args(p: argparse.ArgumentParser) -> None:
@@ -114,23 +139,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_folder(args, space: str):
-    """The run folder (made) and a logger that prints and appends to its log.txt."""
-    save = args.save
-    if save is None:
-        if args.resume is not None:
-            save = args.resume if os.path.isdir(args.resume) else os.path.dirname(os.path.abspath(args.resume))
-        else:
-            save = os.path.join("runs", f"search-{space}-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    os.makedirs(save, exist_ok=True)
-    log_path = os.path.join(save, "log.txt")
+def _run_folder_path(args, space: str) -> str:
+    """The run folder: --save, else the folder of --resume, else runs/search-<space>-<time>."""
+    if args.save is not None:
+        return args.save
+    if args.resume is not None:
+        return args.resume if os.path.isdir(args.resume) else os.path.dirname(os.path.abspath(args.resume))
+    return os.path.join("runs", f"search-{space}-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+
+
+def _logger(log_path: str) -> Callable[[str], None]:
+    """A logger that prints and appends to ``log_path``."""
 
     def log(line: str) -> None:
         print(line, flush=True)
-        with open(log_path, "a") as fh:
-            fh.write(line + "\n")
+        try:
+            with open(log_path, "a") as fh:
+                fh.write(line + "\n")
+        except OSError as exc:
+            if exc.filename is None:
+                raise OSError(exc.errno, exc.strerror or str(exc), log_path) from exc
+            raise
 
-    return save, log
+    return log
 
 
 def _set_threads(threads) -> None:
@@ -142,25 +173,44 @@ def _set_threads(threads) -> None:
         torch.set_num_threads(threads)
 
 
-def _run_search(args, space: str, cfg, check: Callable, run: Callable, about: str = "") -> int:
-    """Check the settings (before a run folder is made), make the run folder, run, print the genotype."""
+def _run_search(args, space: str, cfg, search_cls, config_cls, about: Callable = lambda c: "") -> int:
+    """Check the settings, load the data and the checkpoint (all before a run folder is made), make the run
+    folder, run, print the genotype. A new run that fails before its first checkpoint removes the run folder
+    it made (pynas.search.RunFolder)."""
     import json
 
     import torch
 
+    from .search import LOG_NAME, RunFolder, prepare_search
+
     if args.resume is None:
-        check(cfg)
-    save, log = _run_folder(args, space)
-    log(f"pynas search {space}: run folder {save}; {about}backend {cfg.backend}; "
-        f"{'second' if cfg.unrolled else 'first'} order; torch threads {torch.get_num_threads()}")
-    result = run(cfg, save_dir=save, resume=args.resume, log=log, progress=not args.no_progress)
+        search_cls.check_config(cfg)
+    save = _run_folder_path(args, space)
+    search = prepare_search(search_cls, config_cls, cfg, save, args.resume, log=print, progress=not args.no_progress)
+    folder = RunFolder(save, new_run=args.resume is None)
+    try:
+        folder.make()
+        if not os.path.exists(os.path.join(save, LOG_NAME)):
+            folder.own.append(LOG_NAME)
+        search.log = log = _logger(os.path.join(save, LOG_NAME))
+        c = search.cfg
+        log(f"pynas search {space}: run folder {save}; {about(c)}backend {c.backend}; "
+            f"{'second' if c.unrolled else 'first'} order; torch threads {torch.get_num_threads()}"
+            + ("; tracking the Hessian's dominant eigenvalue" if c.track_hessian else ""))
+    except BaseException:
+        folder.discard_if_unstarted()
+        raise
+    result = folder.run(search, make=False)
+    if "early_stop" in result:
+        stop = result["early_stop"]
+        print(f"early stop after epoch {stop['epoch']}: the genotype of epoch {stop['genotype_epoch']}", flush=True)
     print("genotype: " + json.dumps(result["genotype"]), flush=True)
     return 0
 
 
 def _search_rnn(args) -> int:
     from . import _backend
-    from .rnn.search import RNNSearchConfig, check_config, run_rnn_search
+    from .rnn.search import RNNSearch, RNNSearchConfig
 
     _set_threads(args.threads)
     backend = args.backend if args.backend is not None else _backend.current_backend()
@@ -172,13 +222,13 @@ def _search_rnn(args) -> int:
         dropouti=args.dropouti, dropoute=args.dropoute, alpha=args.alpha, beta=args.beta, wdecay=args.wdecay,
         unrolled=args.unrolled, fd_r=args.fd_r, arch_lr=args.arch_lr, arch_wdecay=args.arch_wdecay,
         eval_batch_size=args.eval_batch_size, seed=args.seed, steps_per_epoch=args.steps_per_epoch,
-        device=args.device, backend=backend)
-    return _run_search(args, "rnn", cfg, check_config, run_rnn_search, f"data {cfg.data}; ")
+        device=args.device, backend=backend, **_hessian_settings(args))
+    return _run_search(args, "rnn", cfg, RNNSearch, RNNSearchConfig, lambda c: f"data {c.data}; ")
 
 
 def _search_cnn(args) -> int:
     from . import _backend
-    from .search import _check_config, run_search
+    from .search import CNNSearch
 
     _set_threads(args.threads)
     backend = args.backend if args.backend is not None else _backend.current_backend()
@@ -189,8 +239,8 @@ def _search_cnn(args) -> int:
         init_channels=args.init_channels, layers=args.layers, train_portion=args.train_portion,
         unrolled=args.unrolled, fd_r=args.fd_r, arch_learning_rate=args.arch_learning_rate,
         arch_weight_decay=args.arch_weight_decay, seed=args.seed, steps_per_epoch=args.steps_per_epoch,
-        device=args.device, backend=backend)
-    return _run_search(args, "cnn", cfg, _check_config, run_search)
+        device=args.device, backend=backend, **_hessian_settings(args))
+    return _run_search(args, "cnn", cfg, CNNSearch, CNNSearchConfig)
 
 
 def _bench(args) -> int:
@@ -222,13 +272,29 @@ def _bench(args) -> int:
     if out is None:
         label = re.sub(r"[^A-Za-z0-9]+", "-", bench.device_name(device)).strip("-").lower()
         out = os.path.join("benchmarks", "results", f"{label}.jsonl")
+    bench.check_config(cfg)
+    bench.check_output(out)  # before any benchmark runs: an unwritable --out fails at once
     rows = bench.run(cfg, progress=not args.no_progress, on_row=lambda row: bench.append_rows([row], out))
     print(bench.format_table(rows))
     print(f"rows appended to {out}")
     return 0 if all(r["status"] != "error" for r in rows) else 1
 
 
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in str(text).strip().splitlines() if part.strip())
+
+
+def _os_error_text(exc: OSError) -> str:
+    """``path: reason`` of an OSError (both paths of a failed rename)."""
+    reason = exc.strerror or _one_line(str(exc)) or type(exc).__name__
+    names = [str(n) for n in (exc.filename, exc.filename2) if n is not None]
+    return f"{' -> '.join(names)}: {reason}" if names else reason
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """Exit status: 0 done; 1 the system refused (a file could not be written or read: the message names the path);
+    2 bad settings or input (the message names the setting, the flag or the file); 130 interrupted (Ctrl-C;
+    the last checkpoint is intact: resume with --resume)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -242,8 +308,17 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _search_cnn(args)
         if args.command == "search" and args.space == "rnn":
             return _search_rnn(args)
-    except (ValueError, FileNotFoundError, TypeError, RuntimeError) as exc:
-        print(f"pynas: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("pynas: interrupted", file=sys.stderr, flush=True)
+        return 130
+    except OSError as exc:
+        if exc.errno is None and exc.filename is None:  # pynas's own (e.g. a missing --data-dir): bad input
+            print(f"pynas: error: {_one_line(exc)}", file=sys.stderr)
+            return 2
+        print(f"pynas: error: {_os_error_text(exc)}", file=sys.stderr)
+        return 1
+    except (ValueError, TypeError, RuntimeError) as exc:
+        print(f"pynas: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     parser.error("unknown command")
     return 2

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import warnings
 from dataclasses import dataclass
 from typing import Iterator, Tuple
 
@@ -97,6 +98,36 @@ def _find_cifar_dir(data_dir: str) -> str:
         "neither directly nor under cifar-10-batches-py/")
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles what a CIFAR-10 python batch holds (dicts, lists, strings, numbers, numpy arrays) and nothing
+    else: any other global (a function or class a crafted file would call) is refused, so reading a batch never
+    runs code."""
+
+    _ALLOWED = frozenset({
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),  # bytes in protocol-2 pickles written by Python 3
+    })
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # numpy 2 on the numpy.core names of old pickles
+                return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused to load {module}.{name}: a CIFAR-10 batch holds only arrays, lists "
+                                     f"and strings")
+
+
+def _read_cifar_batch(path: str) -> dict:
+    with open(path, "rb") as fh:
+        entry = _CifarUnpickler(fh, encoding="latin1").load()
+    if not isinstance(entry, dict):
+        raise ValueError(f"expected a dict, got {type(entry).__name__}")
+    return entry
+
+
 def load_cifar10(data_dir: str, train: bool = True) -> ImageData:
     """Read the standard CIFAR-10 python batches from ``data_dir`` and normalise them."""
     root = _find_cifar_dir(data_dir)
@@ -107,12 +138,14 @@ def load_cifar10(data_dir: str, train: bool = True) -> ImageData:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"data_dir: missing CIFAR-10 batch {path}")
         try:
-            with open(path, "rb") as fh:
-                entry = pickle.load(fh, encoding="latin1")
+            entry = _read_cifar_batch(path)
             data = torch.as_tensor(entry["data"], dtype=torch.uint8)
             lab = torch.as_tensor(entry["labels"] if "labels" in entry else entry["fine_labels"])
+        except OSError:
+            raise
         except Exception as exc:
-            raise ValueError(f"data_dir: {path} is not a CIFAR-10 python batch ({type(exc).__name__}: {exc})")
+            raise ValueError(f"data_dir: {path} is not a CIFAR-10 python batch ({type(exc).__name__}: {exc})") \
+                from None
         images.append(data.view(-1, 3, 32, 32))
         labels.append(lab.long())
     x = torch.cat(images).float().div_(255.0)

@@ -75,3 +75,44 @@ def test_cli_bench_appends_rows(tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["provider"] for r in rows] == ["reference", "pynas"] * 3
     assert all(r["git_sha"] and r["date"] for r in rows)
+
+
+PROFILER_NOISE = ("USDT", "profiler_start", "profiler_stop", "gpuGetDeviceCount")
+
+
+def test_cli_bench_keeps_the_terminal_free_of_profiler_noise(tmp_path):
+    # graph_bytes runs torch.profiler, whose C++ side (kineto) writes to the process's stderr
+    res = subprocess.run([sys.executable, "-m", "pynas", "bench", "--size", "tiny", "--benchmarks", "cnn_edge_fwd_bwd",
+                          "--providers", "reference", "--repeats", "1", "--warmup", "0", "--no-progress", "--out",
+                          str(tmp_path / "r.jsonl")], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    for noise in PROFILER_NOISE:
+        assert noise not in res.stdout + res.stderr, res.stdout + res.stderr
+    assert "cnn_edge_fwd_bwd" in res.stdout
+    row = json.loads((tmp_path / "r.jsonl").read_text().splitlines()[0])
+    assert row["memory_bytes"] is not None
+
+
+def test_quiet_fds_captures_c_level_writes_and_passes_the_rest_on(capfd):
+    import os
+
+    with bench.quiet_fds():
+        os.write(2, b"USDT:2026-01-01 00:00:00 1:1 SyncActivityProfilerHandler.cpp:39] profiler_start\n")
+        os.write(1, b"ERROR:2026-01-01 00:00:00 1:1 DeviceProperties.cpp:56] gpuGetDeviceCount failed with code 35\n")
+        os.write(2, b"a real warning\n")
+        print("python text", flush=True)
+    out, err = capfd.readouterr()
+    assert "USDT" not in out + err and "gpuGetDeviceCount" not in out + err
+    assert "a real warning" in err and "python text" in out
+
+
+def test_quiet_fds_restores_the_descriptors_on_error(capfd):
+    import os
+
+    with pytest.raises(RuntimeError):
+        with bench.quiet_fds():
+            os.write(2, b"kept before the error\n")
+            raise RuntimeError("boom")
+    os.write(2, b"after\n")
+    out, err = capfd.readouterr()
+    assert "after" in err and "kept before the error" in err

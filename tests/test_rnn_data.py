@@ -281,3 +281,20 @@ def test_batches_cover_the_stream(small):
         assert x.shape[0] * x.shape[1] == y.numel()
         seen.append(y.view(-1, 4))
     assert torch.equal(torch.cat(seen), src[1:])
+
+
+def test_ptb_invalid_utf8_names_the_file(tmp_path):
+    d = _write_ptb(tmp_path)
+    bad = os.path.join(d, "ptb.valid.txt")
+    with open(bad, "wb") as fh:
+        fh.write(b"the dog \xff\xfe ran\n")
+    with pytest.raises(ValueError, match=re.escape(bad)) as e:
+        rd.load_ptb(d)
+    assert "UTF-8" in str(e.value) and "--data-dir" in str(e.value)
+
+
+@pytest.mark.parametrize("cap", [1, 10, 999])
+def test_stdlib_max_tokens_below_the_minimum_names_the_cap(cap):
+    with pytest.raises(ValueError, match=r"^max_tokens: .*at least 1000") as e:
+        rd.make_stdlib_corpus(max_tokens=cap)
+    assert str(cap) in str(e.value)

@@ -1,6 +1,7 @@
 """The RNN search loop and `pynas search rnn`: runs, logs perplexity, checkpoints, resumes exactly."""
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -119,3 +120,69 @@ def test_resume_rejects_a_cnn_checkpoint(tmp_path):
     torch.save({"format": "pynas-search", "version": 1, "space": "cnn", "config": {}}, tmp_path / "checkpoint.pt")
     with pytest.raises(ValueError, match="holds a 'cnn' search"):
         run_rnn_search(_cfg(), resume=str(tmp_path), progress=False)
+
+
+@pytest.mark.parametrize("argv, minimum", [
+    (["--max-tokens", "10", "--batch-size", "4", "--eval-batch-size", "4"], 1000),
+    (["--max-tokens", "1000"], None),  # the default batch sizes need more than 2068 tokens
+    (["--max-tokens", "1000", "--batch-size", "200"], None),
+    (["--max-tokens", "1500", "--batch-size", "4", "--eval-batch-size", "100"], None),
+])
+def test_cli_max_tokens_too_small_names_the_cap(tmp_path, capsys, argv, minimum):
+    run = tmp_path / "run"
+    rc = main(["search", "rnn", "--save", str(run), "--no-progress", "--epochs", "1"] + argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith("pynas: error: max_tokens: "), err
+    assert re.search(r"at least \d+|use --max-tokens \d+ or more", err), err  # says what is enough
+    if minimum is not None:
+        assert str(minimum) in err
+    assert not run.exists()
+
+
+def test_resume_refuses_tampered_rnn_checkpoints(tmp_path):
+    run = tmp_path / "run"
+    RNNSearch(_cfg(epochs=2, steps_per_epoch=1), save_dir=str(run), log=lambda s: None, progress=False).run(until=1)
+    path = run / "checkpoint.pt"
+    genuine = torch.load(path, weights_only=True)
+
+    def resume_with(ckpt):
+        torch.save(ckpt, path)
+        return run_rnn_search(_cfg(epochs=2, steps_per_epoch=1), save_dir=str(run), resume=str(run),
+                              log=lambda s: None, progress=False)
+
+    flipped = dict(genuine, model=dict(genuine["model"]))
+    flipped["model"]["rnns.0._W0"] = genuine["model"]["rnns.0._W0"].clone()
+    flipped["model"]["rnns.0._W0"][0, 0] += 1
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        resume_with(flipped)
+
+    from pynas.search import checkpoint_checksum
+
+    extra = dict(genuine, alphas=genuine["alphas"] * 2)
+    extra["checksum"] = checkpoint_checksum(extra)
+    with pytest.raises(ValueError, match=r"2 alpha tensor\(s\), this search has 1"):
+        resume_with(extra)
+
+    marker = tmp_path / "marker"
+
+    class Payload:
+        def __reduce__(self):
+            return (exec, (f"open({str(marker)!r}, 'w').close()",))
+
+    evil = dict(genuine, history=genuine["history"] + [Payload()])
+    with pytest.raises(ValueError, match="resume: .*refused"):
+        resume_with(evil)
+    assert not marker.exists()
+    out = resume_with(genuine)  # the genuine one still resumes
+    assert len(out["history"]) == 2
+
+
+def test_cli_search_rnn_track_hessian(tmp_path, capsys):
+    rc = main(["search", "rnn", "--max-tokens", "20000", "--emsize", "4", "--nhid", "4", "--batch-size", "4",
+               "--bptt", "3", "--epochs", "1", "--steps-per-epoch", "1", "--eval-batch-size", "2", "--save",
+               str(tmp_path / "run"), "--no-progress", "--track-hessian", "--hessian-iters", "2"])
+    assert rc == 0
+    assert "hessian_eigenvalue" in capsys.readouterr().out
+    rec = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["history"][0]
+    assert math.isfinite(rec["hessian_eigenvalue"])

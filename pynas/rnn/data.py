@@ -53,6 +53,8 @@ EOS = "<eos>"
 UNK = "<unk>"
 PTB_FILES = ("ptb.train.txt", "ptb.valid.txt", "ptb.test.txt")
 SPLIT_FRACTIONS = (0.90, 0.05, 0.05)  # train, valid, test (share of tokens)
+DEFAULT_MAX_TOKENS = 1_000_000  # the stdlib corpus's default cap
+STDLIB_MIN_TOKENS = 1000  # the smallest stdlib corpus built
 
 # Folder names never descended into under the stdlib directory.
 _SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib",
@@ -116,13 +118,32 @@ def _ids(words: List[str], dictionary: Dictionary) -> torch.Tensor:
 
 def _read_ptb_file(path: str) -> List[str]:
     words: List[str] = []
-    with open(path, "r", encoding="utf-8") as f:
-        for line in f:
-            words.extend(line.split())
-            words.append(EOS)
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            for line in f:
+                words.extend(line.split())
+                words.append(EOS)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"data_dir: {path} is not UTF-8 text ({_decode_error_place(path, exc)}); --data-dir must "
+                         f"hold the PTB text files") from None
     if len(words) == words.count(EOS):
         raise ValueError(f"data_dir: {path} holds no tokens")
     return words
+
+
+def _decode_error_place(path: str, exc: UnicodeDecodeError) -> str:
+    """Where a file stops being UTF-8: its line and byte offset (the decoder's own offset is within a chunk)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        raw.decode("utf-8")
+    except UnicodeDecodeError as whole:
+        bad = raw[whole.start:whole.start + 4]
+        line = raw.count(b"\n", 0, whole.start) + 1
+        return f"line {line}, byte {whole.start}: {whole.reason} {bad!r}"
+    except OSError:
+        pass
+    return exc.reason
 
 
 def load_ptb(data_dir: str) -> TextCorpus:
@@ -252,6 +273,40 @@ def _check_positive_int(name: str, value: object, minimum: int = 1) -> int:
     return value
 
 
+_HINT = "use a downloaded corpus instead: --data ptb --data-dir DIR"
+
+
+def _stdlib_documents() -> Tuple[str, List[str]]:
+    """The stdlib folder and its documents in visiting order: a fixed, path-hash order, so that a small corpus
+    spans the whole library."""
+    root = sysconfig.get_paths().get("stdlib")
+    if not root or not os.path.isdir(root):
+        raise RuntimeError(f"stdlib corpus: the Python standard library folder was not found "
+                           f"({root!r}); {_HINT}")
+    return root, sorted(_stdlib_files(root), key=lambda p: (zlib.crc32(p.encode("utf-8")), p))
+
+
+def stdlib_min_tokens(train: int, valid: int, test: int = 0, limit: int = DEFAULT_MAX_TOKENS) -> Optional[int]:
+    """The smallest ``max_tokens`` at which the stdlib corpus is made of whole documents and its splits hold at
+    least ``train``, ``valid`` and ``test`` tokens (every larger cap has them too); None when even ``limit``
+    tokens do not. Documents are read in the corpus's order until the splits are large enough."""
+    root, files = _stdlib_documents()
+    sizes = [0, 0, 0]
+    total = 0
+    for rel in files:
+        n = len(_document_tokens(os.path.join(root, rel)))
+        if not n:
+            continue
+        if total + n > limit:
+            return None
+        k = _assign_split(sizes, n)
+        sizes[k] += n
+        total += n
+        if sizes[0] >= train and sizes[1] >= valid and sizes[2] >= test:
+            return max(total, STDLIB_MIN_TOKENS)
+    return None
+
+
 def _assign_split(sizes: List[int], n: int) -> int:
     """Split (0 train, 1 valid, 2 test) furthest below its token share once ``n`` tokens are added."""
     total = sum(sizes) + n
@@ -259,7 +314,7 @@ def _assign_split(sizes: List[int], n: int) -> int:
     return max(range(3), key=lambda k: (deficits[k], -k))
 
 
-def make_stdlib_corpus(max_tokens: int = 1_000_000, vocab_size: int = 10000) -> TextCorpus:
+def make_stdlib_corpus(max_tokens: int = DEFAULT_MAX_TOKENS, vocab_size: int = 10000) -> TextCorpus:
     """Build the embedded ``stdlib`` corpus from the standard library's docstrings.
 
     At most ``max_tokens`` tokens (``<eos>`` included; whole sentences only) and at most
@@ -267,15 +322,10 @@ def make_stdlib_corpus(max_tokens: int = 1_000_000, vocab_size: int = 10000) -> 
     for a given Python installation.
     """
     _check_positive_int("max_tokens", max_tokens)
+    if max_tokens < STDLIB_MIN_TOKENS:
+        raise ValueError(f"max_tokens: the stdlib corpus needs at least {STDLIB_MIN_TOKENS} tokens, got {max_tokens}")
     _check_positive_int("vocab_size", vocab_size, minimum=3)
-    hint = "use a downloaded corpus instead: --data ptb --data-dir DIR"
-    root = sysconfig.get_paths().get("stdlib")
-    if not root or not os.path.isdir(root):
-        raise RuntimeError(f"stdlib corpus: the Python standard library folder was not found "
-                           f"({root!r}); {hint}")
-
-    # Visit documents in a fixed, path-hash order so a small corpus spans the whole library.
-    files = sorted(_stdlib_files(root), key=lambda p: (zlib.crc32(p.encode("utf-8")), p))
+    root, files = _stdlib_documents()
     splits: Tuple[List[str], List[str], List[str]] = ([], [], [])
     sizes = [0, 0, 0]
     total = 0
@@ -298,9 +348,9 @@ def make_stdlib_corpus(max_tokens: int = 1_000_000, vocab_size: int = 10000) -> 
         total += len(doc)
         if not full or total >= max_tokens:
             break
-    if total < 1000:
+    if total < STDLIB_MIN_TOKENS:
         raise RuntimeError(f"stdlib corpus: only {total} tokens found in the docstrings under "
-                           f"{root}; {hint}")
+                           f"{root}; {_HINT}")
 
     counts = Counter(splits[0])
     counts.update(splits[1])

@@ -20,9 +20,10 @@ from typing import Callable, List, Optional
 import torch
 import torch.nn.functional as F
 
-from ..search import SearchCheckpoints, start_or_resume
+from ..search import (SearchCheckpoints, check_flag, check_hessian_settings, check_number, check_optional_int,
+                      check_place, check_positive_int, check_seed, start_or_resume)
 from .architect import Architect
-from .data import batchify, get_batch, load_corpus
+from .data import DEFAULT_MAX_TOKENS, STDLIB_MIN_TOKENS, batchify, get_batch, load_corpus, stdlib_min_tokens
 from .genotypes import to_json
 from .model_search import RNNModelSearch
 
@@ -59,13 +60,17 @@ class RNNSearchConfig:
     steps_per_epoch: Optional[int] = None  # cap on iterations per epoch (None: a full pass)
     device: str = "cpu"
     backend: str = "auto"
+    track_hessian: bool = False  # the dominant eigenvalue of the arch Hessian after every epoch
+    hessian_iters: int = 20  # power iterations (Hessian-vector products) per eigenvalue
+    hessian_stop: bool = False  # DARTS-ES: stop by the eigenvalue rule, keep the genotype of hessian_k epochs before
+    hessian_window: int = 5  # DARTS-ES: epochs averaged
+    hessian_k: int = 5  # DARTS-ES: epochs looked back
+    hessian_threshold: float = 0.75  # DARTS-ES: stop when mean(i - k) / mean(i) falls below
 
 
 def check_config(cfg: RNNSearchConfig) -> None:
     for name in ("emsize", "nhid", "epochs", "batch_size", "bptt", "eval_batch_size"):
-        v = getattr(cfg, name)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+        check_positive_int(name, getattr(cfg, name))
     if cfg.batch_size < 2:
         raise ValueError(f"batch_size: the search cell's BatchNorm needs at least 2 sequences, got {cfg.batch_size}")
     if not (cfg.emsize == cfg.nhid == cfg.nhidlast):
@@ -73,32 +78,78 @@ def check_config(cfg: RNNSearchConfig) -> None:
                          f"got {cfg.emsize}, {cfg.nhid}, {cfg.nhidlast}")
     for name in ("dropout", "dropouth", "dropoutx", "dropouti", "dropoute"):
         v = getattr(cfg, name)
-        if not 0.0 <= v < 1.0:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
             raise ValueError(f"{name}: expected a probability in [0, 1), got {v!r}")
     for name in ("lr", "clip", "fd_r", "arch_lr"):
-        if not getattr(cfg, name) > 0:
-            raise ValueError(f"{name}: expected a positive number, got {getattr(cfg, name)!r}")
+        check_number(name, getattr(cfg, name), low=0.0, low_open=True)
     for name in ("alpha", "beta", "wdecay", "arch_wdecay"):
-        if not getattr(cfg, name) >= 0:
-            raise ValueError(f"{name}: expected a non-negative number, got {getattr(cfg, name)!r}")
-    if cfg.steps_per_epoch is not None and cfg.steps_per_epoch < 1:
-        raise ValueError(f"steps_per_epoch: expected a positive integer, got {cfg.steps_per_epoch}")
+        check_number(name, getattr(cfg, name), low=0.0)
+    check_optional_int("steps_per_epoch", cfg.steps_per_epoch)
+    check_flag("unrolled", cfg.unrolled)
+    check_seed(cfg.seed)
+    if cfg.data not in ("stdlib", "ptb"):
+        raise ValueError(f"data: expected 'stdlib' or 'ptb', got {cfg.data!r}")
     if cfg.max_tokens is not None:
         if not isinstance(cfg.max_tokens, int) or isinstance(cfg.max_tokens, bool) or cfg.max_tokens < 1:
             raise ValueError(f"max_tokens: expected a positive integer, got {cfg.max_tokens!r}")
         if cfg.data != "stdlib":
             raise ValueError(f"max_tokens: only the stdlib corpus has a size to choose (data is {cfg.data!r})")
-    if cfg.data not in ("stdlib", "ptb"):
-        raise ValueError(f"data: expected 'stdlib' or 'ptb', got {cfg.data!r}")
+        if cfg.max_tokens < STDLIB_MIN_TOKENS:
+            raise ValueError(f"max_tokens: expected at least {STDLIB_MIN_TOKENS} (the stdlib corpus's minimum), got "
+                             f"{cfg.max_tokens}")
+        if cfg.max_tokens < _need_train(cfg) + _need_valid(cfg):  # surely too small: say what is enough
+            try:
+                enough = stdlib_min_tokens(_need_train(cfg), _need_valid(cfg))
+            except RuntimeError:
+                enough = None
+            use = f"use --max-tokens {enough} or more" if enough is not None else "use a larger --max-tokens"
+            raise ValueError(f"max_tokens: {cfg.max_tokens} tokens are too few for batch_size {cfg.batch_size} "
+                             f"and eval_batch_size {cfg.eval_batch_size} ({_need_train(cfg)} training tokens: two "
+                             f"halves of 4 x batch_size, and {_need_valid(cfg)} validation tokens: 2 x "
+                             f"eval_batch_size); {use}")
     if cfg.data == "ptb" and not cfg.data_dir:
         raise ValueError("data_dir: --data ptb needs --data-dir (the folder with ptb.train.txt, ptb.valid.txt, "
                          "ptb.test.txt)")
+    check_place(cfg)
+    check_hessian_settings(cfg)
+
+
+def _need_train(cfg: RNNSearchConfig) -> int:
+    """Training tokens a search needs: two halves (weights, architecture) of at least 4 x batch_size tokens."""
+    return 8 * cfg.batch_size
+
+
+def _need_valid(cfg: RNNSearchConfig) -> int:
+    """Validation tokens: at least 2 rows of eval_batch_size columns."""
+    return 2 * cfg.eval_batch_size
+
+
+def _check_corpus(cfg: RNNSearchConfig, corpus) -> None:
+    """Whether the corpus is large enough for the batch sizes; the error names what to change."""
+    n_train, n_valid = corpus.train.numel(), corpus.valid.numel()
+    need_train, need_valid = _need_train(cfg), _need_valid(cfg)
+    if n_train >= need_train and n_valid >= need_valid:
+        return
+    have = (f"{n_train} training and {n_valid} validation tokens; batch_size {cfg.batch_size} needs at least "
+            f"{need_train} training tokens (two halves of 4 x batch_size) and eval_batch_size {cfg.eval_batch_size} "
+            f"at least {need_valid} validation tokens")
+    if cfg.data == "stdlib":
+        cap = cfg.max_tokens if cfg.max_tokens is not None else DEFAULT_MAX_TOKENS
+        enough = stdlib_min_tokens(need_train, need_valid)
+        if enough is not None and enough > cap:
+            raise ValueError(f"max_tokens: the stdlib corpus cut at {cap} tokens has {have}; use --max-tokens "
+                             f"{enough} or more")
+        name = "batch_size" if n_train < need_train else "eval_batch_size"
+        raise ValueError(f"{name}: the whole stdlib corpus has {have}; use smaller batches")
+    name = "batch_size" if n_train < need_train else "eval_batch_size"
+    raise ValueError(f"{name}: the corpus in {cfg.data_dir} has {have}")
 
 
 class RNNSearch(SearchCheckpoints):
     """A DARTS RNN search run: build it, call :meth:`run`; see :func:`run_rnn_search`."""
 
     SPACE = "rnn"
+    check_config = staticmethod(check_config)
 
     def __init__(self, cfg: RNNSearchConfig, save_dir: Optional[str] = None,
                  log: Callable[[str], None] = print, progress: bool = True):
@@ -107,11 +158,9 @@ class RNNSearch(SearchCheckpoints):
         self.device = torch.device(cfg.device)
         kw = {"max_tokens": cfg.max_tokens} if cfg.max_tokens is not None else {}
         self.corpus = load_corpus(cfg.data, cfg.data_dir, **kw)
+        _check_corpus(cfg, self.corpus)  # each half must give batches of at least 4 steps
         train = self.corpus.train
         half = train.numel() // 2
-        if half < 4 * cfg.batch_size:  # each half must give batches of at least 4 steps
-            raise ValueError(f"batch_size: the training text ({train.numel()} tokens) is too short for two halves of "
-                             f"at least 4 x batch_size = {4 * cfg.batch_size} tokens each")
         self.train_data = batchify(train[:half], cfg.batch_size).to(self.device)
         self.search_data = batchify(train[half:], cfg.batch_size).to(self.device)
         self.val_data = batchify(self.corpus.valid, cfg.eval_batch_size).to(self.device)
@@ -123,9 +172,18 @@ class RNNSearch(SearchCheckpoints):
                                    arch_weight_decay=cfg.arch_wdecay, fd_r=cfg.fd_r)
         self.epoch = 0
         self.history: List[dict] = []
+        self._replay_early_stop()
 
     def genotype_json(self) -> str:
         return to_json(self.model.genotype())
+
+    def hessian_loss(self) -> Callable[[], torch.Tensor]:
+        """The arch loss on a fixed batch: the first ``bptt`` steps of the architecture half (the data the arch
+        step uses), from a zero hidden state; train mode, so dropout masks are drawn (from the fixed seed
+        :meth:`hessian_eigenvalue` sets, so the same masks after every epoch)."""
+        data, targets = get_batch(self.search_data, 0, self.cfg.bptt)
+        hidden = self.model.init_hidden(self.cfg.batch_size)
+        return lambda: self.model._loss(hidden, data, targets)[0]
 
     # -- the loop ----------------------------------------------------------------
     def _weight_loss(self, data, targets, hidden):
