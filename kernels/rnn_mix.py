@@ -23,8 +23,10 @@ and ``grad_out`` read once per element (backward).
 
 Numerics: tanh and sigmoid share one ``z = exp(-|h|)``, which never overflows:
 ``sigmoid(h) = 1 / (1 + z)`` for h >= 0 and ``z / (1 + z)`` otherwise, and
-``tanh(h) = sign(h) * (1 - z^2) / (1 + z^2)``; large |h| (both signs) give exact 0 / 1 / -1
-saturation instead of inf / nan.
+``tanh(h) = sign(h) * (1 - z^2) / (1 + z^2)``; large |h| (both signs), and h = +-inf, give exact
+0 / 1 / -1 saturation instead of inf / nan, with derivatives 0; relu is a select (never ``0 * h``, NaN
+at h = +-inf), so an infinite h reaches the results only through the relu and identity columns, as in
+the plain-PyTorch formula. A NaN h gives NaN (relu included, as ``torch.relu``).
 
 ``d probs`` is deterministic: program p writes ``sum_{i in its block} g * (s + c * (f(h) - s))`` to
 ``partial[p, j, f]`` of a (num_programs, J, 5) buffer (column 0 written as zero; no atomics), and
@@ -72,7 +74,7 @@ def _activations(h):
     z2 = z * z  # exp(-2|h|)
     t_abs = (1.0 - z2) / (1.0 + z2)
     t = tl.where(pos, t_abs, -t_abs)
-    r = tl.where(h > 0, h, 0.0)
+    r = tl.where(h < 0, 0.0, h)  # relu(NaN) = NaN, as torch.relu
     return t, r, sg
 
 

@@ -51,7 +51,7 @@ def _ext_reason() -> Optional[str]:
 
 
 def _cpu_reason() -> Optional[str]:
-    return _ext_reason()
+    return _ext_reason() or _ext.cpu_isa_error()
 
 
 def _cuda_reason() -> Optional[str]:
@@ -127,8 +127,22 @@ def _check_name(name: str) -> str:
     return key
 
 
+def _env_message(raw: str) -> str:
+    return f"{ENV_VAR}={raw!r} is not a backend name; choose one of {', '.join(CHOICES)} (or unset it for auto)"
+
+
+def env_error() -> Optional[str]:
+    """Why $PYNAS_BACKEND is not a backend name, or None (unset and blank mean 'auto')."""
+    raw = os.environ.get(ENV_VAR, "")
+    return None if (raw.strip().lower() or "auto") in CHOICES else _env_message(raw)
+
+
 def _env_default() -> str:
-    return _check_name(os.environ.get(ENV_VAR, "auto") or "auto")
+    raw = os.environ.get(ENV_VAR, "")
+    key = raw.strip().lower() or "auto"
+    if key not in CHOICES:
+        raise ValueError(_env_message(raw))
+    return key
 
 
 _current: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("pynas_backend", default=None)
@@ -176,6 +190,13 @@ def use_backend(name: str) -> Iterator[str]:
     """Run pynas ops under backend ``name`` ('auto', 'reference', 'cpu', 'triton', 'cuda').
 
     Naming a backend that cannot run here raises RuntimeError with its reason.
+
+    The choice is held in a :class:`contextvars.ContextVar`, so it covers this thread (and asyncio tasks
+    created inside the block, which copy the context), not threads started inside the block: a plain
+    ``threading.Thread`` (or a worker of a thread pool, or of a DataLoader) starts from an empty context
+    and runs under ``$PYNAS_BACKEND`` (else ``auto``). To carry the choice into a thread, start it with
+    the block's context, ``threading.Thread(target=contextvars.copy_context().run, args=(fn,))``, or
+    enter ``use_backend`` inside the thread.
     """
     key = _check_name(name)
     if key != "auto":

@@ -154,7 +154,42 @@ def test_info_prints_table():
 
 def test_bad_env_backend():
     res = _run("import pynas; pynas.current_backend()", PYNAS_BACKEND="nonsense")
-    assert res.returncode != 0 and "backend" in res.stderr
+    assert res.returncode != 0 and "ValueError: PYNAS_BACKEND='nonsense' is not a backend name" in res.stderr
+
+
+def test_use_backend_does_not_reach_plain_threads():
+    """The backend lives in a ContextVar: a thread started inside ``use_backend`` runs under the environment
+    default (``auto`` here) unless it is started in a copy of the context (or enters use_backend itself).
+    Asyncio tasks copy the context, so they inherit it."""
+    import asyncio
+    import contextvars
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    if os.environ.get("PYNAS_BACKEND", "").strip():
+        pytest.skip("PYNAS_BACKEND is set")
+    seen = {}
+
+    def record(key):
+        seen[key] = pynas.current_backend()
+
+    with pynas.use_backend("reference"):
+        plain = threading.Thread(target=record, args=("plain",))
+        copied = threading.Thread(target=contextvars.copy_context().run, args=(record, "copied"))
+        plain.start(), copied.start()
+        plain.join(), copied.join()
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(record, "pool").result()
+            ctx = contextvars.copy_context()
+            pool.submit(ctx.run, record, "pool-copied").result()
+
+        async def task():
+            record("asyncio")
+
+        asyncio.run(task())
+    assert seen == {"plain": "auto", "copied": "reference", "pool": "auto", "pool-copied": "reference",
+                    "asyncio": "reference"}
+    assert "copy_context" in pynas.use_backend.__doc__ and "thread" in pynas.use_backend.__doc__
 
 
 def _truthy(name):

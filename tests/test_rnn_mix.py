@@ -160,3 +160,101 @@ def test_cpu_float32_nan_propagates():
     out = rnn_mix(s, c, h, p, backend="cpu")
     assert torch.isnan(out[2, 4]) and torch.isfinite(out[~torch.isnan(out)]).all()
     assert int(torch.isnan(out).sum()) == 1
+
+
+# ---- h = +-inf and |h| where exp overflows float32 (the identity column keeps inf in the result) ------------
+
+EXTREME_H = [float("-inf"), float("inf"), 1e4, -1e4, 80.0, -80.0, 89.0, -89.0, 100.0, -100.0]
+# (J, B, H) = (3, 4, 13): 52 elements per node, six full 8-lane blocks and a ragged tail of 4
+EXTREME_SHAPE = (3, 4, 13)
+EXTREME_AT = [(0, 0, 3), (1, 3, 11), (2, 1, 7), (2, 1, 8), (0, 3, 12)]  # body and tail lanes, two in one node
+
+
+def _extreme_inputs(dtype, value, seed=11):
+    s, c, h, p = (t.detach() for t in _inputs(EXTREME_SHAPE, dtype, "cpu", seed=seed))
+    for at in EXTREME_AT:
+        h[at] = value
+    g = torch.randn(EXTREME_SHAPE[1:], generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    return s, c, h, p, g.to(dtype)
+
+
+def _ref_with_grads(ins, g, dtype):
+    leaves = [t.detach().to(dtype).requires_grad_(True) for t in ins]
+    out = rnn_mix_ref(*leaves)
+    return [out.detach()] + list(torch.autograd.grad(out, leaves, g.to(dtype)))
+
+
+def _assert_agrees(name, got, want, tol):
+    """Where ``want`` is not NaN: the same infinities and finite values within tol (of the largest finite)."""
+    got = got.detach().double()
+    want = want.detach().double()
+    defined = ~torch.isnan(want)
+    assert not torch.isnan(got[defined]).any(), f"{name}: NaN where the reference gives {want[defined & torch.isnan(got)][:4].tolist()}"
+    inf = torch.isinf(want)
+    assert torch.equal(got[inf], want[inf]), f"{name}: {got[inf].tolist()} where the reference gives {want[inf].tolist()}"
+    fin = torch.isfinite(want)
+    assert torch.isfinite(got[fin]).all(), f"{name}: non-finite where the reference is finite"
+    scale = max(1.0, float(want[fin].abs().max())) if fin.any() else 1.0
+    torch.testing.assert_close(got[fin], want[fin], rtol=tol, atol=tol * scale, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.skipif(pynas.backends()["cpu"] is not None, reason="the C++ CPU backend is not built")
+@pytest.mark.parametrize("isa", ["base", "avx2"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("value", EXTREME_H, ids=str)
+def test_cpu_infinite_and_huge_h_match_reference(value, dtype, isa):
+    """h = -inf with the identity weight > 0 gave NaN (relu computed as h * (h > 0): -inf * 0) where the
+    reference gives -inf, and NaN in d c and d probs. Forward and backward must agree with the reference
+    (in the input dtype and in float64) wherever the reference's value is not NaN."""
+    C = _ext_or_skip_isa(isa)
+    try:
+        s, c, h, p, g = _extreme_inputs(dtype, value)
+        ins = [t.requires_grad_(True) for t in (s, c, h, p)]
+        out = rnn_mix(*ins, backend="cpu")
+        got = [out] + list(torch.autograd.grad(out, ins, g))
+        names = ("out", "d states", "d c", "d h", "d probs")
+        ref64 = _ref_with_grads(ins, g, torch.float64)
+        tol64 = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}[dtype]
+        for name, a, b in zip(names, got, ref64):
+            _assert_agrees(name + " (float64 reference)", a, b, tol64)
+        if dtype in (torch.float64, torch.float32):  # the reference in the dtype itself (its own float32 math)
+            ref = _ref_with_grads(ins, g, dtype)
+            for name, a, b in zip(names, got, ref):
+                _assert_agrees(name + f" ({dtype} reference)", a, b, 1e-10 if dtype == torch.float64 else 1e-5)
+        if value == float("-inf"):  # the case reported: -inf through the identity column
+            for at in EXTREME_AT:
+                assert got[0][at[1:]] == float("-inf")
+        assert torch.isnan(got[0]).sum() == torch.isnan(ref64[0]).sum()
+    finally:
+        C.set_cpu_isa("auto")
+
+
+def _ext_or_skip_isa(isa):
+    C = pynas._ext.get()
+    try:
+        C.set_cpu_isa(isa)
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    return C
+
+
+@pytest.mark.skipif(pynas.backends()["cpu"] is not None, reason="the C++ CPU backend is not built")
+@pytest.mark.parametrize("isa", ["base", "avx2"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_cpu_nan_h_propagates_through_relu(dtype, isa):
+    """relu(NaN) is NaN in torch: d probs of the relu column is NaN for the node with the NaN, as in the
+    reference (the kernels took relu(NaN) = 0); the other nodes' d probs stay finite."""
+    C = _ext_or_skip_isa(isa)
+    try:
+        s, c, h, p, g = _extreme_inputs(dtype, 0.5)
+        h[1, 2, 5] = float("nan")
+        ins = [t.requires_grad_(True) for t in (s, c, h, p)]
+        out = rnn_mix(*ins, backend="cpu")
+        got = [out] + list(torch.autograd.grad(out, ins, g))
+        ref = _ref_with_grads(ins, g, torch.float64)
+        for name, a, b in zip(("out", "d states", "d c", "d h", "d probs"), got, ref):
+            assert torch.equal(torch.isnan(a), torch.isnan(b)), name
+            _assert_agrees(name, a, b, 1e-10 if dtype == torch.float64 else 1e-5)
+        assert torch.isnan(got[4][1, 1:]).all() and torch.isfinite(got[4][[0, 2]]).all()
+    finally:
+        C.set_cpu_isa("auto")

@@ -170,3 +170,41 @@ def test_empty():
     out, ds, dc, dh, dp = run_gpu(states, c, h, probs, grad_out)
     assert out.shape == (0, 5) and ds.shape == (2, 0, 5) and dc.shape == (2, 0, 5) and dh.shape == (2, 0, 5)
     assert dp.shape == (2, 5) and dp.dtype == torch.float32 and (dp == 0).all()
+
+
+# ---- h = +-inf, |h| where exp overflows float32, and NaN (the math of csrc/include/pynas/rnn_mix.h) ---------
+
+EXTREME_H = [float("-inf"), float("inf"), 1e4, -1e4, 80.0, -80.0, 89.0, -89.0, 100.0, -100.0, float("nan")]
+EXTREME_AT = [(0, 0, 3), (1, 3, 11), (2, 1, 7), (2, 1, 8), (0, 3, 12)]
+
+
+def _agrees(what, got, want, tol):
+    """Where ``want`` is not NaN: the same infinities, finite values within tol of the largest finite one; NaN
+    where ``want`` is NaN."""
+    got = got.detach().to("cpu", torch.float64)
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(got), nan), f"{what}: NaN at {torch.isnan(got).nonzero()[:4].tolist()}, " \
+        f"the formula at {nan.nonzero()[:4].tolist()}"
+    inf = torch.isinf(want)
+    assert torch.equal(got[inf], want[inf]), f"{what}: {got[inf].tolist()} where the formula gives {want[inf].tolist()}"
+    fin = torch.isfinite(want)
+    scale = max(1.0, float(want[fin].abs().max())) if fin.any() else 1.0
+    err = float((got[fin] - want[fin]).abs().max()) if fin.any() else 0.0
+    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:g} x {scale:.3g}"
+
+
+@pytest.mark.parametrize("value", EXTREME_H, ids=str)
+@pytest.mark.parametrize("dtype", FLOATS, ids=_id)
+def test_infinite_huge_and_nan_h(dtype, value):
+    """The CPU float loops gave NaN for h = -inf (relu as h * (h > 0)); the shared header must not: -inf through
+    the identity column stays -inf, saturated tanh / sigmoid give derivative 0, relu(NaN) is NaN."""
+    states, c, h, probs, grad_out = make_inputs((3, 4, 13), dtype, seed=3)
+    for at in EXTREME_AT:
+        h[at] = value
+    want = reference(states, c, h, probs, grad_out)
+    got = run_gpu(states, c, h, probs, grad_out)
+    tol = TOL[dtype] if dtype in (torch.float32, torch.float64) else 4 * TOL[dtype]
+    for what, a, b in zip(("out", "d states", "d c", "d h", "d probs"), got, want):
+        _agrees(what, a, b, tol)
+    if value == float("-inf"):
+        assert all(float(got[0][at[1:]]) == float("-inf") for at in EXTREME_AT)

@@ -177,3 +177,67 @@ def test_bad_inputs(case):
             K.rnn_mix_forward(**fwd, block_size=block)
     with pytest.raises(exc, match=rf"^{name} "):
         K.rnn_mix_backward(grad_out, **fwd, block_size=block)
+
+
+# ---- h = +-inf, |h| where exp overflows float32, and NaN: agree with the plain-PyTorch formula -------------
+
+EXTREME_H = [float("-inf"), float("inf"), 1e4, -1e4, 80.0, -80.0, 89.0, -89.0, 100.0, -100.0]
+EXTREME_AT = [(0, 0, 3), (1, 3, 11), (2, 1, 7), (2, 1, 8), (0, 3, 12)]  # (J, B, H) = (3, 4, 13): 4 programs of 16
+
+
+def _truth_in(g, s, c, h, p, dtype):
+    """[out, d s, d c, d h, d p] of the formula by autograd, computed in ``dtype``."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (s, c, h, p)]
+    out = _reference(*leaves)
+    return [out.detach()] + list(torch.autograd.grad(out, leaves, g.to(dtype)))
+
+
+def _agrees(name, got, want, tol):
+    """Where ``want`` is not NaN: the same infinities, and finite values within tol of the largest finite one."""
+    got, want = got.detach().double().cpu(), want.detach().double().cpu()
+    defined = ~torch.isnan(want)
+    assert not torch.isnan(got[defined]).any(), f"{name}: NaN where the formula gives {want[defined & torch.isnan(got)][:4].tolist()}"
+    inf = torch.isinf(want)
+    assert torch.equal(got[inf], want[inf]), f"{name}: {got[inf].tolist()} where the formula gives {want[inf].tolist()}"
+    fin = torch.isfinite(want)
+    assert torch.isfinite(got[fin]).all(), f"{name}: non-finite where the formula is finite"
+    scale = max(1.0, float(want[fin].abs().max())) if fin.any() else 1.0
+    err = float((got[fin] - want[fin]).abs().max()) if fin.any() else 0.0
+    assert err <= tol * scale, f"{name}: max error {err:.3g} > {tol:.1g} * {scale:.3g}"
+
+
+def _check_extreme(g, s, c, h, p, dtype):
+    got = [K.rnn_mix_forward(s, c, h, p, block_size=16)] + list(K.rnn_mix_backward(g, s, c, h, p, block_size=16))
+    names = ("out", "d_states", "d_c", "d_h", "d_probs")
+    for name, a, b in zip(names, got, _truth_in(g, s, c, h, p, torch.float64)):
+        _agrees(name + " (float64 formula)", a, b, RTOL[dtype])
+    if dtype in (torch.float32, torch.float64):
+        for name, a, b in zip(names, got, _truth_in(g, s, c, h, p, dtype)):
+            _agrees(name + f" ({dtype} formula)", a, b, RTOL[dtype])
+    return got
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NaN/inf sums under the interpreter
+@pytest.mark.parametrize("value", EXTREME_H, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids(DTYPES))
+def test_infinite_and_huge_h(dtype, value):
+    g, s, c, h, p = _inputs(3, 4, 13, dtype, seed=5)
+    for at in EXTREME_AT:
+        h[at] = value
+    got = _check_extreme(g, s, c, h, p, dtype)
+    if value == float("-inf"):  # through the identity column (probs[:, 4] > 0)
+        assert all(got[0][at[1:]] == float("-inf") for at in EXTREME_AT)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NaN/inf sums under the interpreter
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids(DTYPES))
+def test_nan_h_propagates_through_relu(dtype):
+    """relu(NaN) = NaN (torch.relu): d probs of the relu column is NaN for the node with the NaN (the kernel
+    took relu(NaN) = 0 and gave a finite value); the other nodes stay finite."""
+    g, s, c, h, p = _inputs(3, 4, 13, dtype, seed=6)
+    h[1, 2, 5] = float("nan")
+    got = _check_extreme(g, s, c, h, p, dtype)
+    truth = _truth_in(g, s, c, h, p, torch.float64)
+    for a, b in zip(got, truth):
+        assert torch.equal(torch.isnan(a.cpu()), torch.isnan(b))
+    assert torch.isnan(got[4][1, 1:]).all() and torch.isfinite(got[4][[0, 2]]).all()

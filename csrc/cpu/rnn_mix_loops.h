@@ -6,7 +6,10 @@
 // (AVX2 registers in the AVX2 variant, pairs of SSE registers in the baseline one); the tail goes
 // through the same code on a zero-padded block. No libm calls inside. One exponential per element gives both sigmoid and tanh:
 //   E = exp(-h),  sigmoid(h) = 1 / (1 + E),  tanh(h) = 2 / (1 + E^2) - 1
-// (near h = 0 tanh this way has an absolute error of about one float ulp of 1).
+// (near h = 0 tanh this way has an absolute error of about one float ulp of 1). The clamp keeps E finite
+// and nonzero for every h, +-inf included (sigmoid, tanh saturate to 0/1, -1/1; their derivatives to 0 or
+// about 2e-19), and nothing multiplies h by 0 (relu is a select): an infinite h reaches the result only
+// through the identity and relu columns, as in the reference.
 // exp: Cody-Waite range reduction to |r| <= ln2/2 and a degree-6 polynomial (relative error < 2e-7),
 // with the 2^k scale built from its bits; inputs clamped to [-43, 43] (see rnn_exp).
 
@@ -60,7 +63,8 @@ inline Acts activations8(VF h) {
   a.sg = one / (one + E);
   a.th = vsplat(2.0f) / (one + E * E) - one;
   a.pos = h > zero ? one : zero;
-  a.rl = h * a.pos;
+  // a select, not h * pos: that is -inf * 0 = NaN at h = -inf (and relu(NaN) stays NaN, as torch's)
+  a.rl = h < zero ? zero : h;
   return a;
 }
 

@@ -23,7 +23,9 @@ from .operations import OPS, PRIMITIVES, FactorizedReduce, ReLUConvBN
 class MixedOp(nn.Module):
     """``y = sum_k w_k * op_k(x)`` over the candidates; 'none' is never computed.
 
-    ``forward(x, weights)``: x (N, C, H, W), weights (len(primitives),) softmaxed.
+    ``forward(x, weights)``: x (N, C, H, W), weights (len(primitives),) softmaxed: a 1-D floating tensor
+    on x's device, one weight per candidate ('none' included), else ValueError (on the fused path and the
+    module path alike).
     """
 
     def __init__(self, C: int, stride: int, primitives: Sequence[str] = PRIMITIVES):
@@ -47,6 +49,7 @@ class MixedOp(nn.Module):
         self._live_slice = slice(lo, hi) if self._live == list(range(lo, hi)) else None
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        self._check_weights(x, weights)
         backend = self._fused(x, weights)
         if backend is not None:
             return fused.edge_forward(self._plan, x, weights, backend)
@@ -54,6 +57,18 @@ class MixedOp(nn.Module):
         w = weights[self._live_slice] if self._live_slice is not None else weights[self._live]
         return mixed_sum(outs, w)
 
+    def _check_weights(self, x: torch.Tensor, weights) -> None:
+        """weights: 1-D, one per candidate, floating, on x's device. Metadata only (runs per edge per step):
+        no host sync, nothing a compiled graph would break on."""
+        n = len(self._primitives)
+        if not isinstance(weights, torch.Tensor):
+            raise TypeError(f"weights: expected a tensor of {n} weights, got {type(weights).__name__}")
+        if weights.shape != (n,) or not weights.is_floating_point() or weights.device != x.device:
+            got = weights.shape[0] if weights.dim() == 1 else weights.numel()
+            raise ValueError(
+                f"weights: expected {n} weights (a 1-D floating tensor on {x.device}, one per candidate: "
+                f"{', '.join(self._primitives)}), got {got} (shape {tuple(weights.shape)}, {weights.dtype}, "
+                f"on {weights.device})")
 
     def _fused(self, x: torch.Tensor, weights: torch.Tensor) -> Optional[str]:
         """The backend that runs this call as one fused edge, or None (training-mode edges only)."""
@@ -87,6 +102,11 @@ class Cell(nn.Module):
                 self._ops.append(MixedOp(C, stride, primitives))
 
     def forward(self, s0, s1, weights):
+        # weights (edges, candidates): one row per MixedOp (each row is checked by its MixedOp)
+        if not isinstance(weights, torch.Tensor) or weights.dim() != 2 or weights.shape[0] != len(self._ops):
+            shape = tuple(weights.shape) if isinstance(weights, torch.Tensor) else type(weights).__name__
+            raise ValueError(f"weights: expected a 2-D tensor with one row per edge of the cell, "
+                             f"{len(self._ops)} rows, got {shape}")
         s0 = self.preprocess0(s0)
         s1 = self.preprocess1(s1)
         states = [s0, s1]

@@ -29,6 +29,11 @@ namespace rnn_mix {
 constexpr int kFuncs = 5;  // none, tanh, relu, sigmoid, identity
 
 // f(h) and f'(h) for f = tanh, relu, sigmoid, identity (indices 1..4; slot 0 unused).
+// Defined for every h, as torch's own functions are: h = +inf / -inf gives tanh = 1 / -1, sigmoid = 1 / 0
+// and their derivatives 0 (exp(-h) = inf only ever divides 1, never inf); large finite |h| saturates the
+// same way (exp(-h) may overflow to inf: 1 / (1 + inf) = 0); and no value or derivative is formed as 0 * h
+// (NaN for an infinite h: relu is a select). A NaN h gives NaN values, relu's included (torch.relu(NaN) is
+// NaN), and relu'(NaN) = 0 as torch's.
 template <typename acc_t>
 PYNAS_HOST_DEVICE inline void activations(acc_t h, acc_t* f, acc_t* df) {
 #ifndef __CUDA_ARCH__
@@ -41,7 +46,7 @@ PYNAS_HOST_DEVICE inline void activations(acc_t h, acc_t* f, acc_t* df) {
   df[0] = acc_t(0);
   f[1] = t;
   df[1] = acc_t(1) - t * t;
-  f[2] = h > acc_t(0) ? h : acc_t(0);
+  f[2] = h < acc_t(0) ? acc_t(0) : h;  // relu(NaN) = NaN, as torch.relu
   df[2] = h > acc_t(0) ? acc_t(1) : acc_t(0);
   f[3] = sg;
   df[3] = sg * (acc_t(1) - sg);
