@@ -52,9 +52,11 @@ def _add_hessian_args(p: argparse.ArgumentParser, d) -> None:
 
 
 def _hessian_settings(args) -> dict:
-    return dict(track_hessian=args.track_hessian, hessian_iters=args.hessian_iters, hessian_stop=args.hessian_stop,
-                hessian_window=args.hessian_window, hessian_k=args.hessian_k,
-                hessian_threshold=args.hessian_threshold)
+    import dataclasses
+
+    from .search import HessianSettings
+
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(HessianSettings)}
 
 
 def _add_cnn_args(p: argparse.ArgumentParser) -> None:

@@ -132,7 +132,19 @@ def _weight_optimizer(params, cfg) -> torch.optim.SGD:
 
 
 @dataclass
-class CNNSearchConfig:
+class HessianSettings:
+    """The --track-hessian / DARTS-ES settings, shared by the search configs (check: check_hessian_settings)."""
+
+    track_hessian: bool = False  # the dominant eigenvalue of the arch Hessian after every epoch
+    hessian_iters: int = 20  # power iterations (Hessian-vector products) per eigenvalue
+    hessian_stop: bool = False  # DARTS-ES: stop by the eigenvalue rule, keep the genotype of hessian_k epochs before
+    hessian_window: int = 5  # DARTS-ES: epochs averaged
+    hessian_k: int = 5  # DARTS-ES: epochs looked back
+    hessian_threshold: float = 0.75  # DARTS-ES: stop when mean(i - k) / mean(i) falls below
+
+
+@dataclass
+class CNNSearchConfig(HessianSettings):
     """Settings of a CNN search; the defaults are DARTS's."""
 
     data: str = "shapes10"
@@ -156,12 +168,6 @@ class CNNSearchConfig:
     steps_per_epoch: Optional[int] = None  # cap on iterations per epoch (None: a full pass)
     device: str = "cpu"
     backend: str = "auto"
-    track_hessian: bool = False  # the dominant eigenvalue of the arch Hessian after every epoch
-    hessian_iters: int = 20  # power iterations (Hessian-vector products) per eigenvalue
-    hessian_stop: bool = False  # DARTS-ES: stop by the eigenvalue rule, keep the genotype of hessian_k epochs before
-    hessian_window: int = 5  # DARTS-ES: epochs averaged
-    hessian_k: int = 5  # DARTS-ES: epochs looked back
-    hessian_threshold: float = 0.75  # DARTS-ES: stop when mean(i - k) / mean(i) falls below
 
 
 def _check_config(cfg: CNNSearchConfig) -> None:

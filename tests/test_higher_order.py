@@ -315,6 +315,32 @@ def test_torch_func_transforms(op, transform):
     torch.testing.assert_close(_on("cpu", t, fn, arg), ref, **TOL)
 
 
+def _cnn_of_alpha(model, x):
+    """model(x) as a function of alphas_normal (the model's own tensor restored after each call)."""
+    def fn(a):
+        model.alphas_normal = a
+        try:
+            return model(x)
+        finally:
+            model.alphas_normal = model.arch_parameters()[0]
+
+    return fn
+
+
+def _rnn_of_alpha(rnn, inp):
+    """The RNN model's log-probabilities on inp as a function of its arch tensor (restored after each call)."""
+    def fn(a):
+        for cell in rnn.rnns:
+            cell.weights = a
+        try:
+            return rnn(inp, rnn.init_hidden(inp.shape[1]))[0]
+        finally:
+            for cell in rnn.rnns:
+                cell.weights = rnn.weights
+
+    return fn
+
+
 @pytest.mark.parametrize("transform", ["grad", "jacrev", "jvp", "vmap"])
 def test_torch_func_over_the_networks(transform):
     """The CNN in eval mode, the RNN model in train mode (with functorch's BatchNorm recipe)."""
@@ -322,30 +348,11 @@ def test_torch_func_over_the_networks(transform):
     rnn, inp, target = _rnn(seed=2)
     a_cnn = model.arch_parameters()[0].detach()
     a_rnn = rnn.arch_parameters()[0].detach()
-
-    def cnn_fn(a):
-        model.alphas_normal = a
-        try:
-            return model(x)
-        finally:
-            model.alphas_normal = model.arch_parameters()[0]
-
-    def rnn_fn(a):
-        rnn.weights = a
-        for cell in rnn.rnns:
-            cell.weights = a
-        try:
-            return rnn(inp, rnn.init_hidden(2))[0]
-        finally:
-            rnn.weights = rnn.arch_parameters()[0]
-            for cell in rnn.rnns:
-                cell.weights = rnn.weights
-
+    model.eval()
+    # functorch's recipe for the training-mode RNN: BatchNorm without running statistics (nothing mutated)
+    torch.func.replace_all_batch_norm_modules_(rnn)
     t = _transforms()[transform]
-    for fn, a, train in ((cnn_fn, a_cnn, False), (rnn_fn, a_rnn, True)):
-        model.train(train)
-        if train:  # functorch's recipe: BatchNorm without running statistics (nothing mutated under a transform)
-            torch.func.replace_all_batch_norm_modules_(rnn)
+    for fn, a in ((_cnn_of_alpha(model, x), a_cnn), (_rnn_of_alpha(rnn, inp), a_rnn)):
         ref = _on("reference", t, fn, a)
         torch.testing.assert_close(_on("cpu", t, fn, a), ref, rtol=1e-7, atol=1e-12)
 
@@ -360,28 +367,10 @@ def test_forward_mode_ad(op):
         fn, arg = (lambda p: rnn_mix(s, c, h, p)), _rand(2, 5, seed=5)
     elif op == "cnn-train":
         model, x, _ = _cnn(seed=4)
-
-        def fn(a):
-            model.alphas_normal = a
-            try:
-                return model(x)
-            finally:
-                model.alphas_normal = model.arch_parameters()[0]
-
-        arg = model.arch_parameters()[0].detach()
+        fn, arg = _cnn_of_alpha(model, x), model.arch_parameters()[0].detach()
     else:
         rnn, inp, _ = _rnn(seed=4)
-
-        def fn(a):
-            for cell in rnn.rnns:
-                cell.weights = a
-            try:
-                return rnn(inp, rnn.init_hidden(2))[0]
-            finally:
-                for cell in rnn.rnns:
-                    cell.weights = rnn.weights
-
-        arg = rnn.arch_parameters()[0].detach()
+        fn, arg = _rnn_of_alpha(rnn, inp), rnn.arch_parameters()[0].detach()
     tangent = _rand(*arg.shape, seed=8)
 
     def jvp(be):

@@ -20,8 +20,8 @@ from typing import Callable, List, Optional
 import torch
 import torch.nn.functional as F
 
-from ..search import (SearchCheckpoints, check_flag, check_hessian_settings, check_number, check_optional_int,
-                      check_place, check_positive_int, check_seed, start_or_resume)
+from ..search import (HessianSettings, SearchCheckpoints, check_flag, check_hessian_settings, check_number,
+                      check_optional_int, check_place, check_positive_int, check_seed, start_or_resume)
 from .architect import Architect
 from .data import DEFAULT_MAX_TOKENS, STDLIB_MIN_TOKENS, batchify, get_batch, load_corpus, stdlib_min_tokens
 from .genotypes import to_json
@@ -29,7 +29,7 @@ from .model_search import RNNModelSearch
 
 
 @dataclass
-class RNNSearchConfig:
+class RNNSearchConfig(HessianSettings):
     """Settings of an RNN search; the defaults are DARTS's (rnn/train_search.py)."""
 
     data: str = "stdlib"
@@ -60,12 +60,6 @@ class RNNSearchConfig:
     steps_per_epoch: Optional[int] = None  # cap on iterations per epoch (None: a full pass)
     device: str = "cpu"
     backend: str = "auto"
-    track_hessian: bool = False  # the dominant eigenvalue of the arch Hessian after every epoch
-    hessian_iters: int = 20  # power iterations (Hessian-vector products) per eigenvalue
-    hessian_stop: bool = False  # DARTS-ES: stop by the eigenvalue rule, keep the genotype of hessian_k epochs before
-    hessian_window: int = 5  # DARTS-ES: epochs averaged
-    hessian_k: int = 5  # DARTS-ES: epochs looked back
-    hessian_threshold: float = 0.75  # DARTS-ES: stop when mean(i - k) / mean(i) falls below
 
 
 def check_config(cfg: RNNSearchConfig) -> None:
