@@ -208,11 +208,7 @@ else
     XDIST=()
     "$PY" -c 'import xdist' 2>/dev/null && XDIST=(-n 8)
     run_step "gpu tests" 200 175 "$TESTS_LOG" \
-        "$PY" -m pytest -q -rs --maxfail=100 ${XDIST[@]+"${XDIST[@]}"} tests/test_edge_cuda.py tests/test_fused_edge.py \
-        tests/test_edge_triton.py tests/test_multi_tensor.py tests/test_multi_tensor_gpu.py tests/test_rnn_mix.py \
-        tests/test_rnn_mix_cuda.py tests/test_rnn_mix_triton.py tests/test_rnn_fused_sequence.py \
-        tests/test_mixed_sum.py tests/test_backends.py tests/test_architect.py tests/test_rnn_architect.py \
-        -p no:cacheprovider
+        "$PY" -m pytest -q -rs --maxfail=100 ${XDIST[@]+"${XDIST[@]}"} -m gpu tests -p no:cacheprovider
 fi
 
 # ------------------------------------------------------------------ d. benchmarks

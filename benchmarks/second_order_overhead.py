@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import pynas
-from pynas import architect as arch_mod
+from pynas.strategies import darts as arch_mod
 from pynas import bench
 from pynas.ops import multi_tensor as mt
 
@@ -41,7 +41,7 @@ def timed(fn):
 
 for name in ("virtual_step_", "sum_squares", "perturb_", "copy_"):
     setattr(mt, name, timed(getattr(mt, name)))
-arch_mod.Architect._snapshot = timed(arch_mod.Architect._snapshot)
+arch_mod.CNNArchitect._snapshot = timed(arch_mod.CNNArchitect._snapshot)
 nn.utils.clip_grad_norm_ = timed(nn.utils.clip_grad_norm_)
 torch.optim.SGD.step = timed(torch.optim.SGD.step)
 torch.optim.Adam.step = timed(torch.optim.Adam.step)

@@ -4,7 +4,7 @@
 
 #include "pynas/checks.h"
 #include "pynas/macros.h"
-#include "pynas/mixed_edge.h"
+#include "pynas/cnn_edge.h"
 #include "pynas/mixed_sum.h"
 #include "pynas/rnn_cell.h"
 #include "pynas/rnn_mix.h"
@@ -73,7 +73,7 @@ std::pair<std::vector<at::Tensor>, at::Tensor> mixed_sum_backward(const at::Tens
   fail_device(op, xs[0], "xs[0]");
 }
 
-// ---- the fused CNN edge (see csrc/include/pynas/mixed_edge.h; the 1x1 convs are CPU only) --------------
+// ---- the fused CNN edge (see csrc/include/pynas/cnn_edge.h; the 1x1 convs are CPU only) --------------
 
 void check_activation(const char* op, const at::Tensor& t, const char* name) {
   pynas::checks::check_dense(op, t, name);
@@ -155,24 +155,24 @@ void check_dw_args(const char* op, const at::Tensor& x, const std::vector<at::Te
   }
 }
 
-std::vector<at::Tensor> edge_dw_forward(const at::Tensor& x, const std::vector<at::Tensor>& ws,
+std::vector<at::Tensor> cnn_edge_dw_forward(const at::Tensor& x, const std::vector<at::Tensor>& ws,
                                         const std::vector<int64_t>& strides, const std::vector<int64_t>& pads,
                                         const std::vector<int64_t>& dils, int64_t pre, const at::Tensor& mean,
                                         const at::Tensor& rstd) {
-  constexpr const char* op = "edge_dw_forward";
+  constexpr const char* op = "cnn_edge_dw_forward";
   check_dw_args(op, x, ws, strides, pads, dils, pre, mean, rstd);
-  if (x.is_cpu()) return pynas::cpu::edge_dw_forward(x, ws, strides, pads, dils, pre, mean, rstd);
+  if (x.is_cpu()) return pynas::cpu::cnn_edge_dw_forward(x, ws, strides, pads, dils, pre, mean, rstd);
 #ifdef PYNAS_WITH_CUDA
-  if (x.is_cuda()) return pynas::cuda::edge_dw_forward(x, ws, strides, pads, dils, pre, mean, rstd);
+  if (x.is_cuda()) return pynas::cuda::cnn_edge_dw_forward(x, ws, strides, pads, dils, pre, mean, rstd);
 #endif
   fail_device(op, x, "x");
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> edge_dw_backward(
+std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> cnn_edge_dw_backward(
     const at::Tensor& x, const std::vector<at::Tensor>& ws, const std::vector<at::Tensor>& gs,
     const std::vector<int64_t>& strides, const std::vector<int64_t>& pads, const std::vector<int64_t>& dils,
     int64_t pre, const at::Tensor& mean, const at::Tensor& rstd, bool need_grad_w) {
-  constexpr const char* op = "edge_dw_backward";
+  constexpr const char* op = "cnn_edge_dw_backward";
   check_dw_args(op, x, ws, strides, pads, dils, pre, mean, rstd);
   TORCH_CHECK(gs.size() == ws.size(), op, ": `gs` must have one gradient per weight in `ws` (", ws.size(),
               "), got ", gs.size());
@@ -186,17 +186,17 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> edge_dw_backward(
                 op, ": `", name, "` must be shaped like conv ", m, "'s output [", x.size(0), ", ", x.size(1), ", ",
                 ho, ", ", wo, "] with the dtype and device of `x`, got ", pynas::checks::describe(gs[m]));
   }
-  if (x.is_cpu()) return pynas::cpu::edge_dw_backward(x, ws, gs, strides, pads, dils, pre, mean, rstd, need_grad_w);
+  if (x.is_cpu()) return pynas::cpu::cnn_edge_dw_backward(x, ws, gs, strides, pads, dils, pre, mean, rstd, need_grad_w);
 #ifdef PYNAS_WITH_CUDA
-  if (x.is_cuda()) return pynas::cuda::edge_dw_backward(x, ws, gs, strides, pads, dils, pre, mean, rstd, need_grad_w);
+  if (x.is_cuda()) return pynas::cuda::cnn_edge_dw_backward(x, ws, gs, strides, pads, dils, pre, mean, rstd, need_grad_w);
 #endif
   fail_device(op, x, "x");
 }
 
-std::tuple<at::Tensor, at::Tensor> edge_bn_stats(const at::Tensor& p, double eps, double momentum,
+std::tuple<at::Tensor, at::Tensor> cnn_edge_bn_stats(const at::Tensor& p, double eps, double momentum,
                                                  const std::optional<at::Tensor>& running_mean,
                                                  const std::optional<at::Tensor>& running_var) {
-  constexpr const char* op = "edge_bn_stats";
+  constexpr const char* op = "cnn_edge_bn_stats";
   check_edge_input(op, p, "p");
   TORCH_CHECK(p.size(0) * p.size(2) * p.size(3) > 1, op,
               ": BatchNorm needs more than one value per channel in training, got `p` of ",
@@ -205,23 +205,23 @@ std::tuple<at::Tensor, at::Tensor> edge_bn_stats(const at::Tensor& p, double eps
   const at::Tensor rm = running_mean.value_or(at::Tensor()), rv = running_var.value_or(at::Tensor());
   if (rm.defined()) check_channel_vector(op, rm, "running_mean", p, p.scalar_type());
   if (rv.defined()) check_channel_vector(op, rv, "running_var", p, p.scalar_type());
-  if (p.is_cpu()) return pynas::cpu::edge_bn_stats(p, eps, momentum, rm, rv);
+  if (p.is_cpu()) return pynas::cpu::cnn_edge_bn_stats(p, eps, momentum, rm, rv);
 #ifdef PYNAS_WITH_CUDA
-  if (p.is_cuda()) return pynas::cuda::edge_bn_stats(p, eps, momentum, rm, rv);
+  if (p.is_cuda()) return pynas::cuda::cnn_edge_bn_stats(p, eps, momentum, rm, rv);
 #endif
   fail_device(op, p, "p");
 }
 
-at::Tensor edge_bn_backward(const at::Tensor& g, const at::Tensor& p, const at::Tensor& mean, const at::Tensor& rstd,
+at::Tensor cnn_edge_bn_backward(const at::Tensor& g, const at::Tensor& p, const at::Tensor& mean, const at::Tensor& rstd,
                             const std::optional<at::Tensor>& sums) {
-  constexpr const char* op = "edge_bn_backward";
+  constexpr const char* op = "cnn_edge_bn_backward";
   check_edge_input(op, p, "p");
   pynas::checks::check_like(op, g, "g", p, "p");
   check_channel_vector(op, mean, "mean", p, edge_acc_dtype(p));
   check_channel_vector(op, rstd, "rstd", p, edge_acc_dtype(p));
   const at::Tensor s = sums.value_or(at::Tensor());
   if (s.defined()) {
-    // float64 on the CPU, the accumulation dtype on a GPU (as edge_dw_backward gives them)
+    // float64 on the CPU, the accumulation dtype on a GPU (as cnn_edge_dw_backward gives them)
     const at::ScalarType dtype = p.is_cpu() ? at::kDouble : edge_acc_dtype(p);
     pynas::checks::check_dense(op, s, "sums");
     TORCH_CHECK(s.dim() == 2 && s.size(0) == 2 && s.size(1) == p.size(1) && s.scalar_type() == dtype &&
@@ -229,9 +229,9 @@ at::Tensor edge_bn_backward(const at::Tensor& g, const at::Tensor& p, const at::
                 op, ": `sums` must be (2, C) = (2, ", p.size(1), ") ", pynas::checks::dtype_name(dtype), " on ",
                 p.device(), ", got ", pynas::checks::describe(s));
   }
-  if (p.is_cpu()) return pynas::cpu::edge_bn_backward(g, p, mean, rstd, s);
+  if (p.is_cpu()) return pynas::cpu::cnn_edge_bn_backward(g, p, mean, rstd, s);
 #ifdef PYNAS_WITH_CUDA
-  if (p.is_cuda()) return pynas::cuda::edge_bn_backward(g, p, mean, rstd, s);
+  if (p.is_cuda()) return pynas::cuda::cnn_edge_bn_backward(g, p, mean, rstd, s);
 #endif
   fail_device(op, p, "p");
 }
@@ -244,11 +244,11 @@ void check_pw_weight(const char* op, const at::Tensor& w, const at::Tensor& u) {
               pynas::checks::describe(w));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> edge_pw_forward(const at::Tensor& u, const at::Tensor& w, bool stats,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cnn_edge_pw_forward(const at::Tensor& u, const at::Tensor& w, bool stats,
                                                                double eps, double momentum,
                                                                const std::optional<at::Tensor>& running_mean,
                                                                const std::optional<at::Tensor>& running_var) {
-  constexpr const char* op = "edge_pw_forward";
+  constexpr const char* op = "cnn_edge_pw_forward";
   check_activation(op, u, "u");
   check_pw_weight(op, w, u);
   const at::Tensor rm = running_mean.value_or(at::Tensor()), rv = running_var.value_or(at::Tensor());
@@ -266,12 +266,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> edge_pw_forward(const at::Tensor&
                   pynas::checks::describe(t));
     }
   }
-  return pynas::cpu::edge_pw_forward(u, w, stats, eps, momentum, rm, rv);
+  return pynas::cpu::cnn_edge_pw_forward(u, w, stats, eps, momentum, rm, rv);
 }
 
-std::tuple<at::Tensor, at::Tensor> edge_pw_backward(const at::Tensor& g, const at::Tensor& u, const at::Tensor& w,
+std::tuple<at::Tensor, at::Tensor> cnn_edge_pw_backward(const at::Tensor& g, const at::Tensor& u, const at::Tensor& w,
                                                     bool need_grad_w) {
-  constexpr const char* op = "edge_pw_backward";
+  constexpr const char* op = "cnn_edge_pw_backward";
   check_activation(op, u, "u");
   check_pw_weight(op, w, u);
   pynas::checks::check_dense(op, g, "g");
@@ -279,7 +279,7 @@ std::tuple<at::Tensor, at::Tensor> edge_pw_backward(const at::Tensor& g, const a
                   g.scalar_type() == u.scalar_type() && g.is_cpu(),
               op, ": `g` must be shaped like the conv's output [", u.size(0), ", ", w.size(0), ", ", u.size(2), ", ",
               u.size(3), "] with `u`'s dtype, got ", pynas::checks::describe(g));
-  return pynas::cpu::edge_pw_backward(g, u, w, need_grad_w);
+  return pynas::cpu::cnn_edge_pw_backward(g, u, w, need_grad_w);
 }
 
 void check_mix_args(const char* op, const at::Tensor& x, const std::vector<at::Tensor>& ps, const at::Tensor& w,
@@ -304,12 +304,12 @@ void check_mix_args(const char* op, const at::Tensor& x, const std::vector<at::T
                               "max, avg, skip, then one per tensor in `ps`", x, "x");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> edge_mix_forward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cnn_edge_mix_forward(
     const at::Tensor& x, const std::vector<at::Tensor>& ps, const at::Tensor& w, int64_t stride, bool has_max,
     bool has_avg, bool has_skip, double eps, double momentum,
     const std::vector<std::optional<at::Tensor>>& running_means,
     const std::vector<std::optional<at::Tensor>>& running_vars) {
-  constexpr const char* op = "edge_mix_forward";
+  constexpr const char* op = "cnn_edge_mix_forward";
   check_mix_args(op, x, ps, w, stride, has_skip);
   TORCH_CHECK(eps > 0, op, ": `eps` must be positive, got ", eps);
   const size_t J = 2 + ps.size();
@@ -331,20 +331,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> edge_mix_forward(
   TORCH_CHECK(x.size(0) * ho * pynas::edge::out_size(x.size(3), 3, stride, 1, 1) > 1, op,
               ": BatchNorm needs more than one value per channel in training, got `x` of ", pynas::checks::describe(x));
   if (x.is_cpu()) {
-    return pynas::cpu::edge_mix_forward(x, ps, w, stride, has_max, has_avg, has_skip, eps, momentum, rms, rvs);
+    return pynas::cpu::cnn_edge_mix_forward(x, ps, w, stride, has_max, has_avg, has_skip, eps, momentum, rms, rvs);
   }
 #ifdef PYNAS_WITH_CUDA
   if (x.is_cuda()) {
-    return pynas::cuda::edge_mix_forward(x, ps, w, stride, has_max, has_avg, has_skip, eps, momentum, rms, rvs);
+    return pynas::cuda::cnn_edge_mix_forward(x, ps, w, stride, has_max, has_avg, has_skip, eps, momentum, rms, rvs);
   }
 #endif
   fail_device(op, x, "x");
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> edge_mix_backward(
+std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> cnn_edge_mix_backward(
     const at::Tensor& g, const at::Tensor& x, const std::vector<at::Tensor>& ps, const at::Tensor& w, int64_t stride,
     bool has_max, bool has_avg, bool has_skip, const at::Tensor& mean, const at::Tensor& rstd) {
-  constexpr const char* op = "edge_mix_backward";
+  constexpr const char* op = "cnn_edge_mix_backward";
   check_mix_args(op, x, ps, w, stride, has_skip);
   const int64_t ho = pynas::edge::out_size(x.size(2), 3, stride, 1, 1);
   const int64_t wo = pynas::edge::out_size(x.size(3), 3, stride, 1, 1);
@@ -362,9 +362,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> edge_mix_backward(
                 op, ": `", name, "` must be (2 + len(ps), C) = (", J, ", ", x.size(1), ") ",
                 pynas::checks::dtype_name(acc), " on ", x.device(), ", got ", pynas::checks::describe(t));
   }
-  if (x.is_cpu()) return pynas::cpu::edge_mix_backward(g, x, ps, w, stride, has_max, has_avg, has_skip, mean, rstd);
+  if (x.is_cpu()) return pynas::cpu::cnn_edge_mix_backward(g, x, ps, w, stride, has_max, has_avg, has_skip, mean, rstd);
 #ifdef PYNAS_WITH_CUDA
-  if (x.is_cuda()) return pynas::cuda::edge_mix_backward(g, x, ps, w, stride, has_max, has_avg, has_skip, mean, rstd);
+  if (x.is_cuda()) return pynas::cuda::cnn_edge_mix_backward(g, x, ps, w, stride, has_max, has_avg, has_skip, mean, rstd);
 #endif
   fail_device(op, x, "x");
 }
@@ -557,29 +557,29 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(grad_xs, grad_weights) with grad_xs[k] = weights[k] * grad_out and grad_weights[k] = sum(grad_out * xs[k]).");
   namespace py = pybind11;
   const auto nogil = py::call_guard<py::gil_scoped_release>();
-  m.def("edge_dw_forward", &edge_dw_forward, py::arg("x"), py::arg("ws"), py::arg("strides"), py::arg("pads"),
+  m.def("cnn_edge_dw_forward", &cnn_edge_dw_forward, py::arg("x"), py::arg("ws"), py::arg("strides"), py::arg("pads"),
         py::arg("dils"), py::arg("pre"), py::arg("mean"), py::arg("rstd"), nogil,
         "Depthwise convs of pre(x), one per weight (fused CNN edge, CPU and CUDA).");
-  m.def("edge_dw_backward", &edge_dw_backward, py::arg("x"), py::arg("ws"), py::arg("gs"), py::arg("strides"),
+  m.def("cnn_edge_dw_backward", &cnn_edge_dw_backward, py::arg("x"), py::arg("ws"), py::arg("gs"), py::arg("strides"),
         py::arg("pads"), py::arg("dils"), py::arg("pre"), py::arg("mean"), py::arg("rstd"),
         py::arg("need_grad_w") = true, nogil,
-        "(grad_in, grad_ws, sums) of edge_dw_forward; grad_ws is empty unless need_grad_w.");
-  m.def("edge_bn_stats", &edge_bn_stats, py::arg("p"), py::arg("eps"), py::arg("momentum"),
+        "(grad_in, grad_ws, sums) of cnn_edge_dw_forward; grad_ws is empty unless need_grad_w.");
+  m.def("cnn_edge_bn_stats", &cnn_edge_bn_stats, py::arg("p"), py::arg("eps"), py::arg("momentum"),
         py::arg("running_mean"), py::arg("running_var"), nogil,
         "(mean, rstd) per channel of p; updates the running statistics in place.");
-  m.def("edge_bn_backward", &edge_bn_backward, py::arg("g"), py::arg("p"), py::arg("mean"), py::arg("rstd"),
+  m.def("cnn_edge_bn_backward", &cnn_edge_bn_backward, py::arg("g"), py::arg("p"), py::arg("mean"), py::arg("rstd"),
         py::arg("sums"), nogil, "Affine-free training BatchNorm backward.");
-  m.def("edge_mix_forward", &edge_mix_forward, py::arg("x"), py::arg("ps"), py::arg("w"), py::arg("stride"),
+  m.def("cnn_edge_mix_forward", &cnn_edge_mix_forward, py::arg("x"), py::arg("ps"), py::arg("w"), py::arg("stride"),
         py::arg("has_max"), py::arg("has_avg"), py::arg("has_skip"), py::arg("eps"), py::arg("momentum"),
         py::arg("running_means"), py::arg("running_vars"), nogil,
         "(out, mean, rstd): the weighted sum of BN(pools(x)), x and BN(ps) (fused CNN edge, CPU and CUDA).");
-  m.def("edge_mix_backward", &edge_mix_backward, py::arg("g"), py::arg("x"), py::arg("ps"), py::arg("w"),
+  m.def("cnn_edge_mix_backward", &cnn_edge_mix_backward, py::arg("g"), py::arg("x"), py::arg("ps"), py::arg("w"),
         py::arg("stride"), py::arg("has_max"), py::arg("has_avg"), py::arg("has_skip"), py::arg("mean"),
-        py::arg("rstd"), nogil, "(grad_x, grad_ps, grad_w) of edge_mix_forward; pools recomputed.");
-  m.def("edge_pw_forward", &edge_pw_forward, py::arg("u"), py::arg("w"), py::arg("stats"), py::arg("eps"),
+        py::arg("rstd"), nogil, "(grad_x, grad_ps, grad_w) of cnn_edge_mix_forward; pools recomputed.");
+  m.def("cnn_edge_pw_forward", &cnn_edge_pw_forward, py::arg("u"), py::arg("w"), py::arg("stats"), py::arg("eps"),
         py::arg("momentum"), py::arg("running_mean"), py::arg("running_var"), nogil,
         "(p, mean, rstd): 1x1 conv, with the per-channel batch statistics of p when `stats` (fused CNN edge, CPU).");
-  m.def("edge_pw_backward", &edge_pw_backward, py::arg("g"), py::arg("u"), py::arg("w"),
+  m.def("cnn_edge_pw_backward", &cnn_edge_pw_backward, py::arg("g"), py::arg("u"), py::arg("w"),
         py::arg("need_grad_w") = true, nogil,
         "(grad_u, grad_w) of a 1x1 conv (fused CNN edge, CPU); grad_w is None unless need_grad_w.");
   m.def("cpu_isa", &pynas::cpu::isa, "The instruction set of the CPU edge kernels in use: 'base' or 'avx2'.");

@@ -3,7 +3,7 @@
 // Device-generic: the GEMMs, activations and BatchNorm go through ATen (MKL/oneDNN on the CPU, cuBLAS and
 // torch's kernels on a GPU), the node mix through pynas's rnn_mix kernels (C++ or CUDA). What this file
 // removes is the per-op cost of a graph of ~90 autograd nodes per time step: the loops over the 35 steps
-// and 8 nodes run here, below autograd, and the Python side (pynas/rnn/fused.py) sees one autograd node
+// and 8 nodes run here, below autograd, and the Python side (pynas/ops/rnn_cell.py) sees one autograd node
 // per sequence. Math, per step t (m_x, m_h the per-sequence dropout masks, all nodes BatchNorm1d without
 // affine, in training mode):
 //

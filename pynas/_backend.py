@@ -1,11 +1,10 @@
-"""Backends: who computes pynas's fused ops, and how one is chosen.
+"""Backends: who can compute pynas's fused ops on this machine, and which one is in force.
 
-Four backends exist: ``reference`` (plain PyTorch, the source of truth),
-``cpu`` (the C++ extension), ``triton`` (kernels/ through Triton) and ``cuda``
-(the CUDA part of the extension). Each describes the devices and dtypes it
-supports and why it cannot run (xformers-style ``not_supported_reasons``).
-``auto`` picks, per call, the first usable backend in the device's preference
-order; a backend named explicitly raises its real reason when it cannot run.
+Four backends exist: ``reference`` (plain PyTorch, the source of truth), ``cpu`` (the C++ extension),
+``triton`` (kernels/ through Triton) and ``cuda`` (the CUDA part of the extension). This module says whether
+each can run here and why not, and holds the choice in force (:func:`use_backend`, ``$PYNAS_BACKEND``, else
+``auto``). What each backend's implementation of an op takes (devices, dtypes, layout), and the choice of
+implementation per call, are the op's table in pynas.ops._dispatch.
 """
 from __future__ import annotations
 
@@ -15,27 +14,16 @@ import importlib.util
 import os
 import sys
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
 from . import _ext
+from ._triton import interpreting as _triton_interpret
 
 NAMES: Tuple[str, ...] = ("reference", "cpu", "triton", "cuda")
 CHOICES: Tuple[str, ...] = ("auto",) + NAMES
 ENV_VAR = "PYNAS_BACKEND"
-
-# Fastest first. Triton on the CPU is the interpreter: correct but slow, so
-# ``auto`` never picks it for CPU tensors.
-_PREFERENCE = {
-    "cpu": ("cpu", "reference"),
-    "cuda": ("cuda", "triton", "reference"),
-}
-
-
-def _triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
 
 def _cuda_runtime_reason() -> Optional[str]:
     # Called only when a backend's availability is asked for, never at import.
@@ -76,40 +64,22 @@ def _triton_reason() -> Optional[str]:
 
 @dataclass(frozen=True)
 class Backend:
+    """A backend and why it cannot run on this machine (what each op's implementations of it can take is in
+    that op's table, pynas.ops._dispatch)."""
+
     name: str
-    devices: Tuple[str, ...]
-    dtypes: Tuple[torch.dtype, ...]
     _reason: Callable[[], Optional[str]]
-    cpu_only_interpreted: bool = False  # takes CPU tensors only under TRITON_INTERPRET=1
 
     def unavailable_reason(self) -> Optional[str]:
         """Why this backend cannot run on this machine at all (``None`` when it can)."""
         return self._reason()
 
-    def not_supported_reasons(self, tensors: Sequence[torch.Tensor]) -> list:
-        """Every reason this backend cannot take these tensors (empty list when it can)."""
-        reasons = []
-        why = self.unavailable_reason()
-        if why:
-            reasons.append(why)
-        for t in tensors:
-            dev = t.device.type
-            if dev == "cpu" and self.cpu_only_interpreted and not _triton_interpret():
-                reasons.append(f"{self.name} runs on CPU tensors only under TRITON_INTERPRET=1")
-            elif dev not in self.devices:
-                reasons.append(f"device {dev!r} is not supported by backend {self.name!r}")
-            if t.dtype not in self.dtypes:
-                reasons.append(f"dtype {t.dtype} is not supported by backend {self.name!r}")
-        # de-duplicate, keep order
-        return list(dict.fromkeys(reasons))
 
-
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKENDS: Dict[str, Backend] = {
-    "reference": Backend("reference", ("cpu", "cuda"), _FLOATS, lambda: None),
-    "cpu": Backend("cpu", ("cpu",), _FLOATS, _cpu_reason),
-    "triton": Backend("triton", ("cuda", "cpu"), _FLOATS, _triton_reason, cpu_only_interpreted=True),
-    "cuda": Backend("cuda", ("cuda",), _FLOATS, _cuda_reason),
+    "reference": Backend("reference", lambda: None),
+    "cpu": Backend("cpu", _cpu_reason),
+    "triton": Backend("triton", _triton_reason),
+    "cuda": Backend("cuda", _cuda_reason),
 }
 
 
@@ -150,7 +120,7 @@ _current: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("pynas_
 
 def _constant_under_compile(fn):
     """What ``torch.compiler.assume_constant_result`` does (the attribute is all it sets, which
-    tests/test_backends.py checks), without importing torch._dynamo, and with it triton, at pynas import."""
+    tests/ops/test_dispatch.py checks), without importing torch._dynamo, and with it triton, at pynas import."""
     fn._dynamo_marked_constant = True
     return fn
 
@@ -210,27 +180,8 @@ def use_backend(name: str) -> Iterator[str]:
         _current.reset(token)
 
 
-#: Whether ``auto`` takes pynas's fused GPU paths (the fused CNN edge, the fused RNN sequence, the multi-tensor
-#: kernels of the second-order step): off until their GPU check (benchmarks/gpu_check.sh) has passed on a real
-#: card; ``PYNAS_FUSED_GPU_AUTO=1`` opts in; naming the 'cuda' or 'triton' backend uses them regardless.
+#: Whether ``auto`` takes every GPU implementation, validated on a card or not (``PYNAS_FUSED_GPU_AUTO=1``). Off,
+#: ``auto`` takes on GPU tensors only the implementations whose ``validated`` flag is set in their op's table
+#: (pynas.ops._dispatch), set once benchmarks/gpu_check.sh has passed them on a real card; naming the 'cuda' or
+#: 'triton' backend runs them regardless.
 GPU_FUSED_AUTO = os.environ.get("PYNAS_FUSED_GPU_AUTO", "0") == "1"
-
-
-def fused_held_back(t: torch.Tensor, name: Optional[str] = None) -> bool:
-    """Whether a fused path stays off for ``t``: a GPU tensor under ``auto`` while GPU_FUSED_AUTO is off."""
-    return t.is_cuda and not GPU_FUSED_AUTO and (name or current_backend()) == "auto"
-
-
-def resolve(tensors: Sequence[torch.Tensor], name: Optional[str] = None) -> str:
-    """The concrete backend that will compute an op on ``tensors``."""
-    key = _check_name(name) if name is not None else current_backend()
-    if key != "auto":
-        reasons = BACKENDS[key].not_supported_reasons(tensors)
-        if reasons:
-            raise RuntimeError(f"backend {key!r} cannot run this op: " + "; ".join(reasons))
-        return key
-    dev = tensors[0].device.type if tensors else "cpu"
-    for cand in _PREFERENCE.get(dev, ("reference",)):
-        if not BACKENDS[cand].not_supported_reasons(tensors):
-            return cand
-    return "reference"

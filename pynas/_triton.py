@@ -1,4 +1,4 @@
-"""Lazy access to the Triton kernels (the top-level ``kernels/`` folder, installed as ``pynas.kernels``).
+"""Lazy access to the Triton kernels, and whether they are interpreted (the top-level ``kernels/`` folder, installed as ``pynas.kernels``).
 
 An install maps ``kernels/`` to ``pynas.kernels``; a source checkout used without installing (or one
 whose own folder shadows the editable install, as ``python -m`` from the checkout's root does) has no
@@ -11,6 +11,11 @@ import importlib.util
 import os
 import sys
 from types import ModuleType
+
+
+def interpreting() -> bool:
+    """Whether Triton runs its kernels through the interpreter (``TRITON_INTERPRET`` set, not 0): on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _load_from_checkout() -> ModuleType:

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from . import __version__, _backend
-from .architect import Architect
+from .strategies.darts import CNNArchitect as Architect
 from .cnn import Network
 from .ops import mixed_sum, mixed_sum_ref
 
@@ -342,9 +342,9 @@ def search_case(size: dict, device: torch.device, unrolled: bool, compiled: bool
 
 
 def rnn_search_case(size: dict, device: torch.device, unrolled: bool, compiled: bool, seed: int = 0) -> Case:
-    """One iteration of the RNN search loop (pynas/rnn/search.py) with DARTS's settings."""
+    """One iteration of the RNN search loop (pynas/search/rnn.py) with DARTS's settings."""
     from .rnn import RNNModelSearch
-    from .rnn.architect import Architect as RNNArchitect
+    from .strategies.darts import RNNArchitect
 
     torch.manual_seed(seed)
     e, ntok, b, t = size["emsize"], size["ntoken"], size["batch"], size["bptt"]

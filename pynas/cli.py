@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Callable, List, Optional
 
-from .search import CNNSearchConfig
+from .search.cnn import CNNSearchConfig
 
 
 def _add_order_args(p: argparse.ArgumentParser, d) -> None:
@@ -54,7 +54,7 @@ def _add_hessian_args(p: argparse.ArgumentParser, d) -> None:
 def _hessian_settings(args) -> dict:
     import dataclasses
 
-    from .search import HessianSettings
+    from .search.config import HessianSettings
 
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(HessianSettings)}
 
@@ -82,7 +82,7 @@ def _add_cnn_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_rnn_args(p: argparse.ArgumentParser) -> None:
-    from .rnn.search import RNNSearchConfig
+    from .search.rnn import RNNSearchConfig
 
     d = RNNSearchConfig()
     p.add_argument("--data", choices=("stdlib", "ptb"), default=d.data,
@@ -183,7 +183,7 @@ def _run_search(args, space: str, cfg, search_cls, config_cls, about: Callable =
 
     import torch
 
-    from .search import LOG_NAME, RunFolder, prepare_search
+    from .search.loop import LOG_NAME, RunFolder, prepare_search
 
     if args.resume is None:
         search_cls.check_config(cfg)
@@ -212,7 +212,7 @@ def _run_search(args, space: str, cfg, search_cls, config_cls, about: Callable =
 
 def _search_rnn(args) -> int:
     from . import _backend
-    from .rnn.search import RNNSearch, RNNSearchConfig
+    from .search.rnn import RNNSearch, RNNSearchConfig
 
     _set_threads(args.threads)
     backend = args.backend if args.backend is not None else _backend.current_backend()
@@ -230,7 +230,7 @@ def _search_rnn(args) -> int:
 
 def _search_cnn(args) -> int:
     from . import _backend
-    from .search import CNNSearch
+    from .search.cnn import CNNSearch
 
     _set_threads(args.threads)
     backend = args.backend if args.backend is not None else _backend.current_backend()

@@ -1,4 +1,4 @@
-"""``python -m pynas.info``: the backend table and the build facts.
+"""``python -m pynas.info``: the backends, each op's table of implementations, and the build facts.
 
 A bad ``$PYNAS_BACKEND`` or ``$PYNAS_CPU_ISA`` is reported as a line of the output (the rest of the report
 still prints) and the exit status stays 0: this is a diagnostic; the pynas ops themselves raise.
@@ -12,6 +12,7 @@ import sys
 import torch
 
 from . import __version__, _backend, _ext
+from .ops import _dispatch
 
 
 def report() -> str:
@@ -32,6 +33,11 @@ def report() -> str:
     lines.append(f"{'backend':<10} {'usable':<7} reason")
     for name, why in _backend.backends().items():
         lines.append(f"{name:<10} {'yes' if why is None else 'no':<7} {why or ''}")
+    lines.append("")
+    gpu_auto = "every GPU implementation (PYNAS_FUSED_GPU_AUTO=1)" if _backend.GPU_FUSED_AUTO else \
+        "the GPU-validated implementations only"
+    lines.append(f"implementations per op (auto takes, on a GPU, {gpu_auto}):")
+    lines += _dispatch.table_report()
     lines.append("")
     info = _ext.build_info()
     if info:

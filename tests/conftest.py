@@ -1,4 +1,14 @@
+"""Shared fixtures and the ``gpu`` marker.
+
+Tests live in folders by layer: ``ops/`` (each fused op against its reference, per backend, and the dispatch),
+``kernels/`` (the Triton kernels compiled for the GPU), ``cnn/`` and ``rnn/`` (the search spaces),
+``strategies/`` (the search methods' architecture steps), ``search/`` (the loop, checkpoints, resume),
+``compat/`` and ``cli/``. A module whose tests run on a CUDA device when there is one carries the ``gpu``
+marker; ``benchmarks/gpu_check.sh`` runs ``pytest -m gpu``, and collection fails on a test that names CUDA
+or a GPU in its id but lacks the marker, so no GPU test is left out of the check.
+"""
 import os
+import re
 
 import pytest
 import torch
@@ -52,3 +62,19 @@ def gpu_backend_params():
             why = pynas.backends()[name]
         out.append(pytest.param(name, marks=pytest.mark.skipif(why is not None, reason=f"{name}: {why}")))
     return out
+
+
+_GPU_WORDS = re.compile(r"cuda|gpu", re.IGNORECASE)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: runs on a CUDA device when one is present (benchmarks/gpu_check.sh "
+                                       "selects these with -m gpu)")
+
+
+def pytest_collection_modifyitems(config, items):
+    unmarked = [item.nodeid for item in items
+                if _GPU_WORDS.search(item.nodeid.split("::", 1)[-1]) and item.get_closest_marker("gpu") is None]
+    if unmarked:
+        raise pytest.UsageError("tests that name CUDA or a GPU need the gpu marker (pytestmark = "
+                                "pytest.mark.gpu) so that benchmarks/gpu_check.sh runs them: " + ", ".join(unmarked[:10]))

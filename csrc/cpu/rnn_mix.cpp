@@ -5,7 +5,7 @@
 // double), so it does not depend on the number of threads.
 
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
-#include "pynas/mixed_edge.h"  // isa_is_avx2
+#include "pynas/cnn_edge.h"  // isa_is_avx2
 #include "pynas/rnn_mix.h"
 
 #include <ATen/core/Tensor.h>
@@ -35,7 +35,7 @@ std::vector<acc_t> probs_table(const at::Tensor& probs) {
 
 }  // namespace
 
-// The float loops, once per instruction set (as csrc/cpu/mixed_edge.cpp does for its planes).
+// The float loops, once per instruction set (as csrc/cpu/cnn_edge.cpp does for its planes).
 namespace rnn_isa_base {
 #include "rnn_mix_loops.h"
 }  // namespace rnn_isa_base

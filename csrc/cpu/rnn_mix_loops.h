@@ -1,6 +1,6 @@
 // Element loops of the CPU rnn_mix for float (csrc/cpu/rnn_mix.cpp), included once per instruction set:
 // no include guard on purpose (the includer opens a namespace and, for AVX2, a `#pragma GCC target`
-// region around it, as for mixed_edge_planes.h).
+// region around it, as for cnn_edge_planes.h).
 //
 // The loops run over one node j at a time across a tile of elements, 8 at a time in GCC vector types
 // (AVX2 registers in the AVX2 variant, pairs of SSE registers in the baseline one); the tail goes

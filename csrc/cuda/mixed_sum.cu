@@ -8,6 +8,7 @@
 
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include "pynas/mixed_sum.h"
+#include "pynas/cuda_reduce.cuh"
 #include "pynas/tensor_lists.h"
 
 #include <ATen/core/Tensor.h>
@@ -39,30 +40,6 @@ using pynas::chunk_pointers;
 using pynas::contiguous_all;
 
 constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
-  return v;
-}
-
-// Sums v[j] over the block (blockDim.x == kThreads); the result is valid in thread 0.
-template <int N, typename acc_t>
-__device__ __forceinline__ void block_sum(acc_t (&v)[N]) {
-  __shared__ acc_t smem[N][kWarps];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-#pragma unroll
-  for (int j = 0; j < N; ++j) {
-    const acc_t s = warp_sum(v[j]);
-    if (lane == 0) smem[j][warp] = s;
-  }
-  __syncthreads();
-  if (warp == 0) {
-#pragma unroll
-    for (int j = 0; j < N; ++j) v[j] = warp_sum(lane < kWarps ? smem[j][lane] : acc_t(0));
-  }
-}
 
 __device__ __forceinline__ int64_t first_index() { return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; }
 __device__ __forceinline__ int64_t grid_stride() { return static_cast<int64_t>(gridDim.x) * blockDim.x; }
@@ -94,7 +71,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t i = first_index(); i < n; i += grid_stride()) {
     mixed_sum::backward_element<N>(xs, gxs, w, static_cast<acc_t>(g[i]), i, dot, 1);
   }
-  block_sum<N>(dot);
+  block_sum<kThreads>(dot);  // valid in thread 0
   if (threadIdx.x == 0) {
 #pragma unroll
     for (int j = 0; j < N; ++j) partial[blockIdx.x * ld + j] = dot[j];
@@ -108,7 +85,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t c = blockIdx.x;
   acc_t s[1] = {acc_t(0)};
   for (int64_t r = threadIdx.x; r < rows; r += kThreads) s[0] += partial[r * cols + c];
-  block_sum<1>(s);
+  block_sum<kThreads>(s);
   if (threadIdx.x == 0) out[c] = s[0];
 }
 

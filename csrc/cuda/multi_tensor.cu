@@ -23,6 +23,7 @@
 
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include "pynas/multi_tensor_checks.h"
+#include "pynas/cuda_reduce.cuh"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
@@ -47,7 +48,6 @@ namespace {
 
 constexpr int64_t kChunk = 1 << 14;  // elements per block
 constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
 
 // One chunk: up to three data addresses (unused ones 0) and its number of elements.
 struct Desc {
@@ -101,20 +101,6 @@ unsigned grid_of(int64_t n_chunks) {
 
 // ---- device ---------------------------------------------------------------------------------------------
 
-// Sum of v over the block (blockDim.x == kThreads), in a fixed order; valid in thread 0.
-__device__ __forceinline__ double block_sum(double v) {
-  __shared__ double smem[kWarps];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
-  if (lane == 0) smem[warp] = v;
-  __syncthreads();
-  double s = 0;
-  if (threadIdx.x == 0) {
-    for (int w = 0; w < kWarps; ++w) s += smem[w];
-  }
-  return s;
-}
-
 // w <- w - eta * (m * buf + s * g + wd * w); d.a = w, d.b = g, d.c = buf (0: none).
 template <typename scalar_t, typename acc_t>
 __global__ void virtual_step_kernel(const Desc* __restrict__ table, acc_t eta, acc_t m, acc_t wd,
@@ -148,7 +134,7 @@ __global__ void sum_squares_partial_kernel(const Desc* __restrict__ table, doubl
     const acc_t v = static_cast<acc_t>(x[i]);
     s += v * v;
   }
-  const double total = block_sum(static_cast<double>(s));
+  const double total = block_sum_serial<kThreads>(static_cast<double>(s));
   if (threadIdx.x == 0) partial[blockIdx.x] = total;
 }
 
@@ -156,7 +142,7 @@ __global__ void sum_squares_partial_kernel(const Desc* __restrict__ table, doubl
 __global__ void sum_partials_kernel(const double* __restrict__ partial, int64_t n, double* __restrict__ out) {
   double s = 0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) s += partial[i];
-  const double total = block_sum(s);
+  const double total = block_sum_serial<kThreads>(s);
   if (threadIdx.x == 0) *out = total;
 }
 

@@ -8,6 +8,7 @@
 
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include "pynas/rnn_mix.h"
+#include "pynas/cuda_reduce.cuh"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
@@ -31,38 +32,12 @@ namespace {
 using rnn_mix::kFuncs;
 
 constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
 // A fixed cap (about 8 blocks of 256 threads per SM on an H100) rather than one read from the device, so
 // the split of elements among blocks, hence the rounding of d probs, is the same on every GPU.
 constexpr int64_t kMaxBlocks = 1024;
 
 __device__ __forceinline__ int64_t first_index() { return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; }
 __device__ __forceinline__ int64_t grid_stride() { return static_cast<int64_t>(gridDim.x) * blockDim.x; }
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
-  return v;
-}
-
-// Sums v[f] over the block (blockDim.x == kThreads); the result is valid in thread 0. Ends with a barrier
-// so that the next call may reuse the shared buffer.
-template <typename acc_t>
-__device__ __forceinline__ void block_sum(acc_t (&v)[kFuncs]) {
-  __shared__ acc_t smem[kFuncs][kWarps];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-#pragma unroll
-  for (int f = 0; f < kFuncs; ++f) {
-    const acc_t s = warp_sum(v[f]);
-    if (lane == 0) smem[f][warp] = s;
-  }
-  __syncthreads();
-  if (warp == 0) {
-#pragma unroll
-    for (int f = 0; f < kFuncs; ++f) v[f] = warp_sum(lane < kWarps ? smem[f][lane] : acc_t(0));
-  }
-  __syncthreads();
-}
 
 // out[i] = sum_j forward_term(states[j, i], c[j, i], h[j, i], probs[j, :]), i over the n = B * H elements.
 template <typename scalar_t, typename acc_t>
@@ -102,7 +77,7 @@ __global__ void __launch_bounds__(kThreads)
       dc[at] = static_cast<scalar_t>(dc_v);
       dh[at] = static_cast<scalar_t>(dh_v);
     }
-    block_sum<acc_t>(dp);
+    block_sum<kThreads>(dp);  // valid in thread 0; ends with a barrier, so the next j may reuse it
     if (threadIdx.x == 0) {
       acc_t* out = partial + (static_cast<int64_t>(blockIdx.x) * num_nodes + j) * kFuncs;
 #pragma unroll

@@ -13,9 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import _backend
-from ..ops import mixed_sum
-from . import fused
+from ..ops import cnn_edge, mixed_sum
 from . import genotypes
 from .operations import OPS, PRIMITIVES, FactorizedReduce, ReLUConvBN
 
@@ -43,7 +41,7 @@ class MixedOp(nn.Module):
             raise ValueError("primitives: a MixedOp needs at least one candidate other than 'none'")
         self._stride = stride
         self._primitives = list(primitives)
-        self._plan = None  # built on first use (pynas.cnn.fused)
+        self._plan = None  # built on first use (pynas.ops.cnn_edge)
         # weights[_live] as a slice when the live columns are contiguous (the DARTS case).
         lo, hi = self._live[0], self._live[-1] + 1
         self._live_slice = slice(lo, hi) if self._live == list(range(lo, hi)) else None
@@ -52,7 +50,7 @@ class MixedOp(nn.Module):
         self._check_weights(x, weights)
         backend = self._fused(x, weights)
         if backend is not None:
-            return fused.edge_forward(self._plan, x, weights, backend)
+            return cnn_edge.cnn_edge(self._plan, x, weights, backend)
         outs = [self._ops[k](x) for k in self._live]
         w = weights[self._live_slice] if self._live_slice is not None else weights[self._live]
         return mixed_sum(outs, w)
@@ -72,12 +70,10 @@ class MixedOp(nn.Module):
 
     def _fused(self, x: torch.Tensor, weights: torch.Tensor) -> Optional[str]:
         """The backend that runs this call as one fused edge, or None (training-mode edges only)."""
-        chosen = _backend.resolve([x, weights])
-        if chosen == "reference" or _backend.fused_held_back(x):
-            return None
         if self._plan is None:
-            self._plan = fused.EdgePlan(self, self._primitives, self._stride)
-        return chosen if fused.fusable(self._plan, x, chosen) else None
+            self._plan = cnn_edge.EdgePlan(self, self._primitives, self._stride)
+        impl = cnn_edge.choose(self._plan, x, weights)
+        return None if impl is None else impl.backend
 
 
 class Cell(nn.Module):

@@ -13,7 +13,8 @@ from typing import List, Sequence, Union
 
 import torch
 
-from .. import _autodiff, _backend, _ext
+from .. import _autodiff
+from . import _dispatch
 from ._checks import as_tensor_list, check_same, check_weights
 
 __all__ = ["mixed_sum", "mixed_sum_ref"]
@@ -36,14 +37,16 @@ def _ref_backward(grad_out, xs, weights):
     return grad_xs, grad_w
 
 
-def _kernels(backend: str):
-    if backend in ("cpu", "cuda"):
-        return _ext.get()
-    if backend == "triton":
-        from .._triton import kernel_module
+TABLE = _dispatch.register("mixed_sum", [
+    _dispatch.reference("mixed_sum"),
+    _dispatch.extension("mixed_sum", "cpu"),
+    _dispatch.extension("mixed_sum", "cuda"),
+    _dispatch.triton("mixed_sum", "mixed_sum"),
+])
 
-        return kernel_module("mixed_sum")
-    raise ValueError(f"backend: {backend!r} has no mixed_sum kernel")
+
+def _kernels(backend: str):
+    return TABLE[backend].kernels()
 
 
 @torch.library.custom_op("pynas::mixed_sum", mutates_args=())
@@ -145,11 +148,15 @@ def mixed_sum(
     items = as_tensor_list(xs, "xs")
     check_same(items, "xs")
     check_weights(weights, len(items), items[0].device)
-    chosen = _backend.resolve(items + [weights], backend)
+    return _mixed_sum(items, weights, TABLE.resolve(items + [weights], backend))
+
+
+def _mixed_sum(items: List[torch.Tensor], weights: torch.Tensor, impl: _dispatch.Implementation) -> torch.Tensor:
+    """mixed_sum on checked inputs through ``impl`` (a caller that has resolved the backend already)."""
     compiling = torch.compiler.is_compiling()
-    if chosen == "reference" or (not compiling and _autodiff.under_transform()):
+    if impl.backend == "reference" or (not compiling and _autodiff.under_transform()):
         return mixed_sum_ref(items, weights)
     items = [x.contiguous() for x in items]
     if compiling:
-        return torch.ops.pynas.mixed_sum(items, weights.contiguous(), chosen)
-    return _MixedSumFunction.apply(chosen, weights.contiguous(), *items)
+        return torch.ops.pynas.mixed_sum(items, weights.contiguous(), impl.backend)
+    return _MixedSumFunction.apply(impl.backend, weights.contiguous(), *items)

@@ -23,7 +23,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .. import _backend, _ext
+from .. import _ext
+from . import _dispatch
 
 __all__ = ["virtual_step_", "sum_squares", "perturb_", "copy_", "clip_coefficient", "uses_kernels"]
 
@@ -56,30 +57,39 @@ def _has_kernel(dispatch_key: str) -> bool:
         return False
 
 
+def _extension_kernels(dispatch_key: str):
+    return _TorchOps if _ext.load() is not None and _has_kernel(dispatch_key) else None
+
+
+def _triton_kernels():
+    from .._triton import kernel_module
+
+    try:
+        return kernel_module("multi_tensor")
+    except ModuleNotFoundError:
+        return None
+
+
+_LAYOUT = "one dtype and contiguous across the list (else the reference runs)"
+TABLE = _dispatch.register("multi_tensor", [
+    _dispatch.reference("multi_tensor"),
+    _dispatch.extension("multi_tensor", "cpu", loader=lambda: _extension_kernels("CPU"), layout=_LAYOUT),
+    _dispatch.extension("multi_tensor", "cuda", loader=lambda: _extension_kernels("CUDA"), layout=_LAYOUT),
+    _dispatch.triton("multi_tensor", "multi_tensor", loader=_triton_kernels, layout=_LAYOUT),
+])
+
+
 def _implementation(params: Sequence[torch.Tensor], backend: Optional[str] = None):
     """The kernels serving these tensors, or None for the torch._foreach reference."""
     if not params:
         return None
-    chosen = _backend.resolve(list(params[:1]), backend)
-    if chosen == "reference":
+    impl = TABLE.resolve(list(params[:1]), backend)
+    if impl.backend == "reference":
         return None
-    if _backend.fused_held_back(params[0], backend):
-        return None  # not yet run on a GPU: `auto` keeps torch's foreach kernels there
     dtype = params[0].dtype
     if not all(p.dtype == dtype and p.is_contiguous() for p in params):
         return None
-    if chosen in ("cpu", "cuda"):
-        if _ext.load() is None or not _has_kernel("CPU" if chosen == "cpu" else "CUDA"):
-            return None
-        return _TorchOps
-    if chosen == "triton":
-        from .._triton import kernel_module
-
-        try:
-            return kernel_module("multi_tensor")
-        except ModuleNotFoundError:
-            return None
-    return None
+    return impl.kernels()
 
 
 def uses_kernels(params: Sequence[torch.Tensor], backend: Optional[str] = None) -> bool:

@@ -15,7 +15,8 @@ from typing import List, Optional
 
 import torch
 
-from .. import _autodiff, _backend, _ext
+from .. import _autodiff
+from . import _dispatch
 
 __all__ = ["rnn_mix", "rnn_mix_ref", "RNN_FUNCS"]
 
@@ -54,14 +55,16 @@ def _check(states, c, h, probs) -> None:
                          f"on {states.device}, got {tuple(probs.shape)} {probs.dtype} on {probs.device}")
 
 
-def _kernels(backend: str):
-    if backend in ("cpu", "cuda"):
-        return _ext.get()
-    if backend == "triton":
-        from .._triton import kernel_module
+TABLE = _dispatch.register("rnn_mix", [
+    _dispatch.reference("rnn_mix"),
+    _dispatch.extension("rnn_mix", "cpu"),
+    _dispatch.extension("rnn_mix", "cuda"),
+    _dispatch.triton("rnn_mix", "rnn_mix"),
+])
 
-        return kernel_module("rnn_mix")
-    raise ValueError(f"backend: {backend!r} has no rnn_mix kernel")
+
+def _kernels(backend: str):
+    return TABLE[backend].kernels()
 
 
 @torch.library.custom_op("pynas::rnn_mix", mutates_args=())
@@ -136,11 +139,15 @@ def rnn_mix(states: torch.Tensor, c: torch.Tensor, h: torch.Tensor, probs: torch
             backend: Optional[str] = None) -> torch.Tensor:
     """The DARTS RNN node mix (see the module docstring); differentiable w.r.t. all four inputs."""
     _check(states, c, h, probs)
-    chosen = _backend.resolve([states, c, h, probs], backend)
+    return _rnn_mix(states, c, h, probs, TABLE.resolve([states, c, h, probs], backend))
+
+
+def _rnn_mix(states, c, h, probs, impl: _dispatch.Implementation) -> torch.Tensor:
+    """rnn_mix on checked inputs through ``impl`` (a caller that has resolved the backend already)."""
     compiling = torch.compiler.is_compiling()
-    if chosen == "reference" or (not compiling and _autodiff.under_transform()):
+    if impl.backend == "reference" or (not compiling and _autodiff.under_transform()):
         return rnn_mix_ref(states, c, h, probs)
     states, c, h, probs = (t.contiguous() for t in (states, c, h, probs))
     if compiling:
-        return torch.ops.pynas.rnn_mix(states, c, h, probs, chosen)
-    return _RnnMixFunction.apply(chosen, states, c, h, probs)
+        return torch.ops.pynas.rnn_mix(states, c, h, probs, impl.backend)
+    return _RnnMixFunction.apply(impl.backend, states, c, h, probs)

@@ -1,4 +1,4 @@
-"""The DARTS RNN search space: cell, model, architect, genotypes."""
+"""The DARTS RNN search space: the search cell, the language model, genotypes, the corpora."""
 from .genotypes import CONCAT, PRIMITIVES, STEPS, Genotype, derive, from_json, to_json
 from .model_search import DARTSCellSearch, LockedDropout, RNNModelSearch, embedded_dropout
 

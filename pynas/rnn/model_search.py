@@ -10,17 +10,21 @@ between the two. Per time step (darts-spec.md):
 
 The masks are drawn once per sequence (training only). ``weights`` (36 x 5 arch tensor) is set by the
 model that owns the cell. In training mode, on a backend other than ``reference``, the whole sequence is
-one fused autograd node (:mod:`pynas.rnn.fused`); otherwise the cell runs module by module, the node mix
+one fused autograd node (:mod:`pynas.ops.rnn_cell`); otherwise the cell runs module by module, the node mix
 through :func:`pynas.ops.rnn_mix` (or, on ``reference``, written as the reference code writes it).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import _autodiff, _backend
-from ..ops import rnn_mix
+from .. import _autodiff
+from ..ops import _dispatch, rnn_cell
+from ..ops.rnn_mix import TABLE as rnn_mix_table
+from ..ops.rnn_mix import _rnn_mix
 from .genotypes import CONCAT, STEPS
 
 INITRANGE = 0.04
@@ -82,19 +86,18 @@ class DARTSCellSearch(nn.Module):
             x_mask = h_mask = None
         h = hidden[0]
         probs = F.softmax(self.weights, dim=-1)
-        backend = _backend.resolve([inputs, h, probs])  # once per sequence, not per node
         if self.training and self.bn.track_running_stats and self.bn.momentum is not None \
                 and not torch.compiler.is_compiling() and not _autodiff.under_transform():
             # under torch.compile: the module path, rnn_mix a custom op; under torch.func / forward AD: the
             # module path through the reference ops
-            from . import fused
-
-            if backend != "reference" and not _backend.fused_held_back(inputs):
-                hiddens = fused.cell_sequence(self, inputs, h, x_mask, h_mask, probs, backend)
+            impl = rnn_cell.TABLE.resolve([inputs, h, probs])
+            if impl.backend != "reference":
+                hiddens = rnn_cell.rnn_cell(self, inputs, h, x_mask, h_mask, probs, impl)
                 return hiddens, hiddens[-1].unsqueeze(0)
+        mix = rnn_mix_table.resolve([inputs, h, probs])  # once per sequence, not per node
         outs = []
         for t in range(T):
-            h = self.cell(inputs[t], h, x_mask, h_mask, probs, backend=backend)
+            h = self.cell(inputs[t], h, x_mask, h_mask, probs, mix=mix)
             outs.append(h)
         hiddens = torch.stack(outs)
         return hiddens, hiddens[-1].unsqueeze(0)
@@ -104,10 +107,10 @@ class DARTSCellSearch(nn.Module):
         c0, h0 = torch.split(xh.mm(self._W0), self.nhid, dim=-1)
         return h_prev + c0.sigmoid() * (h0.tanh() - h_prev)
 
-    def cell(self, x, h_prev, x_mask, h_mask, probs, backend=None):
-        """One time step; ``backend``: the node mix's (resolved from the tensors when None)."""
-        if backend is None:
-            backend = _backend.resolve([x, h_prev, probs])
+    def cell(self, x, h_prev, x_mask, h_mask, probs, mix: Optional[_dispatch.Implementation] = None):
+        """One time step; ``mix``: the node mix's implementation (resolved from the tensors when None)."""
+        if mix is None:
+            mix = rnn_mix_table.resolve([x, h_prev, probs])
         s0 = self.bn(self._init_state(x, h_prev, x_mask, h_mask))
         states = s0.unsqueeze(0)
         offset = 0
@@ -116,10 +119,10 @@ class DARTSCellSearch(nn.Module):
             ch = masked.reshape(-1, self.nhid).mm(self._Ws[i]).view(i + 1, -1, 2 * self.nhid)
             c, hh = torch.split(ch, self.nhid, dim=-1)
             p = probs[offset:offset + i + 1]
-            if backend == "reference":
+            if mix.backend == "reference":
                 s = _mix_reference_form(states, c.sigmoid(), hh, p)
             else:
-                s = rnn_mix(states, c.sigmoid(), hh, p, backend=backend)
+                s = _rnn_mix(states, c.sigmoid(), hh, p, mix)
             s = self.bn(s)
             states = torch.cat([states, s.unsqueeze(0)], 0)
             offset += i + 1

@@ -3,7 +3,7 @@
 // parallel pass ("one launch"), whatever their number. Lists hold contiguous tensors of one floating
 // dtype on one device; scalars that depend on data (the finite-difference scale R, a clip coefficient)
 // are 0-d tensors read where the data lives, never copied to the host.
-// See pynas/architect.py for how the step uses them.
+// See pynas/strategies/darts.py for how the step uses them.
 
 #include <ATen/core/Tensor.h>
 

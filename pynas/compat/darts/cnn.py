@@ -5,8 +5,8 @@ the MixedOps compute through pynas's ops, so ``pynas.use_backend`` switches
 the kernels. These are pynas's own classes: only ``Architect`` differs, taking
 the reference's ``(model, args)``.
 """
-from ...architect import Architect as _Architect
-from ...architect import settings_from_args
+from ...strategies.darts import CNNArchitect as _Architect
+from ...strategies.darts import settings_from_args
 from ...cnn import OPS, PRIMITIVES, Cell, Genotype, MixedOp, Network
 
 __all__ = ["PRIMITIVES", "OPS", "Genotype", "MixedOp", "Cell", "Network", "Architect"]

@@ -5,8 +5,8 @@ through pynas's fused ops, so ``pynas.use_backend`` switches the kernels. ``Arch
 reference's ``(model, args)`` (``args.wdecay, args.clip, args.arch_lr, args.arch_wdecay``).
 """
 from ...rnn import CONCAT, PRIMITIVES, STEPS, DARTSCellSearch, Genotype, RNNModelSearch
-from ...rnn.architect import Architect as _Architect
-from ...rnn.architect import settings_from_args
+from ...strategies.darts import RNNArchitect as _Architect
+from ...strategies.darts import rnn_settings_from_args as settings_from_args
 
 __all__ = ["PRIMITIVES", "STEPS", "CONCAT", "Genotype", "DARTSCellSearch", "RNNModelSearch", "Architect"]
 

@@ -1,0 +1,679 @@
+// Per-plane loops of the CPU fused edge (csrc/cpu/cnn_edge.cpp), included once per instruction set:
+// no include guard on purpose. The including file opens a namespace (and, for AVX2, a `#pragma GCC
+// target` region) around it, so every function here exists once per ISA; the includer picks one at run
+// time. Only raw pointers and inline std:: algorithms are used, so nothing ISA-specific escapes the
+// namespace.
+//
+// Layout trick for stride 1: a plane is copied into a zero-padded buffer of row length Wp, and a conv
+// tap becomes ONE loop over ho * Wp elements (out_pad[i] += w * buf[offset + i]); the Wp - wo columns
+// past the output's width are garbage that is never copied out. One long loop per tap instead of ho
+// short ones is what makes the 8x8 and 16x16 planes of DARTS fast.
+
+// Lanes of the partial sums in dot products: a fixed order that the compiler can put in SIMD registers.
+constexpr int kLanes = 8;
+
+// GCC/Clang vector extensions: 32 bytes (8 floats, 4 doubles), lowered to AVX2 registers in the AVX2
+// variant and to pairs of SSE registers in the baseline one. Explicit vectors keep a block of outputs in
+// registers across all taps, which the auto-vectoriser does not manage (measured: 2x over the best
+// auto-vectorised loop, 8x over a naive block).
+template <typename T>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(32)));
+};
+
+template <typename T>
+inline typename Vec<T>::type vload(const T* p) {
+  typename Vec<T>::type v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+inline void vstore(T* p, typename Vec<T>::type v) {
+  __builtin_memcpy(p, &v, sizeof(v));
+}
+
+// dst[i] (+)= sum_t wk[t] * src[offs[t] + i] for i in [0, n): blocks of 4 vectors stay in registers over all
+// t. `offs` may be negative. Used by the depthwise convs (t = taps) and the 1x1 convs (t = input channels).
+template <typename T>
+void tap_sum(const T* src, const int64_t* offs, const T* wk, int64_t taps, int64_t n, bool add, T* dst) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t E = sizeof(V) / sizeof(T);
+  int64_t i = 0;
+  for (; i + 4 * E <= n; i += 4 * E) {
+    V r0 = {}, r1 = {}, r2 = {}, r3 = {};
+    if (add) {
+      r0 = vload(dst + i), r1 = vload(dst + i + E), r2 = vload(dst + i + 2 * E), r3 = vload(dst + i + 3 * E);
+    }
+    for (int64_t t = 0; t < taps; ++t) {
+      const T wv = wk[t];
+      const T* p = src + offs[t] + i;
+      r0 += wv * vload(p);
+      r1 += wv * vload(p + E);
+      r2 += wv * vload(p + 2 * E);
+      r3 += wv * vload(p + 3 * E);
+    }
+    vstore(dst + i, r0), vstore(dst + i + E, r1), vstore(dst + i + 2 * E, r2), vstore(dst + i + 3 * E, r3);
+  }
+  for (; i + E <= n; i += E) {
+    V r = {};
+    if (add) r = vload(dst + i);
+    for (int64_t t = 0; t < taps; ++t) r += wk[t] * vload(src + offs[t] + i);
+    vstore(dst + i, r);
+  }
+  for (; i < n; ++i) {
+    T r = add ? dst[i] : T(0);
+    for (int64_t t = 0; t < taps; ++t) r += wk[t] * src[offs[t] + i];
+    dst[i] = r;
+  }
+}
+
+template <typename T>
+inline T relu(T v) {
+  return v > T(0) ? v : T(0);
+}
+
+template <typename T>
+double lane_sum(const T* lanes) {
+  double s = 0;
+  for (int l = 0; l < kLanes; ++l) s += static_cast<double>(lanes[l]);
+  return s;
+}
+
+// sum_i a[i], in 2 vector accumulators then double.
+template <typename T>
+double sum_lanes(const T* __restrict__ a, int64_t n) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t E = sizeof(V) / sizeof(T);
+  V r0 = {}, r1 = {};
+  int64_t i = 0;
+  for (; i + 2 * E <= n; i += 2 * E) {
+    r0 += vload(a + i);
+    r1 += vload(a + i + E);
+  }
+  r0 += r1;
+  double s = 0;
+  for (int64_t l = 0; l < E; ++l) s += static_cast<double>(r0[l]);
+  for (; i < n; ++i) s += static_cast<double>(a[i]);
+  return s;
+}
+
+// sum_i a[i] * b[i], in 2 vector accumulators then double.
+template <typename T>
+double dot_lanes(const T* __restrict__ a, const T* __restrict__ b, int64_t n) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t E = sizeof(V) / sizeof(T);
+  V r0 = {}, r1 = {};
+  int64_t i = 0;
+  for (; i + 2 * E <= n; i += 2 * E) {
+    r0 += vload(a + i) * vload(b + i);
+    r1 += vload(a + i + E) * vload(b + i + E);
+  }
+  r0 += r1;
+  double s = 0;
+  for (int64_t l = 0; l < E; ++l) s += static_cast<double>(r0[l]);
+  for (; i < n; ++i) s += static_cast<double>(a[i]) * static_cast<double>(b[i]);
+  return s;
+}
+
+// Mean and sum of squared deviations of n values (two passes over data in L1).
+template <typename T>
+void moments(const T* y, int64_t n, double* mean, double* m2) {
+  const double mu = sum_lanes(y, n) / static_cast<double>(n);
+  const T m = static_cast<T>(mu);
+  T lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    PYNAS_SIMD
+    for (int l = 0; l < kLanes; ++l) {
+      const T d = y[i + l] - m;
+      lanes[l] += d * d;
+    }
+  }
+  double q = lane_sum(lanes);
+  for (; i < n; ++i) {
+    const double d = static_cast<double>(y[i]) - static_cast<double>(m);
+    q += d * d;
+  }
+  // the deviations were taken from m (mu rounded to T): correct for the rounding
+  const double shift = static_cast<double>(m) - mu;
+  *mean = mu;
+  *m2 = std::max(0.0, q - static_cast<double>(n) * shift * shift);
+}
+
+// Copies plane `src` (h x w) into rows of length `wp` of `buf` starting at (pad, pad), transformed by `pre`.
+template <typename T>
+void load_padded(const T* __restrict__ src, int64_t h, int64_t w, int64_t pad, int64_t wp, int64_t pre, T mu, T r,
+                 T* __restrict__ buf) {
+  for (int64_t i = 0; i < h; ++i) {
+    const T* s = src + i * w;
+    T* d = buf + (i + pad) * wp + pad;
+    if (pre == kPreNone) {
+      PYNAS_SIMD
+      for (int64_t j = 0; j < w; ++j) d[j] = s[j];
+    } else if (pre == kPreRelu) {
+      PYNAS_SIMD
+      for (int64_t j = 0; j < w; ++j) d[j] = relu(s[j]);
+    } else {
+      PYNAS_SIMD
+      for (int64_t j = 0; j < w; ++j) d[j] = relu((s[j] - mu) * r);
+    }
+  }
+}
+
+// Copies the first `w` columns of `h` rows of length `wp` (a padded-width result) to a dense plane.
+template <typename T>
+void crop_rows(const T* __restrict__ src, int64_t h, int64_t w, int64_t wp, T* __restrict__ dst) {
+  for (int64_t i = 0; i < h; ++i) std::copy(src + i * wp, src + i * wp + w, dst + i * w);
+}
+
+// Dense plane (h x w) into rows of length wp, the extra columns set to `fill`.
+template <typename T>
+void widen_rows(const T* __restrict__ src, int64_t h, int64_t w, int64_t wp, T fill, T* __restrict__ dst) {
+  for (int64_t i = 0; i < h; ++i) {
+    std::copy(src + i * w, src + (i + 1) * w, dst + i * wp);
+    std::fill(dst + i * wp + w, dst + (i + 1) * wp, fill);
+  }
+}
+
+// ---- depthwise convs -------------------------------------------------------------------------------
+
+// The most taps a depthwise kernel may have (the bindings reject bigger kernels).
+constexpr int64_t kMaxTaps = kMaxKernel * kMaxKernel;
+
+// One conv of the padded plane `buf` (row length wp, interior at (P, P)) into the dense plane `y`.
+// `acc`: ho * wp scratch.
+template <typename T>
+void dw_conv_plane(const T* __restrict__ buf, int64_t P, int64_t wp, const ConvGeom& g, const T* wk,
+                   T* __restrict__ acc, T* __restrict__ y) {
+  const int64_t off = P - g.pad;
+  if (g.stride == 1) {
+    const int64_t L = g.ho * wp, taps = g.k * g.k;
+    int64_t offs[kMaxTaps];
+    for (int64_t t = 0; t < taps; ++t) offs[t] = (off + (t / g.k) * g.dil) * wp + off + (t % g.k) * g.dil;
+    tap_sum(buf, offs, wk, taps, L, false, acc);
+    crop_rows(acc, g.ho, g.wo, wp, y);
+    return;
+  }
+  for (int64_t oh = 0; oh < g.ho; ++oh) {
+    T* __restrict__ yr = y + oh * g.wo;
+    std::fill(yr, yr + g.wo, T(0));
+    for (int64_t ki = 0; ki < g.k; ++ki) {
+      const T* irow = buf + (oh * g.stride + off + ki * g.dil) * wp + off;
+      for (int64_t kj = 0; kj < g.k; ++kj) {
+        const T wv = wk[ki * g.k + kj];
+        const T* __restrict__ src = irow + kj * g.dil;
+        for (int64_t ow = 0; ow < g.wo; ++ow) yr[ow] += wv * src[ow * g.stride];
+      }
+    }
+  }
+}
+
+// Weight gradient of one conv: gw[tap] = <gy, the tap's input window> (skipped when gw is null), and
+// the input gradient: at stride 1 gathered into `gin` (H rows of length wp, the interior rows of the
+// padded layout, columns offset by P; `gin_fresh` says whether to overwrite or add), at stride 2
+// scattered into `gbuf` (padded like buf). `gext`: scratch of ext_size elements.
+template <typename T>
+void dw_conv_plane_backward(const T* __restrict__ buf, int64_t P, int64_t wp, int64_t H, const ConvGeom& g,
+                            const T* wk, const T* __restrict__ gy, T* __restrict__ gext, int64_t ext_size,
+                            int64_t margin, T* __restrict__ gin, bool gin_fresh, T* __restrict__ gbuf, double* gw) {
+  const int64_t off = P - g.pad, taps = g.k * g.k;
+  if (g.stride == 1) {
+    const int64_t L = g.ho * wp;
+    int64_t offs[kMaxTaps];
+    for (int64_t t = 0; t < taps; ++t) offs[t] = (off + (t / g.k) * g.dil) * wp + off + (t % g.k) * g.dil;
+    // gy widened to rows of wp (zeros past wo) with `margin` zeros before and zeros after
+    T* gpad = gext + margin;
+    std::fill(gext, gpad, T(0));
+    widen_rows(gy, g.ho, g.wo, wp, T(0), gpad);
+    std::fill(gpad + L, gext + ext_size, T(0));
+    if (gw) {
+      for (int64_t t = 0; t < taps; ++t) gw[t] = dot_lanes(buf + offs[t], gpad, L);
+    }
+    // gin[j] = sum_t w_t * gpad[j - offs[t]] over the interior rows j in [P wp, (P + H) wp)
+    int64_t neg[kMaxTaps];
+    for (int64_t t = 0; t < taps; ++t) neg[t] = -offs[t];
+    tap_sum(gpad + P * wp, neg, wk, taps, H * wp, !gin_fresh, gin);
+    return;
+  }
+  for (int64_t ki = 0; ki < g.k; ++ki) {
+    for (int64_t kj = 0; kj < g.k; ++kj) {
+      const T wv = wk[ki * g.k + kj];
+      double s = 0;
+      for (int64_t oh = 0; oh < g.ho; ++oh) {
+        const int64_t o = (oh * g.stride + off + ki * g.dil) * wp + off + kj * g.dil;
+        const T* gr = gy + oh * g.wo;
+        const T* src = buf + o;
+        T* dst = gbuf + o;
+        T part = 0;
+        for (int64_t ow = 0; ow < g.wo; ++ow) {
+          part += src[ow * g.stride] * gr[ow];
+          dst[ow * g.stride] += wv * gr[ow];
+        }
+        s += static_cast<double>(part);
+      }
+      if (gw) gw[ki * g.k + kj] = s;
+    }
+  }
+}
+
+// The gradient w.r.t. the untransformed input: pre'(x) * gin, where `gin` and `abuf` (the transformed
+// input) point at the plane's top-left with rows of length wp. For kPreNormRelu also returns sum(grad)
+// and sum(grad * (x - mu) * r).
+template <typename T>
+void dw_input_grad(const T* __restrict__ x, const T* __restrict__ abuf, const T* __restrict__ gin, int64_t h,
+                   int64_t w, int64_t wp, int64_t pre, T mu, T r, T* __restrict__ gx, double* sg, double* sgx) {
+  T lg[kLanes] = {}, lq[kLanes] = {};
+  double tg = 0, tq = 0;
+  for (int64_t i = 0; i < h; ++i) {
+    const T* src = gin + i * wp;
+    const T* xi = x + i * w;
+    T* d = gx + i * w;
+    if (pre == kPreNone) {
+      std::copy(src, src + w, d);
+    } else if (pre == kPreRelu) {
+      PYNAS_SIMD
+      for (int64_t j = 0; j < w; ++j) d[j] = xi[j] > T(0) ? src[j] : T(0);
+    } else {
+      const T* ai = abuf + i * wp;  // relu((x - mu) * r): positive exactly where the mask is
+      int64_t j = 0;
+      for (; j + kLanes <= w; j += kLanes) {
+        PYNAS_SIMD
+        for (int l = 0; l < kLanes; ++l) {
+          const T v = ai[j + l] > T(0) ? src[j + l] : T(0);
+          d[j + l] = v;
+          lg[l] += v;
+          lq[l] += v * ((xi[j + l] - mu) * r);
+        }
+      }
+      for (; j < w; ++j) {
+        const T v = ai[j] > T(0) ? src[j] : T(0);
+        d[j] = v;
+        tg += static_cast<double>(v);
+        tq += static_cast<double>(v) * static_cast<double>((xi[j] - mu) * r);
+      }
+    }
+  }
+  if (pre == kPreNormRelu) {
+    *sg = tg + lane_sum(lg);
+    *sgx = tq + lane_sum(lq);
+  }
+}
+
+// ---- 3x3 pools, padding 1 ----------------------------------------------------------------------------
+// `buf`: (h + 2) x (w + 2) plus slack, `wp` = w + 2. The max pool's border is -inf, the avg pool's 0.
+
+// One 3x3 pool of a plane, max (border -inf) or average (border 0, each window's sum times `inv`, its
+// 1 / count); `inv` is unused by the max pool.
+template <typename T, bool kMax>
+void pool3x3_plane(const T* x, int64_t h, int64_t w, int64_t s, int64_t ho, int64_t wo, const T* inv,
+                   T* __restrict__ buf, T* __restrict__ acc, T* __restrict__ y) {
+  const int64_t wp = w + 2;
+  std::fill(buf, buf + (h + 3) * wp, kMax ? -std::numeric_limits<T>::infinity() : T(0));
+  load_padded(x, h, w, 1, wp, kPreNone, T(0), T(1), buf);
+  if (s == 1) {
+    const int64_t L = ho * wp;
+    PYNAS_SIMD
+    for (int64_t i = 0; i < L; ++i) acc[i] = buf[i];
+    for (int64_t t = 1; t < 9; ++t) {
+      const T* __restrict__ src = buf + (t / 3) * wp + t % 3;
+      if constexpr (kMax) {
+        PYNAS_SIMD
+        for (int64_t i = 0; i < L; ++i) acc[i] = src[i] > acc[i] ? src[i] : acc[i];
+      } else {
+        PYNAS_SIMD
+        for (int64_t i = 0; i < L; ++i) acc[i] += src[i];
+      }
+    }
+    if constexpr (!kMax) {
+      PYNAS_SIMD
+      for (int64_t i = 0; i < L; ++i) acc[i] *= inv[i];
+    }
+    crop_rows(acc, ho, wo, wp, y);
+    return;
+  }
+  for (int64_t oh = 0; oh < ho; ++oh) {
+    const T* r0 = buf + (oh * s) * wp;
+    for (int64_t ow = 0; ow < wo; ++ow) {
+      T m = kMax ? r0[ow * s] : T(0);
+      for (int64_t ki = 0; ki < 3; ++ki)
+        for (int64_t kj = 0; kj < 3; ++kj) {
+          const T v = r0[ki * wp + ow * s + kj];
+          if constexpr (kMax) {
+            m = std::max(m, v);
+          } else {
+            m += v;
+          }
+        }
+      y[oh * wo + ow] = kMax ? m : m * inv[oh * wo + ow];
+    }
+  }
+}
+
+template <typename T>
+void max_pool_plane(const T* x, int64_t h, int64_t w, int64_t s, int64_t ho, int64_t wo, T* __restrict__ buf,
+                    T* __restrict__ acc, T* __restrict__ y) {
+  pool3x3_plane<T, true>(x, h, w, s, ho, wo, nullptr, buf, acc, y);
+}
+
+// gbuf (padded like buf, which holds the -inf padded input from max_pool_plane) += gy routed to the first
+// maximum of each window in row-major order (torch's choice). `y`: the pool's output.
+template <typename T>
+void max_pool_plane_backward(const T* __restrict__ buf, int64_t w, int64_t s, int64_t ho, int64_t wo,
+                             const T* __restrict__ y, const T* __restrict__ gy, T* __restrict__ scratch,
+                             T* __restrict__ gbuf) {
+  const int64_t wp = w + 2;
+  if (s == 1) {
+    const int64_t L = ho * wp;
+    T* yw = scratch;           // y widened; NaN in the garbage columns matches nothing
+    T* gw = scratch + L;       // gy widened, zeros there
+    T* taken = scratch + 2 * L;
+    widen_rows(y, ho, wo, wp, std::numeric_limits<T>::quiet_NaN(), yw);
+    widen_rows(gy, ho, wo, wp, T(0), gw);
+    std::fill(taken, taken + L, T(0));
+    for (int64_t t = 0; t < 9; ++t) {
+      const int64_t o = (t / 3) * wp + t % 3;
+      const T* __restrict__ src = buf + o;
+      T* __restrict__ dst = gbuf + o;
+      PYNAS_SIMD
+      for (int64_t i = 0; i < L; ++i) {
+        const T hit = (src[i] == yw[i] && taken[i] == T(0)) ? T(1) : T(0);
+        dst[i] += hit * gw[i];
+        taken[i] += hit;
+      }
+    }
+    return;
+  }
+  for (int64_t oh = 0; oh < ho; ++oh) {
+    for (int64_t ow = 0; ow < wo; ++ow) {
+      const int64_t base = oh * s * wp + ow * s;
+      // torch starts from the window's first input pixel and moves only on a strictly greater value
+      int64_t arg = std::max<int64_t>(oh * s, 1) * wp + std::max<int64_t>(ow * s, 1);
+      T m = buf[arg];
+      for (int64_t ki = 0; ki < 3; ++ki) {
+        for (int64_t kj = 0; kj < 3; ++kj) {
+          const int64_t idx = base + ki * wp + kj;
+          if (buf[idx] > m) {
+            m = buf[idx];
+            arg = idx;
+          }
+        }
+      }
+      gbuf[arg] += gy[oh * wo + ow];
+    }
+  }
+}
+
+// `inv`: 1/count per output pixel, laid out with row length wp (stride 1) or wo (stride 2).
+template <typename T>
+void avg_pool_plane(const T* x, int64_t h, int64_t w, int64_t s, int64_t ho, int64_t wo, const T* inv,
+                    T* __restrict__ buf, T* __restrict__ acc, T* __restrict__ y) {
+  pool3x3_plane<T, false>(x, h, w, s, ho, wo, inv, buf, acc, y);
+}
+
+template <typename T>
+void avg_pool_plane_backward(int64_t w, int64_t s, int64_t ho, int64_t wo, const T* inv, const T* __restrict__ gy,
+                             T* __restrict__ scratch, T* __restrict__ gbuf) {
+  const int64_t wp = w + 2;
+  if (s == 1) {
+    const int64_t L = ho * wp;
+    widen_rows(gy, ho, wo, wp, T(0), scratch);
+    PYNAS_SIMD
+    for (int64_t i = 0; i < L; ++i) scratch[i] *= inv[i];
+    for (int64_t t = 0; t < 9; ++t) {
+      T* __restrict__ dst = gbuf + (t / 3) * wp + t % 3;
+      PYNAS_SIMD
+      for (int64_t i = 0; i < L; ++i) dst[i] += scratch[i];
+    }
+    return;
+  }
+  for (int64_t oh = 0; oh < ho; ++oh) {
+    for (int64_t ow = 0; ow < wo; ++ow) {
+      const T v = gy[oh * wo + ow] * inv[oh * wo + ow];
+      T* d = gbuf + oh * s * wp + ow * s;
+      for (int64_t ki = 0; ki < 3; ++ki)
+        for (int64_t kj = 0; kj < 3; ++kj) d[ki * wp + kj] += v;
+    }
+  }
+}
+
+// o[i] = A * g[i] + B * y[i] + D (a BatchNorm backward with its per-channel sums folded into A, B, D).
+template <typename T>
+void affine2(const T* __restrict__ g, const T* __restrict__ y, T A, T B, T D, int64_t n, T* __restrict__ o) {
+  PYNAS_SIMD
+  for (int64_t i = 0; i < n; ++i) o[i] = A * g[i] + B * y[i] + D;
+}
+
+// o[i] += a * y[i]
+template <typename T>
+void axpy(T a, const T* __restrict__ y, int64_t n, T* __restrict__ o) {
+  PYNAS_SIMD
+  for (int64_t i = 0; i < n; ++i) o[i] += a * y[i];
+}
+
+// ---- plane ranges: the bodies of the kernels' parallel loops --------------------------------------------
+
+template <typename T>
+void dw_forward_range(int64_t b, int64_t e, const DwArgs<T>& a) {
+  std::vector<T> buf(static_cast<size_t>(a.buf_size), T(0)), acc(static_cast<size_t>(a.acc_size));
+  for (int64_t plane = b; plane < e; ++plane) {
+    const int64_t c = plane % a.C;
+    load_padded(a.x + plane * a.H * a.W, a.H, a.W, a.P, a.Wp, a.pre, a.mean ? a.mean[c] : T(0),
+                a.rstd ? a.rstd[c] : T(1), buf.data());
+    for (int64_t m = 0; m < a.n; ++m) {
+      const ConvGeom& g = a.geoms[m];
+      dw_conv_plane(buf.data(), a.P, a.Wp, g, a.ws[m] + c * g.k * g.k, acc.data(), a.ys[m] + plane * g.ho * g.wo);
+    }
+  }
+}
+
+template <typename T>
+void dw_backward_range(int64_t b, int64_t e, const DwArgs<T>& a) {
+  std::vector<T> buf(static_cast<size_t>(a.buf_size), T(0)), gbuf(static_cast<size_t>(a.buf_size));
+  std::vector<T> gin(static_cast<size_t>(a.H * a.Wp)), gext(static_cast<size_t>(a.ext_size));
+  bool strided = false;
+  for (int64_t m = 0; m < a.n; ++m) strided = strided || a.geoms[m].stride != 1;
+  for (int64_t plane = b; plane < e; ++plane) {
+    const int64_t c = plane % a.C;
+    const T mu = a.mean ? a.mean[c] : T(0), r = a.rstd ? a.rstd[c] : T(1);
+    const T* x = a.x + plane * a.H * a.W;
+    load_padded(x, a.H, a.W, a.P, a.Wp, a.pre, mu, r, buf.data());
+    if (strided) std::fill(gbuf.begin(), gbuf.end(), T(0));
+    bool fresh = true;
+    for (int64_t m = 0; m < a.n; ++m) {
+      const ConvGeom& g = a.geoms[m];
+      dw_conv_plane_backward(buf.data(), a.P, a.Wp, a.H, g, a.ws[m] + c * g.k * g.k, a.gs[m] + plane * g.ho * g.wo,
+                             gext.data(), a.ext_size, a.margin, gin.data(), fresh, gbuf.data(),
+                             a.partial ? a.partial + plane * a.taps + a.tap_off[m] : nullptr);
+      fresh = fresh && g.stride != 1;
+    }
+    if (fresh) std::fill(gin.begin(), gin.end(), T(0));
+    if (strided) {  // the scattered part: gbuf's interior rows into gin
+      const T* src = gbuf.data() + a.P * a.Wp;
+      T* dst = gin.data();
+      PYNAS_SIMD
+      for (int64_t i = 0; i < a.H * a.Wp; ++i) dst[i] += src[i];
+    }
+    double sg = 0, sgx = 0;
+    dw_input_grad(x, buf.data() + a.P * a.Wp + a.P, gin.data() + a.P, a.H, a.W, a.Wp, a.pre, mu, r,
+                  a.gx + plane * a.H * a.W, &sg, &sgx);
+    if (a.plane_sums) {
+      a.plane_sums[plane * 2] = sg;
+      a.plane_sums[plane * 2 + 1] = sgx;
+    }
+  }
+}
+
+template <typename T>
+void moments_range(int64_t b, int64_t e, const T* p, int64_t hw, double* means, double* m2s) {
+  for (int64_t plane = b; plane < e; ++plane) moments(p + plane * hw, hw, &means[plane], &m2s[plane]);
+}
+
+template <typename T>
+void bn_sums_range(int64_t b, int64_t e, const T* g, const T* p, const T* mean, const T* rstd, int64_t C, int64_t hw,
+                   std::vector<T>& scratch, double* part) {
+  for (int64_t plane = b; plane < e; ++plane) {
+    const int64_t c = plane % C;
+    const T* gr = g + plane * hw;
+    const T* pr = p + plane * hw;
+    const T mu = mean[c], r = rstd[c];
+    PYNAS_SIMD
+    for (int64_t i = 0; i < hw; ++i) scratch[i] = (pr[i] - mu) * r;
+    part[plane * 2] = sum_lanes(gr, hw);
+    part[plane * 2 + 1] = dot_lanes(gr, scratch.data(), hw);
+  }
+}
+
+// gp = A[c] * g + B[c] * p + D[c] per plane.
+template <typename T>
+void affine2_range(int64_t b, int64_t e, const T* g, const T* p, const T* A, const T* B, const T* D, int64_t C,
+                   int64_t hw, T* out) {
+  for (int64_t plane = b; plane < e; ++plane) {
+    const int64_t c = plane % C;
+    affine2(g + plane * hw, p + plane * hw, A[c], B[c], D[c], hw, out + plane * hw);
+  }
+}
+
+// Forward pass 1: the pools into ymax / yavg, and the moments of every BatchNorm input (J per plane).
+template <typename T>
+void mix_stats_range(int64_t b, int64_t e, const MixArgs<T>& a) {
+  std::vector<T> buf(static_cast<size_t>(a.pool_buf), T(0)), acc(static_cast<size_t>(a.pool_acc));
+  for (int64_t plane = b; plane < e; ++plane) {
+    const T* x = a.x + plane * a.H * a.W;
+    double* mo = a.means + plane * a.J;
+    double* qo = a.m2s + plane * a.J;
+    if (a.ymax) {
+      T* y = a.ymax + plane * a.HWo;
+      max_pool_plane(x, a.H, a.W, a.stride, a.Ho, a.Wo, buf.data(), acc.data(), y);
+      moments(y, a.HWo, &mo[0], &qo[0]);
+    }
+    if (a.yavg) {
+      T* y = a.yavg + plane * a.HWo;
+      avg_pool_plane(x, a.H, a.W, a.stride, a.Ho, a.Wo, a.inv, buf.data(), acc.data(), y);
+      moments(y, a.HWo, &mo[1], &qo[1]);
+    }
+    for (int64_t j = 0; j < a.K; ++j) moments(a.ps[j] + plane * a.HWo, a.HWo, &mo[2 + j], &qo[2 + j]);
+  }
+}
+
+// Forward pass 2: out = D[c] + w_skip * x + sum_j coef[j, c] * y_j.
+template <typename T>
+void mix_out_range(int64_t b, int64_t e, const MixArgs<T>& a) {
+  for (int64_t plane = b; plane < e; ++plane) {
+    const int64_t c = plane % a.C;
+    T* o = a.out + plane * a.HWo;
+    const T D = a.D[c];
+    if (a.has_skip) {
+      const T* x = a.x + plane * a.H * a.W;
+      const T ws = a.w_skip;
+      PYNAS_SIMD
+      for (int64_t i = 0; i < a.HWo; ++i) o[i] = D + ws * x[i];
+    } else {
+      std::fill(o, o + a.HWo, D);
+    }
+    if (a.ymax) axpy(a.coef[0 * a.C + c], a.ymax + plane * a.HWo, a.HWo, o);
+    if (a.yavg) axpy(a.coef[1 * a.C + c], a.yavg + plane * a.HWo, a.HWo, o);
+    for (int64_t j = 0; j < a.K; ++j) axpy(a.coef[(2 + j) * a.C + c], a.ps[j] + plane * a.HWo, a.HWo, o);
+  }
+}
+
+// Backward pass 1: the pools into ymax / yavg; per plane sum(g), sum(g * y_j), sum(g * x) (S = J + 2 each).
+template <typename T>
+void mix_sums_range(int64_t b, int64_t e, const MixArgs<T>& a) {
+  std::vector<T> buf(static_cast<size_t>(a.pool_buf), T(0)), acc(static_cast<size_t>(a.pool_acc));
+  const int64_t S = a.J + 2;
+  for (int64_t plane = b; plane < e; ++plane) {
+    const T* x = a.x + plane * a.H * a.W;
+    const T* g = a.g + plane * a.HWo;
+    double* s = a.part + plane * S;
+    s[0] = sum_lanes(g, a.HWo);
+    if (a.ymax) {
+      T* y = a.ymax + plane * a.HWo;
+      max_pool_plane(x, a.H, a.W, a.stride, a.Ho, a.Wo, buf.data(), acc.data(), y);
+      s[1] = dot_lanes(y, g, a.HWo);
+    }
+    if (a.yavg) {
+      T* y = a.yavg + plane * a.HWo;
+      avg_pool_plane(x, a.H, a.W, a.stride, a.Ho, a.Wo, a.inv, buf.data(), acc.data(), y);
+      s[2] = dot_lanes(y, g, a.HWo);
+    }
+    for (int64_t j = 0; j < a.K; ++j) s[3 + j] = dot_lanes(a.ps[j] + plane * a.HWo, g, a.HWo);
+    if (a.has_skip) s[1 + a.J] = dot_lanes(x, g, a.HWo);
+  }
+}
+
+// Backward pass 2: grad of each BatchNorm input = A * g + B * y + D (coefficients per (j, c)); the ps'
+// go out, the pools' go back through the pools into gx, plus w_skip * g.
+template <typename T>
+void mix_grads_range(int64_t b, int64_t e, const MixArgs<T>& a) {
+  const int64_t wp = a.W + 2;
+  std::vector<T> buf(static_cast<size_t>(a.pool_buf), T(0)), gbuf(static_cast<size_t>(a.pool_buf));
+  std::vector<T> gy(static_cast<size_t>(a.HWo)), scratch(static_cast<size_t>(3 * a.pool_acc));
+  for (int64_t plane = b; plane < e; ++plane) {
+    const int64_t c = plane % a.C;
+    const T* g = a.g + plane * a.HWo;
+    for (int64_t j = 0; j < a.K; ++j) {
+      const int64_t q = (2 + j) * a.C + c;
+      affine2(g, a.ps[j] + plane * a.HWo, a.A[q], a.B[q], a.Dg[q], a.HWo, a.gps[j] + plane * a.HWo);
+    }
+    if (!a.gx) continue;
+    const T* x = a.x + plane * a.H * a.W;
+    T* gx = a.gx + plane * a.H * a.W;
+    if (a.ymax || a.yavg) {
+      std::fill(gbuf.begin(), gbuf.end(), T(0));
+      if (a.ymax) {
+        const T* y = a.ymax + plane * a.HWo;
+        affine2(g, y, a.A[c], a.B[c], a.Dg[c], a.HWo, gy.data());
+        std::fill(buf.begin(), buf.end(), -std::numeric_limits<T>::infinity());
+        load_padded(x, a.H, a.W, 1, wp, kPreNone, T(0), T(1), buf.data());
+        max_pool_plane_backward(buf.data(), a.W, a.stride, a.Ho, a.Wo, y, gy.data(), scratch.data(), gbuf.data());
+      }
+      if (a.yavg) {
+        const int64_t q = a.C + c;
+        affine2(g, a.yavg + plane * a.HWo, a.A[q], a.B[q], a.Dg[q], a.HWo, gy.data());
+        avg_pool_plane_backward(a.W, a.stride, a.Ho, a.Wo, a.inv, gy.data(), scratch.data(), gbuf.data());
+      }
+      for (int64_t i = 0; i < a.H; ++i) std::copy(&gbuf[(i + 1) * wp + 1], &gbuf[(i + 1) * wp + 1] + a.W, gx + i * a.W);
+    } else {
+      std::fill(gx, gx + a.H * a.W, T(0));
+    }
+    if (a.has_skip) axpy(a.w_skip, g, a.HWo, gx);
+  }
+}
+
+// ---- 1x1 convs ------------------------------------------------------------------------------------------
+
+// out[n, o, :] = sum_c W(o, c) * in[n, c, :] for n in [b, e); W(o, c) = w[o * cin + c], or w[c * cout + o]
+// when `transposed` (the backward's W^T). With `means`/`m2s`, also the moments of every output plane.
+template <typename T>
+void pw_range(int64_t b, int64_t e, const T* in, const T* w, int64_t cin, int64_t cout, int64_t hw, bool transposed,
+              T* out, double* means, double* m2s) {
+  std::vector<int64_t> offs(static_cast<size_t>(cin));
+  std::vector<T> wcol(static_cast<size_t>(cin));
+  for (int64_t c = 0; c < cin; ++c) offs[c] = c * hw;
+  for (int64_t n = b; n < e; ++n) {
+    const T* src = in + n * cin * hw;
+    for (int64_t o = 0; o < cout; ++o) {
+      T* dst = out + (n * cout + o) * hw;
+      for (int64_t c = 0; c < cin; ++c) wcol[c] = transposed ? w[c * cout + o] : w[o * cin + c];
+      tap_sum(src, offs.data(), wcol.data(), cin, hw, false, dst);
+      if (means) moments(dst, hw, &means[n * cout + o], &m2s[n * cout + o]);
+    }
+  }
+}
+
+// partial[n, o, c] = <g[n, o, :], in[n, c, :]> for n in [b, e) (the 1x1 conv's weight gradient, per sample).
+template <typename T>
+void pw_weight_grad_range(int64_t b, int64_t e, const T* g, const T* in, int64_t cin, int64_t cout, int64_t hw,
+                          double* partial) {
+  for (int64_t n = b; n < e; ++n)
+    for (int64_t o = 0; o < cout; ++o)
+      for (int64_t c = 0; c < cin; ++c)
+        partial[(n * cout + o) * cin + c] = dot_lanes(g + (n * cout + o) * hw, in + (n * cin + c) * hw, hw);
+}

@@ -1,0 +1,210 @@
+"""The DARTS CNN search: CIFAR-10 (or the synthetic shapes10), the CNN search network, its settings.
+
+Each iteration: the architect steps alpha on a (train, valid) batch pair, first or second order, then SGD
+steps the weights on the same train batch. The training data is split in two halves: the first trains w, the
+second alpha.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from ..cnn import Network, to_json
+from ..cnn.data import ImageData, batches, load_cifar10, make_shapes10
+from ..strategies.darts import CNNArchitect as Architect
+from .config import (HessianSettings, _is_int, _weight_optimizer, check_flag, check_hessian_settings, check_number,
+                     check_optional_int, check_place, check_positive_int, check_seed)
+from .loop import SearchCheckpoints, start_or_resume
+
+
+@dataclass
+class CNNSearchConfig(HessianSettings):
+    """Settings of a CNN search; the defaults are DARTS's."""
+
+    data: str = "shapes10"
+    data_dir: Optional[str] = None
+    num_train: Optional[int] = None  # images used from the training set (None: all; shapes10: 10000)
+    epochs: int = 50
+    batch_size: int = 64
+    learning_rate: float = 0.025
+    learning_rate_min: float = 0.001
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    grad_clip: float = 5.0
+    init_channels: int = 16
+    layers: int = 8
+    train_portion: float = 0.5
+    unrolled: bool = False
+    fd_r: float = 0.01
+    arch_learning_rate: float = 3e-4
+    arch_weight_decay: float = 1e-3
+    seed: int = 2
+    steps_per_epoch: Optional[int] = None  # cap on iterations per epoch (None: a full pass)
+    device: str = "cpu"
+    backend: str = "auto"
+
+
+def _check_config(cfg: CNNSearchConfig) -> None:
+    positive_ints = ("epochs", "batch_size", "init_channels", "layers")
+    for name in positive_ints:
+        check_positive_int(name, getattr(cfg, name))
+    if cfg.num_train is not None and (not _is_int(cfg.num_train) or cfg.num_train < 2):
+        raise ValueError(f"num_train: need at least 2 images (one per half), got {cfg.num_train!r}")
+    check_optional_int("steps_per_epoch", cfg.steps_per_epoch)
+    check_number("train_portion", cfg.train_portion, 0.0, 1.0, low_open=True, high_open=True)
+    if cfg.data not in ("shapes10", "cifar10"):
+        raise ValueError(f"data: expected 'shapes10' or 'cifar10', got {cfg.data!r}")
+    if cfg.data_dir is not None and not isinstance(cfg.data_dir, str):
+        raise ValueError(f"data_dir: expected a folder name, got {cfg.data_dir!r}")
+    for name in ("learning_rate", "fd_r", "arch_learning_rate", "grad_clip"):
+        check_number(name, getattr(cfg, name), low=0.0, low_open=True)
+    lr = float(cfg.learning_rate)
+    check_number("learning_rate_min", cfg.learning_rate_min, 0.0, lr, what=" (at most learning_rate)")
+    check_number("momentum", cfg.momentum, 0.0, 1.0, high_open=True)
+    for name in ("weight_decay", "arch_weight_decay"):
+        check_number(name, getattr(cfg, name), low=0.0)
+    check_flag("unrolled", cfg.unrolled)
+    check_seed(cfg.seed)
+    check_place(cfg)
+    check_hessian_settings(cfg)
+
+
+def load_data(cfg: CNNSearchConfig) -> ImageData:
+    if cfg.data == "cifar10":
+        data = load_cifar10(cfg.data_dir, train=True)
+    else:
+        data = make_shapes10(cfg.num_train or 10000, seed=1234)
+    if cfg.num_train is not None and cfg.num_train < len(data):
+        data = ImageData(data.images[:cfg.num_train], data.labels[:cfg.num_train], data.num_classes, data.name,
+                         data.augment)
+    return data
+
+
+def cosine_lr(cfg: CNNSearchConfig, epoch: int) -> float:
+    """The weight learning rate of ``epoch`` (cosine annealing from lr to lr_min over the run)."""
+    return cfg.learning_rate_min + 0.5 * (cfg.learning_rate - cfg.learning_rate_min) * (
+        1 + math.cos(math.pi * epoch / cfg.epochs))
+
+
+class CNNSearch(SearchCheckpoints):
+    """A DARTS CNN search run: build it, call :meth:`run`; see :func:`run_search`."""
+
+    SPACE = "cnn"
+    check_config = staticmethod(_check_config)
+
+    def __init__(self, cfg: CNNSearchConfig, save_dir: Optional[str] = None,
+                 log: Callable[[str], None] = print, progress: bool = True):
+        _check_config(cfg)
+        self.cfg = cfg
+        self.save_dir = save_dir
+        self.log = log
+        self.progress = progress
+        self.device = torch.device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.data = load_data(cfg)
+        n = len(self.data)
+        split = int(math.floor(cfg.train_portion * n))
+        if split < 1 or split >= n:
+            raise ValueError(f"num_train: {n} images cannot be split {cfg.train_portion} / {1 - cfg.train_portion}")
+        self.train_idx = torch.arange(0, split)
+        self.valid_idx = torch.arange(split, n)
+        self.criterion = nn.CrossEntropyLoss()
+        self.model = Network(cfg.init_channels, self.data.num_classes, cfg.layers, self.criterion).to(self.device)
+        self.optimizer = _weight_optimizer(self.model.parameters(), cfg)
+        self.architect = Architect(self.model, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                   arch_learning_rate=cfg.arch_learning_rate,
+                                   arch_weight_decay=cfg.arch_weight_decay, fd_r=cfg.fd_r)
+        self.epoch = 0  # epochs completed
+        self.history: list = []
+        self._replay_early_stop()
+
+    def genotype_json(self) -> str:
+        return to_json(self.model.genotype())
+
+    def hessian_loss(self) -> Callable[[], torch.Tensor]:
+        """The arch (validation) loss on a fixed batch: the first ``batch_size`` images of the validation half,
+        in order, without augmentation; the same batch after every epoch."""
+        idx = self.valid_idx[:self.cfg.batch_size]
+        x, y = self.data.images[idx].to(self.device), self.data.labels[idx].to(self.device)
+        return lambda: self.model._loss(x, y)
+
+    # -- the loop ----------------------------------------------------------------
+    def _steps(self) -> int:
+        bs = self.cfg.batch_size
+        n = min(math.ceil(len(self.train_idx) / bs), math.ceil(len(self.valid_idx) / bs))
+        return min(n, self.cfg.steps_per_epoch) if self.cfg.steps_per_epoch else n
+
+    def train_epoch(self, epoch: int):
+        cfg, model, dev = self.cfg, self.model, self.device
+        lr = cosine_lr(cfg, epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        model.train()
+        steps = self._steps()
+        train_it = batches(self.data, self.train_idx, cfg.batch_size, seed=cfg.seed * 100003 + 2 * epoch)
+        valid_it = batches(self.data, self.valid_idx, cfg.batch_size, seed=cfg.seed * 100003 + 2 * epoch + 1)
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr,
+                       dynamic_ncols=True)
+        loss_sum, correct, seen = 0.0, 0, 0
+        for step in range(steps):
+            x, y = next(train_it)
+            xv, yv = next(valid_it)
+            x, y, xv, yv = x.to(dev), y.to(dev), xv.to(dev), yv.to(dev)
+            self.architect.step(x, y, xv, yv, lr, self.optimizer, cfg.unrolled)
+            self.optimizer.zero_grad()
+            logits = model(x)
+            loss = self.criterion(logits, y)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            loss_sum += loss.item() * y.shape[0]
+            correct += int((logits.argmax(1) == y).sum())
+            seen += y.shape[0]
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100.0 * correct / seen:.1f}")
+        if bar is not None:
+            bar.close()
+        return lr, loss_sum / max(seen, 1), 100.0 * correct / max(seen, 1)
+
+    @torch.no_grad()
+    def evaluate(self, epoch: int):
+        """Loss and accuracy on the validation half (eval mode: BatchNorm running statistics)."""
+        cfg, model, dev = self.cfg, self.model, self.device
+        model.eval()
+        loss_sum, correct, seen = 0.0, 0, 0
+        limit = self._steps() if cfg.steps_per_epoch else None
+        for i, (x, y) in enumerate(batches(self.data, self.valid_idx, cfg.batch_size, seed=epoch)):
+            if limit is not None and i >= limit:
+                break
+            x, y = x.to(dev), y.to(dev)
+            logits = model(x)
+            loss_sum += float(self.criterion(logits, y)) * y.shape[0]
+            correct += int((logits.argmax(1) == y).sum())
+            seen += y.shape[0]
+        model.train()
+        return loss_sum / max(seen, 1), 100.0 * correct / max(seen, 1)
+
+    def run_epoch(self, epoch: int):
+        """Train and evaluate one epoch: (the history record's figures, their log text)."""
+        lr, train_loss, train_acc = self.train_epoch(epoch)
+        val_loss, val_acc = self.evaluate(epoch)
+        record = {"lr": lr, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
+                  "val_acc": val_acc}
+        return record, (f"lr {lr:.5f} train_loss {train_loss:.4f} train_acc {train_acc:.2f} "
+                        f"val_loss {val_loss:.4f} val_acc {val_acc:.2f}")
+
+
+def run_search(cfg: CNNSearchConfig, save_dir: Optional[str] = None, resume: Optional[str] = None,
+               log: Callable[[str], None] = print, progress: bool = True) -> dict:
+    """Run (or resume) a CNN search; returns the final genotype and the per-epoch history."""
+    return start_or_resume(CNNSearch, CNNSearchConfig, cfg, save_dir, resume, log, progress)

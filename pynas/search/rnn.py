@@ -1,0 +1,281 @@
+"""The DARTS RNN search loop: a word-level language model whose recurrent cell is searched.
+
+Per darts-spec.md: the training tokens are split in two halves, the first trains the weights w, the
+second the architecture alpha. Each iteration takes a (train, search) batch pair of ``bptt`` steps (5 % of
+the iterations use bptt / 2, with the learning rate scaled by seq_len / bptt): the architect steps alpha
+(first or second order, the RNN rules: no momentum, clip 0.25), then SGD steps the weights on the train
+batch with the temporal activation regularisation (``beta``) and, if set, the activation regularisation
+(``alpha``), the gradient clipped to ``clip``. Hidden states are carried across batches (detached) and
+reset at the start of each epoch. Perplexity on the validation text is logged after every epoch, and a
+checkpoint is written atomically; ``resume`` continues a run exactly as if it had not stopped.
+"""
+from __future__ import annotations
+
+import math
+import random
+import sys
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..rnn.data import DEFAULT_MAX_TOKENS, STDLIB_MIN_TOKENS, batchify, get_batch, load_corpus, stdlib_min_tokens
+from ..rnn.genotypes import to_json
+from ..rnn.model_search import RNNModelSearch
+from ..strategies.darts import RNNArchitect as Architect
+from .config import (HessianSettings, check_flag, check_hessian_settings, check_number, check_optional_int,
+                     check_place, check_positive_int, check_seed)
+from .loop import SearchCheckpoints, start_or_resume
+
+
+@dataclass
+class RNNSearchConfig(HessianSettings):
+    """Settings of an RNN search; the defaults are DARTS's (rnn/train_search.py)."""
+
+    data: str = "stdlib"
+    data_dir: Optional[str] = None
+    max_tokens: Optional[int] = None  # stdlib corpus: cap on its size (None: the corpus's default)
+    emsize: int = 300
+    nhid: int = 300
+    nhidlast: int = 300
+    lr: float = 20.0
+    clip: float = 0.25
+    epochs: int = 50
+    batch_size: int = 256
+    bptt: int = 35
+    dropout: float = 0.75
+    dropouth: float = 0.25
+    dropoutx: float = 0.75
+    dropouti: float = 0.2
+    dropoute: float = 0.0
+    alpha: float = 0.0  # activation regularisation (on the dropped outputs)
+    beta: float = 1e-3  # temporal activation regularisation (slowness)
+    wdecay: float = 5e-7
+    unrolled: bool = False
+    fd_r: float = 0.01
+    arch_lr: float = 3e-3
+    arch_wdecay: float = 1e-3
+    eval_batch_size: int = 10
+    seed: int = 2
+    steps_per_epoch: Optional[int] = None  # cap on iterations per epoch (None: a full pass)
+    device: str = "cpu"
+    backend: str = "auto"
+
+
+def check_config(cfg: RNNSearchConfig) -> None:
+    for name in ("emsize", "nhid", "epochs", "batch_size", "bptt", "eval_batch_size"):
+        check_positive_int(name, getattr(cfg, name))
+    if cfg.batch_size < 2:
+        raise ValueError(f"batch_size: the search cell's BatchNorm needs at least 2 sequences, got {cfg.batch_size}")
+    if not (cfg.emsize == cfg.nhid == cfg.nhidlast):
+        raise ValueError(f"emsize, nhid, nhidlast: the decoder is tied to the embedding, so they must be equal, "
+                         f"got {cfg.emsize}, {cfg.nhid}, {cfg.nhidlast}")
+    for name in ("dropout", "dropouth", "dropoutx", "dropouti", "dropoute"):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+            raise ValueError(f"{name}: expected a probability in [0, 1), got {v!r}")
+    for name in ("lr", "clip", "fd_r", "arch_lr"):
+        check_number(name, getattr(cfg, name), low=0.0, low_open=True)
+    for name in ("alpha", "beta", "wdecay", "arch_wdecay"):
+        check_number(name, getattr(cfg, name), low=0.0)
+    check_optional_int("steps_per_epoch", cfg.steps_per_epoch)
+    check_flag("unrolled", cfg.unrolled)
+    check_seed(cfg.seed)
+    if cfg.data not in ("stdlib", "ptb"):
+        raise ValueError(f"data: expected 'stdlib' or 'ptb', got {cfg.data!r}")
+    if cfg.max_tokens is not None:
+        if not isinstance(cfg.max_tokens, int) or isinstance(cfg.max_tokens, bool) or cfg.max_tokens < 1:
+            raise ValueError(f"max_tokens: expected a positive integer, got {cfg.max_tokens!r}")
+        if cfg.data != "stdlib":
+            raise ValueError(f"max_tokens: only the stdlib corpus has a size to choose (data is {cfg.data!r})")
+        if cfg.max_tokens < STDLIB_MIN_TOKENS:
+            raise ValueError(f"max_tokens: expected at least {STDLIB_MIN_TOKENS} (the stdlib corpus's minimum), got "
+                             f"{cfg.max_tokens}")
+        if cfg.max_tokens < _need_train(cfg) + _need_valid(cfg):  # surely too small: say what is enough
+            try:
+                enough = stdlib_min_tokens(_need_train(cfg), _need_valid(cfg))
+            except RuntimeError:
+                enough = None
+            use = f"use --max-tokens {enough} or more" if enough is not None else "use a larger --max-tokens"
+            raise ValueError(f"max_tokens: {cfg.max_tokens} tokens are too few for batch_size {cfg.batch_size} "
+                             f"and eval_batch_size {cfg.eval_batch_size} ({_need_train(cfg)} training tokens: two "
+                             f"halves of 4 x batch_size, and {_need_valid(cfg)} validation tokens: 2 x "
+                             f"eval_batch_size); {use}")
+    if cfg.data == "ptb" and not cfg.data_dir:
+        raise ValueError("data_dir: --data ptb needs --data-dir (the folder with ptb.train.txt, ptb.valid.txt, "
+                         "ptb.test.txt)")
+    check_place(cfg)
+    check_hessian_settings(cfg)
+
+
+def _need_train(cfg: RNNSearchConfig) -> int:
+    """Training tokens a search needs: two halves (weights, architecture) of at least 4 x batch_size tokens."""
+    return 8 * cfg.batch_size
+
+
+def _need_valid(cfg: RNNSearchConfig) -> int:
+    """Validation tokens: at least 2 rows of eval_batch_size columns."""
+    return 2 * cfg.eval_batch_size
+
+
+def _check_corpus(cfg: RNNSearchConfig, corpus) -> None:
+    """Whether the corpus is large enough for the batch sizes; the error names what to change."""
+    n_train, n_valid = corpus.train.numel(), corpus.valid.numel()
+    need_train, need_valid = _need_train(cfg), _need_valid(cfg)
+    if n_train >= need_train and n_valid >= need_valid:
+        return
+    have = (f"{n_train} training and {n_valid} validation tokens; batch_size {cfg.batch_size} needs at least "
+            f"{need_train} training tokens (two halves of 4 x batch_size) and eval_batch_size {cfg.eval_batch_size} "
+            f"at least {need_valid} validation tokens")
+    if cfg.data == "stdlib":
+        cap = cfg.max_tokens if cfg.max_tokens is not None else DEFAULT_MAX_TOKENS
+        enough = stdlib_min_tokens(need_train, need_valid)
+        if enough is not None and enough > cap:
+            raise ValueError(f"max_tokens: the stdlib corpus cut at {cap} tokens has {have}; use --max-tokens "
+                             f"{enough} or more")
+        name = "batch_size" if n_train < need_train else "eval_batch_size"
+        raise ValueError(f"{name}: the whole stdlib corpus has {have}; use smaller batches")
+    name = "batch_size" if n_train < need_train else "eval_batch_size"
+    raise ValueError(f"{name}: the corpus in {cfg.data_dir} has {have}")
+
+
+class RNNSearch(SearchCheckpoints):
+    """A DARTS RNN search run: build it, call :meth:`run`; see :func:`run_rnn_search`."""
+
+    SPACE = "rnn"
+    check_config = staticmethod(check_config)
+
+    def __init__(self, cfg: RNNSearchConfig, save_dir: Optional[str] = None,
+                 log: Callable[[str], None] = print, progress: bool = True):
+        check_config(cfg)
+        self.cfg, self.save_dir, self.log, self.progress = cfg, save_dir, log, progress
+        self.device = torch.device(cfg.device)
+        kw = {"max_tokens": cfg.max_tokens} if cfg.max_tokens is not None else {}
+        self.corpus = load_corpus(cfg.data, cfg.data_dir, **kw)
+        _check_corpus(cfg, self.corpus)  # each half must give batches of at least 4 steps
+        train = self.corpus.train
+        half = train.numel() // 2
+        self.train_data = batchify(train[:half], cfg.batch_size).to(self.device)
+        self.search_data = batchify(train[half:], cfg.batch_size).to(self.device)
+        self.val_data = batchify(self.corpus.valid, cfg.eval_batch_size).to(self.device)
+        torch.manual_seed(cfg.seed)
+        self.model = RNNModelSearch(self.corpus.ntokens, cfg.emsize, cfg.nhid, cfg.nhidlast, cfg.dropout,
+                                    cfg.dropouth, cfg.dropoutx, cfg.dropouti, cfg.dropoute).to(self.device)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.wdecay)
+        self.architect = Architect(self.model, weight_decay=cfg.wdecay, clip=cfg.clip, arch_learning_rate=cfg.arch_lr,
+                                   arch_weight_decay=cfg.arch_wdecay, fd_r=cfg.fd_r)
+        self.epoch = 0
+        self.history: List[dict] = []
+        self._replay_early_stop()
+
+    def genotype_json(self) -> str:
+        return to_json(self.model.genotype())
+
+    def hessian_loss(self) -> Callable[[], torch.Tensor]:
+        """The arch loss on a fixed batch: the first ``bptt`` steps of the architecture half (the data the arch
+        step uses), from a zero hidden state; train mode, so dropout masks are drawn (from the fixed seed
+        :meth:`hessian_eigenvalue` sets, so the same masks after every epoch)."""
+        data, targets = get_batch(self.search_data, 0, self.cfg.bptt)
+        hidden = self.model.init_hidden(self.cfg.batch_size)
+        return lambda: self.model._loss(hidden, data, targets)[0]
+
+    # -- the loop ----------------------------------------------------------------
+    def _weight_loss(self, data, targets, hidden):
+        """The weight step's loss: NLL + alpha * AR + beta * TAR, and the raw NLL and next hidden."""
+        cfg = self.cfg
+        log_prob, hidden, rnn_hs, dropped_rnn_hs = self.model(data, hidden, return_h=True)
+        raw_loss = F.nll_loss(log_prob.view(-1, log_prob.size(2)), targets)
+        loss = raw_loss
+        if cfg.alpha > 0:
+            loss = loss + cfg.alpha * dropped_rnn_hs[-1].pow(2).mean()
+        if cfg.beta > 0:
+            loss = loss + cfg.beta * (rnn_hs[-1][1:] - rnn_hs[-1][:-1]).pow(2).mean()
+        return loss, raw_loss, hidden
+
+    def train_epoch(self, epoch: int):
+        cfg, model = self.cfg, self.model
+        model.train()
+        rng = random.Random(cfg.seed * 1000003 + epoch)  # bptt draws: per epoch, so a resumed run repeats them
+        hidden = model.init_hidden(cfg.batch_size)
+        hidden_valid = model.init_hidden(cfg.batch_size)
+        n_rows, n_search = self.train_data.size(0), self.search_data.size(0)
+        total = (n_rows - 2) // cfg.bptt + 1
+        if cfg.steps_per_epoch:
+            total = min(total, cfg.steps_per_epoch)
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr,
+                       dynamic_ncols=True)
+        loss_sum, tokens, steps, i = 0.0, 0, 0, 0
+        group = self.optimizer.param_groups[0]
+        while i < n_rows - 1 - 1:
+            if cfg.steps_per_epoch and steps >= cfg.steps_per_epoch:
+                break
+            bptt = cfg.bptt if rng.random() < 0.95 else cfg.bptt / 2.0
+            seq_len = max(int(bptt), 1)
+            lr = group["lr"]
+            group["lr"] = lr * seq_len / cfg.bptt
+            try:
+                data_valid, targets_valid = get_batch(self.search_data, i % (n_search - 1), cfg.bptt)
+                # the train batch has seq_len steps (the spec: 5 % of the batches use bptt / 2; the reference
+                # code reads full bptt batches there and only scales the lr and the stride)
+                data, targets = get_batch(self.train_data, i, seq_len)
+                hidden = [h.detach() for h in hidden]
+                hidden_valid = [h.detach() for h in hidden_valid]
+                hidden_valid, _ = self.architect.step(hidden, data, targets, hidden_valid, data_valid, targets_valid,
+                                                      self.optimizer, cfg.unrolled)
+                self.optimizer.zero_grad()
+                loss, raw_loss, hidden = self._weight_loss(data, targets, hidden)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+                self.optimizer.step()
+            finally:
+                group["lr"] = lr
+            n_tok = targets.numel()
+            # summed on the device: no host sync per iteration (the bar reads it every 10 steps)
+            loss_sum = raw_loss.detach() * n_tok + loss_sum
+            tokens += n_tok
+            steps += 1
+            i += seq_len
+            if bar is not None:
+                bar.update(1)
+                if steps % 10 == 1:
+                    avg = float(loss_sum) / tokens
+                    bar.set_postfix(loss=f"{avg:.3f}", ppl=f"{math.exp(min(avg, 50)):.1f}")
+        if bar is not None:
+            bar.close()
+        return float(loss_sum) / max(tokens, 1), steps
+
+    @torch.no_grad()
+    def evaluate(self, data_source: torch.Tensor) -> float:
+        """Mean NLL per token on ``data_source`` (eval mode: no dropout, BatchNorm running statistics)."""
+        cfg, model = self.cfg, self.model
+        model.eval()
+        hidden = model.init_hidden(data_source.size(1))
+        loss_sum, tokens = 0.0, 0
+        for i in range(0, data_source.size(0) - 1, cfg.bptt):
+            data, targets = get_batch(data_source, i, cfg.bptt)
+            log_prob, hidden = model(data, hidden)
+            loss_sum += float(F.nll_loss(log_prob.view(-1, log_prob.size(2)), targets, reduction="sum"))
+            tokens += targets.numel()
+        model.train()
+        return loss_sum / max(tokens, 1)
+
+    def run_epoch(self, epoch: int):
+        """Train and evaluate one epoch: (the history record's figures, their log text)."""
+        train_loss, steps = self.train_epoch(epoch)
+        val_loss = self.evaluate(self.val_data)
+        record = {"lr": self.optimizer.param_groups[0]["lr"], "steps": steps, "train_loss": train_loss,
+                  "train_ppl": math.exp(min(train_loss, 50)), "val_loss": val_loss,
+                  "val_ppl": math.exp(min(val_loss, 50))}
+        return record, (f"steps {steps} train_loss {train_loss:.4f} train_ppl {record['train_ppl']:.2f} "
+                        f"val_loss {val_loss:.4f} val_ppl {record['val_ppl']:.2f}")
+
+
+def run_rnn_search(cfg: RNNSearchConfig, save_dir: Optional[str] = None, resume: Optional[str] = None,
+                   log: Callable[[str], None] = print, progress: bool = True) -> dict:
+    """Run (or resume) an RNN search; returns the final genotype and the per-epoch history."""
+    return start_or_resume(RNNSearch, RNNSearchConfig, cfg, save_dir, resume, log, progress)
