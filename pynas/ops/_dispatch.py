@@ -186,6 +186,12 @@ def triton(op: str, module: str, dtypes: Tuple[torch.dtype, ...] = FLOATS, loade
                           False, layout, needs)
 
 
+def every_backend(op: str) -> List[Implementation]:
+    """The reference, the C++ and CUDA kernels of pynas._C and the Triton kernels of kernels/<op>.py, each
+    taking every floating dtype: the table of an elementwise op whose kernels all share one API."""
+    return [reference(op), extension(op, "cpu"), extension(op, "cuda"), triton(op, op)]
+
+
 def table_report() -> List[str]:
     """The tables as text lines: per op and implementation, whether it runs here (else why not), whether ``auto``
     takes it on a GPU, its devices, dtypes and what it needs of its inputs."""

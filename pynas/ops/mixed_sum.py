@@ -37,12 +37,7 @@ def _ref_backward(grad_out, xs, weights):
     return grad_xs, grad_w
 
 
-TABLE = _dispatch.register("mixed_sum", [
-    _dispatch.reference("mixed_sum"),
-    _dispatch.extension("mixed_sum", "cpu"),
-    _dispatch.extension("mixed_sum", "cuda"),
-    _dispatch.triton("mixed_sum", "mixed_sum"),
-])
+TABLE = _dispatch.register("mixed_sum", _dispatch.every_backend("mixed_sum"))
 
 
 def _kernels(backend: str):

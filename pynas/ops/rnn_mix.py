@@ -55,12 +55,7 @@ def _check(states, c, h, probs) -> None:
                          f"on {states.device}, got {tuple(probs.shape)} {probs.dtype} on {probs.device}")
 
 
-TABLE = _dispatch.register("rnn_mix", [
-    _dispatch.reference("rnn_mix"),
-    _dispatch.extension("rnn_mix", "cpu"),
-    _dispatch.extension("rnn_mix", "cuda"),
-    _dispatch.triton("rnn_mix", "rnn_mix"),
-])
+TABLE = _dispatch.register("rnn_mix", _dispatch.every_backend("rnn_mix"))
 
 
 def _kernels(backend: str):

@@ -3,7 +3,6 @@ naming ``weights`` with the expected and received counts, on the fused path (the
 """
 from __future__ import annotations
 
-
 import pytest
 import torch
 

@@ -229,3 +229,67 @@ def test_triton_kernels_load_from_a_checkout():
     """)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "ok"
+
+
+# ---- the per-op tables of implementations ------------------------------------------------------------------------
+
+def test_every_fused_op_has_a_table_with_a_reference():
+    from pynas.ops import _dispatch
+
+    assert set(_dispatch.TABLES) == {"mixed_sum", "rnn_mix", "cnn_edge", "rnn_cell", "multi_tensor"}
+    for op, table in _dispatch.TABLES.items():
+        backends = [impl.backend for impl in table]
+        assert backends == ["reference", "cpu", "cuda", "triton"], op
+        for impl in table:
+            assert impl.op == op
+            # GPU implementations stay off under auto until a card has passed them
+            assert impl.validated == (impl.backend in ("reference", "cpu")), (op, impl.backend)
+
+
+def test_unvalidated_gpu_implementation_is_passed_over_by_auto(monkeypatch):
+    from pynas.ops import _dispatch
+
+    impl = _dispatch.TABLES["mixed_sum"]["cuda"]
+    assert "not yet validated" in impl.auto_reason("cuda")
+    assert _dispatch.TABLES["mixed_sum"]["cpu"].auto_reason("cpu") is None
+    monkeypatch.setattr(_backend, "GPU_FUSED_AUTO", True)
+    assert impl.auto_reason("cuda") is None
+
+
+def test_resolve_returns_the_implementation_and_names_the_reasons():
+    from pynas.ops import _dispatch
+
+    table = _dispatch.TABLES["cnn_edge"]
+    x = torch.ones(2, 3, 4, 4)
+    assert table.resolve([x], "reference") is table["reference"]
+    if pynas.backends()["cpu"] is None:
+        assert table.resolve([x], "cpu") is table["cpu"]
+        assert table.resolve([x], "auto") is table["cpu"]
+        with pytest.raises(RuntimeError, match=r"backend 'cpu' cannot run cnn_edge: dtype torch.float16"):
+            table.resolve([x.half()], "cpu")
+        with pytest.raises(RuntimeError, match=r"x: expected a 4-D"):
+            table.resolve([torch.ones(3, 4, 4)], "cpu")
+        assert table.resolve([x.half()], "cpu", strict=False) is None
+        # auto: the next candidate that can take them
+        assert table.resolve([x.half()], "auto") is table["reference"]
+
+
+def test_a_table_needs_a_reference_and_matching_ops():
+    from pynas.ops import _dispatch
+
+    cpu = _dispatch.extension("toy", "cpu")
+    with pytest.raises(ValueError, match="implementations: .*'reference'"):
+        _dispatch.OpTable("toy", [cpu])
+    with pytest.raises(ValueError, match="implementations: 'toy'"):
+        _dispatch.OpTable("other", [_dispatch.reference("other"), cpu])
+    with pytest.raises(ValueError, match="op: 'mixed_sum' is already registered"):
+        _dispatch.register("mixed_sum", _dispatch.every_backend("mixed_sum"))
+
+
+def test_info_prints_each_ops_table():
+    from pynas.info import report
+
+    text = report()
+    for op in ("mixed_sum", "rnn_mix", "cnn_edge", "rnn_cell", "multi_tensor"):
+        assert f"\n{op}:\n" in text
+    assert "not yet validated on a GPU" in text
