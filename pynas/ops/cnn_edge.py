@@ -38,6 +38,7 @@ from torch import nn
 from .. import _autodiff, _ext
 from .._triton import kernel_module
 from . import _dispatch
+from ._checks import check_cnn_edge_args
 from ._conv1x1 import conv1x1, conv1x1_backward
 
 _PRE_RELU = 1
@@ -227,9 +228,6 @@ def cnn_edge_forward_impl(spec: EdgeSpec, k, x: torch.Tensor, weights: torch.Ten
                       running: Sequence[torch.Tensor], counters: Sequence[torch.Tensor]):
     """The forward: returns (out, wr, mean, rstd, ps, saved); updates running statistics and counters."""
     x = x.contiguous()
-    if spec.stride == 2 and any(c.kind == "fr" for c in spec.convs) and (x.shape[2] % 2 or x.shape[3] % 2):
-        raise ValueError(
-            f"x: a stride-2 skip_connect (FactorizedReduce) needs an even height and width, got {tuple(x.shape)}")
     wr = weights.detach().index_select(0, spec.index_on(weights.device))
     at, firsts = 0, []
     starts = []
@@ -532,10 +530,7 @@ torch.library.register_autograd("pynas::cnn_edge", _backward, setup_context=_set
 def cnn_edge(plan: EdgePlan, x: torch.Tensor, weights: torch.Tensor, backend: str = "cpu") -> torch.Tensor:
     """The MixedOp's output through the fused kernels (call only when :func:`fusable`)."""
     params = plan.params()
-    for p in params:
-        if p.dtype != x.dtype or p.device != x.device:
-            raise TypeError(f"x: dtype {x.dtype} on {x.device} does not match the edge's parameters "
-                            f"({p.dtype} on {p.device}); move the module with .to()")
+    check_cnn_edge_args(x, params, any(c.kind == "fr" for c in plan.spec.convs) and plan.spec.stride == 2)
     if torch.compiler.is_compiling():
         running = plan.running()
         res = torch.ops.pynas.cnn_edge(x, weights, params, running, plan.encoded, backend)

@@ -17,12 +17,9 @@ import torch
 
 from .. import _autodiff
 from . import _dispatch
+from ._checks import RNN_FUNCS, check_rnn_mix_args
 
 __all__ = ["rnn_mix", "rnn_mix_ref", "RNN_FUNCS"]
-
-#: The columns of ``probs``.
-RNN_FUNCS = ("none", "tanh", "relu", "sigmoid", "identity")
-
 
 def rnn_mix_ref(states: torch.Tensor, c: torch.Tensor, h: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     """Plain-PyTorch reference (autograd by torch), in the form of the DARTS RNN cell."""
@@ -34,25 +31,6 @@ def rnn_mix_ref(states: torch.Tensor, c: torch.Tensor, h: torch.Tensor, probs: t
             out = term if out is None else out + term
     # J = 0 (a node with no inputs): zeros (B, H), still in the graph of states
     return states.sum(0) if out is None else out
-
-
-def _check(states, c, h, probs) -> None:
-    for name, t in (("states", states), ("c", c), ("h", h), ("probs", probs)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
-    if states.dim() != 3:
-        raise ValueError(f"states: expected shape (J, B, H), got {tuple(states.shape)}")
-    if not states.is_floating_point():
-        raise TypeError(f"states: expected a floating dtype, got {states.dtype}")
-    for name, t in (("c", c), ("h", h)):
-        if t.shape != states.shape or t.dtype != states.dtype or t.device != states.device:
-            raise ValueError(f"{name}: expected the shape, dtype and device of states "
-                             f"({tuple(states.shape)}, {states.dtype}, {states.device}), got "
-                             f"({tuple(t.shape)}, {t.dtype}, {t.device})")
-    if probs.shape != (states.shape[0], len(RNN_FUNCS)) or not probs.is_floating_point() \
-            or probs.device != states.device:
-        raise ValueError(f"probs: expected a floating ({states.shape[0]}, 5) tensor over {', '.join(RNN_FUNCS)} "
-                         f"on {states.device}, got {tuple(probs.shape)} {probs.dtype} on {probs.device}")
 
 
 TABLE = _dispatch.register("rnn_mix", _dispatch.every_backend("rnn_mix"))
@@ -133,7 +111,7 @@ class _RnnMixFunction(torch.autograd.Function):
 def rnn_mix(states: torch.Tensor, c: torch.Tensor, h: torch.Tensor, probs: torch.Tensor, *,
             backend: Optional[str] = None) -> torch.Tensor:
     """The DARTS RNN node mix (see the module docstring); differentiable w.r.t. all four inputs."""
-    _check(states, c, h, probs)
+    check_rnn_mix_args(states, c, h, probs)
     return _rnn_mix(states, c, h, probs, TABLE.resolve([states, c, h, probs], backend))
 
 
