@@ -57,7 +57,6 @@ weight gradients the weights' dtype. Kernels are launched directly (no
 from __future__ import annotations
 
 import operator
-import os
 from collections.abc import Sequence
 from typing import List, Optional, Tuple
 
@@ -65,6 +64,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._triton import interpreting
+from ..ops._conv1x1 import conv1x1, conv1x1_backward
 from ._common import MAX_POINTERS, accumulation_dtype, chunks, padded
 
 __all__ = [
@@ -583,10 +584,6 @@ def _pool_bwd_gather_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _describe(t: torch.Tensor) -> str:
     return f"shape {list(t.shape)}, dtype {t.dtype}, device {t.device}"
 
@@ -608,7 +605,7 @@ def _check_activation(op: str, t, name: str) -> torch.Tensor:
             f"{op}: `{name}` must have dtype torch.float16, torch.bfloat16, torch.float32 or "
             f"torch.float64, got {_describe(t)}"
         )
-    if t.device.type == "cpu" and not _interpreting():
+    if t.device.type == "cpu" and not interpreting():
         raise ValueError(
             f"{op}: `{name}` is on cpu; the Triton kernels need a CUDA tensor "
             "(or TRITON_INTERPRET=1 to run them on the CPU)"
@@ -1108,8 +1105,7 @@ def cnn_edge_pw_forward(
         _check_eps(op, eps)
         rm = _check_running(op, running_mean, "running_mean", u, "u", co)
         rv = _check_running(op, running_var, "running_var", u, "u", co)
-    u = u.detach().contiguous()
-    p = torch.matmul(w.detach().reshape(co, Ci), u.view(N, Ci, H * W)).view(N, co, H, W)
+    p = conv1x1(u.contiguous(), w)
     if not stats:
         return p, None, None
     acc = accumulation_dtype(p.dtype)
@@ -1137,13 +1133,7 @@ def cnn_edge_pw_backward(
             f"got {_describe(g)}"
         )
     _check_same_device(op, g, "g", u, "u")
-    g3 = g.detach().reshape(N, co, H * W)
-    u3 = u.detach().reshape(N, Ci, H * W)
-    gu = torch.matmul(w.detach().reshape(co, Ci).t(), g3).view(N, Ci, H, W)
-    if not need_grad_w:
-        return gu, None
-    gw = torch.matmul(g3, u3.transpose(1, 2)).sum(0).view(co, Ci, 1, 1).to(w.dtype)
-    return gu, gw
+    return conv1x1_backward(g, u, w, need_grad_w)
 
 
 # --------------------------------------------------------------------------------------------
