@@ -1,4 +1,5 @@
-"""The DARTS RNN search space's names, genotype derivation and JSON (darts-spec.md, "RNN search space")."""
+"""The DARTS RNN search space's names, genotype derivation and JSON (docs/darts.md, "RNN space" and
+"Deriving a genotype")."""
 from __future__ import annotations
 
 import json

@@ -1,7 +1,7 @@
 """The DARTS RNN search cell and model (the reference code's ``DARTSCellSearch`` and ``RNNModelSearch``).
 
 Names and parameters follow the DARTS reference code (``_W0``, ``_Ws.i``, ``bn``), so a state_dict moves
-between the two. Per time step (darts-spec.md):
+between the two. Per time step (docs/darts.md, "RNN space"):
 
     [c0 | h0] = [x * m_x, h_prev * m_h] @ W0;   s0 = BN(h_prev + sigmoid(c0) * (tanh(h0) - h_prev))
     node i:  [c_j | h_j] = (s_j * m_h) @ W_i for all j < i (one GEMM), c_j = sigmoid(c_j)

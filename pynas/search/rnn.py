@@ -1,6 +1,6 @@
 """The DARTS RNN search loop: a word-level language model whose recurrent cell is searched.
 
-Per darts-spec.md: the training tokens are split in two halves, the first trains the weights w, the
+As docs/darts.md ("RNN space", "The search loop") states: the training tokens are split in two halves, the first trains the weights w, the
 second the architecture alpha. Each iteration takes a (train, search) batch pair of ``bptt`` steps (5 % of
 the iterations use bptt / 2, with the learning rate scaled by seq_len / bptt): the architect steps alpha
 (first or second order, the RNN rules: no momentum, clip 0.25), then SGD steps the weights on the train
@@ -220,7 +220,7 @@ class RNNSearch(SearchCheckpoints):
             group["lr"] = lr * seq_len / cfg.bptt
             try:
                 data_valid, targets_valid = get_batch(self.search_data, i % (n_search - 1), cfg.bptt)
-                # the train batch has seq_len steps (the spec: 5 % of the batches use bptt / 2; the reference
+                # the train batch has seq_len steps (docs/darts.md: 5 % of the batches use bptt / 2; the reference
                 # code reads full bptt batches there and only scales the lr and the stride)
                 data, targets = get_batch(self.train_data, i, seq_len)
                 hidden = [h.detach() for h in hidden]

@@ -6,15 +6,15 @@ saved once, overwritten by the virtual step and the two finite-difference pertur
 bit from the saved copy. BatchNorm running statistics are restored after the pass at the virtual weights, as
 the reference code runs that pass on a throw-away model.
 
-RNN. The RNN variant of the second-order step (darts-spec.md, "The search loop"): no momentum, the training
+RNN. The RNN variant of the second-order step (docs/darts.md, "The second-order step"): no momentum, the training
 gradient clipped to ``clip`` (0.25) in the virtual step, w' = w - eta (coef g + wd w) with
 coef = min(1, clip / (||g|| + 1e-6)), and the finite-difference correction scaled by that clip coefficient:
 it is exactly the factor dw'/dalpha carries (-eta coef d g / d alpha, the coefficient held constant), so
 with a small radius the step matches the exact hypergradient. (The reference code multiplies by the raw
 ratio clip / (||g|| + 1e-6) even where it exceeds 1 and nothing was clipped, and also clips v; with R = r / ||v||
 clipping v only rescales the correction once more. Neither is reproduced.) The finite difference is taken at
-the original weights on the training batch, as the spec says (the reference takes it at the virtual
-weights, one of the known deviations). Every pass over the weights is one multi-tensor op
+the original weights on the training batch, as in the CNN step (the reference takes it at the virtual
+weights; docs/darts.md, "Departures from the original code"). Every pass over the weights is one multi-tensor op
 (:mod:`pynas.ops.multi_tensor`); the clip coefficient and R stay on the device, so the step has no host sync.
 
 BatchNorm running statistics: only the first training pass updates them; they are restored after the

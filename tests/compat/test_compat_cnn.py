@@ -1,6 +1,6 @@
 """pynas.compat.darts.cnn against an independent plain-PyTorch DARTS CNN search network.
 
-The ``Ref*`` classes below are written from darts-spec.md and the DARTS reference
+The ``Ref*`` classes below are written from docs/darts.md and the DARTS reference
 code's ``model_search.py`` / ``operations.py`` layout (module names, state_dict
 keys, 'none' computed as a zero multiply). They share no code with pynas.
 """
@@ -287,7 +287,7 @@ def test_state_dict_interchange_strict(C, layers):
     for k in sd_ref:
         assert sd_net[k].shape == sd_ref[k].shape, k
     assert [n for n, _ in net.named_parameters()] == [n for n, _ in ref.named_parameters()]
-    # Spot-check a few of the reference names (spec: "the reference code's interface").
+    # Spot-check a few of the reference names (docs/darts.md, "The original code's interface").
     for key in ("stem.0.weight", "stem.1.running_mean", "cells.0.preprocess0.op.1.weight",
                 "cells.0._ops.0._ops.1.1.running_mean", "cells.0._ops.0._ops.4.op.1.weight",
                 f"cells.{layers // 3 + 1}.preprocess0.conv_1.weight",

@@ -1,4 +1,4 @@
-"""The DARTS RNN search model against a plain-PyTorch model written here from darts-spec.md and the
+"""The DARTS RNN search model against a plain-PyTorch model written here from docs/darts.md ("RNN space") and the
 reference code's interface (embedded dropout, locked dropouts, the search cell, tied decoder)."""
 import json
 import types
@@ -25,7 +25,7 @@ BACKENDS = ["reference", pytest.param("cpu", marks=pytest.mark.skipif(not _cpu_b
                                                                        reason="the C++ CPU backend is not built"))]
 
 
-from test_rnn_search_cell import RefCell  # noqa: E402  (the plain cell written out from the spec)
+from test_rnn_search_cell import RefCell  # noqa: E402  (the plain cell written out from docs/darts.md)
 
 
 class RefModel(nn.Module):

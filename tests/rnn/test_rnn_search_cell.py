@@ -1,4 +1,4 @@
-"""The DARTS RNN search cell against a plain-PyTorch cell written here from darts-spec.md."""
+"""The DARTS RNN search cell against a plain-PyTorch cell written here from docs/darts.md ("RNN space")."""
 import pytest
 import torch
 import torch.nn.functional as F

@@ -3,7 +3,7 @@
 The oracle computes the DARTS second-order gradient exactly, by double backward:
     w'(alpha) = w - eta * (momentum * buf + dL_train(w, alpha)/dw + wd * w)
     grad_alpha = d L_val(w'(alpha), alpha) / d alpha
-which is what the finite-difference formula of darts-spec.md approximates; with
+which is what the finite difference of docs/darts.md ("The second-order step") approximates; with
 a small fd_r in float64 the two agree to ~1e-9.
 """
 from __future__ import annotations
@@ -150,7 +150,7 @@ def variants(net, opt, xt, yt, xv, yv, eta):
 
 
 def fd_unrolled(net, opt, xt, yt, xv, yv, eta, r):
-    """The finite-difference formula of darts-spec.md at radius r (an oracle for fd_r)."""
+    """The finite difference of docs/darts.md ("The second-order step", step 3) at radius r (an oracle for fd_r)."""
     alphas = net.arch_parameters()
     params = [p.detach() for p in net.parameters()]
     with _oracle(net):

@@ -1,6 +1,6 @@
 """The DARTS RNN architect's alpha step against the exact second-order gradient (double backward).
 
-The spec's RNN hypergradient (darts-spec.md, "The search loop"):
+The RNN hypergradient (docs/darts.md, "The second-order step" and "Departures from the original code"):
     g = dL_train(w)/dw;  w' = w - eta * (clip_coef(g) * g + wd * w)
     dalpha, v = dL_val(w', alpha)/d(alpha, w')
     grad = dalpha - eta * clip_coef(g) * d/dalpha [ dL_train(w)/dw . v ]     (Hessian at the ORIGINAL w)
