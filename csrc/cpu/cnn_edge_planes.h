@@ -14,8 +14,7 @@ constexpr int kLanes = 8;
 
 // GCC/Clang vector extensions: 32 bytes (8 floats, 4 doubles), lowered to AVX2 registers in the AVX2
 // variant and to pairs of SSE registers in the baseline one. Explicit vectors keep a block of outputs in
-// registers across all taps, which the auto-vectoriser does not manage (measured: 2x over the best
-// auto-vectorised loop, 8x over a naive block).
+// registers across all taps, which the auto-vectoriser does not manage.
 template <typename T>
 struct Vec;
 template <>

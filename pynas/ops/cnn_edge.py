@@ -21,7 +21,7 @@ BatchNorm running statistics (and ``num_batches_tracked``) are updated exactly a
 The module's parameters are used in place, so the state_dict is the reference one.
 
 Backends: 'cpu' (C++, float32/float64), 'cuda' and 'triton' (GPU; Triton also on the CPU under
-TRITON_INTERPRET=1), all with the API of the C++ kernels (:func:`_kernels`). :func:`fusable` says when an
+TRITON_INTERPRET=1), each a :class:`_Kernels` of the same functions, chosen by the op's :data:`TABLE`. :func:`fusable` says when an
 edge runs fused: training-mode BatchNorms with a momentum, known candidates. Anything else runs the
 modules one by one (the reference path).
 """

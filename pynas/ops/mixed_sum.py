@@ -103,9 +103,9 @@ torch.library.register_autograd("pynas::mixed_sum", _backward, setup_context=_se
 class _MixedSumFunction(torch.autograd.Function):
     """The eager path to the same kernels as ``torch.ops.pynas.mixed_sum``.
 
-    A ``torch.library`` custom op costs ~100 us of Python and dispatcher work per forward+backward,
-    several times the kernels themselves at DARTS's small sizes; a plain autograd.Function costs
-    ~30 us. The custom op stays the path under ``torch.compile`` (and for opcheck).
+    Eager calls take it because a ``torch.library`` custom op adds Python and dispatcher work per
+    forward and backward, more than the kernels themselves take at DARTS's small sizes. The
+    custom op stays the path under ``torch.compile`` (and for opcheck).
     """
 
     @staticmethod
