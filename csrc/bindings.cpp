@@ -37,16 +37,16 @@ namespace {
 [[noreturn]] void fail_device(const char* op, const at::Tensor& x, const char* name) {
 #ifndef PYNAS_WITH_CUDA
   if (x.is_cuda()) {
-    TORCH_CHECK(false, op, ": pynas._C was built without CUDA, got `", name, "` on ", x.device(),
+    TORCH_CHECK(false, op, ": pynas._C was built without CUDA, got ", name, " on ", x.device(),
                 " (rebuild with a CUDA toolkit, see csrc/README.md)");
   }
 #endif
-  TORCH_CHECK(false, op, ": pynas._C has no kernel for device ", x.device(), " (got `", name, "` on it)");
+  TORCH_CHECK(false, op, ": pynas._C has no kernel for device ", x.device(), " (got ", name, " on it)");
 }
 
 void check_mixed_sum_args(const char* op, const std::vector<at::Tensor>& xs, const at::Tensor& weights) {
   pynas::checks::check_tensor_list(op, xs, "xs");
-  pynas::checks::check_vector(op, weights, "weights", static_cast<int64_t>(xs.size()), "one per tensor in `xs`",
+  pynas::checks::check_vector(op, weights, "weights", static_cast<int64_t>(xs.size()), "one per tensor in xs",
                               xs[0], "xs[0]");
 }
 
@@ -77,9 +77,9 @@ std::pair<std::vector<at::Tensor>, at::Tensor> mixed_sum_backward(const at::Tens
 
 void check_activation(const char* op, const at::Tensor& t, const char* name) {
   pynas::checks::check_dense(op, t, name);
-  TORCH_CHECK(t.dim() == 4, op, ": `", name, "` must be 4-D (N, C, H, W), got ", pynas::checks::describe(t));
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": `", name,
-              "` must have dtype torch.float32 or torch.float64, got ", pynas::checks::describe(t));
+  TORCH_CHECK(t.dim() == 4, op, ": ", name, ": expected 4-D (N, C, H, W), got ", pynas::checks::describe(t));
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
+              ": expected dtype torch.float32 or torch.float64, got ", pynas::checks::describe(t));
   if (!t.is_cpu()) fail_device(op, t, name);
 }
 
@@ -90,7 +90,7 @@ at::ScalarType edge_acc_dtype(const at::Tensor& x) { return x.scalar_type() == a
 // float16 or bfloat16 on a CUDA device (when pynas._C has its CUDA part).
 void check_edge_input(const char* op, const at::Tensor& t, const char* name) {
   pynas::checks::check_dense(op, t, name);
-  TORCH_CHECK(t.dim() == 4, op, ": `", name, "` must be 4-D (N, C, H, W), got ", pynas::checks::describe(t));
+  TORCH_CHECK(t.dim() == 4, op, ": ", name, ": expected 4-D (N, C, H, W), got ", pynas::checks::describe(t));
 #ifdef PYNAS_WITH_CUDA
   if (t.is_cuda()) {
     pynas::checks::check_supported_float(op, t, name);
@@ -98,8 +98,8 @@ void check_edge_input(const char* op, const at::Tensor& t, const char* name) {
   }
 #endif
   if (!t.is_cpu()) fail_device(op, t, name);
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": `", name,
-              "` must have dtype torch.float32 or torch.float64 on cpu (float16 and bfloat16 need a CUDA device), "
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
+              ": expected dtype torch.float32 or torch.float64 on cpu (float16 and bfloat16 need a CUDA device), "
               "got ", pynas::checks::describe(t));
 }
 
@@ -108,46 +108,46 @@ void check_channel_vector(const char* op, const at::Tensor& t, const std::string
                           at::ScalarType dtype) {
   pynas::checks::check_dense(op, t, name);
   TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(1) && t.scalar_type() == dtype && t.device() == x.device(), op,
-              ": `", name, "` must be 1-D with one ", pynas::checks::dtype_name(dtype), " value per channel (",
+              ": ", name, ": expected 1-D with one ", pynas::checks::dtype_name(dtype), " value per channel (",
               x.size(1), ") on ", x.device(), ", got ", pynas::checks::describe(t));
   // running statistics are updated in place through their data pointer
-  TORCH_CHECK(t.is_contiguous(), op, ": `", name, "` must be contiguous");
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, ": expected a contiguous tensor");
 }
 
 void check_dw_args(const char* op, const at::Tensor& x, const std::vector<at::Tensor>& ws,
                    const std::vector<int64_t>& strides, const std::vector<int64_t>& pads,
                    const std::vector<int64_t>& dils, int64_t pre, const at::Tensor& mean, const at::Tensor& rstd) {
   check_edge_input(op, x, "x");
-  TORCH_CHECK(x.size(2) >= 1 && x.size(3) >= 1, op, ": `x` must have a non-empty plane, got ",
+  TORCH_CHECK(x.size(2) >= 1 && x.size(3) >= 1, op, ": x: expected a non-empty plane, got ",
               pynas::checks::describe(x));
-  TORCH_CHECK(!ws.empty(), op, ": `ws` must hold at least one weight");
+  TORCH_CHECK(!ws.empty(), op, ": ws: expected at least one weight");
   TORCH_CHECK(strides.size() == ws.size() && pads.size() == ws.size() && dils.size() == ws.size(), op,
-              ": `strides`, `pads` and `dils` must have one entry per weight in `ws` (", ws.size(), "), got ",
+              ": strides, pads, dils: expected one entry per weight in ws (", ws.size(), "), got ",
               strides.size(), ", ", pads.size(), " and ", dils.size());
   TORCH_CHECK(pre >= pynas::edge::kPreNone && pre <= pynas::edge::kPreNormRelu, op,
-              ": `pre` must be 0 (none), 1 (relu) or 2 (normalise then relu), got ", pre);
+              ": pre: expected 0 (none), 1 (relu) or 2 (normalise then relu), got ", pre);
   for (size_t m = 0; m < ws.size(); ++m) {
     const std::string name = "ws[" + std::to_string(m) + "]";
     pynas::checks::check_dense(op, ws[m], name);
     TORCH_CHECK(ws[m].dim() == 4 && ws[m].size(0) == x.size(1) && ws[m].size(1) == 1 &&
                     ws[m].size(2) == ws[m].size(3) && ws[m].size(2) >= 1 &&
                     ws[m].scalar_type() == x.scalar_type() && ws[m].device() == x.device(),
-                op, ": `", name, "` must be a depthwise weight (", x.size(1),
-                ", 1, k, k) with the dtype and device of `x`, got ", pynas::checks::describe(ws[m]));
-    TORCH_CHECK(ws[m].size(2) <= pynas::edge::kMaxKernel, op, ": `", name, "` is ", ws[m].size(2), "x",
-                ws[m].size(3), ", larger than the kernels take (", pynas::edge::kMaxKernel, "x",
-                pynas::edge::kMaxKernel, ")");
-    TORCH_CHECK(strides[m] >= 1 && pads[m] >= 0 && dils[m] >= 1, op, ": conv ", m,
-                " needs stride >= 1, pad >= 0, dilation >= 1, got ", strides[m], ", ", pads[m], ", ", dils[m]);
+                op, ": ", name, ": expected a depthwise weight (", x.size(1),
+                ", 1, k, k) with the dtype and device of x, got ", pynas::checks::describe(ws[m]));
+    TORCH_CHECK(ws[m].size(2) <= pynas::edge::kMaxKernel, op, ": ", name, ": expected at most ", pynas::edge::kMaxKernel, "x",
+                pynas::edge::kMaxKernel, " taps (the kernels' limit), got ", ws[m].size(2), "x", ws[m].size(3));
+    TORCH_CHECK(strides[m] >= 1 && pads[m] >= 0 && dils[m] >= 1, op, ": strides[", m, "], pads[", m,
+                "], dils[", m, "]: expected stride >= 1, pad >= 0, dilation >= 1, got ", strides[m], ", ", pads[m], ", ",
+                dils[m]);
     // the window must fit in the padded input (out_size's division truncates where it should floor)
     const int64_t span = dils[m] * (ws[m].size(2) - 1) + 1;
-    TORCH_CHECK(x.size(2) + 2 * pads[m] >= span && x.size(3) + 2 * pads[m] >= span, op, ": conv ", m,
-                "'s window (", span, " pixels with dilation ", dils[m], ") does not fit in `x` padded by ", pads[m],
-                ", got `x` of ", pynas::checks::describe(x));
+    TORCH_CHECK(x.size(2) + 2 * pads[m] >= span && x.size(3) + 2 * pads[m] >= span, op, ": x: expected a plane that holds conv ", m,
+                "'s window (", span, " pixels with dilation ", dils[m], ") when padded by ", pads[m], ", got ",
+                pynas::checks::describe(x));
     const int64_t ho = pynas::edge::out_size(x.size(2), ws[m].size(2), strides[m], pads[m], dils[m]);
     const int64_t wo = pynas::edge::out_size(x.size(3), ws[m].size(3), strides[m], pads[m], dils[m]);
-    TORCH_CHECK(ho >= 1 && wo >= 1, op, ": conv ", m, " has an empty output for `x` of ",
-                pynas::checks::describe(x));
+    TORCH_CHECK(ho >= 1 && wo >= 1, op, ": x: expected a plane that conv ", m,
+                " maps to a non-empty output, got ", pynas::checks::describe(x));
   }
   if (pre == pynas::edge::kPreNormRelu) {
     check_channel_vector(op, mean, "mean", x, edge_acc_dtype(x));
@@ -174,7 +174,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> cnn_edge_dw_backward
     int64_t pre, const at::Tensor& mean, const at::Tensor& rstd, bool need_grad_w) {
   constexpr const char* op = "cnn_edge_dw_backward";
   check_dw_args(op, x, ws, strides, pads, dils, pre, mean, rstd);
-  TORCH_CHECK(gs.size() == ws.size(), op, ": `gs` must have one gradient per weight in `ws` (", ws.size(),
+  TORCH_CHECK(gs.size() == ws.size(), op, ": gs: expected one gradient per weight in ws (", ws.size(),
               "), got ", gs.size());
   for (size_t m = 0; m < ws.size(); ++m) {
     const std::string name = "gs[" + std::to_string(m) + "]";
@@ -183,8 +183,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> cnn_edge_dw_backward
     const int64_t wo = pynas::edge::out_size(x.size(3), ws[m].size(3), strides[m], pads[m], dils[m]);
     TORCH_CHECK(gs[m].sizes() == at::IntArrayRef({x.size(0), x.size(1), ho, wo}) &&
                     gs[m].scalar_type() == x.scalar_type() && gs[m].device() == x.device(),
-                op, ": `", name, "` must be shaped like conv ", m, "'s output [", x.size(0), ", ", x.size(1), ", ",
-                ho, ", ", wo, "] with the dtype and device of `x`, got ", pynas::checks::describe(gs[m]));
+                op, ": ", name, ": expected the shape of conv ", m, "'s output [", x.size(0), ", ", x.size(1), ", ",
+                ho, ", ", wo, "] with the dtype and device of x, got ", pynas::checks::describe(gs[m]));
   }
   if (x.is_cpu()) return pynas::cpu::cnn_edge_dw_backward(x, ws, gs, strides, pads, dils, pre, mean, rstd, need_grad_w);
 #ifdef PYNAS_WITH_CUDA
@@ -199,9 +199,9 @@ std::tuple<at::Tensor, at::Tensor> cnn_edge_bn_stats(const at::Tensor& p, double
   constexpr const char* op = "cnn_edge_bn_stats";
   check_edge_input(op, p, "p");
   TORCH_CHECK(p.size(0) * p.size(2) * p.size(3) > 1, op,
-              ": BatchNorm needs more than one value per channel in training, got `p` of ",
+              ": p: expected more than one value per channel (BatchNorm in training), got ",
               pynas::checks::describe(p));
-  TORCH_CHECK(eps > 0, op, ": `eps` must be positive, got ", eps);
+  TORCH_CHECK(eps > 0, op, ": eps: expected a positive value, got ", eps);
   const at::Tensor rm = running_mean.value_or(at::Tensor()), rv = running_var.value_or(at::Tensor());
   if (rm.defined()) check_channel_vector(op, rm, "running_mean", p, p.scalar_type());
   if (rv.defined()) check_channel_vector(op, rv, "running_var", p, p.scalar_type());
@@ -226,7 +226,7 @@ at::Tensor cnn_edge_bn_backward(const at::Tensor& g, const at::Tensor& p, const 
     pynas::checks::check_dense(op, s, "sums");
     TORCH_CHECK(s.dim() == 2 && s.size(0) == 2 && s.size(1) == p.size(1) && s.scalar_type() == dtype &&
                     s.device() == p.device(),
-                op, ": `sums` must be (2, C) = (2, ", p.size(1), ") ", pynas::checks::dtype_name(dtype), " on ",
+                op, ": sums: expected (2, C) = (2, ", p.size(1), ") ", pynas::checks::dtype_name(dtype), " on ",
                 p.device(), ", got ", pynas::checks::describe(s));
   }
   if (p.is_cpu()) return pynas::cpu::cnn_edge_bn_backward(g, p, mean, rstd, s);
@@ -240,7 +240,7 @@ void check_pw_weight(const char* op, const at::Tensor& w, const at::Tensor& u) {
   pynas::checks::check_dense(op, w, "w");
   TORCH_CHECK(w.dim() == 4 && w.size(1) == u.size(1) && w.size(2) == 1 && w.size(3) == 1 &&
                   w.scalar_type() == u.scalar_type() && w.is_cpu(),
-              op, ": `w` must be a 1x1 conv weight (C_out, ", u.size(1), ", 1, 1) with `u`'s dtype, got ",
+              op, ": w: expected a 1x1 conv weight (C_out, ", u.size(1), ", 1, 1) with u's dtype, got ",
               pynas::checks::describe(w));
 }
 
@@ -254,15 +254,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cnn_edge_pw_forward(const at::Ten
   const at::Tensor rm = running_mean.value_or(at::Tensor()), rv = running_var.value_or(at::Tensor());
   if (stats) {
     TORCH_CHECK(u.size(0) * u.size(2) * u.size(3) > 1, op,
-                ": BatchNorm needs more than one value per channel in training, got `u` of ",
+                ": u: expected more than one value per channel (BatchNorm in training), got ",
                 pynas::checks::describe(u));
-    TORCH_CHECK(eps > 0, op, ": `eps` must be positive, got ", eps);
+    TORCH_CHECK(eps > 0, op, ": eps: expected a positive value, got ", eps);
     for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>(rm, "running_mean"), {rv, "running_var"}}) {
       if (!t.defined()) continue;
       TORCH_CHECK(t.dim() == 1 && t.size(0) == w.size(0) && t.scalar_type() == u.scalar_type() && t.is_cpu() &&
                       t.is_contiguous(),
                   op,
-                  ": `", name, "` must be contiguous, 1-D with one value per output channel (", w.size(0), "), got ",
+                  ": ", name, ": expected a contiguous tensor, 1-D with one value per output channel (", w.size(0), "), got ",
                   pynas::checks::describe(t));
     }
   }
@@ -277,19 +277,19 @@ std::tuple<at::Tensor, at::Tensor> cnn_edge_pw_backward(const at::Tensor& g, con
   pynas::checks::check_dense(op, g, "g");
   TORCH_CHECK(g.sizes() == at::IntArrayRef({u.size(0), w.size(0), u.size(2), u.size(3)}) &&
                   g.scalar_type() == u.scalar_type() && g.is_cpu(),
-              op, ": `g` must be shaped like the conv's output [", u.size(0), ", ", w.size(0), ", ", u.size(2), ", ",
-              u.size(3), "] with `u`'s dtype, got ", pynas::checks::describe(g));
+              op, ": g: expected the shape of the conv's output [", u.size(0), ", ", w.size(0), ", ", u.size(2), ", ",
+              u.size(3), "] with u's dtype, got ", pynas::checks::describe(g));
   return pynas::cpu::cnn_edge_pw_backward(g, u, w, need_grad_w);
 }
 
 void check_mix_args(const char* op, const at::Tensor& x, const std::vector<at::Tensor>& ps, const at::Tensor& w,
                     int64_t stride, bool has_skip) {
   check_edge_input(op, x, "x");
-  TORCH_CHECK(x.size(2) >= 1 && x.size(3) >= 1, op, ": `x` must have a non-empty plane, got ",
+  TORCH_CHECK(x.size(2) >= 1 && x.size(3) >= 1, op, ": x: expected a non-empty plane, got ",
               pynas::checks::describe(x));
-  TORCH_CHECK(stride == 1 || stride == 2, op, ": `stride` must be 1 or 2, got ", stride);
-  TORCH_CHECK(!has_skip || stride == 1, op, ": `has_skip` (identity) needs stride 1; at stride 2 the skip is a "
-              "FactorizedReduce, pass its output in `ps`");
+  TORCH_CHECK(stride == 1 || stride == 2, op, ": stride: expected 1 or 2, got ", stride);
+  TORCH_CHECK(!has_skip || stride == 1, op, ": has_skip: expected stride 1 (identity); at stride 2 the skip is a "
+              "FactorizedReduce, pass its output in ps");
   const int64_t ho = pynas::edge::out_size(x.size(2), 3, stride, 1, 1);
   const int64_t wo = pynas::edge::out_size(x.size(3), 3, stride, 1, 1);
   for (size_t j = 0; j < ps.size(); ++j) {
@@ -297,11 +297,11 @@ void check_mix_args(const char* op, const at::Tensor& x, const std::vector<at::T
     pynas::checks::check_dense(op, ps[j], name);
     TORCH_CHECK(ps[j].sizes() == at::IntArrayRef({x.size(0), x.size(1), ho, wo}) &&
                     ps[j].scalar_type() == x.scalar_type() && ps[j].device() == x.device(),
-                op, ": `", name, "` must be [", x.size(0), ", ", x.size(1), ", ", ho, ", ", wo,
-                "] (the edge's output shape) with the dtype and device of `x`, got ", pynas::checks::describe(ps[j]));
+                op, ": ", name, ": expected [", x.size(0), ", ", x.size(1), ", ", ho, ", ", wo,
+                "] (the edge's output shape) with the dtype and device of x, got ", pynas::checks::describe(ps[j]));
   }
   pynas::checks::check_vector(op, w, "w", static_cast<int64_t>(3 + ps.size()),
-                              "max, avg, skip, then one per tensor in `ps`", x, "x");
+                              "max, avg, skip, then one per tensor in ps", x, "x");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cnn_edge_mix_forward(
@@ -311,10 +311,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cnn_edge_mix_forward(
     const std::vector<std::optional<at::Tensor>>& running_vars) {
   constexpr const char* op = "cnn_edge_mix_forward";
   check_mix_args(op, x, ps, w, stride, has_skip);
-  TORCH_CHECK(eps > 0, op, ": `eps` must be positive, got ", eps);
+  TORCH_CHECK(eps > 0, op, ": eps: expected a positive value, got ", eps);
   const size_t J = 2 + ps.size();
   TORCH_CHECK(running_means.size() == J && running_vars.size() == J, op,
-              ": `running_means` and `running_vars` must have 2 + len(ps) = ", J, " entries (None where absent), got ",
+              ": running_means, running_vars: expected 2 + len(ps) = ", J, " entries (None where absent), got ",
               running_means.size(), " and ", running_vars.size());
   std::vector<at::Tensor> rms, rvs;
   for (size_t j = 0; j < J; ++j) {
@@ -329,7 +329,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cnn_edge_mix_forward(
   }
   const int64_t ho = pynas::edge::out_size(x.size(2), 3, stride, 1, 1);
   TORCH_CHECK(x.size(0) * ho * pynas::edge::out_size(x.size(3), 3, stride, 1, 1) > 1, op,
-              ": BatchNorm needs more than one value per channel in training, got `x` of ", pynas::checks::describe(x));
+              ": x: expected more than one output value per channel (BatchNorm in training), got ", pynas::checks::describe(x));
   if (x.is_cpu()) {
     return pynas::cpu::cnn_edge_mix_forward(x, ps, w, stride, has_max, has_avg, has_skip, eps, momentum, rms, rvs);
   }
@@ -351,15 +351,15 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> cnn_edge_mix_backwar
   pynas::checks::check_dense(op, g, "g");
   TORCH_CHECK(g.sizes() == at::IntArrayRef({x.size(0), x.size(1), ho, wo}) && g.scalar_type() == x.scalar_type() &&
                   g.device() == x.device(),
-              op, ": `g` must be shaped like the edge's output [", x.size(0), ", ", x.size(1), ", ", ho, ", ", wo,
-              "] with the dtype and device of `x`, got ", pynas::checks::describe(g));
+              op, ": g: expected the shape of the edge's output [", x.size(0), ", ", x.size(1), ", ", ho, ", ", wo,
+              "] with the dtype and device of x, got ", pynas::checks::describe(g));
   const int64_t J = static_cast<int64_t>(2 + ps.size());
   const at::ScalarType acc = edge_acc_dtype(x);
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>(mean, "mean"), {rstd, "rstd"}}) {
     pynas::checks::check_dense(op, t, name);
     TORCH_CHECK(t.dim() == 2 && t.size(0) == J && t.size(1) == x.size(1) && t.scalar_type() == acc &&
                     t.device() == x.device(),
-                op, ": `", name, "` must be (2 + len(ps), C) = (", J, ", ", x.size(1), ") ",
+                op, ": ", name, ": expected (2 + len(ps), C) = (", J, ", ", x.size(1), ") ",
                 pynas::checks::dtype_name(acc), " on ", x.device(), ", got ", pynas::checks::describe(t));
   }
   if (x.is_cpu()) return pynas::cpu::cnn_edge_mix_backward(g, x, ps, w, stride, has_max, has_avg, has_skip, mean, rstd);
@@ -375,14 +375,14 @@ void check_rnn_mix_args(const char* op, const at::Tensor& states, const at::Tens
                         const at::Tensor& probs) {
   pynas::checks::check_dense(op, states, "states");
   pynas::checks::check_supported_float(op, states, "states");
-  TORCH_CHECK(states.dim() == 3, op, ": `states` must be 3-D (J, B, H), got ", pynas::checks::describe(states));
+  TORCH_CHECK(states.dim() == 3, op, ": states: expected 3-D (J, B, H), got ", pynas::checks::describe(states));
   pynas::checks::check_like(op, c, "c", states, "states");
   pynas::checks::check_like(op, h, "h", states, "states");
   pynas::checks::check_dense(op, probs, "probs");
   TORCH_CHECK(probs.dim() == 2 && probs.size(0) == states.size(0) && probs.size(1) == pynas::rnn_mix::kFuncs &&
                   probs.is_floating_point() && probs.device() == states.device(),
-              op, ": `probs` must be a floating (J, 5) = (", states.size(0),
-              ", 5) tensor over none, tanh, relu, sigmoid, identity on the device of `states`, got ",
+              op, ": probs: expected a floating (J, 5) = (", states.size(0),
+              ", 5) tensor over none, tanh, relu, sigmoid, identity on the device of states, got ",
               pynas::checks::describe(probs));
 }
 
@@ -407,8 +407,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_mix_backward(cons
   pynas::checks::check_dense(op, grad_out, "grad_out");
   TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == states.size(1) && grad_out.size(1) == states.size(2) &&
                   grad_out.scalar_type() == states.scalar_type() && grad_out.device() == states.device(),
-              op, ": `grad_out` must be (B, H) = (", states.size(1), ", ", states.size(2),
-              ") with the dtype and device of `states`, got ", pynas::checks::describe(grad_out));
+              op, ": grad_out: expected (B, H) = (", states.size(1), ", ", states.size(2),
+              ") with the dtype and device of states, got ", pynas::checks::describe(grad_out));
   if (states.is_cpu()) return pynas::cpu::rnn_mix_backward(grad_out, states, c, h, probs);
 #ifdef PYNAS_WITH_CUDA
   if (states.is_cuda()) return pynas::cuda::rnn_mix_backward(grad_out, states, c, h, probs);
@@ -421,34 +421,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_mix_backward(cons
 void check_rnn_cell_weights(const char* op, const at::Tensor& xs, const at::Tensor& probs, const at::Tensor& W0,
                             const std::vector<at::Tensor>& Ws, int64_t I, int64_t H) {
   const int64_t steps = static_cast<int64_t>(Ws.size());
-  TORCH_CHECK(steps >= 1, op, ": `Ws` must hold at least one node weight, got none");
+  TORCH_CHECK(steps >= 1, op, ": Ws: expected at least one node weight, got none");
   TORCH_CHECK(W0.dim() == 2 && W0.size(0) == I + H && W0.size(1) == 2 * H && W0.scalar_type() == xs.scalar_type() &&
                   W0.device() == xs.device(),
-              op, ": `W0` must be (I + H, 2H) = (", I + H, ", ", 2 * H, ") with the dtype and device of `xs`, got ",
+              op, ": W0: expected (I + H, 2H) = (", I + H, ", ", 2 * H, ") with the dtype and device of xs, got ",
               pynas::checks::describe(W0));
   for (int64_t i = 0; i < steps; ++i) {
     const auto& w = Ws[i];
     TORCH_CHECK(w.dim() == 2 && w.size(0) == H && w.size(1) == 2 * H && w.scalar_type() == xs.scalar_type() &&
                     w.device() == xs.device(),
-                op, ": `Ws[", i, "]` must be (H, 2H) = (", H, ", ", 2 * H, ") with the dtype and device of `xs`, got ",
+                op, ": Ws[", i, "]: expected (H, 2H) = (", H, ", ", 2 * H, ") with the dtype and device of xs, got ",
                 pynas::checks::describe(w));
   }
   pynas::checks::check_dense(op, probs, "probs");
   TORCH_CHECK(probs.dim() == 2 && probs.size(0) == steps * (steps + 1) / 2 && probs.size(1) == pynas::rnn_mix::kFuncs &&
                   probs.scalar_type() == xs.scalar_type() && probs.device() == xs.device(),
-              op, ": `probs` must be (", steps * (steps + 1) / 2, ", 5) (one row per edge of ", steps,
-              " nodes) with the dtype and device of `xs`, got ", pynas::checks::describe(probs));
+              op, ": probs: expected (", steps * (steps + 1) / 2, ", 5) (one row per edge of ", steps,
+              " nodes) with the dtype and device of xs, got ", pynas::checks::describe(probs));
 }
 
 void check_rnn_cell_masks(const char* op, const at::Tensor& xs, const at::Tensor& x_mask, const at::Tensor& h_mask,
                           int64_t B, int64_t I, int64_t H) {
-  TORCH_CHECK(x_mask.dim() == 2 && x_mask.size(0) == B && x_mask.size(1) == I, op, ": `x_mask` must be (B, I) = (",
+  TORCH_CHECK(x_mask.dim() == 2 && x_mask.size(0) == B && x_mask.size(1) == I, op, ": x_mask: expected (B, I) = (",
               B, ", ", I, "), got ", pynas::checks::describe(x_mask));
-  TORCH_CHECK(h_mask.dim() == 2 && h_mask.size(0) == B && h_mask.size(1) == H, op, ": `h_mask` must be (B, H) = (",
+  TORCH_CHECK(h_mask.dim() == 2 && h_mask.size(0) == B && h_mask.size(1) == H, op, ": h_mask: expected (B, H) = (",
               B, ", ", H, "), got ", pynas::checks::describe(h_mask));
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{x_mask, "x_mask"}, {h_mask, "h_mask"}}) {
-    TORCH_CHECK(t.scalar_type() == xs.scalar_type() && t.device() == xs.device(), op, ": `", name,
-                "` must have the dtype and device of `xs`, got ", pynas::checks::describe(t));
+    TORCH_CHECK(t.scalar_type() == xs.scalar_type() && t.device() == xs.device(), op, ": ", name,
+                ": expected the dtype and device of xs, got ", pynas::checks::describe(t));
   }
 }
 
@@ -460,13 +460,13 @@ std::vector<at::Tensor> rnn_cell_forward(const at::Tensor& xs, const at::Tensor&
   pynas::checks::check_dense(op, xs, "xs");
   pynas::checks::check_supported_float(op, xs, "xs");
   TORCH_CHECK(xs.dim() == 3 && xs.size(0) >= 1 && xs.size(1) >= 2 && xs.size(2) >= 1, op,
-              ": `xs` must be (T, B, I) with T >= 1 and B >= 2 (BatchNorm needs two samples), got ",
+              ": xs: expected (T, B, I) with T >= 1 and B >= 2 (BatchNorm needs two samples), got ",
               pynas::checks::describe(xs));
   const int64_t B = xs.size(1), I = xs.size(2);
   pynas::checks::check_dense(op, h0, "h0");
   TORCH_CHECK(h0.dim() == 2 && h0.size(0) == B && h0.size(1) >= 1 && h0.scalar_type() == xs.scalar_type() &&
                   h0.device() == xs.device(),
-              op, ": `h0` must be (B, H) with B = ", B, " and the dtype and device of `xs`, got ",
+              op, ": h0: expected (B, H) with B = ", B, " and the dtype and device of xs, got ",
               pynas::checks::describe(h0));
   const int64_t H = h0.size(1);
   check_rnn_cell_masks(op, xs, x_mask, h_mask, B, I, H);
@@ -477,14 +477,14 @@ std::vector<at::Tensor> rnn_cell_forward(const at::Tensor& xs, const at::Tensor&
     const bool reduced = xs.scalar_type() == at::kHalf || xs.scalar_type() == at::kBFloat16;
     TORCH_CHECK(t.dim() == 1 && t.size(0) == H && t.is_contiguous() && t.device() == xs.device() &&
                     (t.scalar_type() == xs.scalar_type() || (reduced && t.scalar_type() == at::kFloat)),
-                op, ": `", name, "` must be a contiguous (H,) = (", H, ",) tensor with the dtype of `xs` (float32 for ",
+                op, ": ", name, ": expected a contiguous (H,) = (", H, ",) tensor with the dtype of xs (float32 for ",
                 "float16/bfloat16) on its device, got ", pynas::checks::describe(t));
   }
-  TORCH_CHECK(momentum >= 0.0 && momentum <= 1.0, op, ": `momentum` must be in [0, 1], got ", momentum);
-  TORCH_CHECK(eps > 0.0, op, ": `eps` must be positive, got ", eps);
-  TORCH_CHECK(xs.is_cpu() || xs.is_cuda(), op, ": `xs` must be on a CPU or CUDA device, got ", xs.device());
+  TORCH_CHECK(momentum >= 0.0 && momentum <= 1.0, op, ": momentum: expected a value in [0, 1], got ", momentum);
+  TORCH_CHECK(eps > 0.0, op, ": eps: expected a positive value, got ", eps);
+  TORCH_CHECK(xs.is_cpu() || xs.is_cuda(), op, ": xs: expected a CPU or CUDA device, got ", xs.device());
 #ifndef PYNAS_WITH_CUDA
-  TORCH_CHECK(xs.is_cpu(), op, ": this build of pynas._C has no CUDA kernels; `xs` is on ", xs.device());
+  TORCH_CHECK(xs.is_cpu(), op, ": this build of pynas._C has no CUDA kernels; xs is on ", xs.device());
 #endif
   return pynas::rnn_cell::forward(xs, h0, x_mask, h_mask, probs, running_mean, running_var, W0, Ws, momentum, eps);
 }
@@ -494,17 +494,17 @@ std::vector<at::Tensor> rnn_cell_backward(const at::Tensor& grad_out, const at::
                                           const std::vector<at::Tensor>& Ws, const std::vector<at::Tensor>& saved,
                                           double eps) {
   constexpr const char* op = "rnn_cell_backward";
-  TORCH_CHECK(saved.size() == 10, op, ": `saved` must be the 10 tensors rnn_cell_forward returned after the "
+  TORCH_CHECK(saved.size() == 10, op, ": saved: expected the 10 tensors rnn_cell_forward returned after the "
               "hiddens, got ", saved.size());
   const at::Tensor& xm = saved[0];
   const at::Tensor& S = saved[1];
   TORCH_CHECK(xm.dim() == 3 && S.dim() == 4 && S.size(0) == xm.size(0) && S.size(2) == xm.size(1) &&
                   S.size(1) == static_cast<int64_t>(Ws.size()) + 1,
-              op, ": `saved` does not come from rnn_cell_forward with these `Ws`");
+              op, ": saved: expected what rnn_cell_forward returned with these Ws");
   const int64_t T = S.size(0), B = S.size(2), H = S.size(3), I = xm.size(2);
   TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == T && grad_out.size(1) == B && grad_out.size(2) == H &&
                   grad_out.scalar_type() == xm.scalar_type() && grad_out.device() == xm.device(),
-              op, ": `grad_out` must be (T, B, H) = (", T, ", ", B, ", ", H, ") with the dtype and device of the "
+              op, ": grad_out: expected (T, B, H) = (", T, ", ", B, ", ", H, ") with the dtype and device of the "
               "hiddens, got ", pynas::checks::describe(grad_out));
   check_rnn_cell_masks(op, xm, x_mask, h_mask, B, I, H);
   check_rnn_cell_weights(op, xm, probs, W0, Ws, I, H);
@@ -578,7 +578,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("rstd"), nogil, "(grad_x, grad_ps, grad_w) of cnn_edge_mix_forward; pools recomputed.");
   m.def("cnn_edge_pw_forward", &cnn_edge_pw_forward, py::arg("u"), py::arg("w"), py::arg("stats"), py::arg("eps"),
         py::arg("momentum"), py::arg("running_mean"), py::arg("running_var"), nogil,
-        "(p, mean, rstd): 1x1 conv, with the per-channel batch statistics of p when `stats` (fused CNN edge, CPU).");
+        "(p, mean, rstd): 1x1 conv, with the per-channel batch statistics of p when stats (fused CNN edge, CPU).");
   m.def("cnn_edge_pw_backward", &cnn_edge_pw_backward, py::arg("g"), py::arg("u"), py::arg("w"),
         py::arg("need_grad_w") = true, nogil,
         "(grad_u, grad_w) of a 1x1 conv (fused CNN edge, CPU); grad_w is None unless need_grad_w.");

@@ -66,7 +66,7 @@ import triton.language as tl
 
 from .._triton import interpreting
 from ..ops._conv1x1 import conv1x1, conv1x1_backward
-from ._common import MAX_POINTERS, accumulation_dtype, chunks, padded
+from ._common import MAX_POINTERS, SUPPORTED_DTYPES, accumulation_dtype, chunks, padded
 
 __all__ = [
     "MAX_POINTERS",
@@ -86,7 +86,6 @@ _MAX_BLOCK = 1024
 _MAX_CONV_TILE = 4096
 
 _PRE_NONE, _PRE_RELU, _PRE_NORM_RELU = 0, 1, 2
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -590,24 +589,24 @@ def _describe(t: torch.Tensor) -> str:
 
 def _check_tensor(op: str, t, name: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: `{name}` must be a tensor, got {type(t).__name__}")
+        raise TypeError(f"{op}: {name}: expected a tensor, got {type(t).__name__}")
     if t.layout != torch.strided:
-        raise ValueError(f"{op}: `{name}` must be a dense (strided) tensor, got layout {t.layout}")
+        raise ValueError(f"{op}: {name}: expected a dense (strided) tensor, got layout {t.layout}")
     return t
 
 
 def _check_activation(op: str, t, name: str) -> torch.Tensor:
     _check_tensor(op, t, name)
     if t.dim() != 4:
-        raise ValueError(f"{op}: `{name}` must be 4-D (N, C, H, W), got {_describe(t)}")
-    if t.dtype not in _SUPPORTED_DTYPES:
+        raise ValueError(f"{op}: {name}: expected 4-D (N, C, H, W), got {_describe(t)}")
+    if t.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
-            f"{op}: `{name}` must have dtype torch.float16, torch.bfloat16, torch.float32 or "
+            f"{op}: {name}: expected dtype torch.float16, torch.bfloat16, torch.float32 or "
             f"torch.float64, got {_describe(t)}"
         )
     if t.device.type == "cpu" and not interpreting():
         raise ValueError(
-            f"{op}: `{name}` is on cpu; the Triton kernels need a CUDA tensor "
+            f"{op}: {name} is on cpu; the Triton kernels need a CUDA tensor "
             "(or TRITON_INTERPRET=1 to run them on the CPU)"
         )
     return t
@@ -615,18 +614,18 @@ def _check_activation(op: str, t, name: str) -> torch.Tensor:
 
 def _check_same_device(op: str, t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> None:
     if t.device != ref.device:
-        raise ValueError(f"{op}: `{name}` must be on the device of `{ref_name}` ({ref.device}), got {_describe(t)}")
+        raise ValueError(f"{op}: {name}: expected the device of {ref_name} ({ref.device}), got {_describe(t)}")
 
 
 def _check_list(op: str, ts, name: str) -> list:
     if isinstance(ts, torch.Tensor) or not isinstance(ts, Sequence):
-        raise TypeError(f"{op}: `{name}` must be a list of tensors, got {type(ts).__name__}")
+        raise TypeError(f"{op}: {name}: expected a list of tensors, got {type(ts).__name__}")
     return list(ts)
 
 
 def _check_ints(op: str, vals, name: str) -> List[int]:
     if isinstance(vals, torch.Tensor) or not isinstance(vals, Sequence):
-        raise TypeError(f"{op}: `{name}` must be a list of ints, got {type(vals).__name__}")
+        raise TypeError(f"{op}: {name}: expected a list of ints, got {type(vals).__name__}")
     out = []
     for i, v in enumerate(vals):
         try:
@@ -634,7 +633,7 @@ def _check_ints(op: str, vals, name: str) -> List[int]:
                 raise TypeError
             out.append(operator.index(v))
         except TypeError:
-            raise TypeError(f"{op}: `{name}[{i}]` must be an int, got {type(v).__name__}") from None
+            raise TypeError(f"{op}: {name}[{i}]: expected an int, got {type(v).__name__}") from None
     return out
 
 
@@ -645,7 +644,7 @@ def _stat_input(op: str, t, name: str, shape: Tuple[int, ...], x: torch.Tensor) 
     acc = accumulation_dtype(x.dtype)
     if tuple(t.shape) != shape or t.dtype not in (x.dtype, acc):
         what = str(x.dtype) if x.dtype == acc else f"{x.dtype} or {acc}"
-        raise ValueError(f"{op}: `{name}` must have shape {list(shape)} and dtype {what}, got {_describe(t)}")
+        raise ValueError(f"{op}: {name}: expected shape {list(shape)} and dtype {what}, got {_describe(t)}")
     _check_same_device(op, t, name, x, "x")
     return t.detach().to(acc).contiguous()
 
@@ -659,14 +658,14 @@ def _check_running(op: str, t, name: str, ref: torch.Tensor, ref_name: str,
     _check_tensor(op, t, name)
     n = ref.shape[1] if channels is None else channels
     if t.dim() != 1 or t.shape[0] != n or not t.is_floating_point():
-        raise ValueError(f"{op}: `{name}` must be 1-D with one floating value per channel ({n}), got {_describe(t)}")
+        raise ValueError(f"{op}: {name}: expected 1-D with one floating value per channel ({n}), got {_describe(t)}")
     _check_same_device(op, t, name, ref, ref_name)
     return t
 
 
 def _check_eps(op: str, eps: float) -> None:
     if not eps > 0:
-        raise ValueError(f"{op}: `eps` must be positive, got {eps}")
+        raise ValueError(f"{op}: eps: expected a positive value, got {eps}")
 
 
 def _out_size(n: int, k: int, stride: int, pad: int, dil: int) -> int:
@@ -677,39 +676,40 @@ def _check_dw_args(op, x, ws, strides, pads, dils, pre, mean, rstd):
     _check_activation(op, x, "x")
     ws = _check_list(op, ws, "ws")
     if len(ws) == 0:
-        raise ValueError(f"{op}: `ws` must hold at least one weight")
+        raise ValueError(f"{op}: ws: expected at least one weight")
     strides = _check_ints(op, strides, "strides")
     pads = _check_ints(op, pads, "pads")
     dils = _check_ints(op, dils, "dils")
     if not (len(strides) == len(pads) == len(dils) == len(ws)):
         raise ValueError(
-            f"{op}: `strides`, `pads` and `dils` must have one entry per weight in `ws` ({len(ws)}), "
+            f"{op}: strides, pads, dils: expected one entry per weight in ws ({len(ws)}), "
             f"got {len(strides)}, {len(pads)} and {len(dils)}"
         )
     if isinstance(pre, bool) or not hasattr(pre, "__index__") or operator.index(pre) not in (
         _PRE_NONE, _PRE_RELU, _PRE_NORM_RELU
     ):
-        raise ValueError(f"{op}: `pre` must be 0 (none), 1 (relu) or 2 (normalise then relu), got {pre!r}")
+        raise ValueError(f"{op}: pre: expected 0 (none), 1 (relu) or 2 (normalise then relu), got {pre!r}")
     pre = operator.index(pre)
     N, C, H, W = x.shape
     if H < 1 or W < 1:
-        raise ValueError(f"{op}: `x` must have a non-empty plane, got {_describe(x)}")
+        raise ValueError(f"{op}: x: expected a non-empty plane, got {_describe(x)}")
     for m, w in enumerate(ws):
         name = f"ws[{m}]"
         _check_tensor(op, w, name)
         if not (w.dim() == 4 and w.shape[0] == C and w.shape[1] == 1 and w.shape[2] == w.shape[3]
                 and w.shape[2] >= 1):
-            raise ValueError(f"{op}: `{name}` must be a depthwise weight ({C}, 1, k, k), got {_describe(w)}")
+            raise ValueError(f"{op}: {name}: expected a depthwise weight ({C}, 1, k, k), got {_describe(w)}")
         if w.dtype != x.dtype:
-            raise TypeError(f"{op}: `{name}` must have `x`'s dtype {x.dtype}, got {_describe(w)}")
+            raise TypeError(f"{op}: {name}: expected x's dtype {x.dtype}, got {_describe(w)}")
         _check_same_device(op, w, name, x, "x")
         if strides[m] < 1 or pads[m] < 0 or dils[m] < 1:
             raise ValueError(
-                f"{op}: conv {m} needs stride >= 1, pad >= 0, dilation >= 1, got {strides[m]}, {pads[m]}, {dils[m]}"
+                f"{op}: strides[{m}], pads[{m}], dils[{m}]: expected stride >= 1, pad >= 0, dilation >= 1, "
+                f"got {strides[m]}, {pads[m]}, {dils[m]}"
             )
         k = w.shape[2]
         if _out_size(H, k, strides[m], pads[m], dils[m]) < 1 or _out_size(W, k, strides[m], pads[m], dils[m]) < 1:
-            raise ValueError(f"{op}: conv {m} has an empty output for `x` of {_describe(x)}")
+            raise ValueError(f"{op}: x: expected a plane that conv {m} maps to a non-empty output, got {_describe(x)}")
     if pre == _PRE_NORM_RELU:
         mean = _stat_input(op, mean, "mean", (C,), x)
         rstd = _stat_input(op, rstd, "rstd", (C,), x)
@@ -721,14 +721,14 @@ def _check_dw_args(op, x, ws, strides, pads, dils, pre, mean, rstd):
 def _check_mix_args(op, x, ps, w, stride, has_skip):
     _check_activation(op, x, "x")
     if isinstance(stride, bool) or not hasattr(stride, "__index__") or operator.index(stride) not in (1, 2):
-        raise ValueError(f"{op}: `stride` must be 1 or 2, got {stride!r}")
+        raise ValueError(f"{op}: stride: expected 1 or 2, got {stride!r}")
     stride = operator.index(stride)
     if x.shape[2] < 1 or x.shape[3] < 1:
-        raise ValueError(f"{op}: `x` must have a non-empty plane, got {_describe(x)}")
+        raise ValueError(f"{op}: x: expected a non-empty plane, got {_describe(x)}")
     if has_skip and stride != 1:
         raise ValueError(
-            f"{op}: `has_skip` (identity) needs stride 1; at stride 2 the skip is a FactorizedReduce, "
-            "pass its output in `ps`"
+            f"{op}: has_skip: expected stride 1 (identity); at stride 2 the skip is a FactorizedReduce, "
+            "pass its output in ps"
         )
     N, C, H, W = x.shape
     ho, wo = _out_size(H, 3, stride, 1, 1), _out_size(W, 3, stride, 1, 1)
@@ -738,19 +738,19 @@ def _check_mix_args(op, x, ps, w, stride, has_skip):
         _check_tensor(op, p, name)
         if tuple(p.shape) != (N, C, ho, wo):
             raise ValueError(
-                f"{op}: `{name}` must be [{N}, {C}, {ho}, {wo}] (the edge's output shape), got {_describe(p)}"
+                f"{op}: {name}: expected [{N}, {C}, {ho}, {wo}] (the edge's output shape), got {_describe(p)}"
             )
         if p.dtype != x.dtype:
-            raise TypeError(f"{op}: `{name}` must have `x`'s dtype {x.dtype}, got {_describe(p)}")
+            raise TypeError(f"{op}: {name}: expected x's dtype {x.dtype}, got {_describe(p)}")
         _check_same_device(op, p, name, x, "x")
     _check_tensor(op, w, "w")
     if w.dim() != 1 or w.shape[0] != 3 + len(ps):
         raise ValueError(
-            f"{op}: `w` must be 1-D with {3 + len(ps)} elements (max, avg, skip, then one per tensor in "
-            f"`ps`), got {_describe(w)}"
+            f"{op}: w: expected 1-D with {3 + len(ps)} elements (max, avg, skip, then one per tensor in "
+            f"ps), got {_describe(w)}"
         )
     if not w.is_floating_point():
-        raise TypeError(f"{op}: `w` must have a floating dtype, got {_describe(w)}")
+        raise TypeError(f"{op}: w: expected a floating dtype, got {_describe(w)}")
     _check_same_device(op, w, "w", x, "x")
     return ps, ho, wo, stride
 
@@ -919,7 +919,7 @@ def cnn_edge_dw_backward(
     )
     gs = _check_list(op, gs, "gs")
     if len(gs) != len(ws):
-        raise ValueError(f"{op}: `gs` must have one gradient per weight in `ws` ({len(ws)}), got {len(gs)}")
+        raise ValueError(f"{op}: gs: expected one gradient per weight in ws ({len(ws)}), got {len(gs)}")
     N, C, H, W = x.shape
     geoms = []
     for m, (w, g) in enumerate(zip(ws, gs)):
@@ -930,7 +930,7 @@ def cnn_edge_dw_backward(
         wo = _out_size(W, k, strides[m], pads[m], dils[m])
         if tuple(g.shape) != (N, C, ho, wo) or g.dtype != x.dtype:
             raise ValueError(
-                f"{op}: `{name}` must be shaped like conv {m}'s output [{N}, {C}, {ho}, {wo}] with `x`'s "
+                f"{op}: {name}: expected the shape of conv {m}'s output [{N}, {C}, {ho}, {wo}] with x's "
                 f"dtype, got {_describe(g)}"
             )
         _check_same_device(op, g, name, x, "x")
@@ -1006,7 +1006,7 @@ def cnn_edge_bn_stats(
     N, C, H, W = p.shape
     if N * H * W <= 1:
         raise ValueError(
-            f"{op}: BatchNorm needs more than one value per channel in training, got `p` of {_describe(p)}"
+            f"{op}: p: expected more than one value per channel (BatchNorm in training), got {_describe(p)}"
         )
     _check_eps(op, eps)
     rm = _check_running(op, running_mean, "running_mean", p, "p")
@@ -1037,9 +1037,9 @@ def cnn_edge_bn_backward(
     _check_activation(op, p, "p")
     _check_tensor(op, g, "g")
     if g.shape != p.shape:
-        raise ValueError(f"{op}: `g` must have the shape of `p` {list(p.shape)}, got {_describe(g)}")
+        raise ValueError(f"{op}: g: expected the shape of p {list(p.shape)}, got {_describe(g)}")
     if g.dtype != p.dtype:
-        raise TypeError(f"{op}: `g` must have the dtype of `p` {p.dtype}, got {_describe(g)}")
+        raise TypeError(f"{op}: g: expected the dtype of p {p.dtype}, got {_describe(g)}")
     _check_same_device(op, g, "g", p, "p")
     N, C, H, W = p.shape
     mean = _stat_input(op, mean, "mean", (C,), p)
@@ -1048,7 +1048,7 @@ def cnn_edge_bn_backward(
     if sums is not None:
         _check_tensor(op, sums, "sums")
         if tuple(sums.shape) != (2, C) or not sums.is_floating_point():
-            raise ValueError(f"{op}: `sums` must be (2, C) = (2, {C}) floating, got {_describe(sums)}")
+            raise ValueError(f"{op}: sums: expected (2, C) = (2, {C}) floating, got {_describe(sums)}")
         _check_same_device(op, sums, "sums", p, "p")
     g = g.detach().contiguous()
     p = p.detach().contiguous()
@@ -1071,9 +1071,9 @@ def _check_pw(op: str, u, w) -> None:
     _check_activation(op, u, "u")
     _check_tensor(op, w, "w")
     if not (w.dim() == 4 and w.shape[1] == u.shape[1] and w.shape[2] == 1 and w.shape[3] == 1):
-        raise ValueError(f"{op}: `w` must be a 1x1 conv weight (C_out, {u.shape[1]}, 1, 1), got {_describe(w)}")
+        raise ValueError(f"{op}: w: expected a 1x1 conv weight (C_out, {u.shape[1]}, 1, 1), got {_describe(w)}")
     if w.dtype != u.dtype:
-        raise TypeError(f"{op}: `w` must have `u`'s dtype {u.dtype}, got {_describe(w)}")
+        raise TypeError(f"{op}: w: expected u's dtype {u.dtype}, got {_describe(w)}")
     _check_same_device(op, w, "w", u, "u")
 
 
@@ -1100,7 +1100,7 @@ def cnn_edge_pw_forward(
     if stats:
         if N * H * W <= 1:
             raise ValueError(
-                f"{op}: BatchNorm needs more than one value per channel in training, got `u` of {_describe(u)}"
+                f"{op}: u: expected more than one value per channel (BatchNorm in training), got {_describe(u)}"
             )
         _check_eps(op, eps)
         rm = _check_running(op, running_mean, "running_mean", u, "u", co)
@@ -1129,7 +1129,7 @@ def cnn_edge_pw_backward(
     _check_tensor(op, g, "g")
     if tuple(g.shape) != (N, co, H, W) or g.dtype != u.dtype:
         raise ValueError(
-            f"{op}: `g` must be shaped like the conv's output [{N}, {co}, {H}, {W}] with `u`'s dtype, "
+            f"{op}: g: expected the shape of the conv's output [{N}, {co}, {H}, {W}] with u's dtype, "
             f"got {_describe(g)}"
         )
     _check_same_device(op, g, "g", u, "u")
@@ -1178,7 +1178,7 @@ def cnn_edge_mix_forward(
     rvs = _check_list(op, running_vars, "running_vars")
     if len(rms) != J or len(rvs) != J:
         raise ValueError(
-            f"{op}: `running_means` and `running_vars` must have 2 + len(ps) = {J} entries (None where "
+            f"{op}: running_means, running_vars: expected 2 + len(ps) = {J} entries (None where "
             f"absent), got {len(rms)} and {len(rvs)}"
         )
     rms = [_check_running(op, t, f"running_means[{j}]", x, "x") for j, t in enumerate(rms)]
@@ -1186,7 +1186,7 @@ def cnn_edge_mix_forward(
     N, C, H, W = x.shape
     if N * ho * wo <= 1:
         raise ValueError(
-            f"{op}: BatchNorm needs more than one value per channel in training, got `x` of {_describe(x)}"
+            f"{op}: x: expected more than one output value per channel (BatchNorm in training), got {_describe(x)}"
         )
     x = x.detach().contiguous()
     ps = [p.detach().contiguous() for p in ps]
@@ -1270,7 +1270,7 @@ def cnn_edge_mix_backward(
     _check_tensor(op, g, "g")
     if tuple(g.shape) != (N, C, ho, wo) or g.dtype != x.dtype:
         raise ValueError(
-            f"{op}: `g` must be shaped like the edge's output [{N}, {C}, {ho}, {wo}] with `x`'s dtype, "
+            f"{op}: g: expected the shape of the edge's output [{N}, {C}, {ho}, {wo}] with x's dtype, "
             f"got {_describe(g)}"
         )
     _check_same_device(op, g, "g", x, "x")

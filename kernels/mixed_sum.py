@@ -42,14 +42,13 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common as C
 from ._common import MAX_POINTERS, accumulation_dtype, check_block, chunks, launch_geometry, launchable, padded
 
 __all__ = ["MAX_POINTERS", "DEFAULT_BLOCK", "mixed_sum_forward", "mixed_sum_backward"]
 
 #: Elements per program.
 DEFAULT_BLOCK = 1024
-
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,43 +211,22 @@ def _mixed_sum_bwd_kernel(
 def _check_xs(xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Validate ``xs`` (K >= 1 tensors of one shape, dtype and device); return them contiguous."""
     if isinstance(xs, torch.Tensor) or not isinstance(xs, Sequence):
-        raise TypeError(f"xs must be a list or tuple of tensors, got {type(xs).__name__}")
+        raise TypeError(f"xs: expected a list or tuple of tensors, got {type(xs).__name__}")
     if len(xs) == 0:
-        raise ValueError("xs must hold at least one tensor, got an empty sequence")
+        raise ValueError("xs: expected at least one tensor, got an empty sequence")
     for k, x in enumerate(xs):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"xs[{k}] must be a tensor, got {type(x).__name__}")
-    x0 = xs[0]
-    if x0.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(
-            f"xs[0] has dtype {x0.dtype}; supported: float16, bfloat16, float32, float64"
-        )
+        C.check_tensor(f"xs[{k}]", x)
+    C.check_supported_dtype("xs[0]", xs[0])
     for k, x in enumerate(xs[1:], start=1):
-        if x.shape != x0.shape:
-            raise ValueError(
-                f"xs[{k}] has shape {tuple(x.shape)}, expected {tuple(x0.shape)} (xs[0])"
-            )
-        if x.dtype != x0.dtype:
-            raise TypeError(f"xs[{k}] has dtype {x.dtype}, expected {x0.dtype} (xs[0])")
-        if x.device != x0.device:
-            raise ValueError(f"xs[{k}] is on {x.device}, expected {x0.device} (xs[0])")
+        C.check_like(f"xs[{k}]", x, "xs[0]", xs[0])
     return [x.contiguous() for x in xs]
 
 
 def _check_weights(weights: torch.Tensor, xs: list[torch.Tensor]) -> None:
-    if not isinstance(weights, torch.Tensor):
-        raise TypeError(f"weights must be a tensor, got {type(weights).__name__}")
-    if weights.dim() != 1 or weights.shape[0] != len(xs):
-        raise ValueError(
-            f"weights must have shape ({len(xs)},) (one per tensor in xs), "
-            f"got {tuple(weights.shape)}"
-        )
-    if not weights.is_floating_point():
-        raise TypeError(f"weights must have a floating dtype, got {weights.dtype}")
-    if weights.device != xs[0].device:
-        raise ValueError(
-            f"weights is on {weights.device}, expected {xs[0].device} (the device of xs)"
-        )
+    C.check_tensor("weights", weights)
+    C.check_shape("weights", weights, (len(xs),), "one per tensor in xs")
+    C.check_floating("weights", weights)
+    C.check_device("weights", weights, "xs", xs[0])
 
 
 def mixed_sum_forward(
@@ -332,18 +310,9 @@ def mixed_sum_backward(
     _check_weights(weights, xs)
     block = check_block(block_size)
     x0 = xs[0]
-    if not isinstance(grad_out, torch.Tensor):
-        raise TypeError(f"grad_out must be a tensor, got {type(grad_out).__name__}")
-    if grad_out.shape != x0.shape:
-        raise ValueError(
-            f"grad_out has shape {tuple(grad_out.shape)}, expected {tuple(x0.shape)} (xs[0])"
-        )
-    if not grad_out.is_floating_point():
-        raise TypeError(f"grad_out must have a floating dtype, got {grad_out.dtype}")
-    if grad_out.device != x0.device:
-        raise ValueError(
-            f"grad_out is on {grad_out.device}, expected {x0.device} (the device of xs)"
-        )
+    C.check_tensor("grad_out", grad_out)
+    C.check_like("grad_out", grad_out, "xs[0]", x0, dtype=False)
+    C.check_floating("grad_out", grad_out)
     grad_out = grad_out.contiguous()
 
     K = len(xs)

@@ -176,25 +176,25 @@ def _check(op: str, name: str, ts: Sequence[torch.Tensor], ref: Optional[torch.T
     """Each ``ts[i]`` is a dense contiguous float tensor, of ref's dtype and device when ref is given."""
     for i, t in enumerate(ts):
         if not isinstance(t, torch.Tensor) or not t.is_contiguous():
-            raise ValueError(f"{op}: `{name}[{i}]` must be a dense contiguous tensor")
+            raise ValueError(f"{op}: {name}[{i}]: expected a dense contiguous tensor")
         if t.dtype not in _TL_DTYPES:
-            raise TypeError(f"{op}: `{name}[{i}]` must be float16, bfloat16, float32 or float64, got {t.dtype}")
+            raise TypeError(f"{op}: {name}[{i}]: expected float16, bfloat16, float32 or float64, got {t.dtype}")
         if ref is not None and (t.dtype != ref.dtype or t.device != ref.device):
-            raise ValueError(f"{op}: `{name}[{i}]` must have the dtype and device of the first parameter "
+            raise ValueError(f"{op}: {name}[{i}]: expected the dtype and device of the first parameter "
                              f"({ref.dtype} on {ref.device}), got {t.dtype} on {t.device}")
 
 
 def _check_like(op: str, name: str, ts, params, allow_none: bool = False) -> None:
     """``ts`` holds one tensor per parameter (None allowed if allow_none), each like its parameter."""
     if len(ts) != len(params):
-        raise ValueError(f"{op}: `{name}` must hold {len(params)} tensors (one per parameter), got {len(ts)}")
+        raise ValueError(f"{op}: {name}: expected {len(params)} tensors (one per parameter), got {len(ts)}")
     for i, (t, p) in enumerate(zip(ts, params)):
         if t is None and allow_none:
             continue
         if not isinstance(t, torch.Tensor) or not t.is_contiguous():
-            raise ValueError(f"{op}: `{name}[{i}]` must be a dense contiguous tensor")
+            raise ValueError(f"{op}: {name}[{i}]: expected a dense contiguous tensor")
         if t.dtype != p.dtype or t.device != p.device or t.shape != p.shape:
-            raise ValueError(f"{op}: `{name}[{i}]` must have the shape, dtype and device of `params[{i}]` "
+            raise ValueError(f"{op}: {name}[{i}]: expected the shape, dtype and device of params[{i}] "
                              f"({tuple(p.shape)}, {p.dtype} on {p.device}), got ({tuple(t.shape)}, {t.dtype} "
                              f"on {t.device})")
 
@@ -259,7 +259,7 @@ def virtual_step_(params, grads, bufs, eta: float, momentum: float, weight_decay
         bufs = [None] * len(params)
     _check_like(op, "bufs", bufs, params, allow_none=True)
     if grad_scale is not None and grad_scale.numel() != 1:
-        raise ValueError(f"{op}: `grad_scale` must hold one value, got {grad_scale.numel()}")
+        raise ValueError(f"{op}: grad_scale: expected one value, got {grad_scale.numel()}")
     device, dtype = params[0].device, params[0].dtype
     has_buf = momentum != 0.0 and any(b is not None for b in bufs)
     table, n_rows = _table([params, grads, bufs if has_buf else [None] * len(params)], device,
@@ -306,9 +306,9 @@ def perturb_(params, base, v, sum_sq: torch.Tensor, r: float, sign: float) -> to
     _check_like(op, "base", base, params)
     _check_like(op, "v", v, params)
     if sum_sq.numel() != 1:
-        raise ValueError(f"{op}: `sum_sq` must hold one value, got {sum_sq.numel()}")
+        raise ValueError(f"{op}: sum_sq: expected one value, got {sum_sq.numel()}")
     if not r > 0:
-        raise ValueError(f"{op}: `r` must be positive, got {r}")
+        raise ValueError(f"{op}: r: expected a positive value, got {r}")
     device = params[0].device if params else sum_sq.device
     dtype = params[0].dtype if params else torch.float32
     ss = _scalar_on(sum_sq, device)

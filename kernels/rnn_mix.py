@@ -47,6 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common as C
 from ._common import INT64_OFFSETS_FROM, accumulation_dtype, check_block, launch_geometry, launchable
 
 __all__ = ["DEFAULT_BLOCK", "NUM_FUNCS", "rnn_mix_forward", "rnn_mix_backward"]
@@ -55,8 +56,6 @@ __all__ = ["DEFAULT_BLOCK", "NUM_FUNCS", "rnn_mix_forward", "rnn_mix_backward"]
 DEFAULT_BLOCK = 1024
 #: Columns of ``probs``: none, tanh, relu, sigmoid, identity.
 NUM_FUNCS = 5
-
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,33 +218,15 @@ def _check_inputs(
     """Validate the operands; return ``states``, ``c``, ``h`` contiguous."""
     named = (("states", states), ("c", c), ("h", h), ("probs", probs))
     for name, t in named:
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        C.check_tensor(name, t)
     if states.dim() != 3:
-        raise ValueError(f"states must have shape (J, B, H), got {tuple(states.shape)}")
-    if states.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(
-            f"states has dtype {states.dtype}; supported: float16, bfloat16, float32, float64"
-        )
+        raise ValueError(f"states: expected shape (J, B, H), got {tuple(states.shape)}")
+    C.check_supported_dtype("states", states)
     for name, t in named[1:3]:
-        if t.shape != states.shape:
-            raise ValueError(
-                f"{name} has shape {tuple(t.shape)}, expected {tuple(states.shape)} (states)"
-            )
-        if t.dtype != states.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype}, expected {states.dtype} (states)")
-        if t.device != states.device:
-            raise ValueError(f"{name} is on {t.device}, expected {states.device} (states)")
-    J = states.shape[0]
-    if probs.dim() != 2 or probs.shape[0] != J or probs.shape[1] != NUM_FUNCS:
-        raise ValueError(
-            f"probs must have shape ({J}, {NUM_FUNCS}) (J nodes x none, tanh, relu, sigmoid, "
-            f"identity), got {tuple(probs.shape)}"
-        )
-    if not probs.is_floating_point():
-        raise TypeError(f"probs must have a floating dtype, got {probs.dtype}")
-    if probs.device != states.device:
-        raise ValueError(f"probs is on {probs.device}, expected {states.device} (states)")
+        C.check_like(name, t, "states", states)
+    C.check_shape("probs", probs, (states.shape[0], NUM_FUNCS), "J nodes x none, tanh, relu, sigmoid, identity")
+    C.check_floating("probs", probs)
+    C.check_device("probs", probs, "states", states)
     return states.contiguous(), c.contiguous(), h.contiguous()
 
 
@@ -312,16 +293,10 @@ def rnn_mix_backward(
     states, c, h = _check_inputs(states, c, h, probs)
     block = check_block(block_size)
     J, B, H = states.shape
-    if not isinstance(grad_out, torch.Tensor):
-        raise TypeError(f"grad_out must be a tensor, got {type(grad_out).__name__}")
-    if grad_out.shape != (B, H):
-        raise ValueError(
-            f"grad_out has shape {tuple(grad_out.shape)}, expected {(B, H)} (states' (B, H))"
-        )
-    if not grad_out.is_floating_point():
-        raise TypeError(f"grad_out must have a floating dtype, got {grad_out.dtype}")
-    if grad_out.device != states.device:
-        raise ValueError(f"grad_out is on {grad_out.device}, expected {states.device} (states)")
+    C.check_tensor("grad_out", grad_out)
+    C.check_shape("grad_out", grad_out, (B, H), "the (B, H) of states")
+    C.check_floating("grad_out", grad_out)
+    C.check_device("grad_out", grad_out, "states", states)
     grad_out = grad_out.contiguous()
 
     acc_dtype = accumulation_dtype(states.dtype)

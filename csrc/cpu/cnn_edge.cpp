@@ -271,15 +271,15 @@ void set_isa(const std::string& name) {
 #ifdef PYNAS_HAVE_AVX2
     __builtin_cpu_init();
     TORCH_CHECK(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"),
-                "set_cpu_isa: `name` 'avx2' needs a CPU with AVX2 and FMA, this one lacks them");
+                "set_cpu_isa: name: 'avx2' needs a CPU with AVX2 and FMA, this one lacks them");
     g_isa.store(1);
 #else
-    TORCH_CHECK(false, "set_cpu_isa: `name` 'avx2': this build has no AVX2 variant (x86-64 GCC builds have it)");
+    TORCH_CHECK(false, "set_cpu_isa: name: 'avx2': this build has no AVX2 variant (x86-64 GCC builds have it)");
 #endif
   } else if (name == "auto") {
     g_isa.store(detect_isa());
   } else {
-    TORCH_CHECK(false, "set_cpu_isa: `name` must be 'auto', 'base' or 'avx2', got '", name, "'");
+    TORCH_CHECK(false, "set_cpu_isa: name: expected 'auto', 'base' or 'avx2', got '", name, "'");
   }
 }
 

@@ -850,7 +850,7 @@ Convs<scalar_t> make_convs(const char* op, const at::Tensor& x, const std::vecto
                            const std::vector<int64_t>& strides, const std::vector<int64_t>& pads,
                            const std::vector<int64_t>& dils, int64_t* max_pad) {
   TORCH_CHECK(ws.size() <= static_cast<size_t>(kMaxConvs), op, ": the CUDA kernel takes at most ", kMaxConvs,
-              " weights in `ws`, got ", ws.size());
+              " weights in ws, got ", ws.size());
   Convs<scalar_t> cv{};
   cv.count = static_cast<int>(ws.size());
   int64_t taps = 0, g_len = 0, P = 0;
@@ -890,7 +890,7 @@ template <typename scalar_t>
 MixTerms<scalar_t> make_terms(const char* op, const std::vector<at::Tensor>& ps, bool has_max, bool has_avg,
                               bool has_skip) {
   TORCH_CHECK(ps.size() <= static_cast<size_t>(kMaxPs), op, ": the CUDA kernel takes at most ", kMaxPs,
-              " tensors in `ps`, got ", ps.size());
+              " tensors in ps, got ", ps.size());
   MixTerms<scalar_t> mt{};
   mt.K = static_cast<int>(ps.size());
   mt.J = 2 + mt.K;

@@ -380,32 +380,32 @@ def test_kernel_bad_inputs_name_the_argument():
     x = torch.randn(2, 3, 5, 5)
     w = torch.randn(3, 1, 3, 3)
     e = torch.empty(0)
-    with pytest.raises(RuntimeError, match="cnn_edge_dw_forward: `x` must be 4-D"):
+    with pytest.raises(RuntimeError, match="cnn_edge_dw_forward: x: expected 4-D"):
         k.cnn_edge_dw_forward(torch.randn(3, 5, 5), [w], [1], [1], [1], 1, e, e)
-    with pytest.raises(RuntimeError, match=r"`ws\[0\]` must be a depthwise weight"):
+    with pytest.raises(RuntimeError, match=r"ws\[0\]: expected a depthwise weight"):
         k.cnn_edge_dw_forward(x, [torch.randn(4, 1, 3, 3)], [1], [1], [1], 1, e, e)
-    with pytest.raises(RuntimeError, match="`strides`, `pads` and `dils`"):
+    with pytest.raises(RuntimeError, match="strides, pads, dils: expected one entry per weight"):
         k.cnn_edge_dw_forward(x, [w], [1, 1], [1], [1], 1, e, e)
-    with pytest.raises(RuntimeError, match="`pre` must be"):
+    with pytest.raises(RuntimeError, match="pre: expected"):
         k.cnn_edge_dw_forward(x, [w], [1], [1], [1], 7, e, e)
-    with pytest.raises(RuntimeError, match="`mean` must be 1-D"):
+    with pytest.raises(RuntimeError, match="mean: expected 1-D"):
         k.cnn_edge_dw_forward(x, [w], [1], [1], [1], 2, e, e)
-    with pytest.raises(RuntimeError, match="larger than the kernels take"):
+    with pytest.raises(RuntimeError, match=r"ws\[0\]: expected at most 9x9 taps \(the kernels' limit\), got 11x11"):
         k.cnn_edge_dw_forward(x, [torch.randn(3, 1, 11, 11)], [1], [5], [1], 1, e, e)
-    with pytest.raises(RuntimeError, match="`x` must have dtype torch.float32 or torch.float64"):
+    with pytest.raises(RuntimeError, match="x: expected dtype torch.float32 or torch.float64"):
         k.cnn_edge_dw_forward(x.int(), [w.int()], [1], [1], [1], 1, e, e)
-    with pytest.raises(RuntimeError, match=r"cnn_edge_mix_forward: `ps\[0\]` must be"):
+    with pytest.raises(RuntimeError, match=r"cnn_edge_mix_forward: ps\[0\]: expected"):
         k.cnn_edge_mix_forward(x, [torch.randn(2, 3, 4, 4)], torch.ones(4), 1, True, True, True, 1e-5, 0.1,
                            [None] * 3, [None] * 3)
-    with pytest.raises(RuntimeError, match="`w` must be 1-D with 4 elements"):
+    with pytest.raises(RuntimeError, match="w: expected 1-D with 4 elements"):
         k.cnn_edge_mix_forward(x, [x], torch.ones(3), 1, True, True, True, 1e-5, 0.1, [None] * 3, [None] * 3)
-    with pytest.raises(RuntimeError, match="`has_skip`"):
+    with pytest.raises(RuntimeError, match=r"has_skip: expected stride 1 \(identity\)"):
         k.cnn_edge_mix_forward(x, [], torch.ones(3), 2, True, True, True, 1e-5, 0.1, [None] * 2, [None] * 2)
-    with pytest.raises(RuntimeError, match="more than one value per channel"):
+    with pytest.raises(RuntimeError, match=r"p: expected more than one value per channel \(BatchNorm in training\)"):
         k.cnn_edge_bn_stats(torch.randn(1, 3, 1, 1), 1e-5, 0.1, None, None)
-    with pytest.raises(RuntimeError, match="`w` must be a 1x1 conv weight"):
+    with pytest.raises(RuntimeError, match="w: expected a 1x1 conv weight"):
         k.cnn_edge_pw_forward(x, torch.randn(4, 2, 1, 1), False, 1e-5, 0.1, None, None)
-    with pytest.raises(RuntimeError, match="set_cpu_isa: `name`"):
+    with pytest.raises(RuntimeError, match="set_cpu_isa: name: expected"):
         k.set_cpu_isa("sse9")
 
 

@@ -1,6 +1,6 @@
 """The CUDA kernels of the fused CNN edge (csrc/cuda/cnn_edge.cu) against the CPU ones (csrc/cpu/cnn_edge.cpp).
 
-Every `pynas._C.edge_*` function that has a CUDA kernel runs on the GPU and on the CPU with the same inputs
+Every `pynas._C.cnn_edge_*` function that has a CUDA kernel runs on the GPU and on the CPU with the same inputs
 (float16/bfloat16 values go to the CPU as float32, which holds them exactly) and the results must agree:
 float64 to 1e-9, float32 to 1e-4, float16/bfloat16 to a few units of their rounding, relative to the largest
 value. Both kernels accumulate in float32 (float64 for float64), so the low-precision results differ only by
@@ -456,7 +456,7 @@ def _dw_args(dtype=torch.float32, device="cpu"):
 @needs_ext
 def test_cpu_rejects_half_precision_naming_the_way_out():
     x, ws = _dw_args(torch.float16)
-    with pytest.raises(RuntimeError, match=r"`x` must have dtype torch.float32 or torch.float64 on cpu .*need a CUDA"):
+    with pytest.raises(RuntimeError, match=r"x: expected dtype torch.float32 or torch.float64 on cpu .*need a CUDA"):
         C.cnn_edge_dw_forward(x, ws, [1], [1], [1], PRE_RELU, torch.empty(0), torch.empty(0))
 
 
@@ -470,10 +470,10 @@ def test_unsupported_device_is_named():
 @needs_ext
 def test_tensors_on_another_device_are_named():
     x, ws = _dw_args()
-    with pytest.raises(RuntimeError, match=r"`ws\[0\]` must be a depthwise weight .*device of `x`"):
+    with pytest.raises(RuntimeError, match=r"ws\[0\]: expected a depthwise weight .*device of x"):
         C.cnn_edge_dw_forward(x, [ws[0].to("meta")], [1], [1], [1], PRE_RELU, torch.empty(0), torch.empty(0))
     g = torch.randn(2, 3, 6, 6)
-    with pytest.raises(RuntimeError, match=r"`gs\[0\]`"):
+    with pytest.raises(RuntimeError, match=r"gs\[0\]"):
         C.cnn_edge_dw_backward(x, ws, [g.to("meta")], [1], [1], [1], PRE_RELU, torch.empty(0), torch.empty(0))
 
 
@@ -481,15 +481,15 @@ def test_tensors_on_another_device_are_named():
 def test_statistics_must_have_the_accumulation_dtype():
     x, ws = _dw_args()
     mean, rstd = torch.zeros(3, dtype=torch.float64), torch.ones(3)
-    with pytest.raises(RuntimeError, match=r"`mean` must be 1-D with one torch.float32 value per channel \(3\) on cpu"):
+    with pytest.raises(RuntimeError, match=r"mean: expected 1-D with one torch.float32 value per channel \(3\) on cpu"):
         C.cnn_edge_dw_forward(x, ws, [1], [1], [1], PRE_NORM_RELU, mean, rstd)
     p = torch.randn(2, 3, 4, 4)
-    with pytest.raises(RuntimeError, match=r"`running_var` must be 1-D with one torch.float32"):
+    with pytest.raises(RuntimeError, match=r"running_var: expected 1-D with one torch.float32"):
         C.cnn_edge_bn_stats(p, 1e-5, 0.1, torch.zeros(3), torch.ones(3, dtype=torch.float64))
     m, r = torch.zeros(3), torch.ones(3)
-    with pytest.raises(RuntimeError, match=r"`sums` must be \(2, C\) = \(2, 3\) torch.float64 on cpu"):
+    with pytest.raises(RuntimeError, match=r"sums: expected \(2, C\) = \(2, 3\) torch.float64 on cpu"):
         C.cnn_edge_bn_backward(p, p, m, r, torch.zeros(2, 3))
-    with pytest.raises(RuntimeError, match=r"`rstd` must be \(2 \+ len\(ps\), C\) = \(3, 3\) torch.float32 on cpu"):
+    with pytest.raises(RuntimeError, match=r"rstd: expected \(2 \+ len\(ps\), C\) = \(3, 3\) torch.float32 on cpu"):
         C.cnn_edge_mix_backward(torch.randn(2, 3, 6, 6), x, [torch.randn(2, 3, 6, 6)], torch.ones(4), 1, True, True, True,
                             torch.zeros(3, 3), torch.ones(3, 3, dtype=torch.float64))
 
@@ -497,13 +497,13 @@ def test_statistics_must_have_the_accumulation_dtype():
 @needs_ext
 def test_empty_planes_and_oversized_windows_are_rejected():
     ws = [torch.randn(3, 1, 3, 3)]
-    with pytest.raises(RuntimeError, match=r"cnn_edge_dw_forward: `x` must have a non-empty plane"):
+    with pytest.raises(RuntimeError, match=r"cnn_edge_dw_forward: x: expected a non-empty plane"):
         C.cnn_edge_dw_forward(torch.randn(2, 3, 0, 4), ws, [1], [1], [1], PRE_RELU, torch.empty(0), torch.empty(0))
     # a 2x2 stride-2 window on a 1x1 plane: out_size's truncating division would claim one output
-    with pytest.raises(RuntimeError, match=r"conv 0's window \(2 pixels with dilation 1\) does not fit"):
+    with pytest.raises(RuntimeError, match=r"x: expected a plane that holds conv 0's window \(2 pixels with dilation 1\)"):
         C.cnn_edge_dw_forward(torch.randn(2, 3, 1, 1), [torch.randn(3, 1, 2, 2)], [2], [0], [1], PRE_RELU,
                           torch.empty(0), torch.empty(0))
-    with pytest.raises(RuntimeError, match=r"cnn_edge_mix_forward: `x` must have a non-empty plane"):
+    with pytest.raises(RuntimeError, match=r"cnn_edge_mix_forward: x: expected a non-empty plane"):
         C.cnn_edge_mix_forward(torch.randn(2, 3, 4, 0), [], torch.ones(3), 2, True, True, False, 1e-5, 0.1,
                            [None, None], [None, None])
 
@@ -513,24 +513,24 @@ def test_empty_planes_and_oversized_windows_are_rejected():
                     reason="needs a CUDA device and a pynas._C built without its CUDA part")
 def test_cpu_only_build_names_the_cuda_device():
     x, ws = _dw_args(device="cuda")
-    with pytest.raises(RuntimeError, match=r"built without CUDA, got `x` on cuda"):
+    with pytest.raises(RuntimeError, match=r"built without CUDA, got x on cuda"):
         C.cnn_edge_dw_forward(x, ws, [1], [1], [1], PRE_RELU, torch.empty(0), torch.empty(0))
 
 
 @needs_cuda
 def test_cuda_checks_name_the_argument():
     x, ws = _dw_args(device="cuda")
-    with pytest.raises(RuntimeError, match=r"`ws\[0\]` must be a depthwise weight .*device of `x`"):
+    with pytest.raises(RuntimeError, match=r"ws\[0\]: expected a depthwise weight .*device of x"):
         C.cnn_edge_dw_forward(x, [ws[0].cpu()], [1], [1], [1], PRE_RELU, torch.empty(0), torch.empty(0))
     xh = x.half()
-    with pytest.raises(RuntimeError, match=r"`mean` must be 1-D with one torch.float32 value per channel"):
+    with pytest.raises(RuntimeError, match=r"mean: expected 1-D with one torch.float32 value per channel"):
         C.cnn_edge_dw_forward(xh, [ws[0].half()], [1], [1], [1], PRE_NORM_RELU, torch.zeros(3, device="cuda").half(),
                           torch.ones(3, device="cuda"))
     p = torch.randn(2, 3, 4, 4, device="cuda")
     m, r = torch.zeros(3, device="cuda"), torch.ones(3, device="cuda")
-    with pytest.raises(RuntimeError, match=r"`sums` must be \(2, C\) = \(2, 3\) torch.float32 on cuda"):
+    with pytest.raises(RuntimeError, match=r"sums: expected \(2, C\) = \(2, 3\) torch.float32 on cuda"):
         C.cnn_edge_bn_backward(p, p, m, r, torch.zeros(2, 3, dtype=torch.float64, device="cuda"))
-    with pytest.raises(RuntimeError, match=r"at most 16 weights in `ws`"):
+    with pytest.raises(RuntimeError, match=r"at most 16 weights in ws"):
         C.cnn_edge_dw_forward(x, ws * 17, [1] * 17, [1] * 17, [1] * 17, PRE_RELU, torch.empty(0), torch.empty(0))
-    with pytest.raises(RuntimeError, match=r"`p` must have dtype torch.float16, torch.bfloat16"):
+    with pytest.raises(RuntimeError, match=r"p: expected dtype torch.float16, torch.bfloat16"):
         C.cnn_edge_bn_stats(p.to(torch.int32), 1e-5, 0.1, None, None)

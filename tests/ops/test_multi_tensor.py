@@ -111,17 +111,17 @@ def test_reference_sum_squares_accumulates_in_float64(dtype):
 
 def test_bad_inputs_name_the_argument():
     a = [torch.randn(3), torch.randn(4)]
-    with pytest.raises(RuntimeError, match="`grads` must hold 2 tensors"):
+    with pytest.raises(RuntimeError, match="grads: expected 2 tensors"):
         torch.ops.pynas.mt_virtual_step_(a, a[:1], [], 0.1, 0.9, 0.0)
-    with pytest.raises(RuntimeError, match=r"`grads\[1\]` must have the shape of `params\[1\]`"):
+    with pytest.raises(RuntimeError, match=r"grads\[1\]: expected the shape of params\[1\]"):
         torch.ops.pynas.mt_virtual_step_(a, [torch.randn(3), torch.randn(5)], [], 0.1, 0.9, 0.0)
-    with pytest.raises(RuntimeError, match=r"`bufs` must be empty or hold one entry"):
+    with pytest.raises(RuntimeError, match=r"bufs: expected no entry or one entry"):
         torch.ops.pynas.mt_virtual_step_(a, a, [None], 0.1, 0.9, 0.0)
-    with pytest.raises(RuntimeError, match=r"`v\[0\]` must have the dtype and device"):
+    with pytest.raises(RuntimeError, match=r"v\[0\]: expected the dtype and device"):
         torch.ops.pynas.mt_perturb_(a, a, [torch.randn(3).double(), torch.randn(4)], torch.tensor(1.0), 0.01, 1.0)
-    with pytest.raises(RuntimeError, match="`r` must be positive"):
+    with pytest.raises(RuntimeError, match="r: expected a positive value"):
         torch.ops.pynas.mt_perturb_(a, a, a, torch.tensor(1.0), 0.0, 1.0)
-    with pytest.raises(RuntimeError, match=r"`src\[0\]` must be a dense contiguous tensor"):
+    with pytest.raises(RuntimeError, match=r"src\[0\]: expected a dense contiguous tensor"):
         torch.ops.pynas.mt_copy_(a, [torch.randn(3, 2).t().reshape(-1)[:3].as_strided((3,), (2,)), a[1]])
 
 

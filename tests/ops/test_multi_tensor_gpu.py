@@ -235,9 +235,9 @@ def test_triton_edge_cases(K):
     a, b, _ = _lists(torch.float64, DEVICE, shapes=[(3,), (4,)])
     with pytest.raises(ValueError, match="grads"):
         K.virtual_step_(a, [b[1], b[0]], None, ETA, 0.0, WD)
-    with pytest.raises(ValueError, match="must hold 2 tensors"):
+    with pytest.raises(ValueError, match="expected 2 tensors"):
         K.perturb_(a, a[:1], b, torch.tensor(1.0, dtype=torch.float64), 0.1, 1.0)
-    with pytest.raises(ValueError, match="`r` must be positive"):
+    with pytest.raises(ValueError, match="r: expected a positive value"):
         K.perturb_(a, a, b, torch.tensor(1.0, dtype=torch.float64), 0.0, 1.0)
     with pytest.raises(ValueError, match="dtype and device"):
         K.sum_squares([a[0], a[1].float()])
@@ -320,11 +320,11 @@ def test_cuda_edge_cases_and_checks():
     torch.ops.pynas.mt_virtual_step_(empties, empties, [], ETA, MOMENTUM, WD, None)
     torch.ops.pynas.mt_copy_(empties, empties)
     a, b, _ = _lists(torch.float32, "cuda", shapes=[(3,), (4,)])
-    with pytest.raises(RuntimeError, match=r"`grads\[0\]` must have the shape"):
+    with pytest.raises(RuntimeError, match=r"grads\[0\]: expected the shape"):
         torch.ops.pynas.mt_virtual_step_(a, [b[1], b[0]], [], ETA, 0.0, WD, None)
-    with pytest.raises(RuntimeError, match="must hold 2 tensors"):
+    with pytest.raises(RuntimeError, match="expected 2 tensors"):
         torch.ops.pynas.mt_perturb_(a, a[:1], b, torch.ones((), device="cuda"), 0.1, 1.0)
-    with pytest.raises(RuntimeError, match="`r` must be positive"):
+    with pytest.raises(RuntimeError, match="r: expected a positive value"):
         torch.ops.pynas.mt_perturb_(a, a, b, torch.ones((), device="cuda"), 0.0, 1.0)
     with pytest.raises(RuntimeError, match="dtype and device of the first parameter"):
         torch.ops.pynas.mt_sum_squares([a[0], a[1].double()])

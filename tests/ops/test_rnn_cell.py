@@ -168,30 +168,30 @@ def test_cpp_entry_points_name_bad_arguments():
     xs, h0, xm, hm, probs, W0 = ins
     rm, rv = torch.zeros(5), torch.ones(5)
     f = C.rnn_cell_forward
-    with pytest.raises(RuntimeError, match="`xs` must be \\(T, B, I\\)"):
+    with pytest.raises(RuntimeError, match="xs: expected \\(T, B, I\\)"):
         f(xs[:, :1], h0[:1], xm[:1], hm[:1], probs, rm, rv, W0, Ws, 0.1, 1e-5)
-    with pytest.raises(RuntimeError, match="`h0` must be"):
+    with pytest.raises(RuntimeError, match="h0: expected"):
         f(xs, h0.double(), xm, hm, probs, rm, rv, W0, Ws, 0.1, 1e-5)
-    with pytest.raises(RuntimeError, match="`x_mask` must be"):
+    with pytest.raises(RuntimeError, match="x_mask: expected"):
         f(xs, h0, hm, hm, probs, rm, rv, W0, Ws, 0.1, 1e-5)
-    with pytest.raises(RuntimeError, match="`probs` must be \\(36, 5\\)"):
+    with pytest.raises(RuntimeError, match="probs: expected \\(36, 5\\)"):
         f(xs, h0, xm, hm, probs[:10], rm, rv, W0, Ws, 0.1, 1e-5)
-    with pytest.raises(RuntimeError, match="`W0` must be"):
+    with pytest.raises(RuntimeError, match="W0: expected"):
         f(xs, h0, xm, hm, probs, rm, rv, W0[1:], Ws, 0.1, 1e-5)
-    with pytest.raises(RuntimeError, match="`Ws\\[3\\]` must be"):
+    with pytest.raises(RuntimeError, match="Ws\\[3\\]: expected"):
         f(xs, h0, xm, hm, probs, rm, rv, W0, Ws[:3] + [Ws[3].t()] + Ws[4:], 0.1, 1e-5)
-    with pytest.raises(RuntimeError, match="`Ws` must hold at least one"):
+    with pytest.raises(RuntimeError, match="Ws: expected at least one"):
         f(xs, h0, xm, hm, probs[:0], rm, rv, W0, [], 0.1, 1e-5)
-    with pytest.raises(RuntimeError, match="`running_var` must be"):
+    with pytest.raises(RuntimeError, match="running_var: expected"):
         f(xs, h0, xm, hm, probs, rm, torch.ones(4), W0, Ws, 0.1, 1e-5)
-    with pytest.raises(RuntimeError, match="`running_mean` must be .* with the dtype of `xs`"):
+    with pytest.raises(RuntimeError, match="running_mean: expected .* with the dtype of xs"):
         f(xs, h0, xm, hm, probs, rm.double(), rv, W0, Ws, 0.1, 1e-5)
-    with pytest.raises(RuntimeError, match="`eps` must be positive"):
+    with pytest.raises(RuntimeError, match="eps: expected a positive value"):
         f(xs, h0, xm, hm, probs, rm, rv, W0, Ws, 0.1, 0.0)
     res = f(xs, h0, xm, hm, probs, rm, rv, W0, Ws, 0.1, 1e-5)
-    with pytest.raises(RuntimeError, match="`saved` must be the 10 tensors"):
+    with pytest.raises(RuntimeError, match="saved: expected the 10 tensors"):
         C.rnn_cell_backward(gout, xm, hm, probs, W0, Ws, res[1:5], 1e-5)
-    with pytest.raises(RuntimeError, match="`grad_out` must be \\(T, B, H\\)"):
+    with pytest.raises(RuntimeError, match="grad_out: expected \\(T, B, H\\)"):
         C.rnn_cell_backward(gout[:1], xm, hm, probs, W0, Ws, res[1:], 1e-5)
 
 

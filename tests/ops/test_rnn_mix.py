@@ -111,9 +111,9 @@ def test_bad_inputs_name_the_argument():
         rnn_mix([1.0], s, s, p)
     if pynas.backends()["cpu"] is None:
         k = pynas._ext.get()
-        with pytest.raises(RuntimeError, match="rnn_mix_forward: `probs` must be"):
+        with pytest.raises(RuntimeError, match="rnn_mix_forward: probs: expected"):
             k.rnn_mix_forward(s, s, s, torch.randn(3, 5))
-        with pytest.raises(RuntimeError, match="rnn_mix_backward: `grad_out` must be"):
+        with pytest.raises(RuntimeError, match="rnn_mix_backward: grad_out: expected"):
             k.rnn_mix_backward(torch.randn(3, 3), s, s, s, p)
 
 

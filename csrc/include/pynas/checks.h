@@ -1,7 +1,7 @@
 #pragma once
 // Input checks shared by every op binding. Each message names the op, the argument and what it got,
-// e.g. "mixed_sum_forward: `weights` must be 1-D with 3 elements (one per tensor in `xs`), got
-// shape [3, 1]". TORCH_CHECK raises RuntimeError in Python.
+// in one wording, "op: name: expected ..., got ...", e.g. "mixed_sum_forward: weights: expected 1-D with 3
+// elements (one per tensor in xs), got shape [3, 1]". TORCH_CHECK raises RuntimeError in Python.
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
@@ -38,8 +38,8 @@ inline std::string describe(const at::Tensor& t) {
 }
 
 inline void check_dense(const char* op, const at::Tensor& t, const std::string& name) {
-  TORCH_CHECK(t.defined(), op, ": `", name, "` is an undefined tensor");
-  TORCH_CHECK(t.layout() == at::kStrided, op, ": `", name, "` must be a dense (strided) tensor, got ",
+  TORCH_CHECK(t.defined(), op, ": ", name, ": expected a defined tensor, got an undefined one");
+  TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, ": expected a dense (strided) tensor, got ",
               describe(t));
 }
 
@@ -49,8 +49,8 @@ inline bool is_supported_float(at::ScalarType t) {
 }
 
 inline void check_supported_float(const char* op, const at::Tensor& t, const std::string& name) {
-  TORCH_CHECK(is_supported_float(t.scalar_type()), op, ": `", name,
-              "` must have dtype torch.float16, torch.bfloat16, torch.float32 or torch.float64, got ",
+  TORCH_CHECK(is_supported_float(t.scalar_type()), op, ": ", name,
+              ": expected dtype torch.float16, torch.bfloat16, torch.float32 or torch.float64, got ",
               describe(t));
 }
 
@@ -58,17 +58,17 @@ inline void check_supported_float(const char* op, const at::Tensor& t, const std
 inline void check_like(const char* op, const at::Tensor& t, const std::string& name, const at::Tensor& ref,
                        const std::string& ref_name) {
   check_dense(op, t, name);
-  TORCH_CHECK(t.sizes() == ref.sizes(), op, ": `", name, "` must have the shape of `", ref_name, "` ",
+  TORCH_CHECK(t.sizes() == ref.sizes(), op, ": ", name, ": expected the shape of ", ref_name, " ",
               ref.sizes(), ", got ", describe(t));
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": `", name, "` must have the dtype of `", ref_name,
-              "` ", dtype_name(ref.scalar_type()), ", got ", describe(t));
-  TORCH_CHECK(t.device() == ref.device(), op, ": `", name, "` must be on the device of `", ref_name, "` ",
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, ": expected the dtype of ", ref_name,
+              " ", dtype_name(ref.scalar_type()), ", got ", describe(t));
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, ": expected the device of ", ref_name, " ",
               ref.device(), ", got ", describe(t));
 }
 
 // A non-empty list of dense floating tensors that share shape, dtype and device.
 inline void check_tensor_list(const char* op, const std::vector<at::Tensor>& xs, const std::string& name) {
-  TORCH_CHECK(!xs.empty(), op, ": `", name, "` must hold at least one tensor, got an empty list");
+  TORCH_CHECK(!xs.empty(), op, ": ", name, ": expected at least one tensor, got an empty list");
   const std::string first = name + "[0]";
   check_dense(op, xs[0], first);
   check_supported_float(op, xs[0], first);
@@ -81,10 +81,10 @@ inline void check_tensor_list(const char* op, const std::vector<at::Tensor>& xs,
 inline void check_vector(const char* op, const at::Tensor& t, const std::string& name, int64_t len,
                          const char* len_reason, const at::Tensor& ref, const std::string& ref_name) {
   check_dense(op, t, name);
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == len, op, ": `", name, "` must be 1-D with ", len, " elements (",
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == len, op, ": ", name, ": expected 1-D with ", len, " elements (",
               len_reason, "), got ", describe(t));
-  TORCH_CHECK(t.is_floating_point(), op, ": `", name, "` must have a floating dtype, got ", describe(t));
-  TORCH_CHECK(t.device() == ref.device(), op, ": `", name, "` must be on the device of `", ref_name, "` ",
+  TORCH_CHECK(t.is_floating_point(), op, ": ", name, ": expected a floating dtype, got ", describe(t));
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, ": expected the device of ", ref_name, " ",
               ref.device(), ", got ", describe(t));
 }
 

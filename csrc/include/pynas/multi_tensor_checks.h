@@ -15,16 +15,16 @@ namespace multi_tensor {
 
 // `ts` holds `len` dense contiguous floating tensors, of the dtype and device of *ref when ref is given.
 inline void check_list(const char* op, at::TensorList ts, const char* name, const at::Tensor* ref, size_t len) {
-  TORCH_CHECK(ts.size() == len, op, ": `", name, "` must hold ", len, " tensors (one per parameter), got ",
+  TORCH_CHECK(ts.size() == len, op, ": ", name, ": expected ", len, " tensors (one per parameter), got ",
               ts.size());
   for (size_t i = 0; i < ts.size(); ++i) {
     const at::Tensor& t = ts[i];
-    TORCH_CHECK(t.defined() && t.layout() == at::kStrided && t.is_contiguous(), op, ": `", name, "[", i,
-                "]` must be a dense contiguous tensor");
-    TORCH_CHECK(t.is_floating_point(), op, ": `", name, "[", i, "]` must be floating, got ", t.scalar_type());
+    TORCH_CHECK(t.defined() && t.layout() == at::kStrided && t.is_contiguous(), op, ": ", name, "[", i,
+                "]: expected a dense contiguous tensor");
+    TORCH_CHECK(t.is_floating_point(), op, ": ", name, "[", i, "]: expected a floating dtype, got ", t.scalar_type());
     if (ref != nullptr) {
-      TORCH_CHECK(t.scalar_type() == ref->scalar_type() && t.device() == ref->device(), op, ": `", name, "[", i,
-                  "]` must have the dtype and device of the first parameter (", ref->scalar_type(), " on ",
+      TORCH_CHECK(t.scalar_type() == ref->scalar_type() && t.device() == ref->device(), op, ": ", name, "[", i,
+                  "]: expected the dtype and device of the first parameter (", ref->scalar_type(), " on ",
                   ref->device(), "), got ", t.scalar_type(), " on ", t.device());
     }
   }
@@ -38,8 +38,8 @@ inline void check_params(const char* op, at::TensorList params) {
 inline void check_like_params(const char* op, at::TensorList ts, const char* name, at::TensorList params) {
   check_list(op, ts, name, params.empty() ? nullptr : &params[0], params.size());
   for (size_t i = 0; i < ts.size(); ++i) {
-    TORCH_CHECK(ts[i].sizes() == params[i].sizes(), op, ": `", name, "[", i, "]` must have the shape of `params[",
-                i, "]` ", params[i].sizes(), ", got ", ts[i].sizes());
+    TORCH_CHECK(ts[i].sizes() == params[i].sizes(), op, ": ", name, "[", i, "]: expected the shape of params[",
+                i, "] ", params[i].sizes(), ", got ", ts[i].sizes());
   }
 }
 
@@ -47,7 +47,7 @@ inline void check_like_params(const char* op, at::TensorList ts, const char* nam
 inline std::vector<at::Tensor> checked_bufs(const char* op, const c10::List<std::optional<at::Tensor>>& bufs,
                                             at::TensorList params) {
   TORCH_CHECK(bufs.size() == 0 || bufs.size() == params.size(), op,
-              ": `bufs` must be empty or hold one entry (a tensor or None) per parameter (", params.size(),
+              ": bufs: expected no entry or one entry (a tensor or None) per parameter (", params.size(),
               "), got ", bufs.size());
   std::vector<at::Tensor> b;
   b.reserve(bufs.size());
@@ -56,7 +56,7 @@ inline std::vector<at::Tensor> checked_bufs(const char* op, const c10::List<std:
     if (t.has_value() && t->defined()) {
       TORCH_CHECK(t->sizes() == params[i].sizes() && t->scalar_type() == params[i].scalar_type() &&
                       t->device() == params[i].device() && t->is_contiguous(),
-                  op, ": `bufs[", i, "]` must be contiguous with the shape, dtype and device of `params[", i, "]`");
+                  op, ": bufs[", i, "]: expected a contiguous tensor with the shape, dtype and device of params[", i, "]");
       b.push_back(*t);
     } else {
       b.emplace_back();
@@ -66,12 +66,12 @@ inline std::vector<at::Tensor> checked_bufs(const char* op, const c10::List<std:
 }
 
 inline void check_grad_scale(const char* op, const at::Tensor& s) {
-  TORCH_CHECK(!s.defined() || s.numel() == 1, op, ": `grad_scale` must hold one value, got ", s.numel());
+  TORCH_CHECK(!s.defined() || s.numel() == 1, op, ": grad_scale: expected one value, got ", s.numel());
 }
 
 inline void check_perturb_scalars(const char* op, const at::Tensor& sum_sq, double r) {
-  TORCH_CHECK(sum_sq.numel() == 1, op, ": `sum_sq` must hold one value, got ", sum_sq.numel());
-  TORCH_CHECK(r > 0, op, ": `r` must be positive, got ", r);
+  TORCH_CHECK(sum_sq.numel() == 1, op, ": sum_sq: expected one value, got ", sum_sq.numel());
+  TORCH_CHECK(r > 0, op, ": r: expected a positive value, got ", r);
 }
 
 // The four ops with their argument checks, for a backend whose kernels are the static members
