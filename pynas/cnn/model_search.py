@@ -15,6 +15,7 @@ from torch import nn
 
 from ..ops import cnn_edge, mixed_sum
 from . import genotypes
+from .edge_plan import EdgePlan
 from .operations import OPS, PRIMITIVES, FactorizedReduce, ReLUConvBN
 
 
@@ -71,7 +72,7 @@ class MixedOp(nn.Module):
     def _fused(self, x: torch.Tensor, weights: torch.Tensor) -> Optional[str]:
         """The backend that runs this call as one fused edge, or None (training-mode edges only)."""
         if self._plan is None:
-            self._plan = cnn_edge.EdgePlan(self, self._primitives, self._stride)
+            self._plan = EdgePlan(self, self._primitives, self._stride)
         impl = cnn_edge.choose(self._plan, x, weights)
         return None if impl is None else impl.backend
 

@@ -29,11 +29,10 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Optional, Protocol, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .. import _autodiff, _ext
 from .._triton import kernel_module
@@ -119,81 +118,28 @@ class EdgeSpec:
         return (n, c, (h - 1) // self.stride + 1, (w - 1) // self.stride + 1)
 
 
-class EdgePlan:
-    """A MixedOp's :class:`EdgeSpec` and the modules behind it, built once from the MixedOp."""
+class Plan(Protocol):
+    """What the fused edge needs of a MixedOp: its :class:`EdgeSpec` and the tensors behind it. A search
+    space builds one per MixedOp from its modules (the DARTS CNN space: :class:`pynas.cnn.edge_plan.EdgePlan`)."""
 
-    def __init__(self, mixed_op: nn.Module, primitives: Sequence[str], stride: int):
-        from ..cnn.operations import DilConv, FactorizedReduce, Identity, SepConv
-
-        self.max_bn: Optional[nn.BatchNorm2d] = None
-        self.avg_bn: Optional[nn.BatchNorm2d] = None
-        cols = {"max": -1, "avg": -1, "skip": -1}
-        convs: List[ConvSpec] = []
-        self.conv_modules: List[nn.Module] = []
-        ok = True
-        for k, name in enumerate(primitives):
-            op = mixed_op._ops[k]
-            if name == "none":
-                continue
-            if name == "max_pool_3x3":
-                cols["max"], self.max_bn = k, op[1]
-            elif name == "avg_pool_3x3":
-                cols["avg"], self.avg_bn = k, op[1]
-            elif name == "skip_connect" and isinstance(op, Identity):
-                cols["skip"] = k
-            elif name == "skip_connect" and isinstance(op, FactorizedReduce):
-                convs.append(ConvSpec("fr", k))
-                self.conv_modules.append(op)
-            elif isinstance(op, (SepConv, DilConv)):
-                dw = op.op[1]
-                ok = ok and dw.stride == (stride, stride) and dw.padding[0] == dw.padding[1] \
-                    and dw.dilation[0] == dw.dilation[1] and dw.kernel_size[0] == dw.kernel_size[1] \
-                    and dw.kernel_size[0] <= 9
-                convs.append(ConvSpec("sep" if isinstance(op, SepConv) else "dil", k, dw.kernel_size[0],
-                                      dw.padding[0], dw.dilation[0]))
-                self.conv_modules.append(op)
-            else:
-                ok = False
-        self.bns: List[nn.BatchNorm2d] = [b for b in (self.max_bn, self.avg_bn) if b is not None]
-        for c, m in zip(convs, self.conv_modules):
-            self.bns += [m.bn] if c.kind == "fr" else ([m.op[3], m.op[7]] if c.kind == "sep" else [m.op[3]])
-        self.supported = ok and all(not b.affine and b.track_running_stats for b in self.bns)
-        first = self.bns[0] if self.bns else None
-        self.spec = EdgeSpec(stride, cols["max"], cols["avg"], cols["skip"], tuple(convs),
-                             float(first.eps) if first else 1e-5,
-                             float(first.momentum) if first and first.momentum is not None else 0.1)
-        self.encoded = self.spec.encode()
+    spec: EdgeSpec
+    encoded: str  # spec.encode(), kept
+    supported: bool  # the modules are what the kernels implement (known candidates, BatchNorms without affine)
 
     def ready(self) -> bool:
-        """Every BatchNorm in training mode with the spec's momentum and eps (what the kernels implement)."""
-        for b in self.bns:
-            if not b.training or b.momentum != self.spec.momentum or b.eps != self.spec.eps:
-                return False
-        return True
+        """Every BatchNorm in training mode with the spec's momentum and eps, now."""
 
     def params(self) -> List[torch.Tensor]:
-        out = []
-        for c, m in zip(self.spec.convs, self.conv_modules):
-            if c.kind == "fr":
-                out += [m.conv_1.weight, m.conv_2.weight]
-            elif c.kind == "sep":
-                out += [m.op[1].weight, m.op[2].weight, m.op[5].weight, m.op[6].weight]
-            else:
-                out += [m.op[1].weight, m.op[2].weight]
-        return out
+        """The conv weights, in the order of ``spec.convs``."""
 
     def running(self) -> List[torch.Tensor]:
         """running_mean, running_var of every BatchNorm, in spec order."""
-        out = []
-        for b in self.bns:
-            out += [b.running_mean, b.running_var]
-        return out
 
     def counters(self) -> List[torch.Tensor]:
-        return [b.num_batches_tracked for b in self.bns]
+        """num_batches_tracked of every BatchNorm, in spec order."""
 
 
-def _plan_fusable(plan: EdgePlan) -> bool:
+def _plan_fusable(plan: Plan) -> bool:
     """Whether the edge's modules are what the kernels implement, as they are now (training-mode BatchNorms with
     the spec's momentum and eps), outside torch.func transforms and forward AD (the modules compose with them)."""
     if not plan.supported or not plan.ready():
@@ -201,13 +147,13 @@ def _plan_fusable(plan: EdgePlan) -> bool:
     return torch.compiler.is_compiling() or not _autodiff.under_transform()
 
 
-def fusable(plan: EdgePlan, x: torch.Tensor, backend: str = "cpu") -> bool:
+def fusable(plan: Plan, x: torch.Tensor, backend: str = "cpu") -> bool:
     """Whether ``backend`` runs this edge fused for input ``x`` (else the modules run one by one)."""
     impl = TABLE.implementations.get(backend)
     return backend != "reference" and impl is not None and _plan_fusable(plan) and not impl.not_supported_reasons([x])
 
 
-def choose(plan: EdgePlan, x: torch.Tensor, weights: torch.Tensor) -> Optional[_dispatch.Implementation]:
+def choose(plan: Plan, x: torch.Tensor, weights: torch.Tensor) -> Optional[_dispatch.Implementation]:
     """The implementation that runs this call fused under the backend in force, or None (the modules)."""
     if not _plan_fusable(plan):
         return None
@@ -424,7 +370,7 @@ class _CnnEdgeFunction(torch.autograd.Function):
     """The eager path: one autograd node per edge, the saved tensors those of the docstring above."""
 
     @staticmethod
-    def forward(ctx, plan: EdgePlan, backend: str, x: torch.Tensor, weights: torch.Tensor, *params: torch.Tensor):
+    def forward(ctx, plan: Plan, backend: str, x: torch.Tensor, weights: torch.Tensor, *params: torch.Tensor):
         spec = plan.spec
         out, wr, mean, rstd, ps, saved = cnn_edge_forward_impl(spec, _kernels(backend), x, weights, params,
                                                            plan.running(), plan.counters())
@@ -527,7 +473,7 @@ def _backward(ctx, grads):
 torch.library.register_autograd("pynas::cnn_edge", _backward, setup_context=_setup_context)
 
 
-def cnn_edge(plan: EdgePlan, x: torch.Tensor, weights: torch.Tensor, backend: str = "cpu") -> torch.Tensor:
+def cnn_edge(plan: Plan, x: torch.Tensor, weights: torch.Tensor, backend: str = "cpu") -> torch.Tensor:
     """The MixedOp's output through the fused kernels (call only when :func:`fusable`)."""
     params = plan.params()
     check_cnn_edge_args(x, params, any(c.kind == "fr" for c in plan.spec.convs) and plan.spec.stride == 2)

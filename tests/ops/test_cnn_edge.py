@@ -11,6 +11,7 @@ from torch import nn
 import pynas
 from pynas import _ext
 from pynas.cnn import Network
+from pynas.cnn.edge_plan import EdgePlan
 from pynas.ops import cnn_edge as fused
 from pynas.cnn.model_search import MixedOp
 from pynas.cnn.operations import PRIMITIVES
@@ -145,7 +146,7 @@ def test_gradcheck_float64():
     torch.manual_seed(0)
     op = MixedOp(2, 1).double()
     _randomize(op, 1)
-    plan = fused.EdgePlan(op, PRIMITIVES, 1)
+    plan = EdgePlan(op, PRIMITIVES, 1)
     params = plan.params()
     x = torch.randn(2, 2, 4, 4, dtype=torch.float64, requires_grad=True)
     w = torch.softmax(torch.randn(8, dtype=torch.float64), 0).requires_grad_(True)
@@ -172,7 +173,7 @@ def test_eval_mode_uses_the_reference_path():
     op = MixedOp(4, 1).double()
     _randomize(op, 2)
     op.eval()
-    plan = fused.EdgePlan(op, PRIMITIVES, 1)
+    plan = EdgePlan(op, PRIMITIVES, 1)
     assert not fused.fusable(plan, torch.randn(1, 4, 5, 5, dtype=torch.float64))
     ref = copy.deepcopy(op)
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
@@ -260,7 +261,7 @@ def test_opcheck():
     pytest.importorskip("expecttest", reason="torch.library.opcheck needs expecttest")
     torch.manual_seed(0)
     op = MixedOp(3, 1).double()
-    plan = fused.EdgePlan(op, PRIMITIVES, 1)
+    plan = EdgePlan(op, PRIMITIVES, 1)
     x = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
     w = torch.softmax(torch.randn(8, dtype=torch.float64), 0).requires_grad_(True)
     params = [p.detach().clone().requires_grad_(True) for p in plan.params()]
