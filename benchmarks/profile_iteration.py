@@ -15,6 +15,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import pynas
+from pynas.bench import add_search_size_arguments
 from pynas.cnn import Network
 
 GROUPS = (
@@ -38,12 +39,7 @@ def group_of(name: str) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--backend", default="reference")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--C", type=int, default=8)
-    p.add_argument("--layers", type=int, default=5)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--size", type=int, default=32)
+    add_search_size_arguments(p)
     p.add_argument("--passes", type=int, default=3)
     p.add_argument("--top", type=int, default=15)
     args = p.parse_args()

@@ -14,17 +14,12 @@ import time
 import torch
 
 import pynas
-from pynas.bench import search_case
+from pynas.bench import add_search_size_arguments, search_case
 
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--backend", default="reference")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--C", type=int, default=8)
-    p.add_argument("--layers", type=int, default=5)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--size", type=int, default=32)
+    add_search_size_arguments(p)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     args = p.parse_args()

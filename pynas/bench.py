@@ -315,6 +315,18 @@ def _provider_backend(provider: str) -> str:
     return provider.split("-", 1)[1]
 
 
+def add_search_size_arguments(parser) -> None:
+    """--backend, --threads and the CNN search network's size (the CPU size by default), for the scripts in
+    benchmarks/ that time or profile one search iteration."""
+    size = SIZES["cpu"]["search"]
+    parser.add_argument("--backend", default="reference")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--C", type=int, default=size["C"])
+    parser.add_argument("--layers", type=int, default=size["layers"])
+    parser.add_argument("--batch", type=int, default=size["batch"])
+    parser.add_argument("--size", type=int, default=size["image"])
+
+
 def search_case(size: dict, device: torch.device, unrolled: bool, compiled: bool, seed: int = 0) -> Case:
     torch.manual_seed(seed)
     model = Network(size["C"], 10, size["layers"], nn.CrossEntropyLoss()).to(device)
