@@ -1,4 +1,5 @@
-"""The ``pynas`` command line: ``pynas search cnn``, ``pynas search rnn``, ``pynas bench``, ``pynas info``."""
+"""The ``pynas`` command line: ``pynas search cnn|rnn``, ``pynas train cnn``, ``pynas eval cnn``, ``pynas bench``,
+``pynas info``."""
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,8 @@ def _add_order_args(p: argparse.ArgumentParser, d) -> None:
     p.add_argument("--fd-r", type=float, default=d.fd_r, help="finite-difference radius r of the second-order step")
 
 
-def _add_run_args(p: argparse.ArgumentParser, d) -> None:
-    """Seed, length, device, backend, threads, run folder and resume (both search spaces)."""
+def _add_run_args(p: argparse.ArgumentParser, d, hessian: bool = True) -> None:
+    """Seed, length, device, backend, threads, run folder and resume (searches and trainings)."""
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--steps-per-epoch", type=int, default=None, help="cap on iterations per epoch")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -30,7 +31,8 @@ def _add_run_args(p: argparse.ArgumentParser, d) -> None:
     p.add_argument("--save", default=None, help="run folder for checkpoint, log and genotype (default runs/<time>)")
     p.add_argument("--resume", default=None, help="checkpoint file or run folder to continue")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_hessian_args(p, d)
+    if hessian:
+        _add_hessian_args(p, d)
 
 
 def _add_hessian_args(p: argparse.ArgumentParser, d) -> None:
@@ -113,6 +115,36 @@ def _add_rnn_args(p: argparse.ArgumentParser) -> None:
     _add_run_args(p, d)
 
 
+def _add_train_cnn_args(p: argparse.ArgumentParser) -> None:
+    from .train.cnn import CNNTrainConfig
+
+    d = CNNTrainConfig()
+    p.add_argument("--genotype", default=d.genotype,
+                   help="genotype JSON file (a search's genotype.json) or a published cell: DARTS_V1, DARTS_V2, DARTS "
+                        "(= DARTS_V2)")
+    p.add_argument("--data", choices=("shapes10", "cifar10"), default=d.data,
+                   help="shapes10: embedded synthetic set (no download); cifar10: python batches from --data-dir")
+    p.add_argument("--data-dir", default=None, help="folder with the CIFAR-10 python batches")
+    p.add_argument("--num-train", type=int, default=None, help="images of the training split to use")
+    p.add_argument("--num-test", type=int, default=None, help="images of the test split to use")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--learning-rate", "--lr", type=float, default=d.learning_rate)
+    p.add_argument("--learning-rate-min", "--lr-min", type=float, default=d.learning_rate_min)
+    p.add_argument("--momentum", type=float, default=d.momentum)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    p.add_argument("--init-channels", type=int, default=d.init_channels)
+    p.add_argument("--layers", type=int, default=d.layers)
+    p.add_argument("--no-auxiliary", dest="auxiliary", action="store_false", help="no auxiliary head")
+    p.add_argument("--auxiliary-weight", type=float, default=d.auxiliary_weight)
+    p.add_argument("--drop-path-prob", type=float, default=d.drop_path_prob,
+                   help="drop path probability at the last epoch (ramped linearly from 0)")
+    p.add_argument("--no-cutout", dest="cutout", action="store_false", help="no cutout")
+    p.add_argument("--cutout-length", type=int, default=d.cutout_length)
+    _add_run_args(p, d, hessian=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pynas", description="Fast differentiable architecture search (DARTS).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -120,6 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
     spaces = search.add_subparsers(dest="space", required=True)
     _add_cnn_args(spaces.add_parser("cnn", help="DARTS CNN search space"))
     _add_rnn_args(spaces.add_parser("rnn", help="DARTS RNN search space (word-level language model)"))
+    train = sub.add_parser("train", help="train the network of a genotype from scratch and test it")
+    train_spaces = train.add_subparsers(dest="space", required=True)
+    _add_train_cnn_args(train_spaces.add_parser("cnn", help="the DARTS CNN evaluation network"))
+    ev = sub.add_parser("eval", help="test a trained network")
+    ev_spaces = ev.add_subparsers(dest="space", required=True)
+    ev_cnn = ev_spaces.add_parser("cnn", help="a network trained by pynas train cnn")
+    ev_cnn.add_argument("--checkpoint", required=True, help="checkpoint file or run folder of pynas train cnn")
+    ev_cnn.add_argument("--data-dir", default=None, help="folder with the CIFAR-10 python batches (cifar10 runs)")
+    ev_cnn.add_argument("--device", default="cpu")
+    ev_cnn.add_argument("--batch-size", type=int, default=None)
+    ev_cnn.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     sub.add_parser("info", help="backends and build facts")
     bench = sub.add_parser("bench", help="benchmarks: reference vs torch.compile vs pynas, side by side")
     bench.add_argument("--size", choices=("cpu", "gpu", "tiny"), default=None,
@@ -141,13 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_folder_path(args, space: str) -> str:
-    """The run folder: --save, else the folder of --resume, else runs/search-<space>-<time>."""
+def _run_folder_path(args, space: str, kind: str = "search") -> str:
+    """The run folder: --save, else the folder of --resume, else runs/<kind>-<space>-<time>."""
     if args.save is not None:
         return args.save
     if args.resume is not None:
         return args.resume if os.path.isdir(args.resume) else os.path.dirname(os.path.abspath(args.resume))
-    return os.path.join("runs", f"search-{space}-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    return os.path.join("runs", f"{kind}-{space}-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
 
 
 def _logger(log_path: str) -> Callable[[str], None]:
@@ -245,6 +288,57 @@ def _search_cnn(args) -> int:
     return _run_search(args, "cnn", cfg, CNNSearch, CNNSearchConfig)
 
 
+def _train_cnn(args) -> int:
+    """Like a search: settings, data and checkpoint checked before the run folder is made; a new run that fails
+    before its first checkpoint removes what it made."""
+    import torch
+
+    from . import _backend
+    from .search.loop import LOG_NAME, RunFolder
+    from .train.cnn import CNNTrainConfig, _check_config, prepare_training
+
+    _set_threads(args.threads)
+    backend = args.backend if args.backend is not None else _backend.current_backend()
+    cfg = CNNTrainConfig(
+        genotype=args.genotype, data=args.data, data_dir=args.data_dir, num_train=args.num_train,
+        num_test=args.num_test, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
+        learning_rate_min=args.learning_rate_min, momentum=args.momentum, weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip, init_channels=args.init_channels, layers=args.layers, auxiliary=args.auxiliary,
+        auxiliary_weight=args.auxiliary_weight, drop_path_prob=args.drop_path_prob, cutout=args.cutout,
+        cutout_length=args.cutout_length, seed=args.seed, steps_per_epoch=args.steps_per_epoch, device=args.device,
+        backend=backend)
+    if args.resume is None:
+        _check_config(cfg)
+    save = _run_folder_path(args, "cnn", "train")
+    run = prepare_training(cfg, save, args.resume, log=print, progress=not args.no_progress)
+    folder = RunFolder(save, new_run=args.resume is None)
+    try:
+        folder.make()
+        if not os.path.exists(os.path.join(save, LOG_NAME)):
+            folder.own.append(LOG_NAME)
+        run.log = log = _logger(os.path.join(save, LOG_NAME))
+        log(f"pynas train cnn: run folder {save}; genotype {run.cfg.genotype}; C={run.cfg.init_channels} "
+            f"layers={run.cfg.layers}; torch threads {torch.get_num_threads()}")
+    except BaseException:
+        folder.discard_if_unstarted()
+        raise
+    result = folder.run(run, make=False)
+    print(f"test accuracy: {result['test_acc']:.2f} %", flush=True)
+    return 0
+
+
+def _eval_cnn(args) -> int:
+    from .train.cnn import evaluate_checkpoint
+
+    _set_threads(args.threads)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size: expected a positive integer, got {args.batch_size}")
+    r = evaluate_checkpoint(args.checkpoint, data_dir=args.data_dir, device=args.device, batch_size=args.batch_size)
+    print(f"test accuracy: {r['test_acc']:.2f} % (loss {r['test_loss']:.4f}, {r['images']} images, after epoch "
+          f"{r['epoch']}, {r['parameters'] / 1e6:.3f} M weights)", flush=True)
+    return 0
+
+
 def _bench(args) -> int:
     import re
 
@@ -310,6 +404,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _search_cnn(args)
         if args.command == "search" and args.space == "rnn":
             return _search_rnn(args)
+        if args.command == "train" and args.space == "cnn":
+            return _train_cnn(args)
+        if args.command == "eval" and args.space == "cnn":
+            return _eval_cnn(args)
     except KeyboardInterrupt:
         print("pynas: interrupted", file=sys.stderr, flush=True)
         return 130

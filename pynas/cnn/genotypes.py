@@ -97,3 +97,43 @@ def from_json(text: str) -> Genotype:
     normal, reduce = genes("normal"), genes("reduce")
     return Genotype(normal=normal, normal_concat=concat("normal_concat", 2 + len(normal) // 2),
                     reduce=reduce, reduce_concat=concat("reduce_concat", 2 + len(reduce) // 2))
+
+
+# The cells the DARTS paper reports (its Figures 4 and 5), as data: V1 from the first-order search, V2 from the
+# second-order one (the 2.76 % CIFAR-10 cell). "DARTS" names V2, as the original code does.
+DARTS_V1 = Genotype(
+    normal=[("sep_conv_3x3", 1), ("sep_conv_3x3", 0), ("skip_connect", 0), ("sep_conv_3x3", 1),
+            ("skip_connect", 0), ("sep_conv_3x3", 1), ("sep_conv_3x3", 0), ("skip_connect", 2)],
+    normal_concat=[2, 3, 4, 5],
+    reduce=[("max_pool_3x3", 0), ("max_pool_3x3", 1), ("skip_connect", 2), ("max_pool_3x3", 0),
+            ("max_pool_3x3", 0), ("skip_connect", 2), ("skip_connect", 2), ("avg_pool_3x3", 0)],
+    reduce_concat=[2, 3, 4, 5])
+DARTS_V2 = Genotype(
+    normal=[("sep_conv_3x3", 0), ("sep_conv_3x3", 1), ("sep_conv_3x3", 0), ("sep_conv_3x3", 1),
+            ("sep_conv_3x3", 1), ("skip_connect", 0), ("skip_connect", 0), ("dil_conv_3x3", 2)],
+    normal_concat=[2, 3, 4, 5],
+    reduce=[("max_pool_3x3", 0), ("max_pool_3x3", 1), ("skip_connect", 2), ("max_pool_3x3", 1),
+            ("max_pool_3x3", 0), ("skip_connect", 2), ("skip_connect", 2), ("max_pool_3x3", 1)],
+    reduce_concat=[2, 3, 4, 5])
+PUBLISHED = {"DARTS_V1": DARTS_V1, "DARTS_V2": DARTS_V2, "DARTS": DARTS_V2}
+
+
+def load_genotype(source: str) -> Genotype:
+    """A published cell by name (:data:`PUBLISHED`) or a genotype JSON file (as a search writes it)."""
+    if not isinstance(source, str) or not source:
+        raise ValueError(f"genotype: expected a file name or one of {', '.join(PUBLISHED)}, got {source!r}")
+    if source in PUBLISHED:
+        return PUBLISHED[source]
+    try:
+        with open(source, encoding="utf-8") as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        raise ValueError(f"genotype: {source} is neither a file nor one of {', '.join(PUBLISHED)}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"genotype: cannot read {source} ({type(exc).__name__}: {exc})") from None
+    try:
+        return from_json(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"genotype: {source} is not JSON ({exc})") from None
+    except ValueError as exc:
+        raise ValueError(f"genotype: {source}: {exc}") from None

@@ -144,48 +144,50 @@ def _unpickler_reason(exc: BaseException) -> str:
     return reason[:300]
 
 
-def load_checkpoint(path: str) -> dict:
-    """Read a search checkpoint (a file, or a run folder holding ``checkpoint.pt``), safely: torch's weights-only
-    unpickler (tensors and plain data only, no code runs), and the checksum of version 2 checkpoints verified."""
+def load_checkpoint(path: str, fmt: str = "pynas-search", what: str = "resume") -> dict:
+    """Read a checkpoint of format ``fmt`` (a file, or a run folder holding ``checkpoint.pt``), safely: torch's
+    weights-only unpickler (tensors and plain data only, no code runs), and the checksum of version 2 checkpoints
+    verified. ``what`` names the argument in the messages."""
     if os.path.isdir(path):
         path = os.path.join(path, CHECKPOINT_NAME)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"resume: no checkpoint at {path}")
+        raise FileNotFoundError(f"{what}: no checkpoint at {path}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. torch's note on the pickle protocol of a foreign file
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "WeightsUnpickler error" in str(exc):
-            raise ValueError(f"resume: {path} refused: it holds something other than tensors and plain data, and "
+            raise ValueError(f"{what}: {path} refused: it holds something other than tensors and plain data, and "
                              f"pynas reads checkpoints without running code ({_unpickler_reason(exc)})") from None
-        raise ValueError(f"resume: {path} is not a readable pynas checkpoint ({_unpickler_reason(exc)})") from None
+        raise ValueError(f"{what}: {path} is not a readable pynas checkpoint ({_unpickler_reason(exc)})") from None
     except Exception as exc:
-        raise ValueError(f"resume: {path} is not a readable pynas checkpoint "
+        raise ValueError(f"{what}: {path} is not a readable pynas checkpoint "
                          f"({type(exc).__name__}: {_unpickler_reason(exc)})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != "pynas-search" or "config" not in ckpt:
-        raise ValueError(f"resume: {path} is not a pynas search checkpoint")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != fmt or "config" not in ckpt:
+        kind = "search" if fmt == "pynas-search" else "training"
+        raise ValueError(f"{what}: {path} is not a pynas {kind} checkpoint")
     version = ckpt.get("version")
     if not _is_int(version) or version not in READABLE_VERSIONS:
-        raise ValueError(f"resume: {path} has checkpoint version {version!r}; this pynas reads versions "
+        raise ValueError(f"{what}: {path} has checkpoint version {version!r}; this pynas reads versions "
                          f"{', '.join(map(str, READABLE_VERSIONS))}")
     if version >= 2:
         stored = ckpt.get("checksum")
         if not isinstance(stored, str):
-            raise ValueError(f"resume: {path} (checkpoint version {version}) has no checksum: it was altered or "
+            raise ValueError(f"{what}: {path} (checkpoint version {version}) has no checksum: it was altered or "
                              f"not written by pynas")
         try:
             actual = checkpoint_checksum(ckpt)
         except TypeError as exc:
-            raise ValueError(f"resume: {path} holds {exc}, which no pynas checkpoint holds") from None
+            raise ValueError(f"{what}: {path} holds {exc}, which no pynas checkpoint holds") from None
         if actual != stored:
-            raise ValueError(f"resume: {path}: checksum mismatch: the checkpoint was changed or damaged after it "
+            raise ValueError(f"{what}: {path}: checksum mismatch: the checkpoint was changed or damaged after it "
                              f"was written")
     return ckpt
 
 
-def check_checkpoint_keys(ckpt: dict, where: str) -> None:
-    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+def check_checkpoint_keys(ckpt: dict, where: str, keys=REQUIRED_KEYS) -> None:
+    missing = [k for k in keys if k not in ckpt]
     if missing:
         raise ValueError(f"resume: {where}: the checkpoint lacks {', '.join(repr(k) for k in missing)}")
 
