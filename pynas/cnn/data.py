@@ -155,10 +155,22 @@ def load_cifar10(data_dir: str, train: bool = True) -> ImageData:
     return ImageData(x.contiguous(), torch.cat(labels), 10, "cifar10", augment=train)
 
 
-def augment_batch(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random crop with zero padding ``pad`` and random horizontal flip (the DARTS search augmentation)."""
+def padding_value(data: ImageData):
+    """Per channel, the normalised value of a black pixel (what a crop pads a raw image with), or None for 0."""
+    if data.name != "cifar10":
+        return None
+    return torch.tensor([-m / s for m, s in zip(CIFAR10_MEAN, CIFAR10_STD)])
+
+
+def augment_batch(x: torch.Tensor, g: torch.Generator, pad: int = 4, fill=None) -> torch.Tensor:
+    """Random crop with padding ``pad`` and random horizontal flip (the DARTS augmentation). The padding is 0,
+    or per channel ``fill`` (a (C,) tensor)."""
     n, c, h, w = x.shape
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    if fill is not None:
+        border = torch.ones(1, 1, h, w, dtype=x.dtype)
+        border = 1 - torch.nn.functional.pad(border, (pad, pad, pad, pad))
+        padded = padded + border * fill.to(x.dtype).view(1, c, 1, 1)
     ox = torch.randint(0, 2 * pad + 1, (n,), generator=g)
     oy = torch.randint(0, 2 * pad + 1, (n,), generator=g)
     rows = (oy.view(n, 1) + torch.arange(h).view(1, h))  # (n, h)

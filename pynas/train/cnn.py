@@ -24,7 +24,7 @@ from typing import Callable, List, Optional
 import torch
 from torch import nn
 
-from ..cnn.data import ImageData, augment_batch, load_cifar10, make_shapes10
+from ..cnn.data import ImageData, augment_batch, load_cifar10, make_shapes10, padding_value
 from ..cnn.genotypes import Genotype, from_json, load_genotype, to_json
 from ..cnn.model_eval import EvalNetwork, count_parameters
 from ..search.checkpoint import (CHECKPOINT_NAME, CHECKPOINT_VERSION, atomic_save, check_checkpoint_keys,
@@ -128,9 +128,10 @@ def train_batches(data: ImageData, cfg: CNNTrainConfig, epoch: int):
     """The epoch's shuffled, augmented training batches, deterministic in (seed, epoch)."""
     g = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
     order = torch.randperm(len(data), generator=g)
+    fill = padding_value(data)
     for start in range(0, len(order), cfg.batch_size):
         idx = order[start:start + cfg.batch_size]
-        x = augment_batch(data.images[idx], g)
+        x = augment_batch(data.images[idx], g, fill=fill)
         if cfg.cutout:
             x = cutout(x, cfg.cutout_length, g)
         yield x, data.labels[idx]

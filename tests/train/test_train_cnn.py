@@ -135,3 +135,15 @@ def test_cli_train_then_eval(tmp_path, capsys):
     assert main(["train", "cnn", "--genotype", str(tmp_path / "missing.json"), "--save", str(tmp_path / "r2")]) == 2
     assert "genotype:" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "r2")  # nothing made for a run refused up front
+
+
+def test_crop_pads_with_black():
+    from pynas.cnn.data import ImageData, augment_batch, padding_value
+
+    x = torch.zeros(64, 3, 6, 6) + 5.0
+    data = ImageData(x, torch.zeros(64, dtype=torch.long), 10, "cifar10")
+    fill = padding_value(data)
+    y = augment_batch(x, torch.Generator().manual_seed(0), pad=2, fill=fill)
+    values = {round(v, 5) for v in y[:, 0].flatten().tolist()}
+    assert values <= {5.0, round(float(fill[0]), 5)} and len(values) == 2  # inside, or a black border pixel
+    assert padding_value(ImageData(x, data.labels, 10, "shapes10")) is None
