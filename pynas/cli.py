@@ -1,5 +1,5 @@
-"""The ``pynas`` command line: ``pynas search cnn|rnn``, ``pynas train cnn``, ``pynas eval cnn``, ``pynas bench``,
-``pynas info``."""
+"""The ``pynas`` command line: ``pynas search cnn|rnn``, ``pynas train cnn``, ``pynas eval cnn``, ``pynas plot``,
+``pynas bench``, ``pynas info``."""
 from __future__ import annotations
 
 import argparse
@@ -163,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev_cnn.add_argument("--device", default="cpu")
     ev_cnn.add_argument("--batch-size", type=int, default=None)
     ev_cnn.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    pl = sub.add_parser("plot", help="draw a genotype's cells (SVG with no dependency; PNG with Graphviz or "
+                                     "matplotlib)")
+    pl.add_argument("genotype", help="genotype JSON file (CNN or RNN) or a published CNN cell (DARTS_V1, DARTS_V2)")
+    pl.add_argument("-o", "--output", required=True, help="picture to write: a .svg or .png file")
     sub.add_parser("info", help="backends and build facts")
     bench = sub.add_parser("bench", help="benchmarks: reference vs torch.compile vs pynas, side by side")
     bench.add_argument("--size", choices=("cpu", "gpu", "tiny"), default=None,
@@ -339,6 +343,14 @@ def _eval_cnn(args) -> int:
     return 0
 
 
+def _plot(args) -> int:
+    from .plot import plot
+
+    how = plot(args.genotype, args.output)
+    print(f"wrote {args.output} ({how})", flush=True)
+    return 0
+
+
 def _bench(args) -> int:
     import re
 
@@ -404,6 +416,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _search_cnn(args)
         if args.command == "search" and args.space == "rnn":
             return _search_rnn(args)
+        if args.command == "plot":
+            return _plot(args)
         if args.command == "train" and args.space == "cnn":
             return _train_cnn(args)
         if args.command == "eval" and args.space == "cnn":

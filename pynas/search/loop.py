@@ -26,6 +26,7 @@ from .config import _is_int
 from .hessian import EigenvalueEarlyStop, dominant_eigenvalue
 
 LOG_NAME = "log.txt"
+PICTURE_NAME = "genotype.svg"
 
 
 class SearchCheckpoints:
@@ -112,7 +113,17 @@ class SearchCheckpoints:
         state = self.state()
         state["checksum"] = checkpoint_checksum(state)
         atomic_save(state, path)
+        self.save_picture()
         return path
+
+    def save_picture(self) -> None:
+        """The current genotype's cells as ``genotype.svg`` beside the checkpoint (pynas.plot, no dependency)."""
+        from ..plot import load_graphs, svg
+
+        tmp = os.path.join(self.save_dir, PICTURE_NAME + ".tmp")
+        with open(tmp, "w") as fh:
+            fh.write(svg(load_graphs(self.genotype_json())))
+        os.replace(tmp, os.path.join(self.save_dir, PICTURE_NAME))
 
     # -- the Hessian's dominant eigenvalue (--track-hessian) --------------------------
     def hessian_loss(self) -> Callable[[], torch.Tensor]:

@@ -1,0 +1,232 @@
+"""Pictures of genotypes: the CNN's normal and reduction cells, or the RNN's recurrent cell, as labelled DAGs.
+
+The layout is pynas's own (nodes in columns by their depth, left to right, as the original visualiser's Graphviz
+``rankdir=LR`` draws them), written as SVG with no dependency. PNG goes through Graphviz's ``dot`` when it is
+on the PATH (it also lays out SVG then), else through matplotlib (``pip install pynas[plot]``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from html import escape
+from typing import Dict, List, Optional, Tuple
+
+INPUT_COLOUR, NODE_COLOUR, OUTPUT_COLOUR = "#b4eeb4", "#add8e6", "#eee8aa"  # the original's colours
+BOX_W, BOX_H, COL_GAP, ROW_GAP, MARGIN, TITLE_H = 70.0, 30.0, 120.0, 26.0, 20.0, 28.0
+
+
+@dataclass
+class Graph:
+    """A cell as nodes (name, kind: input, node or output) and labelled edges, with a title."""
+
+    title: str
+    nodes: List[Tuple[str, str]] = field(default_factory=list)
+    edges: List[Tuple[str, str, str]] = field(default_factory=list)
+
+
+def cnn_graphs(genotype) -> List[Graph]:
+    """The normal and the reduction cell: inputs c_{k-2}, c_{k-1}, nodes 0.., output c_{k}."""
+    graphs = []
+    for title, genes, concat in (("normal cell", genotype.normal, genotype.normal_concat),
+                                 ("reduction cell", genotype.reduce, genotype.reduce_concat)):
+        g = Graph(title, [("c_{k-2}", "input"), ("c_{k-1}", "input")])
+        names = ["c_{k-2}", "c_{k-1}"]
+        for i in range(len(genes) // 2):
+            g.nodes.append((str(i), "node"))
+            names.append(str(i))
+            for op, j in genes[2 * i:2 * i + 2]:
+                g.edges.append((names[j], str(i), op))
+        g.nodes.append(("c_{k}", "output"))
+        for c in concat:
+            g.edges.append((names[c], "c_{k}", ""))
+        graphs.append(g)
+    return graphs
+
+
+def rnn_graph(genotype) -> Graph:
+    """The recurrent cell: inputs x_{t}, h_{t-1} into node 0; node i + 1 from its predecessor with its
+    activation; output h_{t}, the mean of the concat nodes."""
+    g = Graph("recurrent cell", [("x_{t}", "input"), ("h_{t-1}", "input"), ("0", "node")])
+    g.edges += [("x_{t}", "0", ""), ("h_{t-1}", "0", "")]
+    for i, (op, j) in enumerate(genotype.recurrent):
+        g.nodes.append((str(i + 1), "node"))
+        g.edges.append((str(j), str(i + 1), op))
+    g.nodes.append(("h_{t}", "output"))
+    for c in genotype.concat:
+        g.edges.append((str(c), "h_{t}", ""))
+    return g
+
+
+def load_graphs(source) -> List[Graph]:
+    """Graphs of a genotype: a JSON file or text (CNN or RNN, told apart by its keys) or a published CNN name."""
+    from .cnn import genotypes as cnn_genotypes
+    from .rnn import genotypes as rnn_genotypes
+
+    if isinstance(source, str) and source in cnn_genotypes.PUBLISHED:
+        return cnn_graphs(cnn_genotypes.PUBLISHED[source])
+    text = source
+    if isinstance(source, str) and not source.lstrip().startswith("{"):
+        try:
+            with open(source, encoding="utf-8") as fh:
+                text = fh.read()
+        except FileNotFoundError:
+            raise ValueError(f"genotype: {source} is neither a file nor one of "
+                             f"{', '.join(cnn_genotypes.PUBLISHED)}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"genotype: cannot read {source} ({type(exc).__name__}: {exc})") from None
+    try:
+        data = json.loads(text) if isinstance(text, str) else text
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"genotype: not JSON ({exc})") from None
+    if isinstance(data, dict) and "recurrent" in data:
+        return [rnn_graph(rnn_genotypes.from_json(data))]
+    return cnn_graphs(cnn_genotypes.from_json(data))
+
+
+def layout(g: Graph) -> Tuple[Dict[str, Tuple[float, float]], float, float]:
+    """Centres of the boxes (columns by depth: inputs 0, a node one right of its deepest input) and the size."""
+    preds: Dict[str, List[str]] = {n: [] for n, _ in g.nodes}
+    for a, b, _ in g.edges:
+        preds[b].append(a)
+    col: Dict[str, int] = {}
+    for name, kind in g.nodes:  # nodes come after their inputs
+        col[name] = 0 if kind == "input" else 1 + max((col[p] for p in preds[name]), default=0)
+    columns: Dict[int, List[str]] = {}
+    for name, _ in g.nodes:
+        columns.setdefault(col[name], []).append(name)
+    rows = max(len(v) for v in columns.values())
+    height = rows * BOX_H + (rows - 1) * ROW_GAP
+    pos = {}
+    for c, names in columns.items():
+        top = (height - (len(names) * BOX_H + (len(names) - 1) * ROW_GAP)) / 2
+        for r, name in enumerate(names):
+            pos[name] = (MARGIN + c * (BOX_W + COL_GAP) + BOX_W / 2, TITLE_H + top + r * (BOX_H + ROW_GAP) + BOX_H / 2)
+    width = 2 * MARGIN + len(columns) * BOX_W + (len(columns) - 1) * COL_GAP
+    return pos, width, TITLE_H + height + MARGIN
+
+
+def _label(name: str) -> str:
+    return name  # the original's names, c_{k-2} and so on, as text
+
+
+def svg(graphs: List[Graph]) -> str:
+    """The graphs one under the other, as an SVG document."""
+    parts, offset, total_w = [], 0.0, 0.0
+    colours = {"input": INPUT_COLOUR, "node": NODE_COLOUR, "output": OUTPUT_COLOUR}
+    for g in graphs:
+        pos, w, h = layout(g)
+        total_w = max(total_w, w)
+        parts.append(f'<g transform="translate(0,{offset:.1f})">')
+        parts.append(f'<text x="{MARGIN}" y="18" font-size="14" font-weight="bold">{escape(g.title)}</text>')
+        for a, b, op in g.edges:
+            (x1, y1), (x2, y2) = pos[a], pos[b]
+            x1, x2 = x1 + BOX_W / 2, x2 - BOX_W / 2
+            bend = 0.0 if abs(x2 - x1) <= COL_GAP + 1 else (y2 - y1 or BOX_H) * 0.3
+            cx, cy = (x1 + x2) / 2, (y1 + y2) / 2 - bend
+            parts.append(f'<path d="M{x1:.1f},{y1:.1f} Q{cx:.1f},{cy:.1f} {x2:.1f},{y2:.1f}" fill="none" '
+                         f'stroke="#555" marker-end="url(#arrow)"/>')
+            if op:
+                lx, ly = 0.25 * x1 + 0.5 * cx + 0.25 * x2, 0.25 * y1 + 0.5 * cy + 0.25 * y2
+                parts.append(f'<text x="{lx:.1f}" y="{ly - 3:.1f}" font-size="10" text-anchor="middle" '
+                             f'paint-order="stroke" stroke="white" stroke-width="3">{escape(op)}</text>')
+        for name, kind in g.nodes:
+            x, y = pos[name]
+            parts.append(f'<rect x="{x - BOX_W / 2:.1f}" y="{y - BOX_H / 2:.1f}" width="{BOX_W}" height="{BOX_H}" '
+                         f'rx="6" fill="{colours[kind]}" stroke="#333"/>')
+            parts.append(f'<text x="{x:.1f}" y="{y + 4:.1f}" font-size="12" text-anchor="middle">'
+                         f'{escape(_label(name))}</text>')
+        parts.append("</g>")
+        offset += h
+    head = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{total_w:.0f}" height="{offset:.0f}" '
+            f'viewBox="0 0 {total_w:.1f} {offset:.1f}" font-family="Helvetica, Arial, sans-serif">'
+            '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="7" markerHeight="7" '
+            'orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="#555"/></marker></defs>'
+            f'<rect width="100%" height="100%" fill="white"/>')
+    return head + "".join(parts) + "</svg>\n"
+
+
+def dot_source(graphs: List[Graph]) -> str:
+    """The graphs as one Graphviz digraph (a cluster each), left to right."""
+    colours = {"input": INPUT_COLOUR, "node": NODE_COLOUR, "output": OUTPUT_COLOUR}
+    lines = ['digraph genotype {', '  rankdir=LR; node [style="rounded,filled", shape=rect, fontname=Helvetica]; '
+             'edge [fontname=Helvetica, fontsize=10];']
+    for k, g in enumerate(graphs):
+        lines.append(f'  subgraph cluster_{k} {{ label="{g.title}";')
+        for name, kind in g.nodes:
+            lines.append(f'    "{k}:{name}" [label="{_label(name)}", fillcolor="{colours[kind]}"];')
+        for a, b, op in g.edges:
+            lines.append(f'    "{k}:{a}" -> "{k}:{b}" [label="{op}"];')
+        lines.append("  }")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _png_matplotlib(graphs: List[Graph], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+    except ImportError:
+        raise RuntimeError("output: a PNG needs Graphviz's dot on the PATH or matplotlib (pip install pynas[plot]); "
+                           "an .svg needs neither") from None
+    sizes = [layout(g) for g in graphs]
+    width, height = max(w for _, w, _ in sizes), sum(h for _, _, h in sizes)
+    fig = plt.figure(figsize=(width / 72, height / 72), dpi=144)
+    ax = fig.add_axes([0, 0, 1, 1])
+    ax.set_xlim(0, width)
+    ax.set_ylim(height, 0)
+    ax.axis("off")
+    colours = {"input": INPUT_COLOUR, "node": NODE_COLOUR, "output": OUTPUT_COLOUR}
+    offset = 0.0
+    for g, (pos, _, h) in zip(graphs, sizes):
+        ax.text(MARGIN, offset + 18, g.title, fontsize=10, fontweight="bold")
+        for a, b, op in g.edges:
+            (x1, y1), (x2, y2) = pos[a], pos[b]
+            ax.add_patch(FancyArrowPatch((x1 + BOX_W / 2, offset + y1), (x2 - BOX_W / 2, offset + y2),
+                                         arrowstyle="-|>", mutation_scale=8, color="#555",
+                                         connectionstyle="arc3,rad=0.15" if abs(x2 - x1) > BOX_W + COL_GAP + 1
+                                         else "arc3,rad=0"))
+            if op:
+                ax.text((x1 + x2) / 2, offset + (y1 + y2) / 2 - 3, op, fontsize=7, ha="center",
+                        bbox=dict(facecolor="white", edgecolor="none", pad=0.5))
+        for name, kind in g.nodes:
+            x, y = pos[name]
+            ax.add_patch(FancyBboxPatch((x - BOX_W / 2, offset + y - BOX_H / 2), BOX_W, BOX_H,
+                                        boxstyle="round,pad=0,rounding_size=6", facecolor=colours[kind],
+                                        edgecolor="#333"))
+            ax.text(x, offset + y, _label(name), fontsize=9, ha="center", va="center")
+        offset += h
+    fig.savefig(path, dpi=144)
+    plt.close(fig)
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+
+
+def plot(source, output: str, use_dot: Optional[bool] = None) -> str:
+    """Draw a genotype (see :func:`load_graphs`) to ``output`` (.svg or .png); returns how it was drawn."""
+    ext = os.path.splitext(output)[1].lower()
+    if ext not in (".svg", ".png"):
+        raise ValueError(f"output: expected a file name ending in .svg or .png, got {output!r}")
+    graphs = load_graphs(source)
+    dot = shutil.which("dot") if use_dot is not False else None
+    if dot:
+        res = subprocess.run([dot, f"-T{ext[1:]}"], input=dot_source(graphs).encode(), capture_output=True,
+                             timeout=60)
+        if res.returncode == 0:
+            _atomic_write(output, res.stdout)
+            return "graphviz dot"
+    if ext == ".svg":
+        _atomic_write(output, svg(graphs).encode())
+        return "pynas svg"
+    _png_matplotlib(graphs, output)
+    return "matplotlib"

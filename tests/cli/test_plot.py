@@ -1,0 +1,86 @@
+"""Pictures of genotypes (pynas.plot, ``pynas plot``) and the search's genotype.svg."""
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+
+import pytest
+import torch
+
+from pynas import plot
+from pynas.cli import main
+from pynas.cnn import PUBLISHED, derive
+from pynas.rnn import genotypes as rnn_genotypes
+
+NS = "{http://www.w3.org/2000/svg}"
+
+
+def _texts(svg_text):
+    root = ET.fromstring(svg_text)
+    return [t.text for t in root.iter(NS + "text")], root
+
+
+def test_cnn_cells_as_svg():
+    g = PUBLISHED["DARTS_V2"]
+    texts, root = _texts(plot.svg(plot.load_graphs("DARTS_V2")))
+    assert texts.count("normal cell") == 1 and texts.count("reduction cell") == 1
+    ops = [op for op, _ in g.normal] + [op for op, _ in g.reduce]
+    for op in set(ops):
+        assert texts.count(op) == ops.count(op), op
+    for name in ("c_{k-2}", "c_{k-1}", "c_{k}", "0", "1", "2", "3"):
+        assert texts.count(name) == 2, name
+    # 8 op edges and 4 concat edges per cell
+    assert len(list(root.iter(NS + "path"))) == 1 + 2 * (8 + 4)  # + the arrow marker
+
+
+def test_graph_follows_the_genotype():
+    g = derive(torch.randn(14, 8), torch.randn(14, 8))
+    normal, reduce = plot.cnn_graphs(g)
+    names = ["c_{k-2}", "c_{k-1}", "0", "1", "2", "3"]
+    assert [(a, b, op) for a, b, op in normal.edges if op] == [(names[j], str(e // 2), op)
+                                                              for e, (op, j) in enumerate(g.normal)]
+    pos, _, _ = plot.layout(normal)
+    for a, b, _ in normal.edges:
+        assert pos[a][0] < pos[b][0]  # every edge points right
+
+
+def test_rnn_cell_as_svg(tmp_path):
+    g = rnn_genotypes.Genotype([("sigmoid", 0), ("relu", 1), ("relu", 1), ("identity", 1), ("tanh", 2),
+                                ("sigmoid", 5), ("tanh", 3), ("relu", 5)], list(range(1, 9)))
+    path = tmp_path / "rnn.json"
+    path.write_text(rnn_genotypes.to_json(g))
+    out = tmp_path / "cell.svg"
+    assert plot.plot(str(path), str(out), use_dot=False) == "pynas svg"
+    texts, _ = _texts(out.read_text())
+    assert texts.count("relu") == 3 and "h_{t}" in texts and "x_{t}" in texts and texts.count("8") == 1
+
+
+def test_png_through_matplotlib(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "cell.png"
+    assert plot.plot("DARTS", str(out), use_dot=False) == "matplotlib"
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_plot_and_errors(tmp_path, capsys):
+    out = tmp_path / "c.svg"
+    assert main(["plot", "DARTS_V1", "-o", str(out)]) == 0 and out.exists()
+    assert main(["plot", "DARTS", "-o", str(tmp_path / "c.pdf")]) == 2
+    assert "output: expected a file name ending in .svg or .png" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"recurrent": [["swish", 0]], "concat": [1]}))
+    assert main(["plot", str(bad), "-o", str(out)]) == 2
+    assert "unknown recurrent op 'swish'" in capsys.readouterr().err
+    assert main(["plot", str(tmp_path / "none.json"), "-o", str(out)]) == 2
+    assert "is neither a file nor one of" in capsys.readouterr().err
+
+
+def test_search_writes_the_picture_with_each_checkpoint(tmp_path):
+    from pynas.search.cnn import CNNSearchConfig, run_search
+
+    r = run_search(CNNSearchConfig(epochs=1, batch_size=4, num_train=8, init_channels=4, layers=3,
+                                   steps_per_epoch=1), save_dir=str(tmp_path), progress=False, log=lambda s: None)
+    texts, _ = _texts((tmp_path / "genotype.svg").read_text())
+    assert "normal cell" in texts
+    for op, _ in r["genotype"]["normal"]:
+        assert op in texts
