@@ -299,7 +299,7 @@ def _train_cnn(args) -> int:
 
     from . import _backend
     from .search.loop import LOG_NAME, RunFolder
-    from .train.cnn import CNNTrainConfig, _check_config, prepare_training
+    from .train.cnn import CNNTrainConfig, CNNTraining, _check_config
 
     _set_threads(args.threads)
     backend = args.backend if args.backend is not None else _backend.current_backend()
@@ -314,7 +314,7 @@ def _train_cnn(args) -> int:
     if args.resume is None:
         _check_config(cfg)
     save = _run_folder_path(args, "cnn", "train")
-    run = prepare_training(cfg, save, args.resume, log=print, progress=not args.no_progress)
+    run = CNNTraining.prepare(cfg, save, args.resume, log=print, progress=not args.no_progress)
     folder = RunFolder(save, new_run=args.resume is None)
     try:
         folder.make()

@@ -120,20 +120,6 @@ PUBLISHED = {"DARTS_V1": DARTS_V1, "DARTS_V2": DARTS_V2, "DARTS": DARTS_V2}
 
 def load_genotype(source: str) -> Genotype:
     """A published cell by name (:data:`PUBLISHED`) or a genotype JSON file (as a search writes it)."""
-    if not isinstance(source, str) or not source:
-        raise ValueError(f"genotype: expected a file name or one of {', '.join(PUBLISHED)}, got {source!r}")
-    if source in PUBLISHED:
-        return PUBLISHED[source]
-    try:
-        with open(source, encoding="utf-8") as fh:
-            text = fh.read()
-    except FileNotFoundError:
-        raise ValueError(f"genotype: {source} is neither a file nor one of {', '.join(PUBLISHED)}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"genotype: cannot read {source} ({type(exc).__name__}: {exc})") from None
-    try:
-        return from_json(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"genotype: {source} is not JSON ({exc})") from None
-    except ValueError as exc:
-        raise ValueError(f"genotype: {source}: {exc}") from None
+    from .._genotype_files import load_named_or_file
+
+    return load_named_or_file(source, PUBLISHED, from_json)

@@ -82,3 +82,19 @@ def from_json(text) -> Genotype:
     if not isinstance(concat, list) or not concat or not all(_is_int(c) and 0 <= c <= len(genes) for c in concat):
         raise ValueError(f"text: concat must be a non-empty list of node indices 0..{len(genes)}, got {concat!r}")
     return Genotype(recurrent=genes, concat=list(concat))
+
+
+# The recurrent cells the DARTS paper reports: V1 from the first-order search, V2 from the second-order one (the
+# 55.7 PTB perplexity cell). "DARTS" names V2, as the original code does.
+DARTS_V1 = Genotype(recurrent=[("relu", 0), ("relu", 1), ("tanh", 2), ("relu", 3), ("relu", 4), ("identity", 1),
+                               ("relu", 5), ("relu", 1)], concat=list(range(1, 9)))
+DARTS_V2 = Genotype(recurrent=[("sigmoid", 0), ("relu", 1), ("relu", 1), ("identity", 1), ("tanh", 2),
+                               ("sigmoid", 5), ("tanh", 3), ("relu", 5)], concat=list(range(1, 9)))
+PUBLISHED = {"DARTS_V1": DARTS_V1, "DARTS_V2": DARTS_V2, "DARTS": DARTS_V2}
+
+
+def load_genotype(source: str) -> Genotype:
+    """A published cell by name (:data:`PUBLISHED`) or a genotype JSON file (as a search writes it)."""
+    from .._genotype_files import load_named_or_file
+
+    return load_named_or_file(source, PUBLISHED, from_json)

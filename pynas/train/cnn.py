@@ -10,12 +10,7 @@ path is saved).
 """
 from __future__ import annotations
 
-import csv
-import dataclasses
-import io
 import math
-import os
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -27,15 +22,9 @@ from torch import nn
 from ..cnn.data import ImageData, augment_batch, load_cifar10, make_shapes10, padding_value
 from ..cnn.genotypes import Genotype, from_json, load_genotype, to_json
 from ..cnn.model_eval import EvalNetwork, count_parameters
-from ..search.checkpoint import (CHECKPOINT_NAME, CHECKPOINT_VERSION, atomic_save, check_checkpoint_keys,
-                                 checkpoint_checksum, config_from_checkpoint, load_checkpoint)
-from ..search.config import (_is_int, check_flag, check_number, check_optional_int, check_place, check_positive_int,
-                             check_seed)
-from ..search.loop import RunFolder
+from ..search.config import check_flag, check_number, check_optional_int, check_place, check_positive_int, check_seed
+from .base import TrainingRun
 
-FORMAT = "pynas-train"
-KEYS = ("config", "epoch", "model", "optimizer", "history", "torch_rng", "genotype")
-METRICS_NAME = "metrics.csv"
 SHAPES10_TRAIN_SEED, SHAPES10_TEST_SEED = 1234, 4321  # the search's images, and images it never saw
 
 
@@ -159,24 +148,14 @@ def evaluate(model: nn.Module, data: ImageData, batch_size: int, device: torch.d
     return loss_sum / max(len(data), 1), 100.0 * correct / max(len(data), 1)
 
 
-def write_metrics(folder: str, history: List[dict]) -> None:
-    """The per-epoch figures as CSV (one row per epoch), replaced atomically."""
-    columns = [k for k in history[0] if not isinstance(history[0][k], (dict, list))] if history else []
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(history)
-    path = os.path.join(folder, METRICS_NAME)
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as fh:
-        fh.write(buf.getvalue())
-    os.replace(tmp, path)
-
-
-class CNNTraining:
+class CNNTraining(TrainingRun):
     """A training run of a derived CNN: build it, call :meth:`run`; see :func:`run_training`."""
 
     SPACE = "cnn"
+    CONFIG = CNNTrainConfig
+    check_config = staticmethod(_check_config)
+    parse_genotype = staticmethod(from_json)
+    to_json = staticmethod(to_json)
 
     def __init__(self, cfg: CNNTrainConfig, save_dir: Optional[str] = None, log: Callable[[str], None] = print,
                  progress: bool = True, genotype: Optional[Genotype] = None):
@@ -194,45 +173,6 @@ class CNNTraining:
                                          weight_decay=cfg.weight_decay)
         self.epoch = 0
         self.history: List[dict] = []
-
-    # -- checkpoints -------------------------------------------------------------
-    def state(self) -> dict:
-        return {"format": FORMAT, "version": CHECKPOINT_VERSION, "space": self.SPACE,
-                "config": dataclasses.asdict(self.cfg), "epoch": self.epoch, "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "history": list(self.history),
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-                "genotype": to_json(self.genotype)}
-
-    def load_state(self, ckpt: dict, where: str) -> None:
-        epoch, history = ckpt["epoch"], ckpt["history"]
-        if not _is_int(epoch) or not 0 <= epoch <= self.cfg.epochs:
-            raise ValueError(f"resume: {where}: the checkpoint's 'epoch' is {epoch!r}, expected an integer in "
-                             f"[0, {self.cfg.epochs}]")
-        if not isinstance(history, list) or len(history) != epoch or not all(isinstance(r, dict) for r in history):
-            raise ValueError(f"resume: {where}: the checkpoint's 'history' is not one record per epoch")
-        rng = ckpt["torch_rng"]
-        if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8 or rng.shape != torch.get_rng_state().shape:
-            raise ValueError(f"resume: {where}: the checkpoint's 'torch_rng' is not a generator state")
-        try:
-            self.model.load_state_dict(ckpt["model"], strict=True)
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-        except (KeyError, IndexError, RuntimeError, TypeError, ValueError) as exc:
-            text = re.sub(r"\s+", " ", str(exc)).strip()
-            raise ValueError(f"resume: {where}: the checkpoint does not fit this network: {type(exc).__name__}: "
-                             f"{text}") from None
-        self.epoch, self.history = epoch, list(history)
-        torch.set_rng_state(rng)
-        if self.device.type == "cuda" and isinstance(ckpt.get("cuda_rng"), torch.Tensor):
-            torch.cuda.set_rng_state(ckpt["cuda_rng"], self.device)
-
-    def save(self) -> None:
-        if not self.save_dir:
-            return
-        state = self.state()
-        state["checksum"] = checkpoint_checksum(state)
-        atomic_save(state, os.path.join(self.save_dir, CHECKPOINT_NAME))
-        write_metrics(self.save_dir, self.history)
 
     # -- the epochs --------------------------------------------------------------
     def train_epoch(self, epoch: int):
@@ -305,53 +245,19 @@ class CNNTraining:
         return result
 
 
-def _checkpoint_genotype(ckpt: dict, where: str, what: str) -> Genotype:
-    try:
-        return from_json(ckpt["genotype"])
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"{what}: {where}: the checkpoint's genotype: {exc}") from None
-
-
-def prepare_training(cfg: CNNTrainConfig, save_dir: Optional[str], resume: Optional[str], log,
-                     progress) -> CNNTraining:
-    """A new run, or one resumed from its checkpoint (its own settings; only device and backend may change)."""
-    if resume is None:
-        return CNNTraining(cfg, save_dir=save_dir, log=log, progress=progress)
-    ckpt = load_checkpoint(resume, fmt=FORMAT)
-    if ckpt.get("space") != CNNTraining.SPACE:
-        raise ValueError(f"resume: {resume} holds a {ckpt.get('space')!r} training, this is a 'cnn' training")
-    check_checkpoint_keys(ckpt, resume, KEYS)
-    saved = config_from_checkpoint(CNNTrainConfig, ckpt, resume)
-    saved.device, saved.backend = cfg.device, cfg.backend
-    genotype = _checkpoint_genotype(ckpt, resume, "resume")
-    try:
-        _check_config(saved, check_genotype=False)
-    except ValueError as exc:
-        raise ValueError(f"resume: {resume}: the checkpoint's settings are refused: {exc}") from None
-    run = CNNTraining(saved, save_dir=save_dir, log=log, progress=progress, genotype=genotype)
-    run.load_state(ckpt, resume)
-    return run
-
-
 def run_training(cfg: CNNTrainConfig, save_dir: Optional[str] = None, resume: Optional[str] = None,
                  log: Callable[[str], None] = print, progress: bool = True) -> dict:
     """Train (or resume training) the network of ``cfg.genotype``; returns the test accuracy and the history."""
-    run = prepare_training(cfg, save_dir, resume, log, progress)
-    if not save_dir:
-        return run.run()
-    return RunFolder(save_dir, new_run=resume is None).run(run)
+    return CNNTraining.start_or_resume(cfg, save_dir, resume, log, progress)
 
 
 def evaluate_checkpoint(path: str, data_dir: Optional[str] = None, device: str = "cpu",
                         batch_size: Optional[int] = None) -> dict:
     """Test accuracy and loss of a trained network (a training checkpoint or its run folder) on its test split."""
-    ckpt = load_checkpoint(path, fmt=FORMAT, what="checkpoint")
-    check_checkpoint_keys(ckpt, path, KEYS)
-    cfg = config_from_checkpoint(CNNTrainConfig, ckpt, path)
+    ckpt, cfg, genotype = CNNTraining.read_checkpoint(path, "checkpoint")
     cfg.device = device
     if data_dir is not None:
         cfg.data_dir = data_dir
-    genotype = _checkpoint_genotype(ckpt, path, "checkpoint")
     try:
         _check_config(cfg, check_genotype=False)
     except ValueError as exc:

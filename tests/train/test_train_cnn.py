@@ -12,7 +12,8 @@ import torch
 from pynas.cli import main
 from pynas.cnn import PUBLISHED, derive, to_json
 from pynas.cnn.data import make_shapes10
-from pynas.train.cnn import (METRICS_NAME, CNNTrainConfig, CNNTraining, cutout, evaluate, evaluate_checkpoint,
+from pynas.train.base import METRICS_NAME
+from pynas.train.cnn import (CNNTrainConfig, CNNTraining, cutout, evaluate, evaluate_checkpoint,
                              run_training, train_batches)
 
 TINY = dict(init_channels=4, layers=3, batch_size=8, num_train=32, num_test=16, steps_per_epoch=2)

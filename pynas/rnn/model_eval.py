@@ -1,0 +1,112 @@
+"""The DARTS RNN evaluation model: the recurrent cell of a genotype in a word-level language model.
+
+Per time step (docs/darts.md, "Evaluation network", RNN), with the masks m_x, m_h of the sequence (training)::
+
+    [c0 | h0] = [x * m_x, h_prev * m_h] @ W0;   s0 = h_prev + sigmoid(c0) * (tanh(h0) - h_prev)
+    node i (1..8), its predecessor j and activation f from the genotype:
+        [c | h] = (s_j * m_h) @ W_i;   s_i = s_j + sigmoid(c) * (f(h) - s_j)
+    output: the mean of the concat nodes
+
+No BatchNorm (the search cell has one). The model around the cell is the search model's: embedding with word
+dropout, locked dropout on its output and on the cell's, the decoder tied to the embedding. Names follow the
+original code (``encoder``, ``rnns.0._W0``, ``rnns.0._Ws.i``, ``decoder``), so a state_dict moves between the two.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .genotypes import Genotype
+from .model_search import INITRANGE, LockedDropout, embedded_dropout, mask2d
+
+ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "sigmoid": torch.sigmoid, "identity": lambda h: h}
+
+
+class DARTSCell(nn.Module):
+    """``DARTSCell(ninp, nhid, dropouth, dropoutx, genotype)``; ``forward(inputs (T, B, ninp), hidden (1, B, nhid))``
+    returns ``(hiddens (T, B, nhid), last hidden (1, B, nhid))``."""
+
+    def __init__(self, ninp: int, nhid: int, dropouth: float, dropoutx: float, genotype: Genotype):
+        super().__init__()
+        for name, v in (("ninp", ninp), ("nhid", nhid)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+        for name, v in (("dropouth", dropouth), ("dropoutx", dropoutx)):
+            if not 0.0 <= v < 1.0:
+                raise ValueError(f"{name}: expected a probability in [0, 1), got {v!r}")
+        if not isinstance(genotype, Genotype):
+            raise TypeError(f"genotype: expected an RNN Genotype, got {type(genotype).__name__}")
+        self.nhid, self.dropouth, self.dropoutx, self.genotype = nhid, dropouth, dropoutx, genotype
+        steps = len(genotype.recurrent)
+        self._W0 = nn.Parameter(torch.empty(ninp + nhid, 2 * nhid).uniform_(-INITRANGE, INITRANGE))
+        self._Ws = nn.ParameterList(
+            [nn.Parameter(torch.empty(nhid, 2 * nhid).uniform_(-INITRANGE, INITRANGE)) for _ in range(steps)])
+
+    def forward(self, inputs: torch.Tensor, hidden: torch.Tensor):
+        T, B = inputs.size(0), inputs.size(1)
+        x_mask = h_mask = None
+        if self.training:
+            x_mask = mask2d(B, inputs.size(2), 1.0 - self.dropoutx, inputs)
+            h_mask = mask2d(B, hidden.size(2), 1.0 - self.dropouth, inputs)
+        h = hidden[0]
+        outs = []
+        for t in range(T):
+            h = self.cell(inputs[t], h, x_mask, h_mask)
+            outs.append(h)
+        hiddens = torch.stack(outs)
+        return hiddens, hiddens[-1].unsqueeze(0)
+
+    def cell(self, x, h_prev, x_mask: Optional[torch.Tensor], h_mask: Optional[torch.Tensor]):
+        xh = torch.cat([x * x_mask, h_prev * h_mask], dim=-1) if self.training else torch.cat([x, h_prev], dim=-1)
+        c0, h0 = torch.split(xh.mm(self._W0), self.nhid, dim=-1)
+        states = [h_prev + c0.sigmoid() * (h0.tanh() - h_prev)]
+        for i, (name, j) in enumerate(self.genotype.recurrent):
+            s_prev = states[j]
+            masked = s_prev * h_mask if self.training else s_prev
+            c, hh = torch.split(masked.mm(self._Ws[i]), self.nhid, dim=-1)
+            states.append(s_prev + c.sigmoid() * (ACTIVATIONS[name](hh) - s_prev))
+        return torch.mean(torch.stack([states[i] for i in self.genotype.concat], -1), -1)
+
+
+class RNNModel(nn.Module):
+    """``RNNModel(ntoken, ninp, nhid, nhidlast, dropout, dropouth, dropoutx, dropouti, dropoute, genotype)``;
+    ``forward(input (T, B) ids, hidden, return_h=False)`` returns ``(log_prob (T, B, ntoken), hidden)`` and, with
+    ``return_h``, the cell's raw and dropped outputs (one-element lists)."""
+
+    def __init__(self, ntoken: int, ninp: int, nhid: int, nhidlast: int, dropout: float, dropouth: float,
+                 dropoutx: float, dropouti: float, dropoute: float, genotype: Genotype):
+        super().__init__()
+        if not isinstance(ntoken, int) or isinstance(ntoken, bool) or ntoken < 1:
+            raise ValueError(f"ntoken: expected a positive int, got {ntoken!r}")
+        if not (ninp == nhid == nhidlast):
+            raise ValueError(f"ninp, nhid, nhidlast: expected equal sizes (the decoder is tied to the embedding), "
+                             f"got {ninp}, {nhid}, {nhidlast}")
+        for name, v in (("dropout", dropout), ("dropouti", dropouti), ("dropoute", dropoute)):
+            if not 0.0 <= v < 1.0:
+                raise ValueError(f"{name}: expected a probability in [0, 1), got {v!r}")
+        self.lockdrop = LockedDropout()
+        self.encoder = nn.Embedding(ntoken, ninp)
+        self.rnns = nn.ModuleList([DARTSCell(ninp, nhid, dropouth, dropoutx, genotype)])
+        self.decoder = nn.Linear(ninp, ntoken)
+        self.decoder.weight = self.encoder.weight
+        with torch.no_grad():
+            self.encoder.weight.uniform_(-INITRANGE, INITRANGE)
+            self.decoder.bias.fill_(0)
+        self.ninp, self.nhid, self.ntoken = ninp, nhid, ntoken
+        self.dropout, self.dropouti, self.dropoute = dropout, dropouti, dropoute
+
+    def init_hidden(self, bsz: int):
+        return [next(self.parameters()).new_zeros(1, bsz, self.nhid)]
+
+    def forward(self, input: torch.Tensor, hidden, return_h: bool = False):
+        batch_size = input.size(1)
+        emb = embedded_dropout(self.encoder, input, dropout=self.dropoute if self.training else 0)
+        raw_output, new_h = self.rnns[0](self.lockdrop(emb, self.dropouti), hidden[0])
+        output = self.lockdrop(raw_output, self.dropout)
+        log_prob = F.log_softmax(self.decoder(output.view(-1, self.ninp)), dim=-1).view(-1, batch_size, self.ntoken)
+        if return_h:
+            return log_prob, [new_h], [raw_output], [output]
+        return log_prob, [new_h]
