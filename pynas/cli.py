@@ -1,4 +1,4 @@
-"""The ``pynas`` command line: ``pynas search cnn|rnn``, ``pynas train cnn``, ``pynas eval cnn``, ``pynas plot``,
+"""The ``pynas`` command line: ``pynas search cnn|rnn``, ``pynas train cnn|rnn``, ``pynas eval cnn|rnn``, ``pynas plot``,
 ``pynas bench``, ``pynas info``."""
 from __future__ import annotations
 
@@ -145,6 +145,24 @@ def _add_train_cnn_args(p: argparse.ArgumentParser) -> None:
     _add_run_args(p, d, hessian=False)
 
 
+def _add_train_rnn_args(p: argparse.ArgumentParser) -> None:
+    from .train.rnn import RNNTrainConfig
+
+    d = RNNTrainConfig()
+    p.add_argument("--genotype", default=d.genotype,
+                   help="genotype JSON file (a search's genotype.json) or a published cell: DARTS_V1, DARTS_V2, DARTS "
+                        "(= DARTS_V2)")
+    p.add_argument("--data", choices=("stdlib", "ptb"), default=d.data,
+                   help="stdlib: embedded corpus built at run time (no download); ptb: from --data-dir")
+    p.add_argument("--data-dir", default=None, help="folder with ptb.train.txt, ptb.valid.txt, ptb.test.txt")
+    p.add_argument("--max-tokens", type=int, default=None, help="stdlib corpus: cap on its size in tokens")
+    for name in ("emsize", "nhid", "epochs", "batch_size", "eval_batch_size", "test_batch_size", "bptt", "nonmono"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+    for name in ("lr", "clip", "dropout", "dropouth", "dropoutx", "dropouti", "dropoute", "alpha", "beta", "wdecay"):
+        p.add_argument("--" + name, type=float, default=getattr(d, name))
+    _add_run_args(p, d, hessian=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pynas", description="Fast differentiable architecture search (DARTS).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -155,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train the network of a genotype from scratch and test it")
     train_spaces = train.add_subparsers(dest="space", required=True)
     _add_train_cnn_args(train_spaces.add_parser("cnn", help="the DARTS CNN evaluation network"))
+    _add_train_rnn_args(train_spaces.add_parser("rnn", help="the DARTS RNN evaluation language model"))
     ev = sub.add_parser("eval", help="test a trained network")
     ev_spaces = ev.add_subparsers(dest="space", required=True)
     ev_cnn = ev_spaces.add_parser("cnn", help="a network trained by pynas train cnn")
@@ -163,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev_cnn.add_argument("--device", default="cpu")
     ev_cnn.add_argument("--batch-size", type=int, default=None)
     ev_cnn.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ev_rnn = ev_spaces.add_parser("rnn", help="a language model trained by pynas train rnn")
+    ev_rnn.add_argument("--checkpoint", required=True, help="checkpoint file or run folder of pynas train rnn")
+    ev_rnn.add_argument("--data-dir", default=None, help="folder with the PTB files (ptb runs)")
+    ev_rnn.add_argument("--device", default="cpu")
+    ev_rnn.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     pl = sub.add_parser("plot", help="draw a genotype's cells (SVG with no dependency; PNG with Graphviz or "
                                      "matplotlib)")
     pl.add_argument("genotype", help="genotype JSON file (CNN or RNN) or a published CNN cell (DARTS_V1, DARTS_V2)")
@@ -292,14 +316,59 @@ def _search_cnn(args) -> int:
     return _run_search(args, "cnn", cfg, CNNSearch, CNNSearchConfig)
 
 
-def _train_cnn(args) -> int:
+def _run_training(args, space: str, run_cls, cfg, about: str) -> dict:
     """Like a search: settings, data and checkpoint checked before the run folder is made; a new run that fails
     before its first checkpoint removes what it made."""
     import torch
 
-    from . import _backend
     from .search.loop import LOG_NAME, RunFolder
-    from .train.cnn import CNNTrainConfig, CNNTraining, _check_config
+
+    if args.resume is None:
+        run_cls.check_config(cfg)
+    save = _run_folder_path(args, space, "train")
+    run = run_cls.prepare(cfg, save, args.resume, log=print, progress=not args.no_progress)
+    folder = RunFolder(save, new_run=args.resume is None)
+    try:
+        folder.make()
+        if not os.path.exists(os.path.join(save, LOG_NAME)):
+            folder.own.append(LOG_NAME)
+        run.log = log = _logger(os.path.join(save, LOG_NAME))
+        log(f"pynas train {space}: run folder {save}; genotype {run.cfg.genotype}; {about}; torch threads "
+            f"{torch.get_num_threads()}")
+    except BaseException:
+        folder.discard_if_unstarted()
+        raise
+    return folder.run(run, make=False)
+
+
+def _train_rnn(args) -> int:
+    from . import _backend
+    from .train.rnn import RNNTrainConfig, RNNTraining
+
+    _set_threads(args.threads)
+    backend = args.backend if args.backend is not None else _backend.current_backend()
+    names = ("genotype", "data", "data_dir", "max_tokens", "emsize", "nhid", "epochs", "batch_size",
+             "eval_batch_size", "test_batch_size", "bptt", "nonmono", "lr", "clip", "dropout", "dropouth", "dropoutx",
+             "dropouti", "dropoute", "alpha", "beta", "wdecay", "seed", "steps_per_epoch", "device")
+    cfg = RNNTrainConfig(backend=backend, **{n: getattr(args, n) for n in names})
+    result = _run_training(args, "rnn", RNNTraining, cfg, f"emsize=nhid={cfg.nhid}")
+    print(f"test perplexity: {result['test_ppl']:.2f}", flush=True)
+    return 0
+
+
+def _eval_rnn(args) -> int:
+    from .train.rnn import evaluate_checkpoint
+
+    _set_threads(args.threads)
+    r = evaluate_checkpoint(args.checkpoint, data_dir=args.data_dir, device=args.device)
+    print(f"test perplexity: {r['test_ppl']:.2f} (loss {r['test_loss']:.4f}, {r['tokens']} tokens, best weights "
+          f"of {r['epoch']} epochs)", flush=True)
+    return 0
+
+
+def _train_cnn(args) -> int:
+    from . import _backend
+    from .train.cnn import CNNTrainConfig, CNNTraining
 
     _set_threads(args.threads)
     backend = args.backend if args.backend is not None else _backend.current_backend()
@@ -311,22 +380,7 @@ def _train_cnn(args) -> int:
         auxiliary_weight=args.auxiliary_weight, drop_path_prob=args.drop_path_prob, cutout=args.cutout,
         cutout_length=args.cutout_length, seed=args.seed, steps_per_epoch=args.steps_per_epoch, device=args.device,
         backend=backend)
-    if args.resume is None:
-        _check_config(cfg)
-    save = _run_folder_path(args, "cnn", "train")
-    run = CNNTraining.prepare(cfg, save, args.resume, log=print, progress=not args.no_progress)
-    folder = RunFolder(save, new_run=args.resume is None)
-    try:
-        folder.make()
-        if not os.path.exists(os.path.join(save, LOG_NAME)):
-            folder.own.append(LOG_NAME)
-        run.log = log = _logger(os.path.join(save, LOG_NAME))
-        log(f"pynas train cnn: run folder {save}; genotype {run.cfg.genotype}; C={run.cfg.init_channels} "
-            f"layers={run.cfg.layers}; torch threads {torch.get_num_threads()}")
-    except BaseException:
-        folder.discard_if_unstarted()
-        raise
-    result = folder.run(run, make=False)
+    result = _run_training(args, "cnn", CNNTraining, cfg, f"C={cfg.init_channels} layers={cfg.layers}")
     print(f"test accuracy: {result['test_acc']:.2f} %", flush=True)
     return 0
 
@@ -422,6 +476,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _train_cnn(args)
         if args.command == "eval" and args.space == "cnn":
             return _eval_cnn(args)
+        if args.command == "train" and args.space == "rnn":
+            return _train_rnn(args)
+        if args.command == "eval" and args.space == "rnn":
+            return _eval_rnn(args)
     except KeyboardInterrupt:
         print("pynas: interrupted", file=sys.stderr, flush=True)
         return 130
