@@ -191,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "matplotlib)")
     pl.add_argument("genotype", help="genotype JSON file (CNN or RNN) or a published CNN cell (DARTS_V1, DARTS_V2)")
     pl.add_argument("-o", "--output", required=True, help="picture to write: a .svg or .png file")
+    pr = sub.add_parser("plot-run", help="draw a run folder's per-epoch curves (metrics.csv; needs matplotlib)")
+    pr.add_argument("run", help="run folder of pynas search or pynas train (or its metrics.csv)")
+    pr.add_argument("-o", "--output", required=True, help="picture to write: a .png or .svg file")
     sub.add_parser("info", help="backends and build facts")
     bench = sub.add_parser("bench", help="benchmarks: reference vs torch.compile vs pynas, side by side")
     bench.add_argument("--size", choices=("cpu", "gpu", "tiny"), default=None,
@@ -405,6 +408,14 @@ def _plot(args) -> int:
     return 0
 
 
+def _plot_run(args) -> int:
+    from .plot import plot_run
+
+    panels = plot_run(args.run, args.output)
+    print(f"wrote {args.output} ({', '.join(panels)})", flush=True)
+    return 0
+
+
 def _bench(args) -> int:
     import re
 
@@ -470,6 +481,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _search_cnn(args)
         if args.command == "search" and args.space == "rnn":
             return _search_rnn(args)
+        if args.command == "plot-run":
+            return _plot_run(args)
         if args.command == "plot":
             return _plot(args)
         if args.command == "train" and args.space == "cnn":

@@ -230,3 +230,80 @@ def plot(source, output: str, use_dot: Optional[bool] = None) -> str:
         return "pynas svg"
     _png_matplotlib(graphs, output)
     return "matplotlib"
+
+
+def read_metrics(folder: str) -> Dict[str, List[float]]:
+    """The numeric columns of a run folder's metrics.csv (a search or a training), by name."""
+    import csv
+    import math
+
+    path = os.path.join(folder, "metrics.csv") if os.path.isdir(folder) else folder
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    except FileNotFoundError:
+        raise ValueError(f"run: no metrics.csv at {path} (a run folder of pynas search or pynas train)") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise ValueError(f"run: cannot read {path} ({type(exc).__name__}: {exc})") from None
+    if not rows:
+        raise ValueError(f"run: {path} holds no epoch yet")
+    columns: Dict[str, List[float]] = {}
+    for name in rows[0]:
+        try:
+            values = [float(r[name]) for r in rows]
+        except (TypeError, ValueError):
+            continue  # a text column (the optimizer's kind)
+        if all(math.isfinite(v) for v in values):
+            columns[name] = values
+    if "epoch" not in columns:
+        raise ValueError(f"run: {path} has no epoch column")
+    return columns
+
+
+#: The panels of a run's curves: (title, columns drawn in it).
+PANELS = (("loss", ("train_loss", "val_loss", "test_loss")),
+          ("accuracy (%)", ("train_acc", "val_acc", "test_acc")),
+          ("perplexity", ("train_ppl", "val_ppl")),
+          ("learning rate", ("lr",)),
+          ("alpha entropy (nats)", ("alpha_entropy",)),
+          ("Hessian eigenvalue", ("hessian_eigenvalue",)),
+          ("drop path probability", ("drop_path_prob",)))
+
+
+def plot_run(folder: str, output: str) -> List[str]:
+    """The per-epoch curves of a run folder (metrics.csv) as a PNG or SVG through matplotlib; returns the panels
+    drawn."""
+    ext = os.path.splitext(output)[1].lower()
+    if ext not in (".svg", ".png"):
+        raise ValueError(f"output: expected a file name ending in .svg or .png, got {output!r}")
+    columns = read_metrics(folder)
+    panels = [(t, [c for c in names if c in columns]) for t, names in PANELS]
+    panels = [(t, names) for t, names in panels if names]
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RuntimeError("output: drawing a run's curves needs matplotlib (pip install pynas[plot])") from None
+    cols = 2 if len(panels) > 1 else 1
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.2 * rows), squeeze=False)
+    epochs = columns["epoch"]
+    for ax, (title, names) in zip(axes.flat, panels):
+        for name in names:
+            ax.plot(epochs, columns[name], marker="o" if len(epochs) < 30 else None, label=name)
+        if title == "perplexity":
+            ax.set_yscale("log")
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    tmp = f"{output}.tmp{ext}"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, output)
+    return [t for t, _ in panels]

@@ -10,7 +10,9 @@ keeps the genotype of ``hessian_k`` epochs before.
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import json
 import os
 import re
@@ -27,6 +29,22 @@ from .hessian import EigenvalueEarlyStop, dominant_eigenvalue
 
 LOG_NAME = "log.txt"
 PICTURE_NAME = "genotype.svg"
+METRICS_NAME = "metrics.csv"
+
+
+def write_metrics(folder: str, history: List[dict]) -> None:
+    """The per-epoch figures as CSV (one row per epoch), replaced atomically."""
+    columns = [k for k in history[0] if isinstance(history[0][k], (int, float, str)) and k != "genotype"] \
+        if history else []
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(history)
+    path = os.path.join(folder, METRICS_NAME)
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as fh:
+        fh.write(buf.getvalue())
+    os.replace(tmp, path)
 
 
 class SearchCheckpoints:
@@ -114,7 +132,15 @@ class SearchCheckpoints:
         state["checksum"] = checkpoint_checksum(state)
         atomic_save(state, path)
         self.save_picture()
+        write_metrics(self.save_dir, self.history)
         return path
+
+    def alpha_entropy(self) -> float:
+        """Mean entropy (nats) of the softmax of the architecture rows, over every edge of every arch tensor:
+        log(candidates) at the start, falling as the search commits to operations."""
+        rows = [torch.softmax(a.detach().double(), dim=-1) for a in self.model.arch_parameters()]
+        ent = [-(p * p.clamp_min(1e-300).log()).sum(-1) for p in rows]
+        return float(torch.cat(ent).mean())
 
     def save_picture(self) -> None:
         """The current genotype's cells as ``genotype.svg`` beside the checkpoint (pynas.plot, no dependency)."""
@@ -204,7 +230,8 @@ class SearchCheckpoints:
                     text += f" hessian_eigenvalue {eigenvalue:.6g}"
                 seconds = time.perf_counter() - t0
                 genotype = self.genotype_json()
-                record = {"epoch": epoch + 1, **figures, "seconds": seconds, "genotype": genotype}
+                record = {"epoch": epoch + 1, **figures, "alpha_entropy": self.alpha_entropy(), "seconds": seconds,
+                          "genotype": genotype}
                 self.history.append(record)
                 self.epoch = epoch + 1
                 self.log(f"epoch {epoch + 1}/{cfg.epochs} {text} time {seconds:.1f}s genotype {genotype}")

@@ -2,37 +2,20 @@
 atomically and read without running code, exact resume, the per-epoch CSV, the run folder."""
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import os
 import re
-from typing import Callable, List, Optional
+from typing import Callable, Optional
 
 import torch
 
 from ..search.checkpoint import (CHECKPOINT_NAME, CHECKPOINT_VERSION, atomic_save, check_checkpoint_keys,
                                  checkpoint_checksum, config_from_checkpoint, load_checkpoint)
 from ..search.config import _is_int
-from ..search.loop import RunFolder
+from ..search.loop import RunFolder, write_metrics
 
 FORMAT = "pynas-train"
 KEYS = ("config", "epoch", "model", "optimizer", "history", "torch_rng", "genotype")
-METRICS_NAME = "metrics.csv"
-
-
-def write_metrics(folder: str, history: List[dict]) -> None:
-    """The per-epoch figures as CSV (one row per epoch), replaced atomically."""
-    columns = [k for k in history[0] if not isinstance(history[0][k], (dict, list))] if history else []
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(history)
-    path = os.path.join(folder, METRICS_NAME)
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as fh:
-        fh.write(buf.getvalue())
-    os.replace(tmp, path)
 
 
 def checkpoint_genotype(ckpt: dict, where: str, what: str, parse: Callable):

@@ -84,3 +84,24 @@ def test_search_writes_the_picture_with_each_checkpoint(tmp_path):
     assert "normal cell" in texts
     for op, _ in r["genotype"]["normal"]:
         assert op in texts
+
+
+def test_search_metrics_and_curves(tmp_path, capsys):
+    import math
+
+    from pynas.search.cnn import CNNSearchConfig, run_search
+
+    run_search(CNNSearchConfig(epochs=2, batch_size=4, num_train=8, init_channels=4, layers=3, steps_per_epoch=1),
+               save_dir=str(tmp_path), progress=False, log=lambda s: None)
+    columns = plot.read_metrics(str(tmp_path))
+    assert columns["epoch"] == [1.0, 2.0]
+    for name in ("lr", "train_loss", "val_loss", "val_acc", "seconds"):
+        assert len(columns[name]) == 2, name
+    # alphas start at 1e-3 * randn: the rows' softmax is almost uniform over the 8 candidates
+    assert all(abs(v - math.log(8)) < 1e-3 for v in columns["alpha_entropy"])
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "curves.png"
+    assert main(["plot-run", str(tmp_path), "-o", str(out)]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG" and "alpha entropy" in capsys.readouterr().out
+    assert main(["plot-run", str(tmp_path / "none"), "-o", str(out)]) == 2
+    assert "run: no metrics.csv" in capsys.readouterr().err

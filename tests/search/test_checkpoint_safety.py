@@ -150,7 +150,7 @@ def test_stale_temporaries_removed_on_resume_and_start(genuine, tmp_path):
     fresh.mkdir()
     (fresh / ".tmp-abc.pt").write_bytes(b"x")
     run_search(CNNSearchConfig(epochs=1, **TINY), save_dir=str(fresh), log=_quiet, progress=False)
-    assert sorted(os.listdir(fresh)) == [CHECKPOINT_NAME, "genotype.json"]
+    assert sorted(os.listdir(fresh)) == [CHECKPOINT_NAME, "genotype.json", "genotype.svg", "metrics.csv"]
 
 
 # -- 5. broken or tampered checkpoints ----------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import torch
 from pynas.cli import main
 from pynas.cnn import PUBLISHED, derive, to_json
 from pynas.cnn.data import make_shapes10
-from pynas.train.base import METRICS_NAME
+from pynas.search.loop import METRICS_NAME
 from pynas.train.cnn import (CNNTrainConfig, CNNTraining, cutout, evaluate, evaluate_checkpoint,
                              run_training, train_batches)
 
