@@ -31,6 +31,9 @@ def _add_run_args(p: argparse.ArgumentParser, d, hessian: bool = True) -> None:
     p.add_argument("--save", default=None, help="run folder for checkpoint, log and genotype (default runs/<time>)")
     p.add_argument("--resume", default=None, help="checkpoint file or run folder to continue")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write the per-epoch figures as TensorBoard event files in <run folder>/tensorboard "
+                        "(needs the tensorboard package)")
     if hessian:
         _add_hessian_args(p, d)
 
@@ -298,7 +301,7 @@ def _search_rnn(args) -> int:
         dropouti=args.dropouti, dropoute=args.dropoute, alpha=args.alpha, beta=args.beta, wdecay=args.wdecay,
         unrolled=args.unrolled, fd_r=args.fd_r, arch_lr=args.arch_lr, arch_wdecay=args.arch_wdecay,
         eval_batch_size=args.eval_batch_size, seed=args.seed, steps_per_epoch=args.steps_per_epoch,
-        device=args.device, backend=backend, **_hessian_settings(args))
+        device=args.device, backend=backend, tensorboard=args.tensorboard, **_hessian_settings(args))
     return _run_search(args, "rnn", cfg, RNNSearch, RNNSearchConfig, lambda c: f"data {c.data}; ")
 
 
@@ -315,7 +318,7 @@ def _search_cnn(args) -> int:
         init_channels=args.init_channels, layers=args.layers, train_portion=args.train_portion,
         unrolled=args.unrolled, fd_r=args.fd_r, arch_learning_rate=args.arch_learning_rate,
         arch_weight_decay=args.arch_weight_decay, seed=args.seed, steps_per_epoch=args.steps_per_epoch,
-        device=args.device, backend=backend, **_hessian_settings(args))
+        device=args.device, backend=backend, tensorboard=args.tensorboard, **_hessian_settings(args))
     return _run_search(args, "cnn", cfg, CNNSearch, CNNSearchConfig)
 
 
@@ -352,7 +355,7 @@ def _train_rnn(args) -> int:
     backend = args.backend if args.backend is not None else _backend.current_backend()
     names = ("genotype", "data", "data_dir", "max_tokens", "emsize", "nhid", "epochs", "batch_size",
              "eval_batch_size", "test_batch_size", "bptt", "nonmono", "lr", "clip", "dropout", "dropouth", "dropoutx",
-             "dropouti", "dropoute", "alpha", "beta", "wdecay", "seed", "steps_per_epoch", "device")
+             "dropouti", "dropoute", "alpha", "beta", "wdecay", "seed", "steps_per_epoch", "device", "tensorboard")
     cfg = RNNTrainConfig(backend=backend, **{n: getattr(args, n) for n in names})
     result = _run_training(args, "rnn", RNNTraining, cfg, f"emsize=nhid={cfg.nhid}")
     print(f"test perplexity: {result['test_ppl']:.2f}", flush=True)
@@ -382,7 +385,7 @@ def _train_cnn(args) -> int:
         grad_clip=args.grad_clip, init_channels=args.init_channels, layers=args.layers, auxiliary=args.auxiliary,
         auxiliary_weight=args.auxiliary_weight, drop_path_prob=args.drop_path_prob, cutout=args.cutout,
         cutout_length=args.cutout_length, seed=args.seed, steps_per_epoch=args.steps_per_epoch, device=args.device,
-        backend=backend)
+        backend=backend, tensorboard=args.tensorboard)
     result = _run_training(args, "cnn", CNNTraining, cfg, f"C={cfg.init_channels} layers={cfg.layers}")
     print(f"test accuracy: {result['test_acc']:.2f} %", flush=True)
     return 0

@@ -19,7 +19,7 @@ from ..cnn.data import ImageData, batches, load_cifar10, make_shapes10
 from ..strategies.darts import CNNArchitect as Architect
 from .config import (HessianSettings, _is_int, _weight_optimizer, check_flag, check_hessian_settings, check_number,
                      check_optional_int, check_place, check_positive_int, check_seed)
-from .loop import SearchCheckpoints, start_or_resume
+from .loop import SearchCheckpoints, check_tensorboard, start_or_resume
 
 
 @dataclass
@@ -47,6 +47,7 @@ class CNNSearchConfig(HessianSettings):
     steps_per_epoch: Optional[int] = None  # cap on iterations per epoch (None: a full pass)
     device: str = "cpu"
     backend: str = "auto"
+    tensorboard: bool = False  # per-epoch scalars as TensorBoard event files in <run folder>/tensorboard
 
 
 def _check_config(cfg: CNNSearchConfig) -> None:
@@ -72,6 +73,7 @@ def _check_config(cfg: CNNSearchConfig) -> None:
     check_seed(cfg.seed)
     check_place(cfg)
     check_hessian_settings(cfg)
+    check_tensorboard(cfg.tensorboard)
 
 
 def load_data(cfg: CNNSearchConfig) -> ImageData:

@@ -47,6 +47,33 @@ def write_metrics(folder: str, history: List[dict]) -> None:
     os.replace(tmp, path)
 
 
+def check_tensorboard(enabled) -> None:
+    """With ``tensorboard`` set, the package must be importable (checked before a run starts)."""
+    if enabled is not True and enabled is not False:
+        raise ValueError(f"tensorboard: expected True or False, got {enabled!r}")
+    if enabled:
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError:
+            raise ValueError("tensorboard: --tensorboard needs the tensorboard package "
+                             "(pip install tensorboard)") from None
+
+
+def tensorboard_epoch(run, record: dict) -> None:
+    """The epoch's numeric figures as TensorBoard scalars in the run folder (``run.cfg.tensorboard``)."""
+    if not getattr(run.cfg, "tensorboard", False) or not run.save_dir:
+        return
+    writer = getattr(run, "_tensorboard_writer", None)
+    if writer is None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = run._tensorboard_writer = SummaryWriter(log_dir=os.path.join(run.save_dir, "tensorboard"))
+    for name, value in record.items():
+        if name != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            writer.add_scalar(name, value, record["epoch"])
+    writer.flush()
+
+
 class SearchCheckpoints:
     """Checkpoints of a search run (the CNN and RNN searches): the model, alphas, both optimizers, the
     history and the RNG, written atomically; ``SPACE`` names the search space, ``genotype_json()`` the
@@ -133,6 +160,8 @@ class SearchCheckpoints:
         atomic_save(state, path)
         self.save_picture()
         write_metrics(self.save_dir, self.history)
+        if self.history:
+            tensorboard_epoch(self, self.history[-1])
         return path
 
     def alpha_entropy(self) -> float:

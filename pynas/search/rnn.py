@@ -26,7 +26,7 @@ from ..rnn.model_search import RNNModelSearch
 from ..strategies.darts import RNNArchitect as Architect
 from .config import (HessianSettings, check_flag, check_hessian_settings, check_number, check_optional_int,
                      check_place, check_positive_int, check_seed)
-from .loop import SearchCheckpoints, start_or_resume
+from .loop import SearchCheckpoints, check_tensorboard, start_or_resume
 
 
 @dataclass
@@ -61,6 +61,7 @@ class RNNSearchConfig(HessianSettings):
     steps_per_epoch: Optional[int] = None  # cap on iterations per epoch (None: a full pass)
     device: str = "cpu"
     backend: str = "auto"
+    tensorboard: bool = False  # per-epoch scalars as TensorBoard event files in <run folder>/tensorboard
 
 
 def check_config(cfg: RNNSearchConfig) -> None:
@@ -107,6 +108,7 @@ def check_config(cfg: RNNSearchConfig) -> None:
                          "ptb.test.txt)")
     check_place(cfg)
     check_hessian_settings(cfg)
+    check_tensorboard(cfg.tensorboard)
 
 
 def _need_train(cfg: RNNSearchConfig) -> int:

@@ -12,7 +12,7 @@ import torch
 from ..search.checkpoint import (CHECKPOINT_NAME, CHECKPOINT_VERSION, atomic_save, check_checkpoint_keys,
                                  checkpoint_checksum, config_from_checkpoint, load_checkpoint)
 from ..search.config import _is_int
-from ..search.loop import RunFolder, write_metrics
+from ..search.loop import RunFolder, tensorboard_epoch, write_metrics
 
 FORMAT = "pynas-train"
 KEYS = ("config", "epoch", "model", "optimizer", "history", "torch_rng", "genotype")
@@ -80,6 +80,8 @@ class TrainingRun:
         state["checksum"] = checkpoint_checksum(state)
         atomic_save(state, os.path.join(self.save_dir, CHECKPOINT_NAME))
         write_metrics(self.save_dir, self.history)
+        if self.history:
+            tensorboard_epoch(self, self.history[-1])
 
     @classmethod
     def read_checkpoint(cls, path: str, what: str):

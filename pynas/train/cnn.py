@@ -23,6 +23,7 @@ from ..cnn.data import ImageData, augment_batch, load_cifar10, make_shapes10, pa
 from ..cnn.genotypes import Genotype, from_json, load_genotype, to_json
 from ..cnn.model_eval import EvalNetwork, count_parameters
 from ..search.config import check_flag, check_number, check_optional_int, check_place, check_positive_int, check_seed
+from ..search.loop import check_tensorboard
 from .base import TrainingRun
 
 SHAPES10_TRAIN_SEED, SHAPES10_TEST_SEED = 1234, 4321  # the search's images, and images it never saw
@@ -55,6 +56,7 @@ class CNNTrainConfig:
     steps_per_epoch: Optional[int] = None  # cap on training iterations per epoch (None: a full pass)
     device: str = "cpu"
     backend: str = "auto"
+    tensorboard: bool = False  # per-epoch scalars as TensorBoard event files in <run folder>/tensorboard
 
 
 def _check_config(cfg: CNNTrainConfig, check_genotype: bool = True) -> None:
@@ -83,6 +85,7 @@ def _check_config(cfg: CNNTrainConfig, check_genotype: bool = True) -> None:
         check_flag(name, getattr(cfg, name))
     check_seed(cfg.seed)
     check_place(cfg)
+    check_tensorboard(cfg.tensorboard)
     if check_genotype:
         load_genotype(cfg.genotype)  # a clear error for a file that does not parse or names unknown ops
 

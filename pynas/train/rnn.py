@@ -24,6 +24,7 @@ from ..rnn.data import batchify, get_batch, load_corpus
 from ..rnn.genotypes import Genotype, from_json, load_genotype, to_json
 from ..rnn.model_eval import RNNModel
 from ..search.config import check_number, check_optional_int, check_place, check_positive_int, check_seed
+from ..search.loop import check_tensorboard
 from .base import TrainingRun
 
 
@@ -57,6 +58,7 @@ class RNNTrainConfig:
     steps_per_epoch: Optional[int] = None
     device: str = "cpu"
     backend: str = "auto"
+    tensorboard: bool = False  # per-epoch scalars as TensorBoard event files in <run folder>/tensorboard
 
 
 def _check_config(cfg: RNNTrainConfig, check_genotype: bool = True) -> None:
@@ -82,6 +84,7 @@ def _check_config(cfg: RNNTrainConfig, check_genotype: bool = True) -> None:
         raise ValueError(f"max_tokens: only the stdlib corpus has a size to choose (data is {cfg.data!r})")
     check_seed(cfg.seed)
     check_place(cfg)
+    check_tensorboard(cfg.tensorboard)
     if check_genotype:
         load_genotype(cfg.genotype)
 

@@ -105,3 +105,22 @@ def test_search_metrics_and_curves(tmp_path, capsys):
     assert out.read_bytes()[:4] == b"\x89PNG" and "alpha entropy" in capsys.readouterr().out
     assert main(["plot-run", str(tmp_path / "none"), "-o", str(out)]) == 2
     assert "run: no metrics.csv" in capsys.readouterr().err
+
+
+def test_tensorboard_flag(tmp_path, capsys):
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        have = True
+    except ImportError:
+        have = False
+    argv = ["train", "cnn", "--init-channels", "4", "--layers", "3", "--batch-size", "8", "--num-train", "16",
+            "--num-test", "8", "--epochs", "1", "--steps-per-epoch", "1", "--save", str(tmp_path / "r"),
+            "--no-progress", "--tensorboard"]
+    if not have:  # refused up front, naming the setting and what to install; nothing made
+        assert main(argv) == 2
+        assert "tensorboard: --tensorboard needs the tensorboard package" in capsys.readouterr().err
+        assert not (tmp_path / "r").exists()
+        return
+    assert main(argv) == 0
+    events = list((tmp_path / "r" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
