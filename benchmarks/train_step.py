@@ -1,11 +1,10 @@
 """Time one training step of the derived DARTS CNN (pynas.train.cnn's step: forward with drop path and the
-auxiliary head, backward, clip, SGD) eager and under torch.compile.
+auxiliary head, backward, clip, SGD): eager PyTorch (backend reference), pynas's kernels (backend cpu: the
+separable and dilated convs through pynas.ops.sep_conv), and the eager model under torch.compile.
 
     python benchmarks/train_step.py --threads 2 --C 16 --layers 8 --batch 64
 
-Prints the median / min / max seconds per step of each. The evaluation network has affine BatchNorms and
-one operation per edge, so the search's fused edge kernels do not apply to it; this is the baseline they
-would have to beat.
+Prints the median / min / max seconds per step of each.
 """
 from __future__ import annotations
 
@@ -15,6 +14,8 @@ import time
 
 import torch
 from torch import nn
+
+import pynas
 
 from pynas.cnn import PUBLISHED, EvalNetwork
 
@@ -56,7 +57,7 @@ def main():
     p.add_argument("--no-compile", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    for mode in ("eager",) + (() if args.no_compile else ("compiled",)):
+    for mode in ("eager", "pynas") + (() if args.no_compile else ("compiled",)):
         torch.manual_seed(0)
         model = EvalNetwork(args.C, 10, args.layers, True, PUBLISHED[args.genotype])
         model.drop_path_prob = 0.1
@@ -65,7 +66,8 @@ def main():
         t0 = time.perf_counter()
         if mode == "compiled":
             model.compile()
-        times = time_step(make_step(model, opt, x, y), args.repeats, args.warmup)
+        with pynas.use_backend("cpu" if mode == "pynas" else "reference"):
+            times = time_step(make_step(model, opt, x, y), args.repeats, args.warmup)
         setup = time.perf_counter() - t0 - sum(times)
         print(f"{mode:8s} {args.genotype} C={args.C} layers={args.layers} batch={args.batch}, {args.threads} threads: "
               f"median {statistics.median(times):.3f} s per step (min {min(times):.3f}, max {max(times):.3f}, "

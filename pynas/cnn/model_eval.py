@@ -7,7 +7,8 @@ training, drop path zeroes the output of every operation that is not an identity
 linearly over the epochs. An auxiliary classifier reads the output of the second reduction cell; its loss is
 added to the main one with a weight (training only).
 
-Module names are the original evaluation code's (``stem``, ``cells.N.preprocess0/1``, ``cells.N._ops.K``,
+The convolutions of its separable and dilated convs run through :mod:`pynas.ops.sep_conv` (the fused edge's
+kernels) under a backend other than ``reference``. Module names are the original evaluation code's (``stem``, ``cells.N.preprocess0/1``, ``cells.N._ops.K``,
 ``auxiliary_head``, ``global_pooling``, ``classifier``), so a state_dict moves between the two.
 """
 from __future__ import annotations
@@ -18,7 +19,8 @@ import torch
 from torch import nn
 
 from .genotypes import Genotype
-from .operations import OPS, FactorizedReduce, Identity, ReLUConvBN
+from ..ops import sep_conv
+from .operations import OPS, DilConv, FactorizedReduce, Identity, ReLUConvBN, SepConv
 
 
 def drop_path(x: torch.Tensor, drop_prob: float) -> torch.Tensor:
@@ -50,14 +52,17 @@ class EvalCell(nn.Module):
         for name, j in genes:
             stride = 2 if reduction and j < 2 else 1
             self._ops.append(OPS[name](C, stride, True))
+        # the separable and dilated convs whose convolutions run through pynas.ops.sep_conv
+        self._sep = [isinstance(op, (SepConv, DilConv)) and sep_conv.fusable_module(op) for op in self._ops]
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, drop_prob: float) -> torch.Tensor:
         states = [self.preprocess0(s0), self.preprocess1(s1)]
+        impl = sep_conv.choose(states[0]) if any(self._sep) else None
         for i in range(self._steps):
             total = None
             for e in (2 * i, 2 * i + 1):
-                op = self._ops[e]
-                h = op(states[self._indices[e]])
+                op, x = self._ops[e], states[self._indices[e]]
+                h = sep_conv.run_module(op, x, impl) if impl is not None and self._sep[e] else op(x)
                 if self.training and drop_prob > 0.0 and not isinstance(op, Identity):
                     h = drop_path(h, drop_prob)
                 total = h if total is None else total + h
