@@ -8,7 +8,8 @@ For x (N, C, H, W), a depthwise weight (C, 1, k, k) with stride s, padding p and
 It is the convolution part of the evaluation network's ``dil_conv`` (then an affine BatchNorm) and of each half
 of its ``sep_conv`` (docs/darts.md, "Evaluation network"); the BatchNorms stay torch's. The kernels are the fused
 CNN edge's (``cnn_edge_dw_*``, ``cnn_edge_pw_*``: the ReLU applied as the input is read, the depthwise filter's
-gradient in the same pass as the input's); on a GPU the 1x1 conv is a cuBLAS matmul. Saved for backward: x and
+gradient in the same pass as the input's); the 1x1 conv is a batched matmul on a GPU, and on the CPU where the
+plane is small (``CPU_PW_KERNEL_MIN_PLANE``). Saved for backward: x and
 the depthwise output. Second derivatives (create_graph) differentiate the reference, exactly.
 """
 from __future__ import annotations
@@ -21,11 +22,15 @@ import torch.nn.functional as F
 from .. import _autodiff, _ext
 from .._triton import kernel_module
 from . import _dispatch
+from ._conv1x1 import conv1x1, conv1x1_backward
 from .cnn_edge import _module_kernels, _needs_4d, _triton_needs
 
 _EMPTY = torch.empty(0)
 _RELU = 1  # the depthwise kernels' "pre": relu(x) as x is read
 MAX_KERNEL = 9  # the largest depthwise filter the kernels take
+#: On the CPU the C++ 1x1 kernel serves planes of at least this many pixels; smaller ones (more channels, in the
+#: derived CNN) go to a batched matmul, which was faster there (benchmarks/results/eval_convs.txt).
+CPU_PW_KERNEL_MIN_PLANE = 1024
 
 
 def sep_conv_ref(x: torch.Tensor, w_dw: torch.Tensor, w_pw: torch.Tensor, stride: int, padding: int,
@@ -49,12 +54,12 @@ TABLE = _dispatch.register("sep_conv", [
 
 class _SepConvFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, k, geometry, x, w_dw, w_pw):
+    def forward(ctx, k, geometry, matmul_pw, x, w_dw, w_pw):
         stride, padding, dilation = geometry
         x, w_dw, w_pw = x.contiguous(), w_dw.contiguous(), w_pw.contiguous()
         (u,) = k.dw_forward(x, [w_dw], [stride], [padding], [dilation], _RELU, _EMPTY, _EMPTY)
-        p = k.pw_forward(u, w_pw, False, 1.0, 0.0, None, None)[0]
-        ctx.k, ctx.geometry = k, geometry
+        p = conv1x1(u, w_pw) if matmul_pw else k.pw_forward(u, w_pw, False, 1.0, 0.0, None, None)[0]
+        ctx.k, ctx.geometry, ctx.matmul_pw = k, geometry, matmul_pw
         ctx.save_for_backward(x, w_dw, w_pw, u)
         return p
 
@@ -63,15 +68,16 @@ class _SepConvFunction(torch.autograd.Function):
         x, w_dw, w_pw, u = ctx.saved_tensors
         stride, padding, dilation = ctx.geometry
         if torch.is_grad_enabled():  # create_graph=True: differentiate the reference (exact)
-            return (None, None, *_autodiff.grad_through(
+            return (None, None, None, *_autodiff.grad_through(
                 lambda x_, a, b: sep_conv_ref(x_, a, b, stride, padding, dilation), (x, w_dw, w_pw),
-                ctx.needs_input_grad[2:], g))
-        need_w = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
-        gu, g_pw = ctx.k.pw_backward(g.contiguous(), u, w_pw, need_w)
+                ctx.needs_input_grad[3:], g))
+        need_w = ctx.needs_input_grad[4] or ctx.needs_input_grad[5]
+        pw_backward = conv1x1_backward if ctx.matmul_pw else ctx.k.pw_backward
+        gu, g_pw = pw_backward(g.contiguous(), u, w_pw, need_w)
         gx, g_dws, _ = ctx.k.dw_backward(x, [w_dw], [gu], [stride], [padding], [dilation], _RELU, _EMPTY, _EMPTY,
                                          need_w)
-        return (None, None, gx if ctx.needs_input_grad[2] else None,
-                g_dws[0] if ctx.needs_input_grad[3] else None, g_pw if ctx.needs_input_grad[4] else None)
+        return (None, None, None, gx if ctx.needs_input_grad[3] else None,
+                g_dws[0] if ctx.needs_input_grad[4] else None, g_pw if ctx.needs_input_grad[5] else None)
 
 
 def check_sep_conv_args(x, w_dw, w_pw, stride, padding, dilation) -> None:
@@ -113,7 +119,12 @@ def sep_conv(x: torch.Tensor, w_dw: torch.Tensor, w_pw: torch.Tensor, stride: in
         impl = choose(x)
     if impl is None or impl.backend == "reference":
         return sep_conv_ref(x, w_dw, w_pw, stride, padding, dilation)
-    return _SepConvFunction.apply(impl.kernels(), (stride, padding, dilation), x, w_dw, w_pw)
+    k = w_dw.shape[-1]
+    plane = 1
+    for n in x.shape[2:]:
+        plane *= (n + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    matmul_pw = impl.backend == "cpu" and plane < CPU_PW_KERNEL_MIN_PLANE
+    return _SepConvFunction.apply(impl.kernels(), (stride, padding, dilation), matmul_pw, x, w_dw, w_pw)
 
 
 def layers_of(op) -> List:

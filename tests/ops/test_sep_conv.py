@@ -114,3 +114,17 @@ def test_derived_network_with_and_without_the_kernels(dtype):
     tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=2e-3, atol=2e-3)
     for a, b in zip(results["reference"], results["cpu"]):
         torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("H", [8, 40], ids=["matmul-1x1", "kernel-1x1"])
+def test_both_cpu_1x1_paths(H):
+    """Small planes take the batched matmul for the 1x1 conv, large ones the C++ kernel: both equal the reference."""
+    geometry = (3, 4, H, H, 3, 1, 1, 1)
+    x, w_dw, w_pw = _inputs(geometry, torch.float64, "cpu", 11)
+    assert (H * H < sc.CPU_PW_KERNEL_MIN_PLANE) == (H == 8)
+    out = sc.sep_conv(x, w_dw, w_pw, 1, 1, 1, impl=sc.TABLE["cpu"])
+    ref = sc.sep_conv_ref(x, w_dw, w_pw, 1, 1, 1)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (x, w_dw, w_pw), g), torch.autograd.grad(ref, (x, w_dw, w_pw), g)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
