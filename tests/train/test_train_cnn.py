@@ -148,3 +148,28 @@ def test_crop_pads_with_black():
     values = {round(v, 5) for v in y[:, 0].flatten().tolist()}
     assert values <= {5.0, round(float(fill[0]), 5)} and len(values) == 2  # inside, or a black border pixel
     assert padding_value(ImageData(x, data.labels, 10, "shapes10")) is None
+
+
+def test_cifar10_train_and_test_splits(tmp_path):
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    for i, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
+        n = 12 if name == "test_batch" else 8
+        with open(root / name, "wb") as fh:
+            pickle.dump({"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8),
+                         "labels": rng.integers(0, 10, n).tolist()}, fh)
+    cfg = CNNTrainConfig(data="cifar10", data_dir=str(tmp_path), epochs=1, **dict(TINY, num_train=None,
+                                                                                     num_test=None))
+    run = CNNTraining(cfg, progress=False, log=quiet_log)
+    assert len(run.train_data) == 40 and len(run.test_data) == 12  # all five training batches; the test batch
+    r = run.run()
+    assert 0.0 <= r["test_acc"] <= 100.0 and len(r["history"]) == 1
+
+
+def quiet_log(s):
+    pass
