@@ -11,23 +11,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 from pynas import _ext
+from train_step import time_step  # benchmarks/ is the script's folder
 
 
 def timed(fn, repeats=20, warmup=3):
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(ts)
+    return 1e3 * statistics.median(time_step(fn, repeats, warmup))
 
 
 def main():

@@ -64,12 +64,12 @@ def _hessian_settings(args) -> dict:
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(HessianSettings)}
 
 
-def _add_cnn_args(p: argparse.ArgumentParser) -> None:
-    d = CNNSearchConfig()
+def _add_cnn_net_args(p: argparse.ArgumentParser, d, num_train_help: str) -> None:
+    """The data, the network's size and the SGD settings (pynas search cnn and pynas train cnn)."""
     p.add_argument("--data", choices=("shapes10", "cifar10"), default=d.data,
                    help="shapes10: embedded synthetic set (no download); cifar10: python batches from --data-dir")
     p.add_argument("--data-dir", default=None, help="folder with the CIFAR-10 python batches")
-    p.add_argument("--num-train", type=int, default=None, help="images of the training set to use (both halves)")
+    p.add_argument("--num-train", type=int, default=None, help=num_train_help)
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--learning-rate", "--lr", type=float, default=d.learning_rate)
@@ -79,6 +79,11 @@ def _add_cnn_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-clip", type=float, default=d.grad_clip)
     p.add_argument("--init-channels", type=int, default=d.init_channels)
     p.add_argument("--layers", type=int, default=d.layers)
+
+
+def _add_cnn_args(p: argparse.ArgumentParser) -> None:
+    d = CNNSearchConfig()
+    _add_cnn_net_args(p, d, "images of the training set to use (both halves)")
     p.add_argument("--train-portion", type=float, default=d.train_portion)
     _add_order_args(p, d)
     p.add_argument("--arch-learning-rate", "--arch-lr", type=float, default=d.arch_learning_rate)
@@ -125,20 +130,8 @@ def _add_train_cnn_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--genotype", default=d.genotype,
                    help="genotype JSON file (a search's genotype.json) or a published cell: DARTS_V1, DARTS_V2, DARTS "
                         "(= DARTS_V2)")
-    p.add_argument("--data", choices=("shapes10", "cifar10"), default=d.data,
-                   help="shapes10: embedded synthetic set (no download); cifar10: python batches from --data-dir")
-    p.add_argument("--data-dir", default=None, help="folder with the CIFAR-10 python batches")
-    p.add_argument("--num-train", type=int, default=None, help="images of the training split to use")
+    _add_cnn_net_args(p, d, "images of the training split to use")
     p.add_argument("--num-test", type=int, default=None, help="images of the test split to use")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--learning-rate", "--lr", type=float, default=d.learning_rate)
-    p.add_argument("--learning-rate-min", "--lr-min", type=float, default=d.learning_rate_min)
-    p.add_argument("--momentum", type=float, default=d.momentum)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--grad-clip", type=float, default=d.grad_clip)
-    p.add_argument("--init-channels", type=int, default=d.init_channels)
-    p.add_argument("--layers", type=int, default=d.layers)
     p.add_argument("--no-auxiliary", dest="auxiliary", action="store_false", help="no auxiliary head")
     p.add_argument("--auxiliary-weight", type=float, default=d.auxiliary_weight)
     p.add_argument("--drop-path-prob", type=float, default=d.drop_path_prob,
@@ -252,34 +245,45 @@ def _set_threads(threads) -> None:
         torch.set_num_threads(threads)
 
 
-def _run_search(args, space: str, cfg, search_cls, config_cls, about: Callable = lambda c: "") -> int:
-    """Check the settings, load the data and the checkpoint (all before a run folder is made), make the run
-    folder, run, print the genotype. A new run that fails before its first checkpoint removes the run folder
-    it made (pynas.search.RunFolder)."""
-    import json
+def _run_in_folder(args, save: str, run, header: Callable) -> dict:
+    """Make the run folder (its settings, data and checkpoint were checked before), log ``header(run)`` there
+    first, run. A new run that fails before its first checkpoint removes what it made (pynas.search.RunFolder)."""
+    from .search.loop import LOG_NAME, RunFolder
 
-    import torch
-
-    from .search.loop import LOG_NAME, RunFolder, prepare_search
-
-    if args.resume is None:
-        search_cls.check_config(cfg)
-    save = _run_folder_path(args, space)
-    search = prepare_search(search_cls, config_cls, cfg, save, args.resume, log=print, progress=not args.no_progress)
     folder = RunFolder(save, new_run=args.resume is None)
     try:
         folder.make()
         if not os.path.exists(os.path.join(save, LOG_NAME)):
             folder.own.append(LOG_NAME)
-        search.log = log = _logger(os.path.join(save, LOG_NAME))
-        c = search.cfg
-        log(f"pynas search {space}: run folder {save}; {about(c)}backend {c.backend}; "
-            f"{'second' if c.unrolled else 'first'} order; torch threads {torch.get_num_threads()}"
-            + ("; tracking the Hessian's dominant eigenvalue" if c.track_hessian else ""))
+        run.log = log = _logger(os.path.join(save, LOG_NAME))
+        log(header(run))
     except BaseException:
         folder.discard_if_unstarted()
         raise
-    result = folder.run(search, make=False)
+    return folder.run(run, make=False)
+
+
+def _run_search(args, space: str, cfg, search_cls, config_cls, about: Callable = lambda c: "") -> int:
+    """Check the settings, load the data and the checkpoint (all before a run folder is made), run in the
+    folder, print the genotype."""
+    import json
+
+    import torch
+
+    from .search.loop import prepare_search
+
+    if args.resume is None:
+        search_cls.check_config(cfg)
+    save = _run_folder_path(args, space)
+    search = prepare_search(search_cls, config_cls, cfg, save, args.resume, log=print, progress=not args.no_progress)
+
+    def header(run) -> str:
+        c = run.cfg
+        return (f"pynas search {space}: run folder {save}; {about(c)}backend {c.backend}; "
+                f"{'second' if c.unrolled else 'first'} order; torch threads {torch.get_num_threads()}"
+                + ("; tracking the Hessian's dominant eigenvalue" if c.track_hessian else ""))
+
+    result = _run_in_folder(args, save, search, header)
     if "early_stop" in result:
         stop = result["early_stop"]
         print(f"early stop after epoch {stop['epoch']}: the genotype of epoch {stop['genotype_epoch']}", flush=True)
@@ -323,28 +327,15 @@ def _search_cnn(args) -> int:
 
 
 def _run_training(args, space: str, run_cls, cfg, about: str) -> dict:
-    """Like a search: settings, data and checkpoint checked before the run folder is made; a new run that fails
-    before its first checkpoint removes what it made."""
+    """Like a search: settings, data and checkpoint checked before the run folder is made."""
     import torch
-
-    from .search.loop import LOG_NAME, RunFolder
 
     if args.resume is None:
         run_cls.check_config(cfg)
     save = _run_folder_path(args, space, "train")
     run = run_cls.prepare(cfg, save, args.resume, log=print, progress=not args.no_progress)
-    folder = RunFolder(save, new_run=args.resume is None)
-    try:
-        folder.make()
-        if not os.path.exists(os.path.join(save, LOG_NAME)):
-            folder.own.append(LOG_NAME)
-        run.log = log = _logger(os.path.join(save, LOG_NAME))
-        log(f"pynas train {space}: run folder {save}; genotype {run.cfg.genotype}; {about}; torch threads "
-            f"{torch.get_num_threads()}")
-    except BaseException:
-        folder.discard_if_unstarted()
-        raise
-    return folder.run(run, make=False)
+    return _run_in_folder(args, save, run, lambda r: f"pynas train {space}: run folder {save}; genotype "
+                          f"{r.cfg.genotype}; {about}; torch threads {torch.get_num_threads()}")
 
 
 def _train_rnn(args) -> int:

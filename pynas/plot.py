@@ -62,28 +62,23 @@ def rnn_graph(genotype) -> Graph:
 
 def load_graphs(source) -> List[Graph]:
     """Graphs of a genotype: a JSON file or text (CNN or RNN, told apart by its keys) or a published CNN name."""
+    from ._genotype_files import load_named_or_file
     from .cnn import genotypes as cnn_genotypes
     from .rnn import genotypes as rnn_genotypes
 
-    if isinstance(source, str) and source in cnn_genotypes.PUBLISHED:
-        return cnn_graphs(cnn_genotypes.PUBLISHED[source])
-    text = source
-    if isinstance(source, str) and not source.lstrip().startswith("{"):
+    def parse(text) -> List[Graph]:
+        data = json.loads(text) if isinstance(text, (str, bytes)) else text
+        if isinstance(data, dict) and "recurrent" in data:
+            return [rnn_graph(rnn_genotypes.from_json(data))]
+        return cnn_graphs(cnn_genotypes.from_json(data))
+
+    if not isinstance(source, str) or source.lstrip().startswith("{"):  # the text (or the dict) itself
         try:
-            with open(source, encoding="utf-8") as fh:
-                text = fh.read()
-        except FileNotFoundError:
-            raise ValueError(f"genotype: {source} is neither a file nor one of "
-                             f"{', '.join(cnn_genotypes.PUBLISHED)}") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ValueError(f"genotype: cannot read {source} ({type(exc).__name__}: {exc})") from None
-    try:
-        data = json.loads(text) if isinstance(text, str) else text
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"genotype: not JSON ({exc})") from None
-    if isinstance(data, dict) and "recurrent" in data:
-        return [rnn_graph(rnn_genotypes.from_json(data))]
-    return cnn_graphs(cnn_genotypes.from_json(data))
+            return parse(source)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"genotype: not JSON ({exc})") from None
+    published = {name: cnn_graphs(g) for name, g in cnn_genotypes.PUBLISHED.items()}
+    return load_named_or_file(source, published, parse)
 
 
 def layout(g: Graph) -> Tuple[Dict[str, Tuple[float, float]], float, float]:

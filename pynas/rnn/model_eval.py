@@ -16,11 +16,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .genotypes import Genotype
-from .model_search import INITRANGE, LockedDropout, embedded_dropout, mask2d
+from .model_search import INITRANGE, LockedDropout, check_cell_args, check_lm_args, lm_forward, mask2d
 
 ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "sigmoid": torch.sigmoid, "identity": lambda h: h}
 
@@ -31,12 +30,7 @@ class DARTSCell(nn.Module):
 
     def __init__(self, ninp: int, nhid: int, dropouth: float, dropoutx: float, genotype: Genotype):
         super().__init__()
-        for name, v in (("ninp", ninp), ("nhid", nhid)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name}: expected a positive int, got {v!r}")
-        for name, v in (("dropouth", dropouth), ("dropoutx", dropoutx)):
-            if not 0.0 <= v < 1.0:
-                raise ValueError(f"{name}: expected a probability in [0, 1), got {v!r}")
+        check_cell_args(ninp, nhid, dropouth, dropoutx)
         if not isinstance(genotype, Genotype):
             raise TypeError(f"genotype: expected an RNN Genotype, got {type(genotype).__name__}")
         self.nhid, self.dropouth, self.dropoutx, self.genotype = nhid, dropouth, dropoutx, genotype
@@ -79,14 +73,7 @@ class RNNModel(nn.Module):
     def __init__(self, ntoken: int, ninp: int, nhid: int, nhidlast: int, dropout: float, dropouth: float,
                  dropoutx: float, dropouti: float, dropoute: float, genotype: Genotype):
         super().__init__()
-        if not isinstance(ntoken, int) or isinstance(ntoken, bool) or ntoken < 1:
-            raise ValueError(f"ntoken: expected a positive int, got {ntoken!r}")
-        if not (ninp == nhid == nhidlast):
-            raise ValueError(f"ninp, nhid, nhidlast: expected equal sizes (the decoder is tied to the embedding), "
-                             f"got {ninp}, {nhid}, {nhidlast}")
-        for name, v in (("dropout", dropout), ("dropouti", dropouti), ("dropoute", dropoute)):
-            if not 0.0 <= v < 1.0:
-                raise ValueError(f"{name}: expected a probability in [0, 1), got {v!r}")
+        check_lm_args(ntoken, ninp, nhid, nhidlast, dropout, dropouti, dropoute)
         self.lockdrop = LockedDropout()
         self.encoder = nn.Embedding(ntoken, ninp)
         self.rnns = nn.ModuleList([DARTSCell(ninp, nhid, dropouth, dropoutx, genotype)])
@@ -102,11 +89,4 @@ class RNNModel(nn.Module):
         return [next(self.parameters()).new_zeros(1, bsz, self.nhid)]
 
     def forward(self, input: torch.Tensor, hidden, return_h: bool = False):
-        batch_size = input.size(1)
-        emb = embedded_dropout(self.encoder, input, dropout=self.dropoute if self.training else 0)
-        raw_output, new_h = self.rnns[0](self.lockdrop(emb, self.dropouti), hidden[0])
-        output = self.lockdrop(raw_output, self.dropout)
-        log_prob = F.log_softmax(self.decoder(output.view(-1, self.ninp)), dim=-1).view(-1, batch_size, self.ntoken)
-        if return_h:
-            return log_prob, [new_h], [raw_output], [output]
-        return log_prob, [new_h]
+        return lm_forward(self, input, hidden, return_h)

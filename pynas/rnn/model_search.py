@@ -53,18 +53,23 @@ def _mix_reference_form(states, c, h, probs):
     return s
 
 
+def check_cell_args(ninp, nhid, dropouth, dropoutx) -> None:
+    """The recurrent cells' sizes and dropouts (the search and the evaluation cell)."""
+    for name, v in (("ninp", ninp), ("nhid", nhid)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name}: expected a positive int, got {v!r}")
+    for name, v in (("dropouth", dropouth), ("dropoutx", dropoutx)):
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"{name}: expected a probability in [0, 1), got {v!r}")
+
+
 class DARTSCellSearch(nn.Module):
     """``DARTSCellSearch(ninp, nhid, dropouth, dropoutx)``; ``forward(inputs (T, B, ninp), hidden (1, B, nhid))``
     returns ``(hiddens (T, B, nhid), last hidden (1, B, nhid))``."""
 
     def __init__(self, ninp: int, nhid: int, dropouth: float, dropoutx: float):
         super().__init__()
-        for name, v in (("ninp", ninp), ("nhid", nhid)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name}: expected a positive int, got {v!r}")
-        for name, v in (("dropouth", dropouth), ("dropoutx", dropoutx)):
-            if not 0.0 <= v < 1.0:
-                raise ValueError(f"{name}: expected a probability in [0, 1), got {v!r}")
+        check_cell_args(ninp, nhid, dropouth, dropoutx)
         self.nhid = nhid
         self.dropouth = dropouth
         self.dropoutx = dropoutx
@@ -151,6 +156,37 @@ def embedded_dropout(embed: nn.Embedding, words: torch.Tensor, dropout: float = 
                        embed.scale_grad_by_freq, embed.sparse)
 
 
+def check_lm_args(ntoken, ninp, nhid, nhidlast, dropout, dropouti, dropoute) -> None:
+    """The language models' own settings (the search and the evaluation model)."""
+    if not isinstance(ntoken, int) or isinstance(ntoken, bool) or ntoken < 1:
+        raise ValueError(f"ntoken: expected a positive int, got {ntoken!r}")
+    if not (ninp == nhid == nhidlast):
+        raise ValueError(f"ninp, nhid, nhidlast: expected equal sizes (the decoder is tied to the embedding), "
+                         f"got {ninp}, {nhid}, {nhidlast}")
+    for name, v in (("dropout", dropout), ("dropouti", dropouti), ("dropoute", dropoute)):
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"{name}: expected a probability in [0, 1), got {v!r}")
+
+
+def lm_forward(model: nn.Module, input: torch.Tensor, hidden, return_h: bool = False):
+    """The language models' forward (``encoder``, ``rnns``, ``decoder``, ``lockdrop`` and the dropouts of
+    ``model``): ``(log_prob (T, B, ntoken), hidden)`` and, with ``return_h``, the cells' raw and dropped outputs
+    (one-element lists, as the reference returns them)."""
+    batch_size = input.size(1)
+    emb = embedded_dropout(model.encoder, input, dropout=model.dropoute if model.training else 0)
+    raw_output = model.lockdrop(emb, model.dropouti)
+    new_hidden, raw_outputs = [], []
+    for layer, rnn in enumerate(model.rnns):
+        raw_output, new_h = rnn(raw_output, hidden[layer])
+        new_hidden.append(new_h)
+        raw_outputs.append(raw_output)
+    output = model.lockdrop(raw_output, model.dropout)
+    log_prob = F.log_softmax(model.decoder(output.view(-1, model.ninp)), dim=-1).view(-1, batch_size, model.ntoken)
+    if return_h:
+        return log_prob, new_hidden, raw_outputs, [output]
+    return log_prob, new_hidden
+
+
 class RNNModelSearch(nn.Module):
     """The DARTS RNN search model: ``RNNModelSearch(ntoken, ninp, nhid, nhidlast, dropout, dropouth, dropoutx,
     dropouti, dropoute)``, with the reference code's layout.
@@ -165,14 +201,7 @@ class RNNModelSearch(nn.Module):
     def __init__(self, ntoken: int, ninp: int, nhid: int, nhidlast: int, dropout: float = 0.5,
                  dropouth: float = 0.5, dropoutx: float = 0.5, dropouti: float = 0.5, dropoute: float = 0.1):
         super().__init__()
-        if not isinstance(ntoken, int) or isinstance(ntoken, bool) or ntoken < 1:
-            raise ValueError(f"ntoken: expected a positive int, got {ntoken!r}")
-        if not (ninp == nhid == nhidlast):
-            raise ValueError(f"ninp, nhid, nhidlast: the DARTS RNN ties the decoder to the embedding, so they must "
-                             f"be equal, got {ninp}, {nhid}, {nhidlast}")
-        for name, v in (("dropout", dropout), ("dropouti", dropouti), ("dropoute", dropoute)):
-            if not 0.0 <= v < 1.0:
-                raise ValueError(f"{name}: expected a probability in [0, 1), got {v!r}")
+        check_lm_args(ntoken, ninp, nhid, nhidlast, dropout, dropouti, dropoute)
         self._args = (ntoken, ninp, nhid, nhidlast, dropout, dropouth, dropoutx, dropouti, dropoute)
         self.lockdrop = LockedDropout()
         self.encoder = nn.Embedding(ntoken, ninp)
@@ -228,22 +257,7 @@ class RNNModelSearch(nn.Module):
         return [weight.new_zeros(1, bsz, self.nhid)]
 
     def forward(self, input: torch.Tensor, hidden, return_h: bool = False):
-        batch_size = input.size(1)
-        emb = embedded_dropout(self.encoder, input, dropout=self.dropoute if self.training else 0)
-        emb = self.lockdrop(emb, self.dropouti)
-        raw_output = emb
-        new_hidden, raw_outputs, outputs = [], [], []
-        for layer, rnn in enumerate(self.rnns):
-            raw_output, new_h = rnn(raw_output, hidden[layer])
-            new_hidden.append(new_h)
-            raw_outputs.append(raw_output)
-        output = self.lockdrop(raw_output, self.dropout)
-        outputs.append(output)
-        logit = self.decoder(output.view(-1, self.ninp))
-        log_prob = F.log_softmax(logit, dim=-1).view(-1, batch_size, self.ntoken)
-        if return_h:
-            return log_prob, new_hidden, raw_outputs, outputs
-        return log_prob, new_hidden
+        return lm_forward(self, input, hidden, return_h)
 
     def _loss(self, hidden, input, target):
         """``(nll loss, next hidden)`` on a batch (``target`` flattened, (T * B,))."""
@@ -255,3 +269,36 @@ class RNNModelSearch(nn.Module):
         from .genotypes import derive
 
         return derive(self.weights, STEPS, CONCAT)
+
+
+def regularised_loss(model: nn.Module, data: torch.Tensor, targets: torch.Tensor, hidden, alpha: float, beta: float):
+    """``(loss, raw NLL, next hidden)`` of a language model's training step: the NLL plus ``alpha`` times the
+    activation regularisation (mean square of the dropped outputs) and ``beta`` times the temporal one (mean
+    square of consecutive raw outputs' differences)."""
+    log_prob, hidden, rnn_hs, dropped = model(data, hidden, return_h=True)
+    raw_loss = F.nll_loss(log_prob.view(-1, log_prob.size(2)), targets)
+    loss = raw_loss
+    if alpha > 0:
+        loss = loss + alpha * dropped[-1].pow(2).mean()
+    if beta > 0:
+        loss = loss + beta * (rnn_hs[-1][1:] - rnn_hs[-1][:-1]).pow(2).mean()
+    return loss, raw_loss, hidden
+
+
+@torch.no_grad()
+def mean_nll(model: nn.Module, data_source: torch.Tensor, bptt: int) -> float:
+    """Mean NLL per token of a language model on ``data_source`` (batchified), in eval mode, in chunks of
+    ``bptt`` steps with the hidden state carried; the model's mode is restored."""
+    from .data import get_batch
+
+    was = model.training
+    model.eval()
+    hidden = model.init_hidden(data_source.size(1))
+    loss_sum, tokens = 0.0, 0
+    for i in range(0, data_source.size(0) - 1, bptt):
+        data, targets = get_batch(data_source, i, bptt)
+        log_prob, hidden = model(data, hidden)
+        loss_sum += float(F.nll_loss(log_prob.view(-1, log_prob.size(2)), targets, reduction="sum"))
+        tokens += targets.numel()
+    model.train(was)
+    return loss_sum / max(tokens, 1)

@@ -7,7 +7,6 @@ second alpha.
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -19,7 +18,7 @@ from ..cnn.data import ImageData, batches, load_cifar10, make_shapes10
 from ..strategies.darts import CNNArchitect as Architect
 from .config import (HessianSettings, _is_int, _weight_optimizer, check_flag, check_hessian_settings, check_number,
                      check_optional_int, check_place, check_positive_int, check_seed)
-from .loop import SearchCheckpoints, check_tensorboard, start_or_resume
+from .loop import SearchCheckpoints, check_tensorboard, epoch_bar, start_or_resume
 
 
 @dataclass
@@ -150,12 +149,7 @@ class CNNSearch(SearchCheckpoints):
         steps = self._steps()
         train_it = batches(self.data, self.train_idx, cfg.batch_size, seed=cfg.seed * 100003 + 2 * epoch)
         valid_it = batches(self.data, self.valid_idx, cfg.batch_size, seed=cfg.seed * 100003 + 2 * epoch + 1)
-        bar = None
-        if self.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr,
-                       dynamic_ncols=True)
+        bar = epoch_bar(self.progress, steps, epoch, cfg.epochs)
         loss_sum, correct, seen = 0.0, 0, 0
         for step in range(steps):
             x, y = next(train_it)

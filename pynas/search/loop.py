@@ -47,6 +47,17 @@ def write_metrics(folder: str, history: List[dict]) -> None:
     os.replace(tmp, path)
 
 
+def epoch_bar(enabled: bool, total: int, epoch: int, epochs: int):
+    """The epoch's progress bar on stderr (tqdm), or None when ``enabled`` is false."""
+    if not enabled:
+        return None
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"epoch {epoch + 1}/{epochs}", leave=False, file=sys.stderr, dynamic_ncols=True)
+
+
 def check_tensorboard(enabled) -> None:
     """With ``tensorboard`` set, the package must be importable (checked before a run starts)."""
     if enabled is not True and enabled is not False:

@@ -13,20 +13,18 @@ from __future__ import annotations
 
 import math
 import random
-import sys
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..rnn.data import DEFAULT_MAX_TOKENS, STDLIB_MIN_TOKENS, batchify, get_batch, load_corpus, stdlib_min_tokens
 from ..rnn.genotypes import to_json
-from ..rnn.model_search import RNNModelSearch
+from ..rnn.model_search import RNNModelSearch, mean_nll, regularised_loss
 from ..strategies.darts import RNNArchitect as Architect
 from .config import (HessianSettings, check_flag, check_hessian_settings, check_number, check_optional_int,
                      check_place, check_positive_int, check_seed)
-from .loop import SearchCheckpoints, check_tensorboard, start_or_resume
+from .loop import SearchCheckpoints, check_tensorboard, epoch_bar, start_or_resume
 
 
 @dataclass
@@ -185,15 +183,7 @@ class RNNSearch(SearchCheckpoints):
     # -- the loop ----------------------------------------------------------------
     def _weight_loss(self, data, targets, hidden):
         """The weight step's loss: NLL + alpha * AR + beta * TAR, and the raw NLL and next hidden."""
-        cfg = self.cfg
-        log_prob, hidden, rnn_hs, dropped_rnn_hs = self.model(data, hidden, return_h=True)
-        raw_loss = F.nll_loss(log_prob.view(-1, log_prob.size(2)), targets)
-        loss = raw_loss
-        if cfg.alpha > 0:
-            loss = loss + cfg.alpha * dropped_rnn_hs[-1].pow(2).mean()
-        if cfg.beta > 0:
-            loss = loss + cfg.beta * (rnn_hs[-1][1:] - rnn_hs[-1][:-1]).pow(2).mean()
-        return loss, raw_loss, hidden
+        return regularised_loss(self.model, data, targets, hidden, self.cfg.alpha, self.cfg.beta)
 
     def train_epoch(self, epoch: int):
         cfg, model = self.cfg, self.model
@@ -205,12 +195,7 @@ class RNNSearch(SearchCheckpoints):
         total = (n_rows - 2) // cfg.bptt + 1
         if cfg.steps_per_epoch:
             total = min(total, cfg.steps_per_epoch)
-        bar = None
-        if self.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=total, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr,
-                       dynamic_ncols=True)
+        bar = epoch_bar(self.progress, total, epoch, cfg.epochs)
         loss_sum, tokens, steps, i = 0.0, 0, 0, 0
         group = self.optimizer.param_groups[0]
         while i < n_rows - 1 - 1:
@@ -251,20 +236,9 @@ class RNNSearch(SearchCheckpoints):
             bar.close()
         return float(loss_sum) / max(tokens, 1), steps
 
-    @torch.no_grad()
     def evaluate(self, data_source: torch.Tensor) -> float:
         """Mean NLL per token on ``data_source`` (eval mode: no dropout, BatchNorm running statistics)."""
-        cfg, model = self.cfg, self.model
-        model.eval()
-        hidden = model.init_hidden(data_source.size(1))
-        loss_sum, tokens = 0.0, 0
-        for i in range(0, data_source.size(0) - 1, cfg.bptt):
-            data, targets = get_batch(data_source, i, cfg.bptt)
-            log_prob, hidden = model(data, hidden)
-            loss_sum += float(F.nll_loss(log_prob.view(-1, log_prob.size(2)), targets, reduction="sum"))
-            tokens += targets.numel()
-        model.train()
-        return loss_sum / max(tokens, 1)
+        return mean_nll(self.model, data_source, self.cfg.bptt)
 
     def run_epoch(self, epoch: int):
         """Train and evaluate one epoch: (the history record's figures, their log text)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import torch
 
@@ -35,6 +35,18 @@ class TrainingRun:
     check_config: Callable = staticmethod(lambda cfg, check_genotype=True: None)
     parse_genotype: Callable = staticmethod(lambda text: text)
     to_json: Callable = staticmethod(lambda genotype: genotype)
+
+    load_genotype: Callable = staticmethod(lambda source: source)
+
+    def start(self, cfg, save_dir: Optional[str], log: Callable[[str], None], progress: bool, genotype) -> None:
+        """What every run sets first: the settings checked, where it runs and writes, the genotype (a resumed run's
+        from its checkpoint; None reads ``cfg.genotype``), no epoch done."""
+        self.check_config(cfg, check_genotype=genotype is None)
+        self.cfg, self.save_dir, self.log, self.progress = cfg, save_dir, log, progress
+        self.device = torch.device(cfg.device)
+        self.genotype = genotype if genotype is not None else self.load_genotype(cfg.genotype)
+        self.epoch = 0
+        self.history: List[dict] = []
 
     def extra_state(self) -> dict:
         return {}

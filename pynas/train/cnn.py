@@ -11,10 +11,9 @@ path is saved).
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -23,7 +22,7 @@ from ..cnn.data import ImageData, augment_batch, load_cifar10, make_shapes10, pa
 from ..cnn.genotypes import Genotype, from_json, load_genotype, to_json
 from ..cnn.model_eval import EvalNetwork, count_parameters
 from ..search.config import check_flag, check_number, check_optional_int, check_place, check_positive_int, check_seed
-from ..search.loop import check_tensorboard
+from ..search.loop import check_tensorboard, epoch_bar
 from .base import TrainingRun
 
 SHAPES10_TRAIN_SEED, SHAPES10_TEST_SEED = 1234, 4321  # the search's images, and images it never saw
@@ -158,15 +157,13 @@ class CNNTraining(TrainingRun):
     CONFIG = CNNTrainConfig
     check_config = staticmethod(_check_config)
     parse_genotype = staticmethod(from_json)
+    load_genotype = staticmethod(load_genotype)
     to_json = staticmethod(to_json)
 
     def __init__(self, cfg: CNNTrainConfig, save_dir: Optional[str] = None, log: Callable[[str], None] = print,
                  progress: bool = True, genotype: Optional[Genotype] = None):
         """``genotype``: the cells to train (a resumed run's, from its checkpoint); None reads ``cfg.genotype``."""
-        _check_config(cfg, check_genotype=genotype is None)
-        self.cfg, self.save_dir, self.log, self.progress = cfg, save_dir, log, progress
-        self.device = torch.device(cfg.device)
-        self.genotype: Genotype = genotype if genotype is not None else load_genotype(cfg.genotype)
+        self.start(cfg, save_dir, log, progress, genotype)
         torch.manual_seed(cfg.seed)
         self.train_data, self.test_data = load_split(cfg, True), load_split(cfg, False)
         self.model = EvalNetwork(cfg.init_channels, self.train_data.num_classes, cfg.layers, cfg.auxiliary,
@@ -174,8 +171,6 @@ class CNNTraining(TrainingRun):
         self.criterion = nn.CrossEntropyLoss()
         self.optimizer = torch.optim.SGD(self.model.parameters(), cfg.learning_rate, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
-        self.epoch = 0
-        self.history: List[dict] = []
 
     # -- the epochs --------------------------------------------------------------
     def train_epoch(self, epoch: int):
@@ -188,12 +183,7 @@ class CNNTraining(TrainingRun):
         steps = math.ceil(len(self.train_data) / cfg.batch_size)
         if cfg.steps_per_epoch:
             steps = min(steps, cfg.steps_per_epoch)
-        bar = None
-        if self.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr,
-                       dynamic_ncols=True)
+        bar = epoch_bar(self.progress, steps, epoch, cfg.epochs)
         loss_sum, correct, seen = 0.0, 0, 0
         for step, (x, y) in enumerate(train_batches(self.train_data, cfg, epoch)):
             if step >= steps:

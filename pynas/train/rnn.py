@@ -12,19 +12,18 @@ from __future__ import annotations
 
 import math
 import random
-import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..rnn.data import batchify, get_batch, load_corpus
 from ..rnn.genotypes import Genotype, from_json, load_genotype, to_json
 from ..rnn.model_eval import RNNModel
+from ..rnn.model_search import mean_nll, regularised_loss
 from ..search.config import check_number, check_optional_int, check_place, check_positive_int, check_seed
-from ..search.loop import check_tensorboard
+from ..search.loop import check_tensorboard, epoch_bar
 from .base import TrainingRun
 
 
@@ -102,14 +101,12 @@ class RNNTraining(TrainingRun):
     CONFIG = RNNTrainConfig
     check_config = staticmethod(_check_config)
     parse_genotype = staticmethod(from_json)
+    load_genotype = staticmethod(load_genotype)
     to_json = staticmethod(to_json)
 
     def __init__(self, cfg: RNNTrainConfig, save_dir: Optional[str] = None, log: Callable[[str], None] = print,
                  progress: bool = True, genotype: Optional[Genotype] = None):
-        _check_config(cfg, check_genotype=genotype is None)
-        self.cfg, self.save_dir, self.log, self.progress = cfg, save_dir, log, progress
-        self.device = torch.device(cfg.device)
-        self.genotype: Genotype = genotype if genotype is not None else load_genotype(cfg.genotype)
+        self.start(cfg, save_dir, log, progress, genotype)
         kw = {"max_tokens": cfg.max_tokens} if cfg.max_tokens is not None else {}
         self.corpus = load_corpus(cfg.data, cfg.data_dir, **kw)
         self._check_corpus()
@@ -123,8 +120,6 @@ class RNNTraining(TrainingRun):
         self.asgd = False
         self.best_val_loss: Optional[float] = None
         self.best_model: Optional[dict] = None
-        self.epoch = 0
-        self.history: List[dict] = []
 
     def _check_corpus(self) -> None:
         """Each split holds at least two rows of its batch size; the error names what to change."""
@@ -172,13 +167,7 @@ class RNNTraining(TrainingRun):
         rng = random.Random(cfg.seed * 1000003 + epoch)  # the lengths: per epoch, so a resumed run repeats them
         hidden = model.init_hidden(cfg.batch_size)
         n_rows = self.train_data.size(0)
-        bar = None
-        if self.progress:
-            from tqdm import tqdm
-
-            total = (n_rows - 2) // cfg.bptt + 1
-            bar = tqdm(total=min(total, cfg.steps_per_epoch or total), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                       leave=False, file=sys.stderr, dynamic_ncols=True)
+        bar = epoch_bar(self.progress, min((n_rows - 2) // cfg.bptt + 1, cfg.steps_per_epoch or n_rows), epoch, cfg.epochs)
         loss_sum, tokens, steps, i = 0.0, 0, 0, 0
         group = self.optimizer.param_groups[0]
         while i < n_rows - 2:
@@ -191,13 +180,7 @@ class RNNTraining(TrainingRun):
                 data, targets = get_batch(self.train_data, i, seq_len)
                 hidden = [h.detach() for h in hidden]
                 self.optimizer.zero_grad()
-                log_prob, hidden, rnn_hs, dropped = model(data, hidden, return_h=True)
-                raw_loss = F.nll_loss(log_prob.view(-1, log_prob.size(2)), targets)
-                loss = raw_loss
-                if cfg.alpha > 0:
-                    loss = loss + cfg.alpha * dropped[-1].pow(2).mean()
-                if cfg.beta > 0:
-                    loss = loss + cfg.beta * (rnn_hs[-1][1:] - rnn_hs[-1][:-1]).pow(2).mean()
+                loss, raw_loss, hidden = regularised_loss(model, data, targets, hidden, cfg.alpha, cfg.beta)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
                 self.optimizer.step()
@@ -214,21 +197,9 @@ class RNNTraining(TrainingRun):
             bar.close()
         return loss_sum / max(tokens, 1), steps
 
-    @torch.no_grad()
     def evaluate(self, data_source: torch.Tensor) -> float:
         """Mean NLL per token on ``data_source`` (eval mode)."""
-        model, bptt = self.model, self.cfg.bptt
-        was = model.training
-        model.eval()
-        hidden = model.init_hidden(data_source.size(1))
-        loss_sum, tokens = 0.0, 0
-        for i in range(0, data_source.size(0) - 1, bptt):
-            data, targets = get_batch(data_source, i, bptt)
-            log_prob, hidden = model(data, hidden)
-            loss_sum += float(F.nll_loss(log_prob.view(-1, log_prob.size(2)), targets, reduction="sum"))
-            tokens += targets.numel()
-        model.train(was)
-        return loss_sum / max(tokens, 1)
+        return mean_nll(self.model, data_source, self.cfg.bptt)
 
     def _evaluate_averaged(self) -> float:
         """The validation loss with ASGD's averaged weights in place of the current ones (restored after)."""
