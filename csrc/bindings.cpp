@@ -6,6 +6,7 @@
 #include "pynas/macros.h"
 #include "pynas/cnn_edge.h"
 #include "pynas/mixed_sum.h"
+#include "pynas/partial_channel.h"
 #include "pynas/rnn_cell.h"
 #include "pynas/rnn_mix.h"
 
@@ -369,6 +370,54 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> cnn_edge_mix_backwar
   fail_device(op, x, "x");
 }
 
+// ---- partial_channel (see csrc/include/pynas/partial_channel.h) --------------------------------------------
+
+// x, groups and stride of a partial-channel edge: x 4-D (float32/float64 on the CPU, also float16/bfloat16 on a
+// CUDA device), groups a divisor of its channels, stride 1 or 2 (then an even height and width).
+void check_partial_channel_geometry(const char* op, const at::Tensor& x, int64_t groups, int64_t stride) {
+  check_edge_input(op, x, "x");
+  TORCH_CHECK(groups >= 1, op, ": groups: expected a positive integer, got ", groups);
+  TORCH_CHECK(x.size(1) % groups == 0, op, ": groups: expected a divisor of x's channels (", x.size(1), "), got ",
+              groups);
+  TORCH_CHECK(stride == 1 || stride == 2, op, ": stride: expected 1 or 2, got ", stride);
+  TORCH_CHECK(stride == 1 || (x.size(2) % 2 == 0 && x.size(3) % 2 == 0), op,
+              ": x: expected an even height and width at stride 2 (a 2x2 max pool), got ", pynas::checks::describe(x));
+}
+
+// A tensor of shape (N, channels, H / stride, W / stride) with the dtype and device of x.
+void check_partial_channel_plane(const char* op, const at::Tensor& t, const char* name, const at::Tensor& x,
+                                 int64_t channels, int64_t stride, const char* what) {
+  pynas::checks::check_dense(op, t, name);
+  const int64_t ho = x.size(2) / stride, wo = x.size(3) / stride;
+  TORCH_CHECK(t.sizes() == at::IntArrayRef({x.size(0), channels, ho, wo}) && t.scalar_type() == x.scalar_type() &&
+                  t.device() == x.device(),
+              op, ": ", name, ": expected [", x.size(0), ", ", channels, ", ", ho, ", ", wo, "] (", what,
+              ") with the dtype and device of x, got ", pynas::checks::describe(t));
+}
+
+at::Tensor partial_channel_forward(const at::Tensor& t, const at::Tensor& x, int64_t groups, int64_t stride) {
+  constexpr const char* op = "partial_channel_forward";
+  check_partial_channel_geometry(op, x, groups, stride);
+  check_partial_channel_plane(op, t, "t", x, x.size(1) / groups, stride, "N, C / groups, H / stride, W / stride");
+  if (x.is_cpu()) return pynas::cpu::partial_channel_forward(t, x, groups, stride);
+#ifdef PYNAS_WITH_CUDA
+  if (x.is_cuda()) return pynas::cuda::partial_channel_forward(t, x, groups, stride);
+#endif
+  fail_device(op, x, "x");
+}
+
+std::tuple<at::Tensor, at::Tensor> partial_channel_backward(const at::Tensor& g, const at::Tensor& x, int64_t groups,
+                                                            int64_t stride) {
+  constexpr const char* op = "partial_channel_backward";
+  check_partial_channel_geometry(op, x, groups, stride);
+  check_partial_channel_plane(op, g, "g", x, x.size(1), stride, "the output's shape");
+  if (x.is_cpu()) return pynas::cpu::partial_channel_backward(g, x, groups, stride);
+#ifdef PYNAS_WITH_CUDA
+  if (x.is_cuda()) return pynas::cuda::partial_channel_backward(g, x, groups, stride);
+#endif
+  fail_device(op, x, "x");
+}
+
 // ---- rnn_mix -------------------------------------------------------------------------------------------
 
 void check_rnn_mix_args(const char* op, const at::Tensor& states, const at::Tensor& c, const at::Tensor& h,
@@ -582,6 +631,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cnn_edge_pw_backward", &cnn_edge_pw_backward, py::arg("g"), py::arg("u"), py::arg("w"),
         py::arg("need_grad_w") = true, nogil,
         "(grad_u, grad_w) of a 1x1 conv (fused CNN edge, CPU); grad_w is None unless need_grad_w.");
+  m.def("partial_channel_forward", &partial_channel_forward, py::arg("t"), py::arg("x"), py::arg("groups"),
+        py::arg("stride"), nogil,
+        "The PC-DARTS partial-channel edge's output: channel_shuffle(cat([t, bypass(x[:, C/groups:])]), groups), "
+        "bypass the identity (stride 1) or a 2x2 max pool (stride 2), in one pass (CPU and CUDA).");
+  m.def("partial_channel_backward", &partial_channel_backward, py::arg("g"), py::arg("x"), py::arg("groups"),
+        py::arg("stride"), nogil,
+        "(g_t, g_x) of partial_channel_forward: g_x's first C/groups channels are zero (CPU and CUDA).");
   m.def("cpu_isa", &pynas::cpu::isa, "The instruction set of the CPU edge kernels in use: 'base' or 'avx2'.");
   m.def("set_cpu_isa", &pynas::cpu::set_isa, py::arg("name"),
         "Force the CPU edge kernels' instruction set: 'auto', 'base' or 'avx2' (PYNAS_CPU_ISA=base at startup).");

@@ -81,20 +81,56 @@ def _add_cnn_net_args(p: argparse.ArgumentParser, d, num_train_help: str) -> Non
     p.add_argument("--layers", type=int, default=d.layers)
 
 
+#: The CNN search settings whose default is the method's (given flags override it; unset ones stay None).
+_METHOD_SETTINGS = ("epochs", "batch_size", "learning_rate", "learning_rate_min", "momentum", "weight_decay",
+                    "grad_clip", "layers", "arch_learning_rate", "arch_weight_decay", "warmup_epochs", "nesterov")
+CNN_SEARCH_METHODS = ("darts", "idarts", "pcdarts", "gdas", "rsws", "random")
+
+
 def _add_cnn_args(p: argparse.ArgumentParser) -> None:
     d = CNNSearchConfig()
+    p.add_argument("--method", choices=CNN_SEARCH_METHODS, default="darts",
+                   help="darts; idarts (one softmax per node); pcdarts (partial channels, edge normalisation); gdas "
+                        "(Gumbel-sampled paths); rsws (random search with weight sharing); random (sample, train "
+                        "briefly, keep the best). The settings below default to the method's paper's")
     _add_cnn_net_args(p, d, "images of the training set to use (both halves)")
     p.add_argument("--train-portion", type=float, default=d.train_portion)
     _add_order_args(p, d)
     p.add_argument("--arch-learning-rate", "--arch-lr", type=float, default=d.arch_learning_rate)
     p.add_argument("--arch-weight-decay", type=float, default=d.arch_weight_decay)
+    m = p.add_argument_group("the methods' own settings")
+    m.add_argument("--warmup-epochs", type=int, help="epochs without architecture steps (pcdarts: 15, others: 0)")
+    m.add_argument("--nesterov", action="store_true", default=None, help="Nesterov momentum (gdas: on)")
+    m.add_argument("--partial-channels", type=int, default=d.partial_channels, help="pcdarts: K (1/K of the channels)")
+    m.add_argument("--tau-max", type=float, default=d.tau_max, help="gdas: the first epoch's temperature")
+    m.add_argument("--tau-min", type=float, default=d.tau_min, help="gdas: the last epoch's temperature")
+    m.add_argument("--gdas-unselected", choices=("scalar", "drop"), default=d.gdas_unselected,
+                   help="gdas: the unselected candidates enter as their hard weights (scalar) or not at all (drop)")
+    m.add_argument("--distinct-inputs", action="store_true",
+                   help="idarts, gdas: the genotype's two pairs per node on distinct inputs")
+    m.add_argument("--rsws-path", choices=("single", "supernet"), default=d.rsws_path,
+                   help="rsws: compute only the sampled path (single) or every operation with one-hot weights")
+    m.add_argument("--no-none", dest="allow_none", action="store_false", help="rsws: never sample 'none'")
+    m.add_argument("--rsws-samples", type=int, default=d.rsws_samples, help="rsws: architectures ranked at the end")
+    m.add_argument("--rsws-eval-batches", type=int, default=d.rsws_eval_batches,
+                   help="rsws: validation batches per ranked architecture")
+    m.add_argument("--rsws-top", type=int, default=d.rsws_top, help="rsws: the best re-scored on the validation half")
+    m.add_argument("--samples", type=int, default=None, help="random: architectures sampled and trained (24)")
+    m.add_argument("--candidate-epochs", type=int, default=None, help="random: training epochs of each candidate")
     _add_run_args(p, d)
+    p.set_defaults(**{name: None for name in _METHOD_SETTINGS})
 
 
 def _add_rnn_args(p: argparse.ArgumentParser) -> None:
     from .search.rnn import RNNSearchConfig
 
     d = RNNSearchConfig()
+    p.add_argument("--method", choices=("darts", "idarts", "random"), default="darts",
+                   help="darts; idarts (one softmax per node); random (sample cells, train briefly, keep the best)")
+    p.add_argument("--allow-s0", dest="forbid_s0", action="store_false",
+                   help="idarts: nodes after the first may take s0 in the genotype (the author's code never does)")
+    p.add_argument("--samples", type=int, default=None, help="random: cells sampled and trained (8)")
+    p.add_argument("--candidate-epochs", type=int, default=None, help="random: training epochs of each candidate")
     p.add_argument("--data", choices=("stdlib", "ptb"), default=d.data,
                    help="stdlib: embedded word-level corpus built at run time from the Python standard library's "
                         "docstrings and comments (no download); ptb: ptb.{train,valid,test}.txt from --data-dir")
@@ -297,6 +333,8 @@ def _search_rnn(args) -> int:
 
     _set_threads(args.threads)
     backend = args.backend if args.backend is not None else _backend.current_backend()
+    if args.method == "random":
+        return _random_search(args, "rnn", backend)
     nhidlast = args.emsize if args.nhidlast < 0 else args.nhidlast
     cfg = RNNSearchConfig(
         data=args.data, data_dir=args.data_dir, max_tokens=args.max_tokens, emsize=args.emsize, nhid=args.nhid,
@@ -305,8 +343,9 @@ def _search_rnn(args) -> int:
         dropouti=args.dropouti, dropoute=args.dropoute, alpha=args.alpha, beta=args.beta, wdecay=args.wdecay,
         unrolled=args.unrolled, fd_r=args.fd_r, arch_lr=args.arch_lr, arch_wdecay=args.arch_wdecay,
         eval_batch_size=args.eval_batch_size, seed=args.seed, steps_per_epoch=args.steps_per_epoch,
-        device=args.device, backend=backend, tensorboard=args.tensorboard, **_hessian_settings(args))
-    return _run_search(args, "rnn", cfg, RNNSearch, RNNSearchConfig, lambda c: f"data {c.data}; ")
+        device=args.device, backend=backend, tensorboard=args.tensorboard, method=args.method,
+        forbid_s0=args.forbid_s0, **_hessian_settings(args))
+    return _run_search(args, "rnn", cfg, RNNSearch, RNNSearchConfig, lambda c: f"method {c.method}; data {c.data}; ")
 
 
 def _search_cnn(args) -> int:
@@ -315,15 +354,18 @@ def _search_cnn(args) -> int:
 
     _set_threads(args.threads)
     backend = args.backend if args.backend is not None else _backend.current_backend()
-    cfg = CNNSearchConfig(
-        data=args.data, data_dir=args.data_dir, num_train=args.num_train, epochs=args.epochs,
-        batch_size=args.batch_size, learning_rate=args.learning_rate, learning_rate_min=args.learning_rate_min,
-        momentum=args.momentum, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-        init_channels=args.init_channels, layers=args.layers, train_portion=args.train_portion,
-        unrolled=args.unrolled, fd_r=args.fd_r, arch_learning_rate=args.arch_learning_rate,
-        arch_weight_decay=args.arch_weight_decay, seed=args.seed, steps_per_epoch=args.steps_per_epoch,
-        device=args.device, backend=backend, tensorboard=args.tensorboard, **_hessian_settings(args))
-    return _run_search(args, "cnn", cfg, CNNSearch, CNNSearchConfig)
+    if args.method == "random":
+        return _random_search(args, "cnn", backend)
+    given = {name: getattr(args, name) for name in _METHOD_SETTINGS if getattr(args, name) is not None}
+    cfg = CNNSearchConfig.for_method(
+        args.method, data=args.data, data_dir=args.data_dir, num_train=args.num_train,
+        init_channels=args.init_channels, train_portion=args.train_portion, unrolled=args.unrolled, fd_r=args.fd_r,
+        seed=args.seed, steps_per_epoch=args.steps_per_epoch, device=args.device, backend=backend,
+        tensorboard=args.tensorboard, partial_channels=args.partial_channels, tau_max=args.tau_max,
+        tau_min=args.tau_min, gdas_unselected=args.gdas_unselected, distinct_inputs=args.distinct_inputs,
+        rsws_path=args.rsws_path, allow_none=args.allow_none, rsws_samples=args.rsws_samples,
+        rsws_eval_batches=args.rsws_eval_batches, rsws_top=args.rsws_top, **given, **_hessian_settings(args))
+    return _run_search(args, "cnn", cfg, CNNSearch, CNNSearchConfig, lambda c: f"method {c.method}; ")
 
 
 def _run_training(args, space: str, run_cls, cfg, about: str) -> dict:

@@ -38,6 +38,31 @@ def parse_cell(probs: torch.Tensor, steps: int, primitives: Sequence[str] = PRIM
     return gene
 
 
+def parse_cell_pairs(probs: torch.Tensor, steps: int, primitives: Sequence[str] = PRIMITIVES,
+                     distinct_inputs: bool = False) -> List[Tuple[str, int]]:
+    """One cell's genes ranking every (edge, candidate) pair entering a node together: per node the 2 pairs with
+    the largest weight, 'none' excluded; two candidates on the same input may both be kept unless
+    ``distinct_inputs`` (then the second is the best pair on another input). The rule of GDAS's DARTS-space code
+    and of I-DARTS on the CNN space (docs/darts.md, "Other methods' genotype rules"). Ties keep the earlier edge,
+    then the earlier candidate."""
+    W = probs.detach().to("cpu", torch.float64).tolist()
+    expected = sum(2 + i for i in range(steps))
+    if len(W) != expected or any(len(row) != len(primitives) for row in W):
+        raise ValueError(f"probs: expected shape ({expected}, {len(primitives)}), got {tuple(probs.shape)}")
+    gene: List[Tuple[str, int]] = []
+    start = 0
+    for i in range(steps):
+        n = 2 + i
+        pairs = sorted(((-W[start + j][k], j, k) for j in range(n) for k, name in enumerate(primitives)
+                        if name != "none"))
+        first = pairs[0]
+        second = next(p for p in pairs[1:] if not distinct_inputs or p[1] != first[1])
+        for _, j, k in (first, second):
+            gene.append((primitives[k], j))
+        start += n
+    return gene
+
+
 def derive(alphas_normal: torch.Tensor, alphas_reduce: torch.Tensor, steps: int = 4, multiplier: int = 4,
            primitives: Sequence[str] = PRIMITIVES) -> Genotype:
     """The genotype of a search network from its two arch tensors."""

@@ -79,6 +79,7 @@ class DARTSCellSearch(nn.Module):
             [nn.Parameter(torch.empty(nhid, 2 * nhid).uniform_(-INITRANGE, INITRANGE)) for _ in range(STEPS)])
         self.bn = nn.BatchNorm1d(nhid, affine=False)
         self.weights = None  # the arch tensor, set by the model
+        self.probs_fn = None  # weights -> (edges, candidates) probabilities; None: DARTS's per-edge softmax
 
     def forward(self, inputs: torch.Tensor, hidden: torch.Tensor):
         if self.weights is None:
@@ -90,7 +91,7 @@ class DARTSCellSearch(nn.Module):
         else:
             x_mask = h_mask = None
         h = hidden[0]
-        probs = F.softmax(self.weights, dim=-1)
+        probs = F.softmax(self.weights, dim=-1) if self.probs_fn is None else self.probs_fn(self.weights)
         if self.training and self.bn.track_running_stats and self.bn.momentum is not None \
                 and not torch.compiler.is_compiling() and not _autodiff.under_transform():
             # under torch.compile: the module path, rnn_mix a custom op; under torch.func / forward AD: the

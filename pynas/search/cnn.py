@@ -1,8 +1,11 @@
-"""The DARTS CNN search: CIFAR-10 (or the synthetic shapes10), the CNN search network, its settings.
+"""The CNN search: CIFAR-10 (or the synthetic shapes10), the search network of a method, its settings.
 
-Each iteration: the architect steps alpha on a (train, valid) batch pair, first or second order, then SGD
-steps the weights on the same train batch. The training data is split in two halves: the first trains w, the
-second alpha.
+The training data is split in two halves: the first trains the weights w, the second the architecture. Each
+iteration takes a (train, valid) batch pair and hands it to the method (``method``, one file in
+pynas.strategies): DARTS's architect steps alpha on the pair, first or second order, then SGD steps the weights
+on the train batch; I-DARTS, PC-DARTS, GDAS and random search with weight sharing change the supernet's weights
+and the steps (pynas.strategies.idarts, pcdarts, gdas, rsws). ``CNNSearchConfig.for_method(name, ...)`` starts
+from the method's own defaults (its paper's).
 """
 from __future__ import annotations
 
@@ -13,10 +16,10 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..cnn import Network, to_json
+from ..cnn import to_json
 from ..cnn.data import ImageData, batches, load_cifar10, make_shapes10
-from ..strategies.darts import CNNArchitect as Architect
-from .config import (HessianSettings, _is_int, _weight_optimizer, check_flag, check_hessian_settings, check_number,
+from ..strategies import CNN_METHODS, cnn_method
+from .config import (HessianSettings, _is_int, check_flag, check_hessian_settings, check_number,
                      check_optional_int, check_place, check_positive_int, check_seed)
 from .loop import SearchCheckpoints, check_tensorboard, epoch_bar, start_or_resume
 
@@ -47,6 +50,27 @@ class CNNSearchConfig(HessianSettings):
     device: str = "cpu"
     backend: str = "auto"
     tensorboard: bool = False  # per-epoch scalars as TensorBoard event files in <run folder>/tensorboard
+    # the method and its settings (each read by its method only; CNNSearchConfig.for_method sets its defaults)
+    method: str = "darts"  # darts, idarts, pcdarts, gdas, rsws
+    warmup_epochs: int = 0  # epochs without architecture steps (PC-DARTS: 15)
+    nesterov: bool = False  # Nesterov momentum of the weight SGD (GDAS: on)
+    partial_channels: int = 4  # PC-DARTS's K: 1/K of each edge's channels go through its candidates
+    tau_max: float = 10.0  # GDAS: the Gumbel-softmax temperature of the first epoch, falling linearly to
+    tau_min: float = 0.1  # tau_min in the last
+    gdas_unselected: str = "scalar"  # GDAS: 'scalar' (the unselected candidates enter as their hard weights) or 'drop'
+    distinct_inputs: bool = False  # I-DARTS, GDAS genotype: the two kept (edge, op) pairs on distinct inputs
+    rsws_path: str = "single"  # RSWS: 'single' (only the sampled path runs) or 'supernet' (all run, one-hot weights)
+    allow_none: bool = True  # RSWS: 'none' among the sampled operations (Li and Talwalkar's CNN sampler)
+    rsws_samples: int = 1000  # RSWS: architectures ranked with the shared weights after training
+    rsws_eval_batches: int = 10  # RSWS: validation batches scoring each of them
+    rsws_top: int = 10  # RSWS: the best of them re-scored on the whole validation half
+
+    @classmethod
+    def for_method(cls, method: str = "darts", **settings) -> "CNNSearchConfig":
+        """The settings of a ``method`` search: its paper's defaults, then ``settings``."""
+        if method not in CNN_METHODS:
+            raise ValueError(f"method: expected one of {', '.join(CNN_METHODS)}, got {method!r}")
+        return cls(**{**cnn_method(method).DEFAULTS, **settings, "method": method})
 
 
 def _check_config(cfg: CNNSearchConfig) -> None:
@@ -73,6 +97,26 @@ def _check_config(cfg: CNNSearchConfig) -> None:
     check_place(cfg)
     check_hessian_settings(cfg)
     check_tensorboard(cfg.tensorboard)
+    if cfg.method not in CNN_METHODS:
+        raise ValueError(f"method: expected one of {', '.join(CNN_METHODS)}, got {cfg.method!r}")
+    check_positive_int("warmup_epochs", cfg.warmup_epochs, minimum=0)
+    check_flag("nesterov", cfg.nesterov)
+    if cfg.nesterov and not cfg.momentum > 0:
+        raise ValueError(f"nesterov: Nesterov momentum needs momentum > 0, got momentum {cfg.momentum!r}")
+    check_positive_int("partial_channels", cfg.partial_channels)
+    check_number("tau_max", cfg.tau_max, low=0.0, low_open=True)
+    check_number("tau_min", cfg.tau_min, 0.0, float(cfg.tau_max), low_open=True, what=" (at most tau_max)")
+    for name, choices in (("gdas_unselected", ("scalar", "drop")), ("rsws_path", ("single", "supernet"))):
+        if getattr(cfg, name) not in choices:
+            raise ValueError(f"{name}: expected one of {', '.join(choices)}, got {getattr(cfg, name)!r}")
+    check_flag("distinct_inputs", cfg.distinct_inputs)
+    check_flag("allow_none", cfg.allow_none)
+    for name in ("rsws_samples", "rsws_eval_batches", "rsws_top"):
+        check_positive_int(name, getattr(cfg, name))
+    method = cnn_method(cfg.method)
+    if cfg.unrolled and not method.SECOND_ORDER:
+        raise ValueError(f"unrolled: {cfg.method} is a first-order method (no second-order step)")
+    method.check_config(cfg)
 
 
 def load_data(cfg: CNNSearchConfig) -> ImageData:
@@ -115,17 +159,25 @@ class CNNSearch(SearchCheckpoints):
         self.train_idx = torch.arange(0, split)
         self.valid_idx = torch.arange(split, n)
         self.criterion = nn.CrossEntropyLoss()
-        self.model = Network(cfg.init_channels, self.data.num_classes, cfg.layers, self.criterion).to(self.device)
-        self.optimizer = _weight_optimizer(self.model.parameters(), cfg)
-        self.architect = Architect(self.model, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                                   arch_learning_rate=cfg.arch_learning_rate,
-                                   arch_weight_decay=cfg.arch_weight_decay, fd_r=cfg.fd_r)
+        self.method = cnn_method(cfg.method)(self)
+        self.model = self.method.build_model(self.data.num_classes, self.criterion).to(self.device)
+        self.optimizer = self.method.build_optimizer(self.model)
+        self.architect = self.method.build_architect(self.model)
         self.epoch = 0  # epochs completed
         self.history: list = []
         self._replay_early_stop()
 
     def genotype_json(self) -> str:
-        return to_json(self.model.genotype())
+        return to_json(self.method.genotype())
+
+    def finish(self):
+        return self.method.finish()
+
+    def final_record(self):
+        return self.method.final_record()
+
+    def load_final(self, record) -> None:
+        self.method.load_final(record)
 
     def hessian_loss(self) -> Callable[[], torch.Tensor]:
         """The arch (validation) loss on a fixed batch: the first ``batch_size`` images of the validation half,
@@ -155,13 +207,7 @@ class CNNSearch(SearchCheckpoints):
             x, y = next(train_it)
             xv, yv = next(valid_it)
             x, y, xv, yv = x.to(dev), y.to(dev), xv.to(dev), yv.to(dev)
-            self.architect.step(x, y, xv, yv, lr, self.optimizer, cfg.unrolled)
-            self.optimizer.zero_grad()
-            logits = model(x)
-            loss = self.criterion(logits, y)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            self.optimizer.step()
+            loss, logits = self.method.iteration(x, y, xv, yv, lr, epoch)
             loss_sum += loss.item() * y.shape[0]
             correct += int((logits.argmax(1) == y).sum())
             seen += y.shape[0]
@@ -192,11 +238,13 @@ class CNNSearch(SearchCheckpoints):
 
     def run_epoch(self, epoch: int):
         """Train and evaluate one epoch: (the history record's figures, their log text)."""
+        extra = self.method.start_epoch(epoch)
         lr, train_loss, train_acc = self.train_epoch(epoch)
         val_loss, val_acc = self.evaluate(epoch)
-        record = {"lr": lr, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
+        record = {"lr": lr, **extra, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
                   "val_acc": val_acc}
-        return record, (f"lr {lr:.5f} train_loss {train_loss:.4f} train_acc {train_acc:.2f} "
+        more = "".join(f"{k} {v:.4g} " for k, v in extra.items())
+        return record, (f"lr {lr:.5f} {more}train_loss {train_loss:.4f} train_acc {train_acc:.2f} "
                         f"val_loss {val_loss:.4f} val_acc {val_acc:.2f}")
 
 

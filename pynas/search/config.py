@@ -85,7 +85,7 @@ def _weight_optimizer(params, cfg) -> torch.optim.SGD:
     over all weights instead of the default foreach kernels' several (the timings of both are in
     benchmarks/results/weight_step.txt). Same update rule, same state_dict."""
     params = list(params)
-    kw = dict(momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    kw = dict(momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=bool(getattr(cfg, "nesterov", False)))
     try:
         return torch.optim.SGD(params, cfg.learning_rate, fused=True, **kw)
     except (RuntimeError, ValueError, TypeError):  # a device or dtype without the fused kernel

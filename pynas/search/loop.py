@@ -105,13 +105,25 @@ class SearchCheckpoints:
             "model": self.model.state_dict(),
             "alphas": [a.detach().cpu().clone() for a in self.model.arch_parameters()],
             "optimizer": self.optimizer.state_dict(),
-            "arch_optimizer": self.architect.optimizer.state_dict(),
+            "arch_optimizer": self.architect.optimizer.state_dict() if self.architect is not None else {},
             "history": list(self.history),
             "torch_rng": torch.get_rng_state(),
             # dropout masks drawn on a GPU come from its generator
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "genotype": self.genotype_json(),
+            "final": self.final_record(),
         }
+
+    def final_record(self) -> Optional[dict]:
+        """What the method did after the last epoch (random search with weight sharing: its selection), or None."""
+        return None
+
+    def finish(self) -> Optional[dict]:
+        """The method's last act after the last epoch (see :meth:`final_record`); None when it has none."""
+        return None
+
+    def load_final(self, record: Optional[dict]) -> None:
+        """Take :meth:`final_record` back from a checkpoint."""
 
     def load_state(self, ckpt: dict) -> None:
         """Take a checkpoint's state, every part checked first (ValueError naming what does not fit)."""
@@ -150,7 +162,9 @@ class SearchCheckpoints:
                 for a, saved in zip(mine, alphas):
                     a.copy_(saved)
             self.optimizer.load_state_dict(ckpt["optimizer"])
-            self.architect.optimizer.load_state_dict(ckpt["arch_optimizer"])
+            if self.architect is not None:
+                self.architect.optimizer.load_state_dict(ckpt["arch_optimizer"])
+            self.load_final(ckpt.get("final"))
         except (KeyError, IndexError, RuntimeError, TypeError, ValueError) as exc:
             text = re.sub(r"\s+", " ", str(exc)).strip()
             raise ValueError(f"resume: the checkpoint does not fit this search: {type(exc).__name__}: {text}") \
@@ -178,8 +192,10 @@ class SearchCheckpoints:
     def alpha_entropy(self) -> float:
         """Mean entropy (nats) of the softmax of the architecture rows, over every edge of every arch tensor:
         log(candidates) at the start, falling as the search commits to operations."""
-        rows = [torch.softmax(a.detach().double(), dim=-1) for a in self.model.arch_parameters()]
-        ent = [-(p * p.clamp_min(1e-300).log()).sum(-1) for p in rows]
+        rows = [torch.softmax(a.detach().double(), dim=-1) for a in self.model.arch_parameters() if a.dim() == 2]
+        if not rows:  # a method without architecture parameters
+            return float("nan")
+        ent = [-(p * p.clamp_min(1e-300).log()).sum(-1).reshape(-1) for p in rows]
         return float(torch.cat(ent).mean())
 
     def save_picture(self) -> None:
@@ -286,6 +302,10 @@ class SearchCheckpoints:
                              f"ratio {before / now:.3f} < {rule.threshold:g}; the genotype of epoch {kept}: "
                              f"{record['early_stop']['genotype']}")
                 self.save()
+        if self.epoch >= cfg.epochs and self.stop_record() is None and self.final_record() is None:
+            with _backend.use_backend(cfg.backend):
+                if self.finish() is not None:
+                    self.save()
         genotype = self.final_genotype_json()
         if self.save_dir:
             with open(os.path.join(self.save_dir, "genotype.json"), "w") as fh:

@@ -60,6 +60,12 @@ class RNNSearchConfig(HessianSettings):
     device: str = "cpu"
     backend: str = "auto"
     tensorboard: bool = False  # per-epoch scalars as TensorBoard event files in <run folder>/tensorboard
+    method: str = "darts"  # darts, idarts (pynas.strategies.idarts: one softmax per node)
+    forbid_s0: bool = True  # I-DARTS's genotype: nodes after the first never take s0 (as the author's code)
+
+
+#: The methods on the RNN space's supernet.
+RNN_METHODS = ("darts", "idarts")
 
 
 def check_config(cfg: RNNSearchConfig) -> None:
@@ -107,6 +113,9 @@ def check_config(cfg: RNNSearchConfig) -> None:
     check_place(cfg)
     check_hessian_settings(cfg)
     check_tensorboard(cfg.tensorboard)
+    if cfg.method not in RNN_METHODS:
+        raise ValueError(f"method: expected one of {', '.join(RNN_METHODS)} on the RNN space, got {cfg.method!r}")
+    check_flag("forbid_s0", cfg.forbid_s0)
 
 
 def _need_train(cfg: RNNSearchConfig) -> int:
@@ -160,8 +169,14 @@ class RNNSearch(SearchCheckpoints):
         self.search_data = batchify(train[half:], cfg.batch_size).to(self.device)
         self.val_data = batchify(self.corpus.valid, cfg.eval_batch_size).to(self.device)
         torch.manual_seed(cfg.seed)
-        self.model = RNNModelSearch(self.corpus.ntokens, cfg.emsize, cfg.nhid, cfg.nhidlast, cfg.dropout,
-                                    cfg.dropouth, cfg.dropoutx, cfg.dropouti, cfg.dropoute).to(self.device)
+        args = (self.corpus.ntokens, cfg.emsize, cfg.nhid, cfg.nhidlast, cfg.dropout, cfg.dropouth, cfg.dropoutx,
+                cfg.dropouti, cfg.dropoute)
+        if cfg.method == "idarts":
+            from ..strategies.idarts import IDARTSRNNModel
+
+            self.model = IDARTSRNNModel(*args, forbid_s0=cfg.forbid_s0).to(self.device)
+        else:
+            self.model = RNNModelSearch(*args).to(self.device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.wdecay)
         self.architect = Architect(self.model, weight_decay=cfg.wdecay, clip=cfg.clip, arch_learning_rate=cfg.arch_lr,
                                    arch_weight_decay=cfg.arch_wdecay, fd_r=cfg.fd_r)

@@ -56,3 +56,96 @@ class ArchitectBase:
 
 def _copy_all(dst: List[torch.Tensor], src: List[torch.Tensor]) -> None:
     mt.copy_(dst, src)
+
+
+def node_blocks(steps: int, first: int) -> List[int]:
+    """Edges entering each node, in the arch tensors' row order: ``first + i`` for node i (CNN: 2 + i, RNN: 1 + i)."""
+    return [first + i for i in range(steps)]
+
+
+def node_softmax(logits: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """The softmax over each node's block of rows taken as one distribution (every entry of the block: all its
+    (edge, candidate) pairs for a 2-D tensor, its edges for a 1-D one); ``sizes`` the rows of each block."""
+    if sum(sizes) != logits.shape[0]:
+        raise ValueError(f"logits: expected {sum(sizes)} rows (node blocks {list(sizes)}), got {tuple(logits.shape)}")
+    out = [torch.softmax(block.reshape(-1), dim=0).view_as(block) for block in torch.split(logits, list(sizes), 0)]
+    return torch.cat(out, 0)
+
+
+class CNNMethod:
+    """A search method on the CNN space, driven by :class:`pynas.search.cnn.CNNSearch`: it builds the supernet, the
+    weight optimizer and the architecture step, runs one iteration, derives the genotype and (optionally) finishes
+    the run after the last epoch (random search with weight sharing ranks its samples there).
+
+    ``DEFAULTS``: the method's settings where they differ from DARTS's (its paper's and code's); ``SECOND_ORDER``:
+    whether the unrolled step applies."""
+
+    name = ""
+    DEFAULTS: dict = {}
+    SECOND_ORDER = True
+
+    def __init__(self, search):
+        self.search = search
+        self.cfg = search.cfg
+
+    # what the search calls
+    def build_model(self, num_classes: int, criterion: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    #: Whether an iteration leaves some weights without a gradient (a sampled path): the weight SGD is then torch's
+    #: foreach one, which skips those weights (no momentum, no weight decay that step); the fused kernel cannot.
+    SAMPLED_PATHS = False
+
+    def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        from ..search.config import _weight_optimizer
+
+        cfg = self.cfg
+        if self.SAMPLED_PATHS:
+            return torch.optim.SGD(model.parameters(), cfg.learning_rate, momentum=cfg.momentum,
+                                   weight_decay=cfg.weight_decay, nesterov=bool(cfg.nesterov))
+        return _weight_optimizer(model.parameters(), cfg)
+
+    def build_architect(self, model: nn.Module):
+        """The architecture step (an object with ``optimizer``), or None for a method without one."""
+        return None
+
+    def start_epoch(self, epoch: int) -> dict:
+        """Called before each epoch's iterations; returns figures for the epoch's record (e.g. GDAS's tau)."""
+        return {}
+
+    def iteration(self, x, y, xv, yv, lr: float, epoch: int):
+        """One search iteration on a (train, valid) batch pair: returns (the weight step's loss, its logits)."""
+        raise NotImplementedError
+
+    def weight_step(self, x, y):
+        """The SGD step of the weights on a train batch, the gradient clipped to ``grad_clip``: (loss, logits)."""
+        search = self.search
+        search.optimizer.zero_grad()
+        logits = search.model(x)
+        loss = search.criterion(logits, y)
+        loss.backward()
+        nn.utils.clip_grad_norm_(search.model.parameters(), self.cfg.grad_clip)
+        search.optimizer.step()
+        return loss, logits
+
+    def genotype(self):
+        return self.search.model.genotype()
+
+    def finish(self) -> Optional[dict]:
+        """After the last epoch: a record of what the method did to end the run (kept in the checkpoint), or None."""
+        return None
+
+    def final_record(self) -> Optional[dict]:
+        """The record :meth:`finish` returned, once it has run (None before, and for a method without one)."""
+        return None
+
+    def load_final(self, record: Optional[dict]) -> None:
+        """Take :meth:`final_record` back from a checkpoint."""
+
+    def evaluate_model(self) -> nn.Module:
+        """The network the per-epoch validation runs (eval mode)."""
+        return self.search.model
+
+    @staticmethod
+    def check_config(cfg) -> None:
+        """The method's own checks of the settings (ValueError naming the setting)."""

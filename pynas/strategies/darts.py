@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..ops import multi_tensor as mt
-from .base import ArchitectBase, _copy_all, _grad, _momentum_buffers
+from .base import ArchitectBase, CNNMethod, _copy_all, _grad, _momentum_buffers
 
 
 def settings_from_args(args) -> dict:
@@ -125,7 +125,36 @@ class CNNArchitect(ArchitectBase):
             _copy_all(params, saved)  # bit-exact restore from the copy, not by adding back
 
 
-@torch.no_grad()
+class DARTSMethod(CNNMethod):
+    """DARTS on the CNN space (:class:`pynas.search.cnn.CNNSearch`): each iteration the architect steps alpha on
+    the (train, valid) pair, first or second order, then SGD steps the weights on the train batch. With
+    ``warmup_epochs`` the first epochs train the weights only (PC-DARTS's warm-up; DARTS: 0)."""
+
+    name = "darts"
+
+    def network_class(self):
+        from ..cnn import Network
+
+        return Network
+
+    def network_kwargs(self) -> dict:
+        return {}
+
+    def build_model(self, num_classes, criterion):
+        cfg = self.cfg
+        return self.network_class()(cfg.init_channels, num_classes, cfg.layers, criterion, **self.network_kwargs())
+
+    def build_architect(self, model):
+        cfg = self.cfg
+        return CNNArchitect(model, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                            arch_learning_rate=cfg.arch_learning_rate, arch_weight_decay=cfg.arch_weight_decay,
+                            fd_r=cfg.fd_r)
+
+    def iteration(self, x, y, xv, yv, lr, epoch):
+        search = self.search
+        if epoch >= self.cfg.warmup_epochs:
+            search.architect.step(x, y, xv, yv, lr, search.optimizer, self.cfg.unrolled)
+        return self.weight_step(x, y)
 
 
 # -- the RNN space ------------------------------------------------------------------------------------------

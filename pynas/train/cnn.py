@@ -159,18 +159,25 @@ class CNNTraining(TrainingRun):
     parse_genotype = staticmethod(from_json)
     load_genotype = staticmethod(load_genotype)
     to_json = staticmethod(to_json)
+    #: the name of the split evaluated after every epoch (its keys in the history and result: ``<name>_acc``,
+    #: ``<name>_loss``); a subclass whose :meth:`load_data` holds out part of the training data renames it
+    HELD_OUT = "test"
 
     def __init__(self, cfg: CNNTrainConfig, save_dir: Optional[str] = None, log: Callable[[str], None] = print,
                  progress: bool = True, genotype: Optional[Genotype] = None):
         """``genotype``: the cells to train (a resumed run's, from its checkpoint); None reads ``cfg.genotype``."""
         self.start(cfg, save_dir, log, progress, genotype)
         torch.manual_seed(cfg.seed)
-        self.train_data, self.test_data = load_split(cfg, True), load_split(cfg, False)
+        self.train_data, self.test_data = self.load_data()
         self.model = EvalNetwork(cfg.init_channels, self.train_data.num_classes, cfg.layers, cfg.auxiliary,
                                  self.genotype).to(self.device)
         self.criterion = nn.CrossEntropyLoss()
         self.optimizer = torch.optim.SGD(self.model.parameters(), cfg.learning_rate, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
+
+    def load_data(self):
+        """(the training data, the held-out data evaluated after every epoch): here the training and test splits."""
+        return load_split(self.cfg, True), load_split(self.cfg, False)
 
     # -- the epochs --------------------------------------------------------------
     def train_epoch(self, epoch: int):
@@ -211,30 +218,30 @@ class CNNTraining(TrainingRun):
         """Train to the end, or until ``until`` epochs are complete; one log line and one checkpoint per epoch."""
         from .. import _backend
 
-        cfg = self.cfg
+        cfg, held = self.cfg, self.HELD_OUT
         stop = cfg.epochs if until is None else min(until, cfg.epochs)
         if self.epoch == 0:
             self.log(f"training {cfg.genotype}: {count_parameters(self.model) / 1e6:.3f} M weights (without the "
-                     f"auxiliary head), {len(self.train_data)} training and {len(self.test_data)} test images "
+                     f"auxiliary head), {len(self.train_data)} training and {len(self.test_data)} {held} images "
                      f"({self.train_data.name})")
         with _backend.use_backend(cfg.backend):
             while self.epoch < stop:
                 epoch, t0 = self.epoch, time.perf_counter()
                 lr, drop, train_loss, train_acc = self.train_epoch(epoch)
-                test_loss, test_acc = evaluate(self.model, self.test_data, cfg.batch_size, self.device)
+                held_loss, held_acc = evaluate(self.model, self.test_data, cfg.batch_size, self.device)
                 seconds = time.perf_counter() - t0
                 self.history.append({"epoch": epoch + 1, "lr": lr, "drop_path_prob": drop, "train_loss": train_loss,
-                                     "train_acc": train_acc, "test_loss": test_loss, "test_acc": test_acc,
+                                     "train_acc": train_acc, f"{held}_loss": held_loss, f"{held}_acc": held_acc,
                                      "seconds": seconds})
                 self.epoch = epoch + 1
                 self.log(f"epoch {epoch + 1}/{cfg.epochs} lr {lr:.5f} drop_path {drop:.3f} train_loss "
-                         f"{train_loss:.4f} train_acc {train_acc:.2f} test_loss {test_loss:.4f} test_acc "
-                         f"{test_acc:.2f} time {seconds:.1f}s")
+                         f"{train_loss:.4f} train_acc {train_acc:.2f} {held}_loss {held_loss:.4f} {held}_acc "
+                         f"{held_acc:.2f} time {seconds:.1f}s")
                 self.save()
         final = self.history[-1] if self.history else {}
-        result = {"test_acc": final.get("test_acc"), "test_loss": final.get("test_loss"),
+        result = {f"{held}_acc": final.get(f"{held}_acc"), f"{held}_loss": final.get(f"{held}_loss"),
                   "parameters": count_parameters(self.model), "history": self.history}
-        self.log(f"test accuracy {final.get('test_acc', float('nan')):.2f} % ({len(self.test_data)} images)")
+        self.log(f"{held} accuracy {final.get(f'{held}_acc', float('nan')):.2f} % ({len(self.test_data)} images)")
         return result
 
 
