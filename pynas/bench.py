@@ -15,6 +15,9 @@ Benchmarks:
   * ``rnn_search_first_order`` / ``rnn_search_second_order``: one DARTS RNN
     search iteration (the RNN architect's step plus the weight step with the
     temporal activation regularisation, clipped SGD), on random tokens;
+  * ``cnn_search_idarts`` / ``_pcdarts`` / ``_gdas`` / ``_rsws``: one iteration of each other method on the
+    CNN space (pynas.strategies), first order, with the method's defaults at the search size (the reference
+    provider is the method's eager path: for GDAS and RSWS it too computes only the sampled operations);
   * ``cnn_edge_fwd_bwd``: one training-mode MixedOp forward and backward;
   * ``mixed_sum_fwd`` / ``_bwd`` / ``_fwd_bwd``: the fused op against its
     reference, with the bytes it must move and the fraction of the machine's
@@ -51,7 +54,9 @@ from .ops import mixed_sum, mixed_sum_ref
 
 MACRO = ("cnn_search_first_order", "cnn_search_second_order", "rnn_search_first_order", "rnn_search_second_order")
 MICRO = ("mixed_sum_fwd", "mixed_sum_bwd", "mixed_sum_fwd_bwd", "cnn_edge_fwd_bwd")
-BENCHMARKS = MACRO + MICRO
+#: One first-order iteration of each other method on the CNN space (pynas.strategies), at the search size.
+METHODS = ("cnn_search_idarts", "cnn_search_pcdarts", "cnn_search_gdas", "cnn_search_rsws")
+BENCHMARKS = MACRO + METHODS + MICRO
 BASE_PROVIDERS = ("reference", "compiled", "pynas")
 
 SIZES = {
@@ -353,6 +358,38 @@ def search_case(size: dict, device: torch.device, unrolled: bool, compiled: bool
     return Case(step, forward)
 
 
+def method_search_case(method: str, size: dict, device: torch.device, seed: int = 0) -> Case:
+    """One iteration of ``method`` (pynas.strategies) as the CNN search runs it, first order, with the method's
+    defaults at the benchmark's network size; architecture steps on (after PC-DARTS's warm-up)."""
+    from types import SimpleNamespace
+
+    from .search.cnn import CNNSearchConfig
+    from .strategies import cnn_method
+
+    torch.manual_seed(seed)
+    cfg = CNNSearchConfig.for_method(method, init_channels=size["C"], layers=size["layers"],
+                                     batch_size=size["batch"])
+    search = SimpleNamespace(cfg=cfg, criterion=nn.CrossEntropyLoss(), device=device, log=lambda line: None)
+    m = cnn_method(method)(search)
+    search.model = m.build_model(10, search.criterion).to(device)
+    search.optimizer = m.build_optimizer(search.model)
+    search.architect = m.build_architect(search.model)
+    epoch = cfg.warmup_epochs
+    m.start_epoch(epoch)
+    b, s = size["batch"], size["image"]
+    g = torch.Generator().manual_seed(seed + 1)
+    x, xv = (torch.randn(b, 3, s, s, generator=g).to(device) for _ in range(2))
+    y, yv = (torch.randint(0, 10, (b,), generator=g).to(device) for _ in range(2))
+
+    def step():
+        m.iteration(x, y, xv, yv, cfg.learning_rate, epoch)
+
+    def forward():
+        return search.model._loss(x, y)
+
+    return Case(step, forward)
+
+
 def rnn_search_case(size: dict, device: torch.device, unrolled: bool, compiled: bool, seed: int = 0) -> Case:
     """One iteration of the RNN search loop (pynas/search/rnn.py) with DARTS's settings."""
     from .rnn import RNNModelSearch
@@ -456,7 +493,7 @@ def edge_case(size: dict, device: torch.device, compiled: bool, seed: int = 0) -
 def _size_label(bench: str, size: dict) -> str:
     if bench.startswith("rnn_search"):
         return f"E=H={size['emsize']} B={size['batch']} T={size['bptt']} V={size['ntoken']}"
-    if bench in MACRO:
+    if bench in MACRO or bench in METHODS:
         return f"C={size['C']} L={size['layers']} B={size['batch']} {size['image']}x{size['image']}"
     if bench.startswith("cnn_edge"):
         return f"C={size['C']} B={size['batch']} {size['image']}x{size['image']} s={size['stride']}"
@@ -505,6 +542,15 @@ def _run_one(bench: str, provider: str, cfg: BenchConfig, device: torch.device) 
 
         def make():
             return rnn_search_case(size, device, unrolled=bench.endswith("second_order"), compiled=compiled)
+    elif bench in METHODS:
+        size = sizes["search"]
+        repeats, min_repeat = cfg.repeats or 5, 0.0
+        if compiled:
+            return {"status": "skipped", "params": dict(size, backend=backend),
+                    "note": "torch.compile is not measured for the methods (sampled paths sync with the host)"}
+
+        def make():
+            return method_search_case(bench[len("cnn_search_"):], size, device)
     elif bench in MACRO:
         size = sizes["search"]
         repeats, min_repeat = cfg.repeats or 5, 0.0

@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: by --device)")
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--benchmarks", default=None,
-                       help="comma-separated names or groups (search, cnn, rnn, mixed_sum, micro); default all")
+                       help="comma-separated names or groups (search, cnn, rnn, methods, mixed_sum, micro); default all")
     bench.add_argument("--providers", default="reference,compiled,pynas",
                        help="comma-separated: reference, compiled, pynas, pynas-<backend>")
     bench.add_argument("--repeats", type=int, default=None)
@@ -368,6 +368,47 @@ def _search_cnn(args) -> int:
     return _run_search(args, "cnn", cfg, CNNSearch, CNNSearchConfig, lambda c: f"method {c.method}; ")
 
 
+def _random_search(args, space: str, backend: str) -> int:
+    """``--method random``: sample, train each derived network briefly (pynas.train), keep the best by validation
+    (pynas.strategies.random_search). The candidates train with the search's data and network flags."""
+    import json
+
+    from .strategies.random_search import RandomSearchConfig, run_random_search
+
+    if space == "cnn":
+        train = {"data": args.data, "data_dir": args.data_dir, "num_train": args.num_train,
+                 "init_channels": args.init_channels}
+        train.update({k: getattr(args, k) for k in ("batch_size", "learning_rate", "learning_rate_min", "momentum",
+                                                  "weight_decay", "grad_clip", "layers")
+                      if getattr(args, k) is not None})
+        epochs = args.candidate_epochs if args.candidate_epochs is not None else args.epochs
+    else:
+        train = {k: getattr(args, k) for k in ("data", "data_dir", "max_tokens", "emsize", "nhid", "lr", "clip",
+                                               "batch_size", "bptt", "dropout", "dropouth", "dropoutx", "dropouti",
+                                               "dropoute", "alpha", "beta", "wdecay", "eval_batch_size")}
+        epochs = args.candidate_epochs
+    cfg = RandomSearchConfig(space=space, n_samples=args.samples, seed=args.seed, epochs=epochs,
+                             steps_per_epoch=args.steps_per_epoch, train=train, device=args.device, backend=backend)
+    save = _run_folder_path(args, space)
+    lines: List[str] = []
+
+    def log(line: str) -> None:  # printed; appended to the run folder's log once the search has made it
+        print(line, flush=True)
+        lines.append(line)
+        if os.path.isdir(save):
+            with open(os.path.join(save, "log.txt"), "a") as fh:
+                fh.write("".join(s + "\n" for s in lines))
+            lines.clear()
+
+    log(f"pynas search {space}: method random; run folder {save}; backend {backend}")
+    result = run_random_search(cfg, save_dir=save if args.resume is None else None,
+                               resume=save if args.resume is not None else None, log=log,
+                               progress=not args.no_progress)
+    print("genotype: " + json.dumps(result["genotype"] if isinstance(result["genotype"], dict)
+                                    else json.loads(result["genotype"])), flush=True)
+    return 0
+
+
 def _run_training(args, space: str, run_cls, cfg, about: str) -> dict:
     """Like a search: settings, data and checkpoint checked before the run folder is made."""
     import torch
@@ -467,6 +508,8 @@ def _bench(args) -> int:
             names += list(bench.MACRO)
         elif item in ("cnn", "rnn"):
             names += [b for b in bench.MACRO if b.startswith(item + "_")]
+        elif item == "methods":
+            names += list(bench.METHODS)
         elif item == "mixed_sum":
             names += [b for b in bench.MICRO if b.startswith("mixed_sum")]
         elif item == "micro":

@@ -43,7 +43,7 @@ def parse_cell_pairs(probs: torch.Tensor, steps: int, primitives: Sequence[str] 
     """One cell's genes ranking every (edge, candidate) pair entering a node together: per node the 2 pairs with
     the largest weight, 'none' excluded; two candidates on the same input may both be kept unless
     ``distinct_inputs`` (then the second is the best pair on another input). The rule of GDAS's DARTS-space code
-    and of I-DARTS on the CNN space (docs/darts.md, "Other methods' genotype rules"). Ties keep the earlier edge,
+    and of I-DARTS on the CNN space (docs/methods.md, "Genotype rules"). Ties keep the earlier edge,
     then the earlier candidate."""
     W = probs.detach().to("cpu", torch.float64).tolist()
     expected = sum(2 + i for i in range(steps))
@@ -105,7 +105,7 @@ def from_json(text: str) -> Genotype:
         for e, item in enumerate(items):
             if not (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str)):
                 raise ValueError(f"text: {key} entries must be [op, input] pairs, got {item!r}")
-            if item[0] not in OPS or item[0] == "none":
+            if item[0] not in OPS:  # 'none' included: a zero input (random search samples it)
                 raise ValueError(f"text: unknown {key} op {item[0]!r}")
             node = e // 2
             if not _is_int(item[1]) or not 0 <= item[1] <= node + 1:

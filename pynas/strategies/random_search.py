@@ -43,7 +43,6 @@ import json
 import math
 import os
 import random
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
