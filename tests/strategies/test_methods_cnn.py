@@ -407,3 +407,80 @@ def test_search_iterations_follow_the_reference(method):
             assert int(b) == int(R[n]), n
     if method == "pcdarts":  # the warm-up epoch left the architecture alone
         assert search.method.cfg.warmup_epochs == 1
+
+
+# -- runs, checkpoints and resume ------------------------------------------------------------------------------
+
+
+RUN = dict(num_train=32, batch_size=4, init_channels=4, layers=3, epochs=2, steps_per_epoch=2, seed=5,
+           rsws_samples=4, rsws_top=2, rsws_eval_batches=1)
+
+
+def _figures(history):
+    return [{k: v for k, v in r.items() if k not in ("seconds",)} for r in history]
+
+
+@pytest.mark.parametrize("method", ["idarts", "pcdarts", "gdas", "rsws"])
+def test_method_search_resumes_exactly(tmp_path, method):
+    from pynas.search.cnn import run_search
+
+    extra = {"partial_channels": 2, "warmup_epochs": 1} if method == "pcdarts" else {}
+    quiet = lambda s: None  # noqa: E731
+    cfg = CNNSearchConfig.for_method(method, **RUN, **extra)
+    full = run_search(cfg, save_dir=str(tmp_path / "full"), log=quiet, progress=False)
+    part = CNNSearch(CNNSearchConfig.for_method(method, **RUN, **extra), save_dir=str(tmp_path / "part"), log=quiet,
+                     progress=False)
+    part.run(until=1)
+    resumed = run_search(cfg, save_dir=str(tmp_path / "part"), resume=str(tmp_path / "part"), log=quiet,
+                         progress=False)
+    assert resumed["genotype"] == full["genotype"]
+    assert repr(_figures(resumed["history"])) == repr(_figures(full["history"]))
+    for name in ("genotype.json", "genotype.svg", "metrics.csv", "checkpoint.pt"):
+        assert (tmp_path / "full" / name).exists(), name
+    ckpt = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
+    if method == "rsws":
+        final = ckpt["final"]
+        assert final["samples"] == 4 and len(final["top"]) == 2
+        best = min(final["top"], key=lambda r: (r["valid_error"], r["sample"]))
+        assert json_genotype(best["genotype"]) == full["genotype"]
+        # a finished run resumed again does not select anew
+        again = run_search(cfg, save_dir=str(tmp_path / "full"), resume=str(tmp_path / "full"), log=quiet,
+                           progress=False)
+        assert again["genotype"] == full["genotype"]
+    else:
+        assert ckpt["final"] is None
+        assert len(ckpt["alphas"]) == (4 if method == "pcdarts" else 2)
+
+
+def json_genotype(text):
+    import json
+
+    return json.loads(text)
+
+
+def test_pcdarts_warmup_leaves_the_architecture_alone():
+    cfg = CNNSearchConfig.for_method("pcdarts", **RUN, partial_channels=2, warmup_epochs=1)
+    cfg.epochs = 1
+    search = CNNSearch(cfg, progress=False, log=lambda s: None)
+    before = [a.detach().clone() for a in search.model.arch_parameters()]
+    search.run()
+    assert all(torch.equal(a, b) for a, b in zip(search.model.arch_parameters(), before))
+
+
+def test_method_defaults_and_errors():
+    cfg = CNNSearchConfig.for_method("pcdarts")
+    assert (cfg.batch_size, cfg.learning_rate, cfg.learning_rate_min, cfg.arch_learning_rate, cfg.warmup_epochs,
+            cfg.epochs) == (256, 0.1, 0.0, 6e-4, 15, 50)
+    cfg = CNNSearchConfig.for_method("gdas")
+    assert cfg.nesterov and cfg.weight_decay == 5e-4 and cfg.epochs == 250 and cfg.layers == 6
+    assert CNNSearchConfig.for_method("gdas", epochs=3).epochs == 3
+    with pytest.raises(ValueError, match="method"):
+        CNNSearchConfig.for_method("enas")
+    with pytest.raises(ValueError, match="tau_min"):
+        CNNSearch(CNNSearchConfig.for_method("gdas", tau_max=1.0, tau_min=2.0, num_train=16))
+    with pytest.raises(ValueError, match="rsws_top"):
+        CNNSearch(CNNSearchConfig.for_method("rsws", rsws_samples=2, rsws_top=3, num_train=16))
+    with pytest.raises(ValueError, match="track_hessian"):
+        CNNSearch(CNNSearchConfig.for_method("rsws", track_hessian=True, num_train=16))
+    with pytest.raises(ValueError, match="gdas_unselected"):
+        CNNSearch(CNNSearchConfig.for_method("gdas", gdas_unselected="all", num_train=16))
