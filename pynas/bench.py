@@ -367,8 +367,10 @@ def method_search_case(method: str, size: dict, device: torch.device, seed: int 
     from .strategies import cnn_method
 
     torch.manual_seed(seed)
-    cfg = CNNSearchConfig.for_method(method, init_channels=size["C"], layers=size["layers"],
-                                     batch_size=size["batch"])
+    C = size["C"]
+    k = 4 if C % 4 == 0 else (2 if C % 2 == 0 else 1)  # PC-DARTS's K: 4 where it divides C (the smoke size's C=2)
+    cfg = CNNSearchConfig.for_method(method, init_channels=C, layers=size["layers"], batch_size=size["batch"],
+                                     partial_channels=k)
     search = SimpleNamespace(cfg=cfg, criterion=nn.CrossEntropyLoss(), device=device, log=lambda line: None)
     m = cnn_method(method)(search)
     search.model = m.build_model(10, search.criterion).to(device)
