@@ -125,10 +125,16 @@ def _add_rnn_args(p: argparse.ArgumentParser) -> None:
     from .search.rnn import RNNSearchConfig
 
     d = RNNSearchConfig()
-    p.add_argument("--method", choices=("darts", "idarts", "random"), default="darts",
-                   help="darts; idarts (one softmax per node); random (sample cells, train briefly, keep the best)")
+    p.add_argument("--method", choices=("darts", "idarts", "rsws", "random"), default="darts",
+                   help="darts; idarts (one softmax per node); rsws (random search with weight sharing: the "
+                        "evaluation cell's genotype sampled per batch); random (sample cells, train briefly, keep "
+                        "the best). --epochs and --batch-size default to the method's")
     p.add_argument("--allow-s0", dest="forbid_s0", action="store_false",
                    help="idarts: nodes after the first may take s0 in the genotype (the author's code never does)")
+    p.add_argument("--rsws-samples", type=int, default=d.rsws_samples, help="rsws: cells ranked at the end")
+    p.add_argument("--rsws-eval-batches", type=int, default=d.rsws_eval_batches,
+                   help="rsws: validation chunks per ranked cell")
+    p.add_argument("--rsws-top", type=int, default=d.rsws_top, help="rsws: the best re-scored on the validation text")
     p.add_argument("--samples", type=int, default=None, help="random: cells sampled and trained (8)")
     p.add_argument("--candidate-epochs", type=int, default=None, help="random: training epochs of each candidate")
     p.add_argument("--data", choices=("stdlib", "ptb"), default=d.data,
@@ -157,6 +163,7 @@ def _add_rnn_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch-wdecay", type=float, default=d.arch_wdecay)
     p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
     _add_run_args(p, d)
+    p.set_defaults(epochs=None, batch_size=None)  # the method's (pynas.search.rnn.RNNSearchConfig.for_method)
 
 
 def _add_train_cnn_args(p: argparse.ArgumentParser) -> None:
@@ -336,15 +343,16 @@ def _search_rnn(args) -> int:
     if args.method == "random":
         return _random_search(args, "rnn", backend)
     nhidlast = args.emsize if args.nhidlast < 0 else args.nhidlast
-    cfg = RNNSearchConfig(
-        data=args.data, data_dir=args.data_dir, max_tokens=args.max_tokens, emsize=args.emsize, nhid=args.nhid,
-        nhidlast=nhidlast, lr=args.lr, clip=args.clip, epochs=args.epochs, batch_size=args.batch_size,
-        bptt=args.bptt, dropout=args.dropout, dropouth=args.dropouth, dropoutx=args.dropoutx,
+    given = {k: getattr(args, k) for k in ("epochs", "batch_size") if getattr(args, k) is not None}
+    cfg = RNNSearchConfig.for_method(
+        args.method, data=args.data, data_dir=args.data_dir, max_tokens=args.max_tokens, emsize=args.emsize,
+        nhid=args.nhid, nhidlast=nhidlast, lr=args.lr, clip=args.clip, **given, bptt=args.bptt, dropout=args.dropout, dropouth=args.dropouth, dropoutx=args.dropoutx,
         dropouti=args.dropouti, dropoute=args.dropoute, alpha=args.alpha, beta=args.beta, wdecay=args.wdecay,
         unrolled=args.unrolled, fd_r=args.fd_r, arch_lr=args.arch_lr, arch_wdecay=args.arch_wdecay,
         eval_batch_size=args.eval_batch_size, seed=args.seed, steps_per_epoch=args.steps_per_epoch,
-        device=args.device, backend=backend, tensorboard=args.tensorboard, method=args.method,
-        forbid_s0=args.forbid_s0, **_hessian_settings(args))
+        device=args.device, backend=backend, tensorboard=args.tensorboard, forbid_s0=args.forbid_s0,
+        rsws_samples=args.rsws_samples, rsws_eval_batches=args.rsws_eval_batches, rsws_top=args.rsws_top,
+        **_hessian_settings(args))
     return _run_search(args, "rnn", cfg, RNNSearch, RNNSearchConfig, lambda c: f"method {c.method}; data {c.data}; ")
 
 
@@ -385,7 +393,8 @@ def _random_search(args, space: str, backend: str) -> int:
     else:
         train = {k: getattr(args, k) for k in ("data", "data_dir", "max_tokens", "emsize", "nhid", "lr", "clip",
                                                "batch_size", "bptt", "dropout", "dropouth", "dropoutx", "dropouti",
-                                               "dropoute", "alpha", "beta", "wdecay", "eval_batch_size")}
+                                               "dropoute", "alpha", "beta", "wdecay", "eval_batch_size")
+                 if getattr(args, k) is not None}
         epochs = args.candidate_epochs
     cfg = RandomSearchConfig(space=space, n_samples=args.samples, seed=args.seed, epochs=epochs,
                              steps_per_epoch=args.steps_per_epoch, train=train, device=args.device, backend=backend)

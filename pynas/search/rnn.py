@@ -60,12 +60,25 @@ class RNNSearchConfig(HessianSettings):
     device: str = "cpu"
     backend: str = "auto"
     tensorboard: bool = False  # per-epoch scalars as TensorBoard event files in <run folder>/tensorboard
-    method: str = "darts"  # darts, idarts (pynas.strategies.idarts: one softmax per node)
+    method: str = "darts"  # darts, idarts (pynas.strategies.idarts), rsws (pynas.strategies.rsws)
     forbid_s0: bool = True  # I-DARTS's genotype: nodes after the first never take s0 (as the author's code)
+    rsws_samples: int = 1000  # RSWS: cells ranked with the shared weights after training
+    rsws_eval_batches: int = 10  # RSWS: validation chunks of bptt steps scoring each of them
+    rsws_top: int = 10  # RSWS: the best of them re-scored on the whole validation text
+
+    @classmethod
+    def for_method(cls, method: str = "darts", **settings) -> "RNNSearchConfig":
+        """The settings of a ``method`` search: its defaults (RSWS: batch 64, 100 epochs), then ``settings``."""
+        if method not in RNN_METHODS:
+            raise ValueError(f"method: expected one of {', '.join(RNN_METHODS)} on the RNN space, got {method!r}")
+        defaults = {}
+        if method == "rsws":
+            from ..strategies.rsws import RNN_DEFAULTS as defaults
+        return cls(**{**defaults, **settings, "method": method})
 
 
-#: The methods on the RNN space's supernet.
-RNN_METHODS = ("darts", "idarts")
+#: The methods on the RNN space.
+RNN_METHODS = ("darts", "idarts", "rsws")
 
 
 def check_config(cfg: RNNSearchConfig) -> None:
@@ -116,6 +129,15 @@ def check_config(cfg: RNNSearchConfig) -> None:
     if cfg.method not in RNN_METHODS:
         raise ValueError(f"method: expected one of {', '.join(RNN_METHODS)} on the RNN space, got {cfg.method!r}")
     check_flag("forbid_s0", cfg.forbid_s0)
+    for name in ("rsws_samples", "rsws_eval_batches", "rsws_top"):
+        check_positive_int(name, getattr(cfg, name))
+    if cfg.method == "rsws":
+        if cfg.rsws_top > cfg.rsws_samples:
+            raise ValueError(f"rsws_top: expected at most rsws_samples ({cfg.rsws_samples}), got {cfg.rsws_top}")
+        if cfg.track_hessian:
+            raise ValueError("track_hessian: random search with weight sharing has no architecture parameters")
+        if cfg.unrolled:
+            raise ValueError("unrolled: rsws has no architecture step")
 
 
 def _need_train(cfg: RNNSearchConfig) -> int:
@@ -171,21 +193,45 @@ class RNNSearch(SearchCheckpoints):
         torch.manual_seed(cfg.seed)
         args = (self.corpus.ntokens, cfg.emsize, cfg.nhid, cfg.nhidlast, cfg.dropout, cfg.dropouth, cfg.dropoutx,
                 cfg.dropouti, cfg.dropoute)
+        self.final = None  # RSWS: the selection after the last epoch
         if cfg.method == "idarts":
             from ..strategies.idarts import IDARTSRNNModel
 
             self.model = IDARTSRNNModel(*args, forbid_s0=cfg.forbid_s0).to(self.device)
+        elif cfg.method == "rsws":
+            from ..strategies import rsws
+
+            self.model = rsws.rnn_model(self.corpus.ntokens, cfg, cfg.seed).to(self.device)
         else:
             self.model = RNNModelSearch(*args).to(self.device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.wdecay)
-        self.architect = Architect(self.model, weight_decay=cfg.wdecay, clip=cfg.clip, arch_learning_rate=cfg.arch_lr,
-                                   arch_weight_decay=cfg.arch_wdecay, fd_r=cfg.fd_r)
+        self.architect = None if cfg.method == "rsws" else \
+            Architect(self.model, weight_decay=cfg.wdecay, clip=cfg.clip, arch_learning_rate=cfg.arch_lr,
+                      arch_weight_decay=cfg.arch_wdecay, fd_r=cfg.fd_r)
         self.epoch = 0
         self.history: List[dict] = []
         self._replay_early_stop()
 
     def genotype_json(self) -> str:
         return to_json(self.model.genotype())
+
+    def finish(self):
+        if self.cfg.method != "rsws":
+            return None
+        from ..strategies.rsws import rnn_select
+
+        self.final = rnn_select(self)
+        return self.final
+
+    def final_record(self):
+        return self.final
+
+    def load_final(self, record) -> None:
+        if self.cfg.method == "rsws":
+            from ..strategies.rsws import rnn_load_final
+
+            rnn_load_final(self, record)
+            self.final = record
 
     def hessian_loss(self) -> Callable[[], torch.Tensor]:
         """The arch loss on a fixed batch: the first ``bptt`` steps of the architecture half (the data the arch
@@ -211,6 +257,11 @@ class RNNSearch(SearchCheckpoints):
         if cfg.steps_per_epoch:
             total = min(total, cfg.steps_per_epoch)
         bar = epoch_bar(self.progress, total, epoch, cfg.epochs)
+        sample = None
+        if cfg.method == "rsws":
+            from ..strategies.rsws import rnn_epoch_sampler
+
+            sample = rnn_epoch_sampler(cfg, epoch)
         loss_sum, tokens, steps, i = 0.0, 0, 0, 0
         group = self.optimizer.param_groups[0]
         while i < n_rows - 1 - 1:
@@ -227,8 +278,11 @@ class RNNSearch(SearchCheckpoints):
                 data, targets = get_batch(self.train_data, i, seq_len)
                 hidden = [h.detach() for h in hidden]
                 hidden_valid = [h.detach() for h in hidden_valid]
-                hidden_valid, _ = self.architect.step(hidden, data, targets, hidden_valid, data_valid, targets_valid,
-                                                      self.optimizer, cfg.unrolled)
+                if sample is not None:  # RSWS: a uniformly sampled cell per batch, no architecture step
+                    model.set_arch(sample())
+                else:
+                    hidden_valid, _ = self.architect.step(hidden, data, targets, hidden_valid, data_valid,
+                                                          targets_valid, self.optimizer, cfg.unrolled)
                 self.optimizer.zero_grad()
                 loss, raw_loss, hidden = self._weight_loss(data, targets, hidden)
                 loss.backward()

@@ -200,3 +200,107 @@ class RSWSMethod(CNNMethod):
         best = next(r for r in record["top"] if r["sample"] == record["best"])
         self.final = {**record, "best_genotype": from_json(best["genotype"])}
         self.search.model.set_arch(self.final["best_genotype"])
+
+
+# -- the RNN space (the PTB benchmark of the code) ------------------------------------------------------------
+
+
+#: The RNN search's settings where RSWS's PTB benchmark differs from DARTS's (``--batch_size 64 --epochs 100``).
+RNN_DEFAULTS = dict(batch_size=64, epochs=100)
+
+
+def _rnn_model_class():
+    from ..rnn.model_eval import RNNModel
+
+    class RSWSRNNModel(RNNModel):
+        """The DARTS RNN evaluation model whose cell's genotype is swapped per batch (:meth:`set_arch`), as the
+        code's PTB wrapper does: one shared set of weights, only the sampled cell computed (the evaluation cell
+        has no BatchNorm). No architecture parameters."""
+
+        def set_arch(self, genotype) -> None:
+            self.rnns[0].genotype = genotype
+
+        def arch_parameters(self):
+            return []
+
+        def genotype(self):
+            return self.rnns[0].genotype
+
+        def _loss(self, hidden, input, target):
+            log_prob, hidden_next = self(input, hidden)
+            return torch.nn.functional.nll_loss(log_prob.view(-1, log_prob.size(2)), target), hidden_next
+
+    return RSWSRNNModel
+
+
+def rnn_model(ntokens: int, cfg, seed: int):
+    """The RNN search's shared-weight model, holding a first sample (``random.Random(seed)``)."""
+    from .random_search import sample_rnn_genotype
+
+    return _rnn_model_class()(ntokens, cfg.emsize, cfg.nhid, cfg.nhidlast, cfg.dropout, cfg.dropouth, cfg.dropoutx,
+                              cfg.dropouti, cfg.dropoute, sample_rnn_genotype(random.Random(seed)))
+
+
+def rnn_epoch_sampler(cfg, epoch: int):
+    """The architectures of an epoch's iterations: a function drawing the next (depends on seed and epoch only)."""
+    from .random_search import sample_rnn_genotype
+
+    rng = random.Random(cfg.seed * 1000003 + epoch)
+    return lambda: sample_rnn_genotype(rng)
+
+
+def rnn_select(search) -> dict:
+    """The selection after the last epoch, as on the CNN space: ``rsws_samples`` fresh samples scored by their
+    validation NLL on ``rsws_eval_batches`` chunks of ``bptt`` steps (one cycling stream, from a zero hidden state
+    per sample), the best ``rsws_top`` re-scored on the whole validation text; the lowest NLL wins."""
+    from ..rnn.data import get_batch
+    from ..rnn.genotypes import to_json as rnn_to_json
+    from ..rnn.model_search import mean_nll
+    from .random_search import sample_rnn_genotype
+
+    cfg, model, data = search.cfg, search.model, search.val_data
+    rng = random.Random(cfg.seed * 1000003 + 999983)
+    archs = [sample_rnn_genotype(rng) for _ in range(cfg.rsws_samples)]
+    starts = list(range(0, data.size(0) - 1, cfg.bptt))
+    was = model.training
+    model.eval()
+    quick, at = [], 0
+    try:
+        with torch.no_grad():
+            for arch in archs:
+                model.set_arch(arch)
+                hidden = model.init_hidden(data.size(1))
+                total, tokens = 0.0, 0
+                for _ in range(cfg.rsws_eval_batches):
+                    x, y = get_batch(data, starts[at % len(starts)], cfg.bptt)
+                    at += 1
+                    loss, hidden = model._loss(hidden, x, y)
+                    total += float(loss) * y.numel()
+                    tokens += y.numel()
+                quick.append(total / tokens)
+        order = sorted(range(len(archs)), key=lambda i: (quick[i], i))[:cfg.rsws_top]
+        top = []
+        for i in order:
+            model.set_arch(archs[i])
+            top.append({"sample": i, "genotype": rnn_to_json(archs[i]), "quick_nll": quick[i],
+                        "valid_nll": mean_nll(model, data, cfg.bptt)})
+    finally:
+        model.train(was)
+    best = min(top, key=lambda r: (r["valid_nll"], r["sample"]))
+    model.set_arch(archs[best["sample"]])
+    search.log(f"rsws selection: {len(archs)} cells scored on {cfg.rsws_eval_batches} validation chunks each, the "
+               f"best {len(top)} on the whole validation text; best sample {best['sample']} valid_nll "
+               f"{best['valid_nll']:.4f} genotype {best['genotype']}")
+    return {"samples": len(archs), "top": top, "best": best["sample"]}
+
+
+def rnn_load_final(search, record) -> None:
+    """Take the selection's record back from a checkpoint (the model set to the selected cell)."""
+    from ..rnn.genotypes import from_json as rnn_from_json
+
+    if record is None:
+        return
+    if not isinstance(record, dict) or not isinstance(record.get("top"), list):
+        raise ValueError("resume: the checkpoint's 'final' is not a selection record")
+    best = next(r for r in record["top"] if r["sample"] == record["best"])
+    search.model.set_arch(rnn_from_json(best["genotype"]))

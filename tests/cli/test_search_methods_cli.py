@@ -44,10 +44,11 @@ RNN = ["--max-tokens", "20000", "--emsize", "8", "--nhid", "8", "--batch-size", 
        "--bptt", "5", "--epochs", "1", "--steps-per-epoch", "2", "--no-progress", "--threads", "1"]
 
 
-@pytest.mark.parametrize("method", ["idarts", "random"])
+@pytest.mark.parametrize("method", ["idarts", "rsws", "random"])
 def test_rnn_methods_run(tmp_path, capsys, method):
     save = tmp_path / method
-    extra = ["--samples", "2", "--candidate-epochs", "1"] if method == "random" else []
+    extra = {"random": ["--samples", "2", "--candidate-epochs", "1"],
+             "rsws": ["--rsws-samples", "3", "--rsws-top", "1", "--rsws-eval-batches", "1"]}.get(method, [])
     assert main(["search", "rnn", "--method", method, *RNN, *extra, "--save", str(save)]) == 0
     out = capsys.readouterr().out
     genotype = json.loads([ln for ln in out.splitlines() if ln.startswith("genotype: ")][-1][len("genotype: "):])

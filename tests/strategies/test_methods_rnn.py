@@ -3,6 +3,8 @@ one softmax over each node's (inputs x candidates) block, 'none' inside; the gen
 (``_parse_global``) on hand-made weights; a short search runs and resumes exactly."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -142,3 +144,34 @@ def test_idarts_rnn_search_runs_and_resumes_exactly(tmp_path):
 def test_unknown_rnn_method_is_named():
     with pytest.raises(ValueError, match="method"):
         RNNSearch(RNNSearchConfig(method="gdas"))
+
+
+def test_rsws_rnn_search_samples_cells_selects_and_resumes_exactly(tmp_path):
+    from pynas.rnn.genotypes import from_json
+    from pynas.strategies.random_search import sample_rnn_genotype
+
+    cfg = dict(TINY, method="rsws", rsws_samples=4, rsws_top=2, rsws_eval_batches=2)
+    quiet = lambda s: None  # noqa: E731
+    full = run_rnn_search(RNNSearchConfig.for_method(**cfg), save_dir=str(tmp_path / "a"), log=quiet, progress=False)
+    part = RNNSearch(RNNSearchConfig.for_method(**cfg), save_dir=str(tmp_path / "b"), log=quiet, progress=False)
+    assert part.architect is None and part.model.arch_parameters() == []
+    part.run(until=1)
+    # the epoch's last batch's cell is the sampler's last draw for that epoch
+    import random
+
+    rng = random.Random(part.cfg.seed * 1000003 + 0)
+    draws = [sample_rnn_genotype(rng) for _ in range(part.history[0]["steps"])]
+    assert part.model.genotype() == draws[-1]
+    resumed = run_rnn_search(RNNSearchConfig.for_method(**cfg), save_dir=str(tmp_path / "b"),
+                             resume=str(tmp_path / "b"), log=quiet, progress=False)
+    assert resumed["genotype"] == full["genotype"]
+    assert repr([r["val_loss"] for r in resumed["history"]]) == repr([r["val_loss"] for r in full["history"]])
+    ckpt = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
+    best = min(ckpt["final"]["top"], key=lambda r: (r["valid_nll"], r["sample"]))
+    assert from_json(best["genotype"]) == from_json(json.dumps(full["genotype"]))
+    assert RNNSearchConfig.for_method("rsws").batch_size == 64
+
+
+def test_rsws_rnn_refuses_architecture_settings():
+    with pytest.raises(ValueError, match="unrolled"):
+        RNNSearch(RNNSearchConfig.for_method("rsws", unrolled=True, **{k: v for k, v in TINY.items() if k != "method"}))
