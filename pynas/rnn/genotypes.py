@@ -18,11 +18,13 @@ CONCAT = 8
 
 
 def parse_recurrent(probs: torch.Tensor, steps: int = STEPS,
-                    primitives: Sequence[str] = PRIMITIVES) -> List[Tuple[str, int]]:
+                    primitives: Sequence[str] = PRIMITIVES, forbid_s0: bool = False) -> List[Tuple[str, int]]:
     """The genes of a cell from its softmaxed arch weights (shape (edges, ops)).
 
     Node i (0-based) has i + 1 incoming edges; keep the one whose best non-'none' weight is largest and
     on it the argmax over the non-'none' candidates. Ties keep the earlier index, as the reference does.
+    With ``forbid_s0`` a node after the first whose best input is s0 takes its second-ranked input (I-DARTS's
+    rule, pynas.strategies.idarts).
     """
     W = probs.detach().to("cpu", torch.float64).tolist()
     expected = steps * (steps + 1) // 2
@@ -34,7 +36,8 @@ def parse_recurrent(probs: torch.Tensor, steps: int = STEPS,
     for i in range(steps):
         rows = W[start:start + i + 1]
         best = [max(w for k, w in enumerate(row) if k != none) for row in rows]
-        j = sorted(range(i + 1), key=lambda e: -best[e])[0]
+        ranked = sorted(range(i + 1), key=lambda e: -best[e])
+        j = ranked[1] if forbid_s0 and i > 0 and ranked[0] == 0 else ranked[0]
         k_best = None
         for k, w in enumerate(rows[j]):
             if k != none and (k_best is None or w > rows[j][k_best]):

@@ -78,24 +78,7 @@ def parse_recurrent_joint(probs: torch.Tensor, steps: int, primitives: Sequence[
     """I-DARTS's RNN genotype (``_parse_global``) from the jointly normalised weights: per node the input with the
     largest best non-'none' weight (for a node after the first, the second-ranked one where that is s0, unless
     ``forbid_s0`` is off), and on it the best non-'none' activation. Ties keep the earlier index."""
-    W = probs.detach().to("cpu", torch.float64).tolist()
-    expected = steps * (steps + 1) // 2
-    if len(W) != expected or any(len(row) != len(primitives) for row in W):
-        raise ValueError(f"probs: expected shape ({expected}, {len(primitives)}), got {tuple(probs.shape)}")
-    none = primitives.index("none") if "none" in primitives else -1
-    gene: List[Tuple[str, int]] = []
-    start = 0
-    for i in range(steps):
-        rows = W[start:start + i + 1]
-        best = [max(w for k, w in enumerate(row) if k != none) for row in rows]
-        ranked = sorted(range(i + 1), key=lambda e: -best[e])
-        j = ranked[0]
-        if forbid_s0 and i > 0 and j == 0:
-            j = ranked[1]
-        k = max((k for k in range(len(primitives)) if k != none), key=lambda k: (rows[j][k], -k))
-        gene.append((primitives[k], j))
-        start += i + 1
-    return gene
+    return rnn_genotypes.parse_recurrent(probs, steps, primitives, forbid_s0)
 
 
 class IDARTSRNNModel(RNNModelSearch):

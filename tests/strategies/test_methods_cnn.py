@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import _supernet_ref as ref
 from pynas import _backend
-from pynas.cnn import Network, PRIMITIVES
+from pynas.cnn import PRIMITIVES
 from pynas.cnn.genotypes import Genotype, parse_cell, parse_cell_pairs
 from pynas.search.cnn import CNNSearch, CNNSearchConfig
 from pynas.strategies.gdas import GDASNetwork, gumbel_hard
