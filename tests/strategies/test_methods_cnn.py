@@ -484,3 +484,30 @@ def test_method_defaults_and_errors():
         CNNSearch(CNNSearchConfig.for_method("rsws", track_hessian=True, num_train=16))
     with pytest.raises(ValueError, match="gdas_unselected"):
         CNNSearch(CNNSearchConfig.for_method("gdas", gdas_unselected="all", num_train=16))
+
+
+@pytest.mark.parametrize("cls, kw", [(IDARTSNetwork, {}), (PCDARTSNetwork, {"partial_channels": 2})],
+                         ids=["idarts", "pcdarts"])
+def test_second_order_step_fused_equals_the_modules(cls, kw):
+    """DARTS's unrolled step on the methods' networks (alphas and, for PC-DARTS, betas), fused against module
+    by module, and every arch tensor gets a gradient."""
+    from pynas.strategies.darts import CNNArchitect
+
+    if "cpu" not in BACKENDS:
+        pytest.skip("the C++ extension is not built")
+    results = []
+    for backend in ("reference", "cpu"):
+        net = _build(cls, seed=4, **kw)
+        opt = torch.optim.SGD(net.parameters(), 0.05, momentum=0.9, weight_decay=3e-4)
+        arch = CNNArchitect(net)
+        x, y = _data(5)
+        xv, yv = _data(6)
+        with _backend.use_backend(backend):
+            opt.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            opt.step()  # a momentum buffer for the virtual step
+            results.append(arch.unrolled_grad(x, y, xv, yv, 0.05, opt))
+    assert len(results[0]) == len(net.arch_parameters())
+    for a, b in zip(*results):
+        assert b.abs().sum() > 0
+        _close(b, a, "second-order arch gradient", tol=1e-8)
