@@ -83,7 +83,8 @@ def _add_cnn_net_args(p: argparse.ArgumentParser, d, num_train_help: str) -> Non
 
 #: The CNN search settings whose default is the method's (given flags override it; unset ones stay None).
 _METHOD_SETTINGS = ("epochs", "batch_size", "learning_rate", "learning_rate_min", "momentum", "weight_decay",
-                    "grad_clip", "layers", "arch_learning_rate", "arch_weight_decay", "warmup_epochs", "nesterov")
+                    "grad_clip", "init_channels", "layers", "arch_learning_rate", "arch_weight_decay", "warmup_epochs",
+                    "nesterov")
 CNN_SEARCH_METHODS = ("darts", "idarts", "pcdarts", "gdas", "rsws", "random")
 
 
@@ -100,7 +101,8 @@ def _add_cnn_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch-weight-decay", type=float, default=d.arch_weight_decay)
     m = p.add_argument_group("the methods' own settings")
     m.add_argument("--warmup-epochs", type=int, help="epochs without architecture steps (pcdarts: 15, others: 0)")
-    m.add_argument("--nesterov", action="store_true", default=None, help="Nesterov momentum (gdas: on)")
+    m.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None,
+                   help="Nesterov momentum of the weight SGD (gdas: on, others: off)")
     m.add_argument("--partial-channels", type=int, default=d.partial_channels, help="pcdarts: K (1/K of the channels)")
     m.add_argument("--tau-max", type=float, default=d.tau_max, help="gdas: the first epoch's temperature")
     m.add_argument("--tau-min", type=float, default=d.tau_min, help="gdas: the last epoch's temperature")
@@ -366,8 +368,7 @@ def _search_cnn(args) -> int:
         return _random_search(args, "cnn", backend)
     given = {name: getattr(args, name) for name in _METHOD_SETTINGS if getattr(args, name) is not None}
     cfg = CNNSearchConfig.for_method(
-        args.method, data=args.data, data_dir=args.data_dir, num_train=args.num_train,
-        init_channels=args.init_channels, train_portion=args.train_portion, unrolled=args.unrolled, fd_r=args.fd_r,
+        args.method, data=args.data, data_dir=args.data_dir, num_train=args.num_train, train_portion=args.train_portion, unrolled=args.unrolled, fd_r=args.fd_r,
         seed=args.seed, steps_per_epoch=args.steps_per_epoch, device=args.device, backend=backend,
         tensorboard=args.tensorboard, partial_channels=args.partial_channels, tau_max=args.tau_max,
         tau_min=args.tau_min, gdas_unselected=args.gdas_unselected, distinct_inputs=args.distinct_inputs,
@@ -383,19 +384,23 @@ def _random_search(args, space: str, backend: str) -> int:
 
     from .strategies.random_search import RandomSearchConfig, run_random_search
 
+    refused = [flag for flag, given in (("--unrolled", args.unrolled), ("--track-hessian", args.track_hessian),
+                                        ("--tensorboard", args.tensorboard)) if given]
+    if refused:
+        raise ValueError(f"method: --method random trains each candidate on its own; {', '.join(refused)} does not "
+                         f"apply to it")
     if space == "cnn":
-        train = {"data": args.data, "data_dir": args.data_dir, "num_train": args.num_train,
-                 "init_channels": args.init_channels}
+        # the candidates train the evaluation network (pynas train cnn: C=36, 20 layers) unless given otherwise
+        train = {"data": args.data, "data_dir": args.data_dir, "num_train": args.num_train}
         train.update({k: getattr(args, k) for k in ("batch_size", "learning_rate", "learning_rate_min", "momentum",
-                                                  "weight_decay", "grad_clip", "layers")
+                                                  "weight_decay", "grad_clip", "init_channels", "layers")
                       if getattr(args, k) is not None})
-        epochs = args.candidate_epochs if args.candidate_epochs is not None else args.epochs
     else:
         train = {k: getattr(args, k) for k in ("data", "data_dir", "max_tokens", "emsize", "nhid", "lr", "clip",
                                                "batch_size", "bptt", "dropout", "dropouth", "dropoutx", "dropouti",
                                                "dropoute", "alpha", "beta", "wdecay", "eval_batch_size")
                  if getattr(args, k) is not None}
-        epochs = args.candidate_epochs
+    epochs = args.candidate_epochs if args.candidate_epochs is not None else args.epochs
     cfg = RandomSearchConfig(space=space, n_samples=args.samples, seed=args.seed, epochs=epochs,
                              steps_per_epoch=args.steps_per_epoch, train=train, device=args.device, backend=backend)
     save = _run_folder_path(args, space)

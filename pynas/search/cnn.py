@@ -116,7 +116,13 @@ def _check_config(cfg: CNNSearchConfig) -> None:
     method = cnn_method(cfg.method)
     if cfg.unrolled and not method.SECOND_ORDER:
         raise ValueError(f"unrolled: {cfg.method} is a first-order method (no second-order step)")
+    if cfg.unrolled and cfg.nesterov:
+        raise ValueError("nesterov: the second-order step's virtual step is plain momentum SGD's; use --no-nesterov "
+                         "with --unrolled")
     method.check_config(cfg)
+    if method.HAS_ARCH_STEP and cfg.warmup_epochs >= cfg.epochs:
+        raise ValueError(f"warmup_epochs: {cfg.warmup_epochs} warm-up epochs leave no architecture step in "
+                         f"{cfg.epochs} epochs; set --warmup-epochs below --epochs")
 
 
 def load_data(cfg: CNNSearchConfig) -> ImageData:

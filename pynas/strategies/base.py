@@ -83,6 +83,7 @@ class CNNMethod:
     name = ""
     DEFAULTS: dict = {}
     SECOND_ORDER = True
+    HAS_ARCH_STEP = True  # False: no architecture step (``warmup_epochs`` does not apply)
 
     def __init__(self, search):
         self.search = search
@@ -142,9 +143,6 @@ class CNNMethod:
     def load_final(self, record: Optional[dict]) -> None:
         """Take :meth:`final_record` back from a checkpoint."""
 
-    def evaluate_model(self) -> nn.Module:
-        """The network the per-epoch validation runs (eval mode)."""
-        return self.search.model
 
     @staticmethod
     def check_config(cfg) -> None:

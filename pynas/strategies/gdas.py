@@ -141,5 +141,6 @@ class GDASMethod(CNNMethod):
         model = self.search.model
         model.tau = self.tau(epoch)
         out = self.weight_step(x, y)
-        self.search.architect.step(self.search.criterion, xv, yv)
+        if epoch >= self.cfg.warmup_epochs:
+            self.search.architect.step(self.search.criterion, xv, yv)
         return out

@@ -129,6 +129,9 @@ class PCDARTSMethod(DARTSMethod):
 
     @staticmethod
     def check_config(cfg) -> None:
+        if cfg.partial_channels < 2:
+            raise ValueError(f"partial_channels: expected at least 2 (K = 1 bypasses nothing: use --method darts), "
+                             f"got {cfg.partial_channels}")
         if cfg.init_channels % cfg.partial_channels:
             raise ValueError(f"partial_channels: expected a divisor of init_channels ({cfg.init_channels}), got "
                              f"{cfg.partial_channels}")

@@ -100,7 +100,7 @@ def sample_cnn_genotype(rng: random.Random, steps: int = 4, multiplier: int = 4,
     """A CNN genotype drawn uniformly from the DARTS space: for each node i (0-based) of the normal cell, then of
     the reduction cell, 2 distinct predecessors from the i + 2 states before it (``rng.sample``) and for each an
     op drawn with replacement from ``primitives`` ('none' only with ``allow_none``: Li and Talwalkar's CNN
-    sampler includes it; pynas's evaluation network takes it, but its genotype files do not); concat: the last
+    sampler includes it; pynas's evaluation network and genotype files take it as a zero input); concat: the last
     ``multiplier`` states. The genes list, node by node, the two (op, input) pairs in the order drawn."""
     _check_rng(rng)
     check_positive_int("steps", steps)

@@ -95,6 +95,7 @@ class RSWSMethod(CNNMethod):
 
     name = "rsws"
     SECOND_ORDER = False
+    HAS_ARCH_STEP = False
     SAMPLED_PATHS = True
     DEFAULTS = dict(epochs=100, batch_size=64)
 
@@ -197,7 +198,9 @@ class RSWSMethod(CNNMethod):
             return
         if not isinstance(record, dict) or not isinstance(record.get("top"), list):
             raise ValueError("resume: the checkpoint's 'final' is not a selection record")
-        best = next(r for r in record["top"] if r["sample"] == record["best"])
+        best = next((r for r in record["top"] if isinstance(r, dict) and r.get("sample") == record.get("best")), None)
+        if best is None:
+            raise ValueError("resume: the checkpoint's 'final' names no best sample among its 'top'")
         self.final = {**record, "best_genotype": from_json(best["genotype"])}
         self.search.model.set_arch(self.final["best_genotype"])
 
@@ -302,5 +305,7 @@ def rnn_load_final(search, record) -> None:
         return
     if not isinstance(record, dict) or not isinstance(record.get("top"), list):
         raise ValueError("resume: the checkpoint's 'final' is not a selection record")
-    best = next(r for r in record["top"] if r["sample"] == record["best"])
+    best = next((r for r in record["top"] if isinstance(r, dict) and r.get("sample") == record.get("best")), None)
+    if best is None:
+        raise ValueError("resume: the checkpoint's 'final' names no best sample among its 'top'")
     search.model.set_arch(rnn_from_json(best["genotype"]))

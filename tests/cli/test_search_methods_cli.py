@@ -14,7 +14,7 @@ CNN = ["--num-train", "32", "--batch-size", "4", "--init-channels", "4", "--laye
 
 @pytest.mark.parametrize("method", ["darts", "idarts", "pcdarts", "gdas", "rsws", "random"])
 def test_cnn_methods_run(tmp_path, capsys, method):
-    extra = {"pcdarts": ["--partial-channels", "2"], "rsws": ["--rsws-samples", "3", "--rsws-top", "1",
+    extra = {"pcdarts": ["--partial-channels", "2", "--warmup-epochs", "0"], "rsws": ["--rsws-samples", "3", "--rsws-top", "1",
                                                             "--rsws-eval-batches", "1"],
              "random": ["--samples", "2"]}.get(method, [])
     save = tmp_path / method
@@ -32,12 +32,31 @@ def test_cnn_methods_run(tmp_path, capsys, method):
 def test_cnn_method_flags_override_the_method_defaults(tmp_path, capsys):
     save = tmp_path / "p"
     assert main(["search", "cnn", "--method", "pcdarts", *CNN, "--partial-channels", "2", "--learning-rate", "0.05",
-                 "--save", str(save)]) == 0
+                 "--epochs", "16", "--steps-per-epoch", "1", "--save", str(save)]) == 0
     import torch
 
     cfg = torch.load(save / "checkpoint.pt", weights_only=False)["config"]
     assert cfg["method"] == "pcdarts" and cfg["learning_rate"] == 0.05 and cfg["warmup_epochs"] == 15
-    assert cfg["batch_size"] == 4 and cfg["partial_channels"] == 2
+    assert cfg["batch_size"] == 4 and cfg["partial_channels"] == 2 and cfg["epochs"] == 16
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--method", "pcdarts", "--partial-channels", "2"], "warmup_epochs: 15 warm-up epochs"),  # of 1 epoch
+    (["--method", "idarts", "--unrolled", "--nesterov"], "nesterov:"),
+    (["--method", "random", "--unrolled"], "does not apply"),
+    (["--method", "pcdarts", "--partial-channels", "1", "--warmup-epochs", "0"], "partial_channels: expected at least 2"),
+])
+def test_method_flag_errors(capsys, args, match):
+    assert main(["search", "cnn", *CNN, *args]) != 0
+    assert match in capsys.readouterr().err
+
+
+def test_gdas_nesterov_can_be_switched_off(tmp_path):
+    import torch
+
+    save = tmp_path / "g"
+    assert main(["search", "cnn", "--method", "gdas", *CNN, "--no-nesterov", "--save", str(save)]) == 0
+    assert torch.load(save / "checkpoint.pt", weights_only=False)["config"]["nesterov"] is False
 
 
 RNN = ["--max-tokens", "20000", "--emsize", "8", "--nhid", "8", "--batch-size", "4", "--eval-batch-size", "2",

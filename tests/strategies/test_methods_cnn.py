@@ -460,11 +460,14 @@ def json_genotype(text):
 
 def test_pcdarts_warmup_leaves_the_architecture_alone():
     cfg = CNNSearchConfig.for_method("pcdarts", **RUN, partial_channels=2, warmup_epochs=1)
-    cfg.epochs = 1
     search = CNNSearch(cfg, progress=False, log=lambda s: None)
     before = [a.detach().clone() for a in search.model.arch_parameters()]
-    search.run()
+    search.run(until=1)
     assert all(torch.equal(a, b) for a, b in zip(search.model.arch_parameters(), before))
+    search.run()  # the second epoch steps alphas and betas
+    assert all(not torch.equal(a, b) for a, b in zip(search.model.arch_parameters(), before))
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        CNNSearch(CNNSearchConfig.for_method("pcdarts", **{**RUN, "epochs": 1}, partial_channels=2, warmup_epochs=1))
 
 
 def test_method_defaults_and_errors():
