@@ -17,7 +17,8 @@ Benchmarks:
     temporal activation regularisation, clipped SGD), on random tokens;
   * ``cnn_search_idarts`` / ``_pcdarts`` / ``_gdas`` / ``_rsws``: one iteration of each other method on the
     CNN space (pynas.strategies), first order, with the method's defaults at the search size (the reference
-    provider is the method's eager path: for GDAS and RSWS it too computes only the sampled operations);
+    provider is the method's eager path: for GDAS and RSWS it too computes only the sampled operations; their
+    iterations' cost varies with the sample, so they take 15 repeats by default, every provider the same samples);
   * ``cnn_edge_fwd_bwd``: one training-mode MixedOp forward and backward;
   * ``mixed_sum_fwd`` / ``_bwd`` / ``_fwd_bwd``: the fused op against its
     reference, with the bytes it must move and the fraction of the machine's
@@ -56,6 +57,7 @@ MACRO = ("cnn_search_first_order", "cnn_search_second_order", "rnn_search_first_
 MICRO = ("mixed_sum_fwd", "mixed_sum_bwd", "mixed_sum_fwd_bwd", "cnn_edge_fwd_bwd")
 #: One first-order iteration of each other method on the CNN space (pynas.strategies), at the search size.
 METHODS = ("cnn_search_idarts", "cnn_search_pcdarts", "cnn_search_gdas", "cnn_search_rsws")
+SAMPLED_METHODS = ("cnn_search_gdas", "cnn_search_rsws")  # 15 repeats by default (the others: 5)
 BENCHMARKS = MACRO + METHODS + MICRO
 BASE_PROVIDERS = ("reference", "compiled", "pynas")
 
@@ -546,7 +548,8 @@ def _run_one(bench: str, provider: str, cfg: BenchConfig, device: torch.device) 
             return rnn_search_case(size, device, unrolled=bench.endswith("second_order"), compiled=compiled)
     elif bench in METHODS:
         size = sizes["search"]
-        repeats, min_repeat = cfg.repeats or 5, 0.0
+        # a sampled method's iteration costs what its sample costs: more repeats for a stable median
+        repeats, min_repeat = cfg.repeats or (15 if bench in SAMPLED_METHODS else 5), 0.0
         if compiled:
             return {"status": "skipped", "params": dict(size, backend=backend),
                     "note": "torch.compile is not measured for the methods (sampled paths sync with the host)"}
