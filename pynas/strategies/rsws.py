@@ -48,6 +48,16 @@ def _edge_selection(genotype: Genotype, steps: int, primitives) -> tuple:
     return tuple(out)
 
 
+def _best_of(record) -> dict:
+    """The selected entry of a selection record read from a checkpoint (ValueError when it is malformed)."""
+    if not isinstance(record, dict) or not isinstance(record.get("top"), list):
+        raise ValueError("resume: the checkpoint's 'final' is not a selection record")
+    best = next((r for r in record["top"] if isinstance(r, dict) and r.get("sample") == record.get("best")), None)
+    if best is None or not isinstance(best.get("genotype"), str):
+        raise ValueError("resume: the checkpoint's 'final' names no best sample among its 'top'")
+    return best
+
+
 class RSWSNetwork(Network):
     """The DARTS CNN supernet trained one sampled architecture at a time (:meth:`set_arch`); ``path`` 'single' or
     'supernet'. It has no architecture parameters."""
@@ -196,11 +206,7 @@ class RSWSMethod(CNNMethod):
         if record is None:
             self.final = None
             return
-        if not isinstance(record, dict) or not isinstance(record.get("top"), list):
-            raise ValueError("resume: the checkpoint's 'final' is not a selection record")
-        best = next((r for r in record["top"] if isinstance(r, dict) and r.get("sample") == record.get("best")), None)
-        if best is None:
-            raise ValueError("resume: the checkpoint's 'final' names no best sample among its 'top'")
+        best = _best_of(record)
         self.final = {**record, "best_genotype": from_json(best["genotype"])}
         self.search.model.set_arch(self.final["best_genotype"])
 
@@ -303,9 +309,5 @@ def rnn_load_final(search, record) -> None:
 
     if record is None:
         return
-    if not isinstance(record, dict) or not isinstance(record.get("top"), list):
-        raise ValueError("resume: the checkpoint's 'final' is not a selection record")
-    best = next((r for r in record["top"] if isinstance(r, dict) and r.get("sample") == record.get("best")), None)
-    if best is None:
-        raise ValueError("resume: the checkpoint's 'final' names no best sample among its 'top'")
+    best = _best_of(record)
     search.model.set_arch(rnn_from_json(best["genotype"]))

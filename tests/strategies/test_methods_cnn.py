@@ -514,3 +514,11 @@ def test_second_order_step_fused_equals_the_modules(cls, kw):
     for a, b in zip(*results):
         assert b.abs().sum() > 0
         _close(b, a, "second-order arch gradient", tol=1e-8)
+
+
+@pytest.mark.parametrize("bad", [None, {}, {"top": [], "best": 0}, {"top": [{"sample": 1, "genotype": "{}"}], "best": 0}])
+def test_rsws_malformed_selection_record_is_a_resume_error(bad):
+    from pynas.strategies.rsws import _best_of
+
+    with pytest.raises(ValueError, match="resume: the checkpoint's 'final'"):
+        _best_of(bad)
