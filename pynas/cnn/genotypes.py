@@ -68,6 +68,12 @@ def derive(alphas_normal: torch.Tensor, alphas_reduce: torch.Tensor, steps: int 
     """The genotype of a search network from its two arch tensors."""
     normal = parse_cell(torch.softmax(alphas_normal.detach(), dim=-1), steps, primitives)
     reduce = parse_cell(torch.softmax(alphas_reduce.detach(), dim=-1), steps, primitives)
+    return cells(normal, reduce, steps, multiplier)
+
+
+def cells(normal: List[Tuple[str, int]], reduce: List[Tuple[str, int]], steps: int = 4,
+          multiplier: int = 4) -> Genotype:
+    """The genotype of two cells' genes, each concatenating its last ``multiplier`` nodes."""
     concat = list(range(2 + steps - multiplier, steps + 2))
     return Genotype(normal=normal, normal_concat=concat, reduce=reduce, reduce_concat=list(concat))
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cnn import Network
-from ..cnn.genotypes import Genotype, parse_cell_pairs
+from ..cnn.genotypes import Genotype, cells, parse_cell_pairs
 from ..cnn.model_search import CellWeights
 from .base import CNNMethod, _grad
 
@@ -88,8 +88,7 @@ class GDASNetwork(Network):
     def genotype(self) -> Genotype:
         genes = [parse_cell_pairs(F.softmax(a.detach(), dim=-1), self._steps, self._primitives, self._distinct_inputs)
                  for a in (self.alphas_normal, self.alphas_reduce)]
-        concat = list(range(2 + self._steps - self._multiplier, self._steps + 2))
-        return Genotype(normal=genes[0], normal_concat=concat, reduce=genes[1], reduce_concat=list(concat))
+        return cells(genes[0], genes[1], self._steps, self._multiplier)
 
 
 class _ArchStep:

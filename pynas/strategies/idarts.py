@@ -22,7 +22,7 @@ from typing import List, Sequence, Tuple
 import torch
 
 from ..cnn import Network
-from ..cnn.genotypes import Genotype, parse_cell_pairs
+from ..cnn.genotypes import Genotype, cells, parse_cell_pairs
 from ..rnn import genotypes as rnn_genotypes
 from ..rnn.model_search import RNNModelSearch
 from .base import node_blocks, node_softmax
@@ -49,8 +49,7 @@ class IDARTSNetwork(Network):
             normal, reduce = (parse_cell_pairs(node_softmax(a.detach(), sizes), self._steps, self._primitives,
                                                self._distinct_inputs)
                               for a in (self.alphas_normal, self.alphas_reduce))
-        concat = list(range(2 + self._steps - self._multiplier, self._steps + 2))
-        return Genotype(normal=normal, normal_concat=concat, reduce=reduce, reduce_concat=list(concat))
+        return cells(normal, reduce, self._steps, self._multiplier)
 
 
 class IDARTSMethod(DARTSMethod):

@@ -27,9 +27,10 @@ from torch import nn
 
 from .. import _autodiff
 from ..cnn import MixedOp, Network
-from ..cnn.genotypes import Genotype, parse_cell
+from ..cnn.genotypes import Genotype, cells, parse_cell
 from ..cnn.model_search import CellWeights
 from ..cnn.operations import PRIMITIVES
+from ..ops.partial_channel import partial_channel, partial_channel_ref
 from .base import node_blocks, node_softmax
 from .darts import DARTSMethod
 
@@ -38,22 +39,6 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     """(N, C, H, W) viewed as (N, groups, C / groups, H, W), the two channel axes swapped, flattened back."""
     n, c, h, w = x.shape
     return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
-
-
-def partial_channel_ref(t: torch.Tensor, x: torch.Tensor, groups: int, stride: int) -> torch.Tensor:
-    """The edge output from the inner mixed sum ``t`` (over x's first C/K channels) and the edge input ``x``."""
-    rest = x[:, x.shape[1] // groups:]
-    bypass = rest if stride == 1 else F.max_pool2d(rest, 2, 2)
-    return channel_shuffle(torch.cat([t, bypass], dim=1), groups)
-
-
-def _fused_partial_channel():
-    """pynas.ops.partial_channel.partial_channel, or None while that op is absent."""
-    try:
-        from ..ops.partial_channel import partial_channel
-    except ImportError:
-        return None
-    return partial_channel
 
 
 class PartialMixedOp(MixedOp):
@@ -75,9 +60,8 @@ class PartialMixedOp(MixedOp):
             raise ValueError(f"x: a stride-2 partial-channel edge needs an even height and width, got "
                              f"{tuple(x.shape)}")
         t = super().forward(x[:, :self._channels // self.k], weights)
-        fused = _fused_partial_channel()
-        if fused is not None and not _autodiff.under_transform():
-            return fused(t, x, self.k, self._stride)  # the op's table picks the backend in force
+        if not _autodiff.under_transform():
+            return partial_channel(t, x, self.k, self._stride)  # the op's table picks the backend in force
         return partial_channel_ref(t, x, self.k, self._stride)
 
 
@@ -116,8 +100,7 @@ class PCDARTSNetwork(Network):
         with torch.no_grad():
             genes = [parse_cell(F.softmax(a.detach(), dim=-1) * b[:, None], self._steps, self._primitives)
                      for a, b in zip((self.alphas_normal, self.alphas_reduce), self.edge_weights())]
-        concat = list(range(2 + self._steps - self._multiplier, self._steps + 2))
-        return Genotype(normal=genes[0], normal_concat=concat, reduce=genes[1], reduce_concat=list(concat))
+        return cells(genes[0], genes[1], self._steps, self._multiplier)
 
 
 class PCDARTSMethod(DARTSMethod):
