@@ -9,4 +9,18 @@ from . import ops
 
 __version__ = "0.1.0"
 
-__all__ = ["backends", "current_backend", "use_backend", "ops", "__version__"]
+__all__ = ["backends", "current_backend", "use_backend", "ops", "accelerate", "deaccelerate", "accelerated",
+           "Architect", "__version__"]
+
+_LAZY = {"accelerate": "foreign", "deaccelerate": "foreign", "accelerated": "foreign", "Architect": "strategies.darts"}
+
+
+def __getattr__(name):
+    # pynas.accelerate and pynas.Architect load their modules on first use (import pynas stays light).
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'pynas' has no attribute {name!r}")

@@ -58,7 +58,10 @@ MICRO = ("mixed_sum_fwd", "mixed_sum_bwd", "mixed_sum_fwd_bwd", "cnn_edge_fwd_bw
 #: One first-order iteration of each other method on the CNN space (pynas.strategies), at the search size.
 METHODS = ("cnn_search_idarts", "cnn_search_pcdarts", "cnn_search_gdas", "cnn_search_rsws")
 SAMPLED_METHODS = ("cnn_search_gdas", "cnn_search_rsws")  # 15 repeats by default (the others: 5)
-BENCHMARKS = MACRO + METHODS + MICRO
+#: A first-order iteration of a DARTS supernet written as other code writes it (pynas.foreign.example), eager
+#: against pynas.accelerate.
+FOREIGN = ("cnn_search_foreign",)
+BENCHMARKS = MACRO + METHODS + FOREIGN + MICRO
 BASE_PROVIDERS = ("reference", "compiled", "pynas")
 
 SIZES = {
@@ -394,6 +397,39 @@ def method_search_case(method: str, size: dict, device: torch.device, seed: int 
     return Case(step, forward)
 
 
+def foreign_search_case(size: dict, device: torch.device, accelerated: bool, seed: int = 0) -> Case:
+    """One first-order DARTS iteration (arch step, weight step) of :class:`pynas.foreign.example.PortNetwork`, its
+    own forward (``accelerated`` False) or under :func:`pynas.accelerate` (checked on the first batch), with the
+    architect :class:`pynas.Architect` over its parameters."""
+    from .foreign import accelerate
+    from .foreign.example import PortNetwork
+    from .strategies.darts import Architect as GenericArchitect
+
+    torch.manual_seed(seed)
+    model = PortNetwork(size["C"], 10, size["layers"], nn.CrossEntropyLoss()).to(device)
+    b, s = size["batch"], size["image"]
+    g = torch.Generator().manual_seed(seed + 1)
+    x, xv = (torch.randn(b, 3, s, s, generator=g).to(device) for _ in range(2))
+    y, yv = (torch.randint(0, 10, (b,), generator=g).to(device) for _ in range(2))
+    if accelerated:
+        report = accelerate(model, example_inputs=x)
+        if len(report.accelerated) != len(report.entries):
+            raise RuntimeError(f"accelerate left mixed ops alone: {report}")
+    opt = torch.optim.SGD(model.parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
+    arch = GenericArchitect.for_model(model, momentum=0.9, weight_decay=3e-4, arch_learning_rate=3e-4,
+                                      arch_weight_decay=1e-3)
+
+    def step():
+        arch.step(x, y, xv, yv, 0.025, opt, False)
+        opt.zero_grad()
+        loss = model._loss(x, y)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
+
+    return Case(step, lambda: model._loss(x, y))
+
+
 def rnn_search_case(size: dict, device: torch.device, unrolled: bool, compiled: bool, seed: int = 0) -> Case:
     """One iteration of the RNN search loop (pynas/search/rnn.py) with DARTS's settings."""
     from .rnn import RNNModelSearch
@@ -497,7 +533,7 @@ def edge_case(size: dict, device: torch.device, compiled: bool, seed: int = 0) -
 def _size_label(bench: str, size: dict) -> str:
     if bench.startswith("rnn_search"):
         return f"E=H={size['emsize']} B={size['batch']} T={size['bptt']} V={size['ntoken']}"
-    if bench in MACRO or bench in METHODS:
+    if bench in MACRO or bench in METHODS or bench in FOREIGN:
         return f"C={size['C']} L={size['layers']} B={size['batch']} {size['image']}x{size['image']}"
     if bench.startswith("cnn_edge"):
         return f"C={size['C']} B={size['batch']} {size['image']}x{size['image']} s={size['stride']}"
@@ -556,6 +592,16 @@ def _run_one(bench: str, provider: str, cfg: BenchConfig, device: torch.device) 
 
         def make():
             return method_search_case(bench[len("cnn_search_"):], size, device)
+    elif bench in FOREIGN:
+        size = sizes["search"]
+        repeats, min_repeat = cfg.repeats or 5, 0.0
+        if compiled:
+            return {"status": "skipped", "params": dict(size, backend=backend),
+                    "note": "eager against pynas.accelerate only (torch.compile of the DARTS network: "
+                            "cnn_search_first_order)"}
+
+        def make():
+            return foreign_search_case(size, device, accelerated=provider != "reference")
     elif bench in MACRO:
         size = sizes["search"]
         repeats, min_repeat = cfg.repeats or 5, 0.0

@@ -242,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: by --device)")
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--benchmarks", default=None,
-                       help="comma-separated names or groups (search, cnn, rnn, methods, mixed_sum, micro); default all")
+                       help="comma-separated names or groups (search, cnn, rnn, methods, foreign, mixed_sum, micro); "
+                            "default all")
     bench.add_argument("--providers", default="reference,compiled,pynas",
                        help="comma-separated: reference, compiled, pynas, pynas-<backend>")
     bench.add_argument("--repeats", type=int, default=None)
@@ -524,6 +525,8 @@ def _bench(args) -> int:
             names += [b for b in bench.MACRO if b.startswith(item + "_")]
         elif item == "methods":
             names += list(bench.METHODS)
+        elif item == "foreign":
+            names += list(bench.FOREIGN)
         elif item == "mixed_sum":
             names += [b for b in bench.MICRO if b.startswith("mixed_sum")]
         elif item == "micro":

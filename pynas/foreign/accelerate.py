@@ -14,7 +14,8 @@
    BatchNorm running statistics. Two forms are tried: the weighted sum ``sum_k w_k op_k(x)``, and PC-DARTS's
    partial-channel edge (the candidates on the first C/K channels, the rest bypassed, max-pooled on a
    stride-2 edge, channel-shuffled) when the candidates have fewer channels than the input. Then the same at
-   the model's own dtype and device through the implementation the backend in force picks (when one does).
+   the model's own dtype and device through the implementation the backend in force picks (when one does),
+   for the dense weighting.
 4. **Switch**: the mixed op's ``forward`` becomes pynas's (an instance attribute; the class, parameters,
    buffers, state_dict, optimizers and the mixed op's own hooks are untouched). Each call still runs the
    module's own forward where the fused path does not apply: eval mode, autocast, a torch.func transform,
@@ -502,7 +503,7 @@ def _prove(module: nn.Module, st: _Accel, probe: torch.Tensor) -> None:
         v.note = f"no fused implementation takes {dtype} on {dev.type} under the backend in force: its own forward runs"
         return
     tol = _TOL.get(dtype, 2e-2)
-    err, where = _compare(module, st, probe, _weight_sets(st, gen), dev, dtype, impl.backend, gen)
+    err, where = _compare(module, st, probe, _weight_sets(st, gen)[:1], dev, dtype, impl.backend, gen)
     if err > tol:
         v.accelerated = False
         v.reason = f"on {dtype} {dev.type} through {impl.backend!r}, {where} differs by {err:.1e} (tolerance {tol})"

@@ -32,14 +32,13 @@ class ArchitectBase:
     decay, the finite-difference radius, and copies of tensor lists kept across steps (the bit-exact restores
     of the second-order step)."""
 
-    def __init__(self, model: nn.Module, weight_decay: float, arch_learning_rate: float, arch_weight_decay: float,
-                 arch_betas, fd_r: float):
+    def __init__(self, arch_parameters: Sequence[torch.Tensor], weight_decay: float, arch_learning_rate: float,
+                 arch_weight_decay: float, arch_betas, fd_r: float):
         if not (fd_r > 0):
             raise ValueError(f"fd_r: expected a positive finite-difference radius, got {fd_r!r}")
-        self.model = model
         self.network_weight_decay = float(weight_decay)
         self.fd_r = float(fd_r)
-        self.optimizer = torch.optim.Adam(model.arch_parameters(), lr=arch_learning_rate,
+        self.optimizer = torch.optim.Adam(list(arch_parameters), lr=arch_learning_rate,
                                           betas=tuple(arch_betas), weight_decay=arch_weight_decay)
 
     def _snapshot(self, key: str, tensors: List[torch.Tensor]) -> List[torch.Tensor]:

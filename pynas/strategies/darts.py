@@ -23,7 +23,7 @@ finite-difference passes would update them).
 """
 from __future__ import annotations
 
-from typing import List
+from typing import Callable, List
 
 import torch
 from torch import nn
@@ -42,39 +42,96 @@ def settings_from_args(args) -> dict:
                 arch_learning_rate=args.arch_learning_rate, arch_weight_decay=args.arch_weight_decay,
                 fd_r=getattr(args, "fd_r", 0.01))
 
-class CNNArchitect(ArchitectBase):
-    """Owns the arch optimizer (Adam) and computes ``grad_alpha`` for one step.
+def _tensor_list(name: str, tensors) -> List[torch.Tensor]:
+    if isinstance(tensors, torch.Tensor):
+        raise TypeError(f"{name}: expected an iterable of tensors (e.g. model.parameters()), got one tensor")
+    try:
+        out = list(tensors)
+    except TypeError:
+        raise TypeError(f"{name}: expected an iterable of tensors, got {type(tensors).__name__}") from None
+    for t in out:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected tensors, got a {type(t).__name__}")
+    return out
+
+
+class Architect(ArchitectBase):
+    """DARTS's architecture step for any model: given its weights, its architecture parameters and a loss
+    function, not a pynas network, so that other DARTS code can replace its own architect (and the known bugs
+    of some second-order steps) with this exact, in-place one, which reads nothing back to the host.
 
     Args:
-        model: a search network with ``parameters()``, ``arch_parameters()`` and ``_loss(x, y)``.
-        momentum, weight_decay: the weight optimizer's, used by the virtual step.
-        arch_learning_rate, arch_weight_decay, arch_betas: the arch Adam's settings.
+        parameters: the weights w (``requires_grad``), those the weight optimizer steps; not the arch ones.
+        arch_parameters: alpha (``requires_grad``), stepped by this object's Adam (``optimizer``).
+        loss_fn: ``loss_fn(input, target) -> loss`` (a 0-d tensor) of the model at its current weights.
+        buffers: the model's buffers (BatchNorm running statistics): restored after the pass at the virtual
+            weights, which the original code runs on a throw-away copy (``model.buffers()``; None: none).
+        momentum, weight_decay: the weight optimizer's (SGD), used by the virtual step.
+        arch_learning_rate, arch_weight_decay, arch_betas: the arch Adam's settings (DARTS's defaults).
         fd_r: the finite-difference radius r (``R = r / ||v||``).
+
+    :meth:`for_model` builds one from a model (its parameters minus the arch ones, its buffers).
     """
 
-    def __init__(self, model: nn.Module, *, momentum: float = 0.9, weight_decay: float = 3e-4,
-                 arch_learning_rate: float = 3e-4, arch_weight_decay: float = 1e-3,
-                 arch_betas=(0.5, 0.999), fd_r: float = 0.01):
-        super().__init__(model, weight_decay, arch_learning_rate, arch_weight_decay, arch_betas, fd_r)
+    def __init__(self, parameters, arch_parameters, loss_fn: Callable[..., torch.Tensor], *, buffers=None,
+                 momentum: float = 0.9, weight_decay: float = 3e-4, arch_learning_rate: float = 3e-4,
+                 arch_weight_decay: float = 1e-3, arch_betas=(0.5, 0.999), fd_r: float = 0.01):
+        params = _tensor_list("parameters", parameters)
+        alphas = _tensor_list("arch_parameters", arch_parameters)
+        bufs = [] if buffers is None else _tensor_list("buffers", buffers)
+        if not params:
+            raise ValueError("parameters: expected at least one weight tensor, got none")
+        if not alphas:
+            raise ValueError("arch_parameters: expected at least one architecture tensor, got none")
+        for name, ts in (("parameters", params), ("arch_parameters", alphas)):
+            if not all(t.requires_grad for t in ts):
+                raise ValueError(f"{name}: every tensor must require grad (a frozen one has no gradient to step)")
+        shared = {id(a) for a in alphas} & {id(p) for p in params}
+        if shared:
+            raise ValueError(f"parameters: {len(shared)} of them are also arch_parameters (pass the weights only)")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn: expected a callable loss_fn(input, target) -> loss, got {type(loss_fn).__name__}")
+        super().__init__(alphas, weight_decay, arch_learning_rate, arch_weight_decay, arch_betas, fd_r)
         self.network_momentum = float(momentum)
+        self.parameters, self.arch_parameters, self.buffers = params, alphas, bufs
+        self.loss_fn = loss_fn
+
+    @classmethod
+    def for_model(cls, model: nn.Module, arch_parameters=None, loss_fn=None, **settings) -> "Architect":
+        """An architect over ``model``'s weights (its parameters that require grad, the arch ones excepted) and
+        buffers; ``arch_parameters`` default ``model.arch_parameters()``, ``loss_fn`` default ``model._loss``."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        if arch_parameters is None:
+            if not callable(getattr(model, "arch_parameters", None)):
+                raise ValueError("arch_parameters: the model has no arch_parameters(); pass its architecture tensors")
+            arch_parameters = model.arch_parameters()
+        alphas = _tensor_list("arch_parameters", arch_parameters)
+        if loss_fn is None:
+            if not callable(getattr(model, "_loss", None)):
+                raise ValueError("loss_fn: the model has no _loss(input, target); pass a loss function")
+            loss_fn = model._loss
+        ids = {id(a) for a in alphas}
+        weights = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+        return cls(weights, alphas, loss_fn, buffers=list(model.buffers()), **settings)
 
     # -- public ------------------------------------------------------------------
     def step(self, input_train, target_train, input_valid, target_valid, eta, network_optimizer, unrolled):
-        """One arch step: set ``alpha.grad`` (first or second order) and step Adam."""
+        """One arch step: set ``alpha.grad`` (first or second order) and step Adam. ``eta``: the weight
+        optimizer's current learning rate; ``network_optimizer``: the weight optimizer (its momentum buffers)."""
         self.optimizer.zero_grad()
         if unrolled:
             grads = self.unrolled_grad(input_train, target_train, input_valid, target_valid, eta,
                                        network_optimizer)
         else:
             grads = self.first_order_grad(input_valid, target_valid)
-        for a, g in zip(self.model.arch_parameters(), grads):
+        for a, g in zip(self.arch_parameters, grads):
             a.grad = g
         self.optimizer.step()
 
     def first_order_grad(self, input_valid, target_valid) -> List[torch.Tensor]:
         """``dL_val(w, alpha)/dalpha``."""
-        loss = self.model._loss(input_valid, target_valid)
-        return _grad(loss, self.model.arch_parameters())
+        return _grad(self.loss_fn(input_valid, target_valid), self.arch_parameters)
 
     @torch.no_grad()
     def _virtual_step(self, params, grads, eta, network_optimizer):
@@ -91,38 +148,55 @@ class CNNArchitect(ArchitectBase):
         3. R = r / ||v||;  g+- = dL_train(w +- R v)/dalpha   (at the ORIGINAL w)
         4. grad_alpha = dalpha - eta * (g+ - g-) / (2 R);  w restored exactly.
         """
-        model = self.model
-        params = [p for p in model.parameters()]
-        alphas = list(model.arch_parameters())
+        loss_fn, params, alphas = self.loss_fn, self.parameters, self.arch_parameters
         eta = float(eta)
         # Every pass over the weights is one multi-tensor op (pynas.ops.multi_tensor), not a loop over
         # ~1000 tensors.
         saved = self._snapshot("weights", params)
         try:
-            loss = model._loss(input_train, target_train)
+            loss = loss_fn(input_train, target_train)
             g_train = _grad(loss, params)
             self._virtual_step(params, list(g_train), eta, network_optimizer)
             del g_train, loss
 
-            buffers = list(model.buffers())
-            saved_buffers = self._snapshot("buffers", buffers)
-            loss_val = model._loss(input_valid, target_valid)
+            saved_buffers = self._snapshot("buffers", self.buffers)
+            loss_val = loss_fn(input_valid, target_valid)
             grads = _grad(loss_val, alphas + params)
-            _copy_all(buffers, saved_buffers)
+            _copy_all(self.buffers, saved_buffers)
             dalpha, v = list(grads[:len(alphas)]), list(grads[len(alphas):])
             del grads, loss_val
 
             # R = r / ||v|| stays a device tensor: no host sync anywhere in the step
             sum_sq = mt.sum_squares(v)
             R = mt.perturb_(params, saved, v, sum_sq, self.fd_r, 1.0)  # w + R v
-            g_pos = _grad(model._loss(input_train, target_train), alphas)
+            g_pos = _grad(loss_fn(input_train, target_train), alphas)
             mt.perturb_(params, saved, v, sum_sq, self.fd_r, -1.0)  # w - R v
-            g_neg = _grad(model._loss(input_train, target_train), alphas)
+            g_neg = _grad(loss_fn(input_train, target_train), alphas)
             with torch.no_grad():
                 scale = (eta / (2.0 * R)).to(alphas[0].dtype)
                 return [da - (gp - gn) * scale for da, gp, gn in zip(dalpha, g_pos, g_neg)]
         finally:
             _copy_all(params, saved)  # bit-exact restore from the copy, not by adding back
+
+
+class CNNArchitect(Architect):
+    """:class:`Architect` over a pynas CNN search network: ``model.parameters()``, ``model.arch_parameters()``,
+    ``model._loss(x, y)`` and ``model.buffers()``.
+
+    Args:
+        model: a search network with ``parameters()``, ``arch_parameters()`` and ``_loss(x, y)``.
+        momentum, weight_decay: the weight optimizer's, used by the virtual step.
+        arch_learning_rate, arch_weight_decay, arch_betas: the arch Adam's settings.
+        fd_r: the finite-difference radius r (``R = r / ||v||``).
+    """
+
+    def __init__(self, model: nn.Module, *, momentum: float = 0.9, weight_decay: float = 3e-4,
+                 arch_learning_rate: float = 3e-4, arch_weight_decay: float = 1e-3,
+                 arch_betas=(0.5, 0.999), fd_r: float = 0.01):
+        super().__init__(model.parameters(), model.arch_parameters(), model._loss, buffers=model.buffers(),
+                         momentum=momentum, weight_decay=weight_decay, arch_learning_rate=arch_learning_rate,
+                         arch_weight_decay=arch_weight_decay, arch_betas=arch_betas, fd_r=fd_r)
+        self.model = model
 
 
 class DARTSMethod(CNNMethod):
@@ -189,7 +263,8 @@ class RNNArchitect(ArchitectBase):
                  fd_r: float = 0.01):
         if not (clip > 0):
             raise ValueError(f"clip: expected a positive gradient clip, got {clip!r}")
-        super().__init__(model, weight_decay, arch_learning_rate, arch_weight_decay, arch_betas, fd_r)
+        super().__init__(model.arch_parameters(), weight_decay, arch_learning_rate, arch_weight_decay, arch_betas, fd_r)
+        self.model = model
         self.network_clip = float(clip)
 
     def step(self, hidden_train, input_train, target_train, hidden_valid, input_valid, target_valid,
