@@ -286,3 +286,16 @@ def test_pynas_network_is_passed_over():
 
     net = Network(4, 5, 2, steps=2, multiplier=2)
     assert pynas.accelerate(net, example_inputs=torch.randn(2, 3, 8, 8)).entries == []
+
+
+def test_the_benchmarks_port_network_is_accelerated_whole():
+    from pynas.foreign.example import PORT_PRIMITIVES, PortNetwork
+
+    torch.manual_seed(0)
+    net = PortNetwork(4, 5, 3, steps=2, multiplier=2).double()
+    ref = copy.deepcopy(net)
+    x, y = _batch(8)
+    report = pynas.accelerate(net, example_inputs=x)
+    assert len(report.accelerated) == len(report.entries) == 15
+    assert [n for _, _, n in report.entries[0].candidates] == PORT_PRIMITIVES
+    _assert_same_pass(net, ref, x, y)
