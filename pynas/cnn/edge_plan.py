@@ -12,11 +12,11 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
-from ..ops.cnn_edge import ConvSpec, EdgeSpec
+from ..ops.cnn_edge import BatchNormPlan, ConvSpec, EdgeSpec
 from .operations import DilConv, FactorizedReduce, Identity, SepConv
 
 
-class EdgePlan:
+class EdgePlan(BatchNormPlan):
     """A MixedOp's :class:`EdgeSpec` and the modules behind it, built once from the MixedOp."""
 
     def __init__(self, mixed_op: nn.Module, primitives: Sequence[str], stride: int):
@@ -59,13 +59,6 @@ class EdgePlan:
                              float(first.momentum) if first and first.momentum is not None else 0.1)
         self.encoded = self.spec.encode()
 
-    def ready(self) -> bool:
-        """Every BatchNorm in training mode with the spec's momentum and eps (what the kernels implement)."""
-        for b in self.bns:
-            if not b.training or b.momentum != self.spec.momentum or b.eps != self.spec.eps:
-                return False
-        return True
-
     def params(self) -> List[torch.Tensor]:
         out = []
         for c, m in zip(self.spec.convs, self.conv_modules):
@@ -76,13 +69,3 @@ class EdgePlan:
             else:
                 out += [m.op[1].weight, m.op[2].weight]
         return out
-
-    def running(self) -> List[torch.Tensor]:
-        """running_mean, running_var of every BatchNorm, in spec order."""
-        out = []
-        for b in self.bns:
-            out += [b.running_mean, b.running_var]
-        return out
-
-    def counters(self) -> List[torch.Tensor]:
-        return [b.num_batches_tracked for b in self.bns]

@@ -26,7 +26,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..ops.cnn_edge import ConvSpec, EdgeSpec
+from ..ops.cnn_edge import BatchNormPlan, ConvSpec, EdgeSpec
 
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d)
 #: Parameterless layers that are never a candidate's whole computation on their own (read by their type).
@@ -255,7 +255,7 @@ def _dw_chain(cand: Candidate, layers) -> Candidate:
     return cand
 
 
-class ForeignPlan:
+class ForeignPlan(BatchNormPlan):
     """The fused edge's plan (:class:`pynas.ops.cnn_edge.Plan`) over recognised candidates: the spec, and the
     candidates' own convs and BatchNorms, read at each call (so ``.to()``, ``load_state_dict`` and optimizers that
     replace nothing keep working)."""
@@ -279,23 +279,5 @@ class ForeignPlan:
         self.encoded = self.spec.encode()
         self.supported = all(b.eps == self.spec.eps and b.momentum == self.spec.momentum for b in self.bns)
 
-    def ready(self) -> bool:
-        for b in self.bns:
-            if not b.training or b.momentum != self.spec.momentum or b.eps != self.spec.eps:
-                return False
-        return True
-
     def params(self) -> List[torch.Tensor]:
         return [m.weight for m in self._convs]
-
-    def running(self) -> List[torch.Tensor]:
-        out = []
-        for b in self.bns:
-            out += [b.running_mean, b.running_var]
-        return out
-
-    def counters(self) -> List[torch.Tensor]:
-        return [b.num_batches_tracked for b in self.bns]
-
-    def modules(self) -> List[nn.Module]:
-        return list(self._convs) + list(self.bns)

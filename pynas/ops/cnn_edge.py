@@ -139,6 +139,31 @@ class Plan(Protocol):
         """num_batches_tracked of every BatchNorm, in spec order."""
 
 
+class BatchNormPlan:
+    """What a :class:`Plan` over BatchNorm modules shares (``spec`` and ``bns``, the BatchNorms in spec order, set by
+    the subclass): :meth:`ready`, :meth:`running` and :meth:`counters` read the modules at each call."""
+
+    spec: EdgeSpec
+    bns: List[torch.nn.BatchNorm2d]
+
+    def ready(self) -> bool:
+        """Every BatchNorm in training mode with the spec's momentum and eps (what the kernels implement)."""
+        for b in self.bns:
+            if not b.training or b.momentum != self.spec.momentum or b.eps != self.spec.eps:
+                return False
+        return True
+
+    def running(self) -> List[torch.Tensor]:
+        """running_mean, running_var of every BatchNorm, in spec order."""
+        out = []
+        for b in self.bns:
+            out += [b.running_mean, b.running_var]
+        return out
+
+    def counters(self) -> List[torch.Tensor]:
+        return [b.num_batches_tracked for b in self.bns]
+
+
 def _plan_fusable(plan: Plan) -> bool:
     """Whether the edge's modules are what the kernels implement, as they are now (training-mode BatchNorms with
     the spec's momentum and eps), outside torch.func transforms and forward AD (the modules compose with them)."""

@@ -299,3 +299,41 @@ def test_the_benchmarks_port_network_is_accelerated_whole():
     assert len(report.accelerated) == len(report.entries) == 15
     assert [n for _, _, n in report.entries[0].candidates] == PORT_PRIMITIVES
     _assert_same_pass(net, ref, x, y)
+
+
+def test_torch_compile_of_an_accelerated_model_runs_the_fused_op():
+    net = _net("reordered", layers=2)
+    ref = copy.deepcopy(net)
+    x, y = _batch(9)
+    pynas.accelerate(net, example_inputs=x)
+    compiled = torch.compile(net, backend="aot_eager")
+    with torch.profiler.profile() as prof:
+        out = compiled(x)
+    assert any(e.name == "pynas::cnn_edge" for e in prof.events())
+    torch.testing.assert_close(out, ref(x), rtol=1e-10, atol=1e-12)
+    F.cross_entropy(out, y).backward()
+    F.cross_entropy(ref(x), y).backward()
+    for (k, p), (_, q) in zip(net.named_parameters(), ref.named_parameters()):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=k)
+
+
+def test_torch_func_transforms_run_the_module_forward():
+    from torch.func import functional_call, grad
+
+    net = _net("reordered", layers=3)
+    ref = copy.deepcopy(net)
+    x, y = _batch(10)
+    pynas.accelerate(net, example_inputs=x)
+
+    def loss(m):
+        def f(a):  # the buffers cloned inside the transform, so BatchNorm may update them
+            tensors = {k: b.clone() for k, b in m.named_buffers()}
+            tensors.update(zip(["alpha_normal", "alpha_reduce"], a))
+            return F.cross_entropy(functional_call(m, tensors, (x,)), y)
+        return f
+
+    got = grad(loss(net))((net.alpha_normal, net.alpha_reduce))
+    want = grad(loss(ref))((ref.alpha_normal, ref.alpha_reduce))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
