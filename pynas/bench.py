@@ -337,17 +337,19 @@ def add_search_size_arguments(parser) -> None:
     parser.add_argument("--size", type=int, default=size["image"])
 
 
-def search_case(size: dict, device: torch.device, unrolled: bool, compiled: bool, seed: int = 0) -> Case:
-    torch.manual_seed(seed)
-    model = Network(size["C"], 10, size["layers"], nn.CrossEntropyLoss()).to(device)
-    if compiled:
-        model.compile()
-    opt = torch.optim.SGD(model.parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
-    arch = Architect(model, momentum=0.9, weight_decay=3e-4, arch_learning_rate=3e-4, arch_weight_decay=1e-3)
+def _cnn_batches(size: dict, device: torch.device, seed: int):
+    """A (train, valid) pair of random image batches of the benchmark's size, 10 classes: x, y, xv, yv."""
     b, s = size["batch"], size["image"]
     g = torch.Generator().manual_seed(seed + 1)
     x, xv = (torch.randn(b, 3, s, s, generator=g).to(device) for _ in range(2))
     y, yv = (torch.randint(0, 10, (b,), generator=g).to(device) for _ in range(2))
+    return x, y, xv, yv
+
+
+def _darts_case(model: nn.Module, arch, batches, unrolled: bool) -> Case:
+    """One DARTS iteration: the arch step (first or second order), then the SGD step of the weights, clipped."""
+    x, y, xv, yv = batches
+    opt = torch.optim.SGD(model.parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
 
     def step():
         arch.step(x, y, xv, yv, 0.025, opt, unrolled)
@@ -357,10 +359,16 @@ def search_case(size: dict, device: torch.device, unrolled: bool, compiled: bool
         nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         opt.step()
 
-    def forward():
-        return model._loss(x, y)
+    return Case(step, lambda: model._loss(x, y))
 
-    return Case(step, forward)
+
+def search_case(size: dict, device: torch.device, unrolled: bool, compiled: bool, seed: int = 0) -> Case:
+    torch.manual_seed(seed)
+    model = Network(size["C"], 10, size["layers"], nn.CrossEntropyLoss()).to(device)
+    if compiled:
+        model.compile()
+    arch = Architect(model, momentum=0.9, weight_decay=3e-4, arch_learning_rate=3e-4, arch_weight_decay=1e-3)
+    return _darts_case(model, arch, _cnn_batches(size, device, seed), unrolled)
 
 
 def method_search_case(method: str, size: dict, device: torch.device, seed: int = 0) -> Case:
@@ -383,10 +391,7 @@ def method_search_case(method: str, size: dict, device: torch.device, seed: int 
     search.architect = m.build_architect(search.model)
     epoch = cfg.warmup_epochs
     m.start_epoch(epoch)
-    b, s = size["batch"], size["image"]
-    g = torch.Generator().manual_seed(seed + 1)
-    x, xv = (torch.randn(b, 3, s, s, generator=g).to(device) for _ in range(2))
-    y, yv = (torch.randint(0, 10, (b,), generator=g).to(device) for _ in range(2))
+    x, y, xv, yv = _cnn_batches(size, device, seed)
 
     def step():
         m.iteration(x, y, xv, yv, cfg.learning_rate, epoch)
@@ -407,27 +412,14 @@ def foreign_search_case(size: dict, device: torch.device, accelerated: bool, see
 
     torch.manual_seed(seed)
     model = PortNetwork(size["C"], 10, size["layers"], nn.CrossEntropyLoss()).to(device)
-    b, s = size["batch"], size["image"]
-    g = torch.Generator().manual_seed(seed + 1)
-    x, xv = (torch.randn(b, 3, s, s, generator=g).to(device) for _ in range(2))
-    y, yv = (torch.randint(0, 10, (b,), generator=g).to(device) for _ in range(2))
+    batches = _cnn_batches(size, device, seed)
     if accelerated:
-        report = accelerate(model, example_inputs=x)
+        report = accelerate(model, example_inputs=batches[0])
         if len(report.accelerated) != len(report.entries):
             raise RuntimeError(f"accelerate left mixed ops alone: {report}")
-    opt = torch.optim.SGD(model.parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
     arch = GenericArchitect.for_model(model, momentum=0.9, weight_decay=3e-4, arch_learning_rate=3e-4,
                                       arch_weight_decay=1e-3)
-
-    def step():
-        arch.step(x, y, xv, yv, 0.025, opt, False)
-        opt.zero_grad()
-        loss = model._loss(x, y)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        opt.step()
-
-    return Case(step, lambda: model._loss(x, y))
+    return _darts_case(model, arch, batches, unrolled=False)
 
 
 def rnn_search_case(size: dict, device: torch.device, unrolled: bool, compiled: bool, seed: int = 0) -> Case:
