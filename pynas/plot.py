@@ -302,3 +302,38 @@ def plot_run(folder: str, output: str) -> List[str]:
     plt.close(fig)
     os.replace(tmp, output)
     return [t for t, _ in panels]
+
+
+def plot_trials(records, hurdles, output: str, title: str = "") -> str:
+    """Fitness against trial order (the Evolved Transformer paper's picture): one dot per trial, coloured by its
+    stage, each hurdle a horizontal line; a PNG or SVG through matplotlib. Returns ``output``."""
+    ext = os.path.splitext(output)[1].lower()
+    if ext not in (".svg", ".png"):
+        raise ValueError(f"output: expected a file name ending in .svg or .png, got {output!r}")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("output: drawing the trials needs matplotlib (pip install pynas[plot])") from None
+    fig, ax = plt.subplots(figsize=(7.0, 4.0))
+    stages = sorted({r["stage"] for r in records})
+    for k in stages:
+        pts = [(i + 1, r["fitness"]) for i, r in enumerate(records) if r["stage"] == k and r["fitness"] is not None]
+        if pts:
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=12, label=f"stage {k}", zorder=3)
+    for k, h in enumerate(hurdles):
+        ax.axhline(h, color=f"C{k}", linestyle="--", linewidth=1.0, label=f"hurdle {k}: {h:.3g}")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("fitness")
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = f"{output}.tmp{ext}"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, output)
+    return output

@@ -1,0 +1,187 @@
+"""Search by trials: a trial is (candidate, step budget) -> fitness; the results file of a search; the executors.
+
+A **trial** trains candidate ``candidate`` (its genotype, a string) from step ``start`` to step ``end`` and scores
+it: ``fn(genotype, start, end, checkpoint, seed, cfg) -> {"fitness": ..., ...}`` with ``fn`` a space's
+module-level trial function (:func:`pynas.cnn.trial.train_genotype`, :func:`pynas.sublayers.trial.train_order`).
+A candidate promoted to a further budget continues from the checkpoint its previous trial wrote (one file per
+candidate and step, :func:`checkpoint_path`), so a kill during a trial loses only that trial.
+
+**Results** go to one JSON-lines file per search (:class:`TrialStore`), one line per finished trial, appended
+with flush and fsync as each result arrives; a last line cut by a kill is ignored on reading. A search that
+replays its decisions from its seed takes each result from the file when it is there (:meth:`TrialStore.get`),
+so a killed search resumes without training a finished trial again.
+
+**Executors** run a batch of trials and hand back the results in the batch's order: :class:`InProcessExecutor`
+(the default, one after another in this process) and :class:`RayExecutor` (Ray, ``pip install pynas[ray]``:
+the trials as Ray tasks on a local or existing cluster, ``address``), each trial a task of ``threads`` CPUs. The
+same trials give the same results under both (each trial seeds itself and sets its own thread count).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+EXECUTORS = ("inprocess", "ray")
+
+
+@dataclass(frozen=True)
+class Trial:
+    """Train ``candidate`` (``genotype``) from step ``start`` to ``end``; ``stage`` is its budget's index."""
+
+    candidate: int
+    genotype: str
+    start: int
+    end: int
+    stage: int
+    seed: int
+
+    @property
+    def key(self) -> Tuple[int, int]:
+        return (self.candidate, self.stage)
+
+
+def checkpoint_path(folder: str, candidate: int, step: int) -> str:
+    """Where candidate ``candidate``'s state at ``step`` is kept in the search folder."""
+    return os.path.join(folder, "candidates", f"{candidate:05d}-step{step}.pt")
+
+
+class TrialStore:
+    """The results file of a search (JSON lines): ``append`` one record per finished trial, ``get`` one back."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._by_key: Dict[Tuple[int, int], dict] = {}
+        records, good = self._parse(path)
+        for rec in records:
+            self._by_key[(rec["candidate"], rec["stage"])] = rec
+        if os.path.exists(path) and os.path.getsize(path) > good:  # a line cut by a kill: drop it
+            with open(path, "rb+") as fh:
+                fh.truncate(good)
+
+    @staticmethod
+    def _parse(path: str) -> Tuple[List[dict], int]:
+        out: List[dict] = []
+        good = 0
+        if not os.path.exists(path):
+            return out, good
+        with open(path, "rb") as fh:
+            for raw in fh:
+                try:
+                    rec = json.loads(raw.decode("utf-8")) if raw.endswith(b"\n") else None
+                except ValueError:
+                    rec = None
+                if not isinstance(rec, dict) or not {"candidate", "stage", "fitness"} <= set(rec):
+                    break
+                out.append(rec)
+                good += len(raw)
+        return out, good
+
+    @classmethod
+    def read(cls, path: str) -> List[dict]:
+        """The records of the file in order; a line that does not parse (a write cut by a kill) ends the file."""
+        return cls._parse(path)[0]
+
+    def get(self, trial: Trial) -> Optional[dict]:
+        """The stored result of ``trial`` (same candidate, stage, genotype and span), or None."""
+        rec = self._by_key.get(trial.key)
+        if rec is None:
+            return None
+        if (rec.get("genotype"), rec.get("start"), rec.get("end")) != (trial.genotype, trial.start, trial.end):
+            raise ValueError(f"resume: {self.path} holds candidate {trial.candidate}'s stage {trial.stage} for "
+                             f"another genotype or budget: it belongs to another search (other settings or seed)")
+        return rec
+
+    def append(self, trial: Trial, result: dict, extra: Optional[dict] = None) -> dict:
+        """Store ``result`` of ``trial`` (with the trial's fields and ``extra``); returns the record."""
+        rec = dict(asdict(trial))
+        rec.update(extra or {})
+        rec.update(result)
+        fit = rec.get("fitness")
+        if not isinstance(fit, (int, float)) or not math.isfinite(fit):
+            rec["fitness"] = None  # JSON has no NaN: a diverged trial ranks last
+        line = json.dumps(rec, sort_keys=True) + "\n"
+        self._by_key[trial.key] = rec
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+        return rec
+
+
+class InProcessExecutor:
+    """Runs the trials one after another in this process."""
+
+    name = "inprocess"
+
+    def run(self, fn: Callable, trials: Sequence[Trial], folder: str, cfg: Any) -> List[dict]:
+        return [run_trial(fn, t, folder, cfg) for t in trials]
+
+    def close(self) -> None:
+        pass
+
+
+class RayExecutor:
+    """Runs the trials as Ray tasks (one CPU set of ``threads`` each) on the cluster at ``address`` (None: a local
+    one started here, ``num_cpus`` CPUs), results in the trials' order."""
+
+    name = "ray"
+
+    def __init__(self, address: Optional[str] = None, num_cpus: Optional[int] = None, threads: int = 1):
+        try:
+            import ray
+        except ImportError:
+            raise RuntimeError("executor: 'ray' needs Ray (pip install 'pynas[ray]')") from None
+        self._ray = ray
+        self._started = False
+        if not ray.is_initialized():
+            if address is None:
+                ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+            else:
+                ray.init(address=address, log_to_driver=False)
+            self._started = True
+        self._task = ray.remote(num_cpus=threads)(run_trial)
+
+    def run(self, fn: Callable, trials: Sequence[Trial], folder: str, cfg: Any) -> List[dict]:
+        refs = [self._task.remote(fn, t, folder, cfg) for t in trials]
+        return self._ray.get(refs)
+
+    def close(self) -> None:
+        if self._started:
+            self._ray.shutdown()
+            self._started = False
+
+
+def run_trial(fn: Callable, trial: Trial, folder: str, cfg: Any) -> dict:
+    """One trial: reads the candidate's checkpoint at ``start`` (when > 0), writes the one at ``end``."""
+    ckpt_in = checkpoint_path(folder, trial.candidate, trial.start)
+    ckpt_out = checkpoint_path(folder, trial.candidate, trial.end)
+    os.makedirs(os.path.dirname(ckpt_out), exist_ok=True)
+    if trial.start:
+        if not os.path.exists(ckpt_in):
+            raise FileNotFoundError(f"resume: candidate {trial.candidate}'s checkpoint at step {trial.start} is "
+                                    f"missing ({ckpt_in})")
+        import shutil
+
+        shutil.copyfile(ckpt_in, ckpt_out + ".in")
+        try:
+            result = fn(trial.genotype, trial.start, trial.end, ckpt_out + ".in", trial.seed, cfg)
+            os.replace(ckpt_out + ".in", ckpt_out)
+        finally:
+            if os.path.exists(ckpt_out + ".in"):
+                os.unlink(ckpt_out + ".in")
+        return result
+    return fn(trial.genotype, 0, trial.end, ckpt_out, trial.seed, cfg)
+
+
+def make_executor(name: str, address: Optional[str] = None, num_cpus: Optional[int] = None, threads: int = 1):
+    """The executor called ``name`` ('inprocess' or 'ray')."""
+    if name == "inprocess":
+        if address is not None:
+            raise ValueError("ray_address: only the 'ray' executor takes a cluster address")
+        return InProcessExecutor()
+    if name == "ray":
+        return RayExecutor(address, num_cpus, threads)
+    raise ValueError(f"executor: expected one of {', '.join(EXECUTORS)}, got {name!r}")
