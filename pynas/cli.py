@@ -6,6 +6,7 @@ import argparse
 import datetime
 import os
 import sys
+import time
 from typing import Callable, List, Optional
 
 from .search.cnn import CNNSearchConfig
@@ -204,6 +205,51 @@ def _add_train_rnn_args(p: argparse.ArgumentParser) -> None:
     _add_run_args(p, d, hessian=False)
 
 
+def _add_trial_search_args(p: argparse.ArgumentParser) -> None:
+    """How a search by trials runs: seed, executor (in-process or Ray), threads per trial, run folder, resume."""
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--executor", choices=("inprocess", "ray"), default="inprocess",
+                   help="inprocess: one trial after another here; ray: the trials as Ray tasks (pip install "
+                        "'pynas[ray]'), on a local cluster or --ray-address")
+    p.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster (default: all)")
+    p.add_argument("--parallel", type=int, default=1, help="trials trained at once per round")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads of each trial")
+    p.add_argument("--save", default=None, help="run folder (default runs/<command>-<time>)")
+    p.add_argument("--resume", default=None, help="run folder to continue (its saved settings are used)")
+    p.add_argument("--top", type=int, default=10, help="candidates in the final table")
+
+
+def _add_evolution_args(p: argparse.ArgumentParser) -> None:
+    from .cnn.trial import CNNTrialConfig
+    from .strategies.evolution import EvolutionConfig
+
+    d, t = EvolutionConfig(), CNNTrialConfig()
+    p.add_argument("--space", dest="trial_space", choices=("cnn", "sublayers"), default="cnn",
+                   help="cnn: DARTS CNN genotypes, fitness the validation accuracy of the derived network on "
+                        "shapes10; sublayers: orders of s and f sublayers, fitness minus the validation loss")
+    p.add_argument("--method", choices=("evolution", "random"), default="evolution",
+                   help="evolution: regularized evolution with progressive dynamic hurdles; random: its control, "
+                        "every child drawn afresh, the same budgets and hurdles")
+    p.add_argument("--population", type=int, default=d.population)
+    p.add_argument("--sample-size", type=int, default=d.sample_size, help="tournament size (drawn with replacement)")
+    p.add_argument("--cycles", type=int, default=d.cycles, help="children after the initial population")
+    p.add_argument("--budgets", default=None,
+                   help="comma-separated steps of each stage, e.g. 30,120 (default: cnn 30,120; sublayers 150,450)")
+    p.add_argument("--hurdle-every", type=int, default=None, help="models between hurdles (default: the population)")
+    g = p.add_argument_group("the CNN space's trials (a derived network trained on shapes10)")
+    for name in ("init_channels", "layers", "batch_size", "num_train", "num_valid"):
+        g.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(t, name))
+    g.add_argument("--learning-rate", type=float, default=t.learning_rate)
+    g = p.add_argument_group("the sublayer space's trials (a Transformer language model on the stdlib corpus)")
+    g.add_argument("--n", type=int, default=4, help="n self-attention and n feed-forward sublayers")
+    g.add_argument("--d-model", type=int, default=None)
+    g.add_argument("--heads", type=int, default=None)
+    g.add_argument("--block", type=int, default=None, help="tokens per sequence")
+    g.add_argument("--lr", type=float, default=None, help="Adam's learning rate")
+    _add_trial_search_args(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pynas", description="Fast differentiable architecture search (DARTS).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -211,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     spaces = search.add_subparsers(dest="space", required=True)
     _add_cnn_args(spaces.add_parser("cnn", help="DARTS CNN search space"))
     _add_rnn_args(spaces.add_parser("rnn", help="DARTS RNN search space (word-level language model)"))
+    _add_evolution_args(spaces.add_parser("evolution", help="search by trials: regularized evolution with "
+                                                            "progressive dynamic hurdles (or its random control)"))
     train = sub.add_parser("train", help="train the network of a genotype from scratch and test it")
     train_spaces = train.add_subparsers(dest="space", required=True)
     _add_train_cnn_args(train_spaces.add_parser("cnn", help="the DARTS CNN evaluation network"))
@@ -376,6 +424,63 @@ def _search_cnn(args) -> int:
         rsws_path=args.rsws_path, allow_none=args.allow_none, rsws_samples=args.rsws_samples,
         rsws_eval_batches=args.rsws_eval_batches, rsws_top=args.rsws_top, **given, **_hessian_settings(args))
     return _run_search(args, "cnn", cfg, CNNSearch, CNNSearchConfig, lambda c: f"method {c.method}; ")
+
+
+def _budgets(text: Optional[str]):
+    if text is None:
+        return None
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"budgets: expected comma-separated step counts such as 30,120, got {text!r}") from None
+
+
+def _trial_log(save: str):
+    """A logger that prints each line and appends it to the run folder's log.txt."""
+    def log(line: str) -> None:
+        print(line, flush=True)
+        os.makedirs(save, exist_ok=True)
+        with open(os.path.join(save, "log.txt"), "a") as fh:
+            fh.write(line + "\n")
+    return log
+
+
+def _search_evolution(args) -> int:
+    import dataclasses
+
+    from .strategies import evolution as ev
+
+    if args.resume is not None:
+        save = args.resume
+        log = _trial_log(save)
+        search = ev.Evolution.resume(save, log, args.executor, args.ray_address, args.num_cpus)
+        log(f"pynas search evolution: resuming {save}")
+    else:
+        budgets = _budgets(args.budgets)
+        if args.trial_space == "cnn":
+            space = ev.make_space("cnn", {k: getattr(args, k) for k in ("init_channels", "layers", "batch_size",
+                                                                        "num_train", "num_valid", "learning_rate")})
+        else:
+            space = ev.make_space("sublayers", {k: getattr(args, k) for k in ("d_model", "heads", "block", "lr")
+                                                if getattr(args, k) is not None}, args.n)
+        budgets = budgets if budgets is not None else space.DEFAULT_BUDGETS
+        space.cfg = dataclasses.replace(space.cfg, total_steps=sum(budgets) if budgets else 1, threads=args.threads)
+        cfg = ev.EvolutionConfig(method=args.method, population=args.population, sample_size=args.sample_size,
+                                 cycles=args.cycles, budgets=budgets, hurdle_every=args.hurdle_every,
+                                 parallel=args.parallel, seed=args.seed, executor=args.executor,
+                                 ray_address=args.ray_address, num_cpus=args.num_cpus)
+        save = args.save or os.path.join("runs", f"evolution-{args.trial_space}-{time.strftime('%Y%m%d-%H%M%S')}")
+        log = _trial_log(save)
+        log(f"pynas search evolution: {args.method} on {args.trial_space}; run folder {save}; budgets "
+            f"{','.join(map(str, budgets))}; population {args.population}, sample {args.sample_size}, "
+            f"cycles {args.cycles}; executor {args.executor}")
+        search = ev.Evolution(cfg, space, save, log)
+    result = search.run()
+    log(f"{result['trials']} trials ({result['trained_here']} trained in this run), hurdles "
+        f"{', '.join(f'{h:.4f}' for h in result['hurdles']) or 'none'}, {result['seconds']:.1f} s")
+    log(ev.table(result, args.top, search.space.describe))
+    log(f"results: {os.path.join(save, 'results.json')}")
+    return 0
 
 
 def _random_search(args, space: str, backend: str) -> int:
@@ -577,6 +682,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _search_cnn(args)
         if args.command == "search" and args.space == "rnn":
             return _search_rnn(args)
+        if args.command == "search" and args.space == "evolution":
+            return _search_evolution(args)
         if args.command == "plot-run":
             return _plot_run(args)
         if args.command == "plot":

@@ -54,6 +54,7 @@ class Space:
 
     name = ""
     cfg: Any = None
+    DEFAULT_BUDGETS: Tuple[int, ...] = ()
 
     def sample(self, rng: random.Random) -> str:
         raise NotImplementedError
@@ -96,6 +97,7 @@ class CNNSpace(Space):
     them (:func:`pynas.strategies.random_search.sample_cnn_genotype`, no 'none')."""
 
     name = "cnn"
+    DEFAULT_BUDGETS = (30, 120)  # methods.md's CPU experiment: fitness after 30 / 150 steps, one hurdle
 
     def __init__(self, cfg=None):
         from ..cnn.trial import CNNTrialConfig
@@ -147,6 +149,7 @@ class SublayerSpace(Space):
     the parameter count is the same for all of them."""
 
     name = "sublayers"
+    DEFAULT_BUDGETS = (150, 450)
 
     def __init__(self, n: int = 4, cfg=None):
         from ..sublayers.trial import SublayerTrialConfig
@@ -182,7 +185,7 @@ class EvolutionConfig:
     population: int = 100
     sample_size: int = 10
     cycles: int = 1000  # children after the initial population
-    budgets: Tuple[int, ...] = (100, 100, 200)  # steps of each stage
+    budgets: Optional[Tuple[int, ...]] = None  # steps of each stage (None: the space's DEFAULT_BUDGETS)
     hurdle_every: Optional[int] = None  # models between hurdles (None: the population size)
     parallel: int = 1  # children trained at once per round
     seed: int = 0
@@ -198,11 +201,12 @@ class EvolutionConfig:
         check_positive_int("cycles", self.cycles, minimum=0)
         if self.hurdle_every is not None:
             check_positive_int("hurdle_every", self.hurdle_every)
-        if not isinstance(self.budgets, (list, tuple)) or not self.budgets:
-            raise ValueError(f"budgets: expected a non-empty list of step counts, got {self.budgets!r}")
-        for b in self.budgets:
-            if not isinstance(b, int) or isinstance(b, bool) or b < 1:
-                raise ValueError(f"budgets: expected positive step counts, got {list(self.budgets)}")
+        if self.budgets is not None:
+            if not isinstance(self.budgets, (list, tuple)) or not self.budgets:
+                raise ValueError(f"budgets: expected a non-empty list of step counts, got {self.budgets!r}")
+            for b in self.budgets:
+                if not isinstance(b, int) or isinstance(b, bool) or b < 1:
+                    raise ValueError(f"budgets: expected positive step counts, got {list(self.budgets)}")
         check_seed(self.seed)
         if self.executor not in EXECUTORS:
             raise ValueError(f"executor: expected one of {', '.join(EXECUTORS)}, got {self.executor!r}")
@@ -233,6 +237,8 @@ class Evolution:
 
     def __init__(self, cfg: EvolutionConfig, space: Space, folder: str, log: Callable[[str], None] = print):
         cfg.check()
+        if cfg.budgets is None:
+            cfg = dataclasses.replace(cfg, budgets=tuple(space.DEFAULT_BUDGETS))
         self.cfg, self.space, self.folder, self.log = cfg, space, folder, log
         self.steps = [sum(cfg.budgets[:k + 1]) for k in range(len(cfg.budgets))]
         if self.steps[-1] > space.cfg.total_steps:
@@ -246,6 +252,24 @@ class Evolution:
         self.trained = 0  # trials run by this process (the others came from the store)
         self.order: List[dict] = []  # every trial record, in the search's order
         self.population: List[Model] = []
+
+    @classmethod
+    def resume(cls, folder: str, log: Callable[[str], None] = print, executor: str = "inprocess",
+               ray_address: Optional[str] = None, num_cpus: Optional[int] = None) -> "Evolution":
+        """The search of ``folder`` with its saved settings (only how the trials run may change)."""
+        path = os.path.join(folder, "evolution.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"resume: no evolution.json in {folder}")
+        with open(path, encoding="utf-8") as fh:
+            saved = json.load(fh)
+        try:
+            settings = dict(saved["settings"], budgets=tuple(saved["settings"]["budgets"]), executor=executor,
+                            ray_address=ray_address, num_cpus=num_cpus)
+            space = make_space(saved["space"], saved["space_settings"], saved.get("space_size"))
+            cfg = EvolutionConfig(**settings)
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"resume: {path} is not the settings file of a pynas evolution ({exc})") from None
+        return cls(cfg, space, folder, log)
 
     # -- settings --------------------------------------------------------------------------------------------
     def _settings(self) -> dict:
@@ -357,6 +381,9 @@ class Evolution:
                     population.pop(0)  # aging: the oldest leaves
                 made += n
                 self._set_hurdles()
+                best = max(self.models, key=lambda m: (m.latest, len(m.fitness)))
+                self.log(f"after {len(self.models)} models: best candidate {best.candidate} fitness "
+                         f"{best.latest:.4f} ({len(best.fitness)} stages) {self.space.describe(best.genotype)}")
         finally:
             executor.close()
         result = self.results(time.perf_counter() - t0)
@@ -384,6 +411,19 @@ class Evolution:
                         title=f"{self.cfg.method} on {self.space.name}")
         except ImportError:
             pass
+
+
+def make_space(name: str, settings: Optional[dict] = None, n: Optional[int] = None) -> Space:
+    """The space called ``name`` ('cnn' or 'sublayers') with its trial settings (a dict of the config's fields)."""
+    if name == "cnn":
+        from ..cnn.trial import CNNTrialConfig
+
+        return CNNSpace(CNNTrialConfig(**(settings or {})))
+    if name == "sublayers":
+        from ..sublayers.trial import SublayerTrialConfig
+
+        return SublayerSpace(4 if n is None else n, SublayerTrialConfig(**(settings or {})))
+    raise ValueError(f"space: expected cnn or sublayers, got {name!r}")
 
 
 def table(result: dict, top: int = 10, describe: Callable[[str], str] = str) -> str:
