@@ -241,12 +241,36 @@ def _add_evolution_args(p: argparse.ArgumentParser) -> None:
     for name in ("init_channels", "layers", "batch_size", "num_train", "num_valid"):
         g.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(t, name))
     g.add_argument("--learning-rate", type=float, default=t.learning_rate)
+    _add_sublayer_trial_args(p, "n self-attention and n feed-forward sublayers")
+    _add_trial_search_args(p)
+
+
+def _add_sublayer_trial_args(p: argparse.ArgumentParser, n_help: str) -> None:
     g = p.add_argument_group("the sublayer space's trials (a Transformer language model on the stdlib corpus)")
-    g.add_argument("--n", type=int, default=4, help="n self-attention and n feed-forward sublayers")
+    g.add_argument("--n", type=int, default=4, help=n_help)
     g.add_argument("--d-model", type=int, default=None)
     g.add_argument("--heads", type=int, default=None)
     g.add_argument("--block", type=int, default=None, help="tokens per sequence")
     g.add_argument("--lr", type=float, default=None, help="Adam's learning rate")
+
+
+def _sublayer_trial_settings(args) -> dict:
+    return {k: getattr(args, k) for k in ("d_model", "heads", "block", "lr") if getattr(args, k) is not None}
+
+
+def _add_sandwich_args(p: argparse.ArgumentParser) -> None:
+    from .strategies.sandwich import FAMILIES, SandwichConfig
+
+    d = SandwichConfig()
+    p.add_argument("--steps", type=int, default=d.steps, help="training steps of every order")
+    p.add_argument("--families", default=",".join(FAMILIES),
+                   help="comma-separated: interleaved (the (sf)^n baseline), sandwich (s^k (sf)^(n-k) f^k), "
+                        "balanced (random orders of n s and n f), same_params (random orders of the baseline's "
+                        "weight count)")
+    p.add_argument("--ks", default=None, help="sandwich coefficients, comma-separated (default 1..n-1)")
+    p.add_argument("--random-orders", type=int, default=d.random_orders, help="orders of each random family")
+    p.add_argument("--baseline-seeds", type=int, default=d.baseline_seeds, help="seeds of the interleaved baseline")
+    _add_sublayer_trial_args(p, "the baseline's sublayer pairs: (sf)^n")
     _add_trial_search_args(p)
 
 
@@ -259,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_rnn_args(spaces.add_parser("rnn", help="DARTS RNN search space (word-level language model)"))
     _add_evolution_args(spaces.add_parser("evolution", help="search by trials: regularized evolution with "
                                                             "progressive dynamic hurdles (or its random control)"))
+    _add_sandwich_args(spaces.add_parser("sandwich", help="sublayer-order search (the sandwich transformer): the "
+                                                          "interleaved baseline, sandwich k, random orders"))
     train = sub.add_parser("train", help="train the network of a genotype from scratch and test it")
     train_spaces = train.add_subparsers(dest="space", required=True)
     _add_train_cnn_args(train_spaces.add_parser("cnn", help="the DARTS CNN evaluation network"))
@@ -461,8 +487,7 @@ def _search_evolution(args) -> int:
             space = ev.make_space("cnn", {k: getattr(args, k) for k in ("init_channels", "layers", "batch_size",
                                                                         "num_train", "num_valid", "learning_rate")})
         else:
-            space = ev.make_space("sublayers", {k: getattr(args, k) for k in ("d_model", "heads", "block", "lr")
-                                                if getattr(args, k) is not None}, args.n)
+            space = ev.make_space("sublayers", _sublayer_trial_settings(args), args.n)
         budgets = budgets if budgets is not None else space.DEFAULT_BUDGETS
         space.cfg = dataclasses.replace(space.cfg, total_steps=sum(budgets) if budgets else 1, threads=args.threads)
         cfg = ev.EvolutionConfig(method=args.method, population=args.population, sample_size=args.sample_size,
@@ -480,6 +505,39 @@ def _search_evolution(args) -> int:
         f"{', '.join(f'{h:.4f}' for h in result['hurdles']) or 'none'}, {result['seconds']:.1f} s")
     log(ev.table(result, args.top, search.space.describe))
     log(f"results: {os.path.join(save, 'results.json')}")
+    return 0
+
+
+def _search_sandwich(args) -> int:
+    from .strategies import sandwich as sw
+
+    if args.resume is not None:
+        save = args.resume
+        log = _trial_log(save)
+        search = sw.SandwichSearch.resume(save, log, args.executor, args.ray_address, args.num_cpus, args.parallel)
+        log(f"pynas search sandwich: resuming {save}")
+    else:
+        ks = None
+        if args.ks is not None:
+            try:
+                ks = tuple(int(k) for k in args.ks.split(","))
+            except ValueError:
+                raise ValueError(f"ks: expected comma-separated integers, got {args.ks!r}") from None
+        families = tuple(f.strip() for f in args.families.split(",") if f.strip())
+        cfg = sw.SandwichConfig(n=args.n, steps=args.steps, families=families, ks=ks,
+                                random_orders=args.random_orders, baseline_seeds=args.baseline_seeds, seed=args.seed,
+                                executor=args.executor, ray_address=args.ray_address, num_cpus=args.num_cpus,
+                                parallel=args.parallel,
+                                trial=dict(_sublayer_trial_settings(args), threads=args.threads))
+        save = args.save or os.path.join("runs", f"sandwich-{time.strftime('%Y%m%d-%H%M%S')}")
+        log = _trial_log(save)
+        log(f"pynas search sandwich: n {args.n}, {args.steps} steps per order, families {','.join(families)}; "
+            f"run folder {save}; executor {args.executor}")
+        search = sw.SandwichSearch(cfg, save, log)
+    result = search.run()
+    log(sw.table(result))
+    log(f"{len(result['rows'])} orders ({result['trained_here']} trained in this run), {result['seconds']:.1f} s; "
+        f"results: {os.path.join(save, 'results.json')}")
     return 0
 
 
@@ -684,6 +742,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _search_rnn(args)
         if args.command == "search" and args.space == "evolution":
             return _search_evolution(args)
+        if args.command == "search" and args.space == "sandwich":
+            return _search_sandwich(args)
         if args.command == "plot-run":
             return _plot_run(args)
         if args.command == "plot":

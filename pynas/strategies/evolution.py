@@ -37,7 +37,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from ..search.config import check_positive_int, check_seed
 from ..search.trials import EXECUTORS, Trial, TrialStore, make_executor
@@ -160,7 +160,7 @@ class SublayerSpace(Space):
         self.cfg.check()
 
     def sample(self, rng):
-        from ..sublayers.model import random_balanced
+        from ..sublayers.orders import random_balanced
 
         return random_balanced(rng, self.n)
 
