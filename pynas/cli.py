@@ -502,8 +502,8 @@ def _search_evolution(args) -> int:
         search = ev.Evolution(cfg, space, save, log)
     result = search.run()
     log(f"{result['trials']} trials ({result['trained_here']} trained in this run), hurdles "
-        f"{', '.join(f'{h:.4f}' for h in result['hurdles']) or 'none'}, {result['seconds']:.1f} s")
-    log(ev.table(result, args.top, search.space.describe))
+        f"{', '.join(search.space.show(h) for h in result['hurdles']) or 'none'}, {result['seconds']:.1f} s")
+    log(ev.table(result, args.top, search.space))
     log(f"results: {os.path.join(save, 'results.json')}")
     return 0
 

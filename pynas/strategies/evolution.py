@@ -68,6 +68,10 @@ class Space:
     def describe(self, genotype: str) -> str:
         return genotype
 
+    def show(self, fitness: Optional[float]) -> str:
+        """A fitness as the logs and tables print it."""
+        return "nan" if fitness is None else f"{fitness:.4f}"
+
 
 def mutate_cnn(genotype, rng: random.Random, ops: Sequence[str]):
     """One random change of a CNN genotype: in the normal or the reduction cell (equally likely), one node's
@@ -171,6 +175,10 @@ class SublayerSpace(Space):
         from ..sublayers.trial import train_order
 
         return train_order
+
+    def show(self, fitness):
+        """Minus the validation loss, printed as the perplexity ``exp(-fitness)``."""
+        return "nan" if fitness is None else f"ppl {math.exp(-fitness):.2f}"
 
 
 # ---- the search -------------------------------------------------------------------------------------------
@@ -312,7 +320,7 @@ class Evolution:
         return recs
 
     def _log_trial(self, r: dict) -> None:
-        fit = "nan" if r["fitness"] is None else f"{r['fitness']:.4f}"
+        fit = self.space.show(r["fitness"])
         self.log(f"trial {len(self.order)}: candidate {r['candidate']} stage {r['stage']} steps {r['end']} "
                  f"fitness {fit} ({r.get('seconds', 0.0):.1f} s) {self.space.describe(r['genotype'])}")
 
@@ -338,7 +346,8 @@ class Evolution:
             if not reached:
                 return
             self.hurdles.append(sum(reached) / len(reached))
-            self.log(f"hurdle {k}: {self.hurdles[k]:.4f} (mean stage-{k} fitness of {len(reached)} models)")
+            self.log(f"hurdle {k}: {self.space.show(self.hurdles[k])} (mean stage-{k} fitness of {len(reached)} "
+                     f"models)")
             k += 1
 
     def _add(self, executor, children: List[Model]) -> None:
@@ -383,7 +392,8 @@ class Evolution:
                 self._set_hurdles()
                 best = max(self.models, key=lambda m: (m.latest, len(m.fitness)))
                 self.log(f"after {len(self.models)} models: best candidate {best.candidate} fitness "
-                         f"{best.latest:.4f} ({len(best.fitness)} stages) {self.space.describe(best.genotype)}")
+                         f"{self.space.show(best.fitness[-1])} ({len(best.fitness)} stages) "
+                         f"{self.space.describe(best.genotype)}")
         finally:
             executor.close()
         result = self.results(time.perf_counter() - t0)
@@ -426,10 +436,12 @@ def make_space(name: str, settings: Optional[dict] = None, n: Optional[int] = No
     raise ValueError(f"space: expected cnn or sublayers, got {name!r}")
 
 
-def table(result: dict, top: int = 10, describe: Callable[[str], str] = str) -> str:
+def table(result: dict, top: int = 10, space: Optional[Space] = None) -> str:
     """The best ``top`` models of a result as text: rank, candidate, fitness per stage, steps, genotype."""
-    lines = [f"{'rank':>4} {'cand':>5} {'steps':>6}  fitness per stage  genotype"]
+    space = space if space is not None else Space()
+    show, describe = space.show, space.describe
+    lines = [f"{'rank':>4} {'cand':>5} {'steps':>6}  fitness per stage        genotype"]
     for i, row in enumerate(result["models"][:top]):
-        fits = " ".join("nan" if f is None else f"{f:.4f}" for f in row["fitness"])
-        lines.append(f"{i + 1:>4} {row['candidate']:>5} {row['steps']:>6}  {fits:<17}  {describe(row['genotype'])}")
+        fits = ", ".join(show(f) for f in row["fitness"])
+        lines.append(f"{i + 1:>4} {row['candidate']:>5} {row['steps']:>6}  {fits:<23}  {describe(row['genotype'])}")
     return "\n".join(lines)
