@@ -128,10 +128,11 @@ def _add_rnn_args(p: argparse.ArgumentParser) -> None:
     from .search.rnn import RNNSearchConfig
 
     d = RNNSearchConfig()
-    p.add_argument("--method", choices=("darts", "idarts", "rsws", "random"), default="darts",
+    p.add_argument("--method", choices=("darts", "idarts", "rsws", "enas", "random"), default="darts",
                    help="darts; idarts (one softmax per node); rsws (random search with weight sharing: the "
-                        "evaluation cell's genotype sampled per batch); random (sample cells, train briefly, keep "
-                        "the best). --epochs and --batch-size default to the method's")
+                        "evaluation cell's genotype sampled per batch); enas (an LSTM controller samples the cells, "
+                        "trained by REINFORCE); random (sample cells, train briefly, keep the best). --epochs and "
+                        "--batch-size default to the method's")
     p.add_argument("--allow-s0", dest="forbid_s0", action="store_false",
                    help="idarts: nodes after the first may take s0 in the genotype (the author's code never does)")
     p.add_argument("--rsws-samples", type=int, default=d.rsws_samples, help="rsws: cells ranked at the end")
@@ -140,6 +141,21 @@ def _add_rnn_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rsws-top", type=int, default=d.rsws_top, help="rsws: the best re-scored on the validation text")
     p.add_argument("--samples", type=int, default=None, help="random: cells sampled and trained (8)")
     p.add_argument("--candidate-epochs", type=int, default=None, help="random: training epochs of each candidate")
+    g = p.add_argument_group("ENAS (--method enas): the controller")
+    g.add_argument("--enas-controller-steps", type=int, default=d.enas_controller_steps,
+                   help="REINFORCE steps per epoch, each on one sampled cell")
+    g.add_argument("--enas-derive-samples", type=int, default=d.enas_derive_samples,
+                   help="controller samples scored for the derived cell")
+    g.add_argument("--enas-controller-lr", type=float, default=d.enas_controller_lr, help="the controller's Adam lr")
+    g.add_argument("--enas-entropy-weight", type=float, default=d.enas_entropy_weight,
+                   help="entropy bonus added to the reward")
+    g.add_argument("--enas-baseline-decay", type=float, default=d.enas_baseline_decay,
+                   help="decay of the reward's moving-average baseline")
+    g.add_argument("--enas-temperature", type=float, default=d.enas_temperature, help="logits divided by it")
+    g.add_argument("--enas-tanh-constant", type=float, default=d.enas_tanh_constant,
+                   help="logits squashed to c * tanh(logits)")
+    g.add_argument("--enas-hidden", type=int, default=d.enas_hidden, help="the controller LSTM's units")
+    g.add_argument("--enas-reward-c", type=float, default=d.enas_reward_c, help="reward = c / validation perplexity")
     p.add_argument("--data", choices=("stdlib", "ptb"), default=d.data,
                    help="stdlib: embedded word-level corpus built at run time from the Python standard library's "
                         "docstrings and comments (no download); ptb: ptb.{train,valid,test}.txt from --data-dir")
@@ -429,7 +445,7 @@ def _search_rnn(args) -> int:
         eval_batch_size=args.eval_batch_size, seed=args.seed, steps_per_epoch=args.steps_per_epoch,
         device=args.device, backend=backend, tensorboard=args.tensorboard, forbid_s0=args.forbid_s0,
         rsws_samples=args.rsws_samples, rsws_eval_batches=args.rsws_eval_batches, rsws_top=args.rsws_top,
-        **_hessian_settings(args))
+        **{k: getattr(args, k) for k in vars(args) if k.startswith("enas_")}, **_hessian_settings(args))
     return _run_search(args, "rnn", cfg, RNNSearch, RNNSearchConfig, lambda c: f"method {c.method}; data {c.data}; ")
 
 

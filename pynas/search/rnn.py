@@ -60,11 +60,20 @@ class RNNSearchConfig(HessianSettings):
     device: str = "cpu"
     backend: str = "auto"
     tensorboard: bool = False  # per-epoch scalars as TensorBoard event files in <run folder>/tensorboard
-    method: str = "darts"  # darts, idarts (pynas.strategies.idarts), rsws (pynas.strategies.rsws)
+    method: str = "darts"  # darts, idarts (pynas.strategies.idarts), rsws (pynas.strategies.rsws), enas
     forbid_s0: bool = True  # I-DARTS's genotype: nodes after the first never take s0 (as the author's code)
     rsws_samples: int = 1000  # RSWS: cells ranked with the shared weights after training
     rsws_eval_batches: int = 10  # RSWS: validation chunks of bptt steps scoring each of them
     rsws_top: int = 10  # RSWS: the best of them re-scored on the whole validation text
+    enas_controller_steps: int = 2000  # ENAS (pynas.strategies.enas): REINFORCE steps per epoch
+    enas_derive_samples: int = 100  # ENAS: controller samples scored for the derived cell
+    enas_controller_lr: float = 3.5e-4
+    enas_entropy_weight: float = 1e-4
+    enas_baseline_decay: float = 0.95
+    enas_temperature: float = 5.0
+    enas_tanh_constant: float = 2.5
+    enas_hidden: int = 100
+    enas_reward_c: float = 80.0  # reward = c / validation perplexity
 
     @classmethod
     def for_method(cls, method: str = "darts", **settings) -> "RNNSearchConfig":
@@ -74,11 +83,13 @@ class RNNSearchConfig(HessianSettings):
         defaults = {}
         if method == "rsws":
             from ..strategies.rsws import RNN_DEFAULTS as defaults
+        elif method == "enas":
+            from ..strategies.enas import RNN_DEFAULTS as defaults
         return cls(**{**defaults, **settings, "method": method})
 
 
 #: The methods on the RNN space.
-RNN_METHODS = ("darts", "idarts", "rsws")
+RNN_METHODS = ("darts", "idarts", "rsws", "enas")
 
 
 def check_config(cfg: RNNSearchConfig) -> None:
@@ -138,6 +149,17 @@ def check_config(cfg: RNNSearchConfig) -> None:
             raise ValueError("track_hessian: random search with weight sharing has no architecture parameters")
         if cfg.unrolled:
             raise ValueError("unrolled: rsws has no architecture step")
+    for name in ("enas_controller_steps", "enas_derive_samples", "enas_hidden"):
+        check_positive_int(name, getattr(cfg, name))
+    for name in ("enas_controller_lr", "enas_temperature", "enas_tanh_constant", "enas_reward_c"):
+        check_number(name, getattr(cfg, name), low=0.0, low_open=True)
+    check_number("enas_entropy_weight", cfg.enas_entropy_weight, low=0.0)
+    check_number("enas_baseline_decay", cfg.enas_baseline_decay, low=0.0, high=1.0, high_open=True)
+    if cfg.method == "enas":
+        if cfg.track_hessian:
+            raise ValueError("track_hessian: ENAS has no architecture parameters (its controller samples cells)")
+        if cfg.unrolled:
+            raise ValueError("unrolled: ENAS's architecture step is REINFORCE, it has no second order")
 
 
 def _need_train(cfg: RNNSearchConfig) -> int:
@@ -202,12 +224,22 @@ class RNNSearch(SearchCheckpoints):
             from ..strategies import rsws
 
             self.model = rsws.rnn_model(self.corpus.ntokens, cfg, cfg.seed).to(self.device)
+        elif cfg.method == "enas":
+            from ..strategies import enas
+
+            self.model = enas.enas_model(self.corpus.ntokens, cfg, cfg.seed).to(self.device)
         else:
             self.model = RNNModelSearch(*args).to(self.device)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.wdecay)
-        self.architect = None if cfg.method == "rsws" else \
-            Architect(self.model, weight_decay=cfg.wdecay, clip=cfg.clip, arch_learning_rate=cfg.arch_lr,
-                      arch_weight_decay=cfg.arch_wdecay, fd_r=cfg.fd_r)
+        # the weights SGD steps (ENAS: not its controller, which REINFORCE trains)
+        self.weights = enas.shared_parameters(self.model) if cfg.method == "enas" else list(self.model.parameters())
+        self.optimizer = torch.optim.SGD(self.weights, lr=cfg.lr, weight_decay=cfg.wdecay)
+        if cfg.method == "rsws":
+            self.architect = None
+        elif cfg.method == "enas":
+            self.architect = enas.ENASArchitect(self.model, cfg)
+        else:
+            self.architect = Architect(self.model, weight_decay=cfg.wdecay, clip=cfg.clip,
+                                       arch_learning_rate=cfg.arch_lr, arch_weight_decay=cfg.arch_wdecay, fd_r=cfg.fd_r)
         self.epoch = 0
         self.history: List[dict] = []
         self._replay_early_stop()
@@ -216,11 +248,14 @@ class RNNSearch(SearchCheckpoints):
         return to_json(self.model.genotype())
 
     def finish(self):
-        if self.cfg.method != "rsws":
-            return None
-        from ..strategies.rsws import rnn_select
+        if self.cfg.method == "rsws":
+            from ..strategies.rsws import rnn_select
 
-        self.final = rnn_select(self)
+            self.final = rnn_select(self)
+        elif self.cfg.method == "enas":
+            from ..strategies.enas import enas_select
+
+            self.final = enas_select(self)
         return self.final
 
     def final_record(self):
@@ -231,6 +266,11 @@ class RNNSearch(SearchCheckpoints):
             from ..strategies.rsws import rnn_load_final
 
             rnn_load_final(self, record)
+            self.final = record
+        elif self.cfg.method == "enas":
+            from ..strategies.enas import enas_load_final
+
+            enas_load_final(self, record)
             self.final = record
 
     def hessian_loss(self) -> Callable[[], torch.Tensor]:
@@ -262,6 +302,8 @@ class RNNSearch(SearchCheckpoints):
             from ..strategies.rsws import rnn_epoch_sampler
 
             sample = rnn_epoch_sampler(cfg, epoch)
+        elif cfg.method == "enas":
+            sample = self.architect.sampler(epoch)
         loss_sum, tokens, steps, i = 0.0, 0, 0, 0
         group = self.optimizer.param_groups[0]
         while i < n_rows - 1 - 1:
@@ -278,7 +320,7 @@ class RNNSearch(SearchCheckpoints):
                 data, targets = get_batch(self.train_data, i, seq_len)
                 hidden = [h.detach() for h in hidden]
                 hidden_valid = [h.detach() for h in hidden_valid]
-                if sample is not None:  # RSWS: a uniformly sampled cell per batch, no architecture step
+                if sample is not None:  # RSWS, ENAS: a sampled cell per batch, no architecture step here
                     model.set_arch(sample())
                 else:
                     hidden_valid, _ = self.architect.step(hidden, data, targets, hidden_valid, data_valid,
@@ -286,7 +328,7 @@ class RNNSearch(SearchCheckpoints):
                 self.optimizer.zero_grad()
                 loss, raw_loss, hidden = self._weight_loss(data, targets, hidden)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+                torch.nn.utils.clip_grad_norm_(self.weights, cfg.clip)
                 self.optimizer.step()
             finally:
                 group["lr"] = lr
@@ -312,12 +354,14 @@ class RNNSearch(SearchCheckpoints):
     def run_epoch(self, epoch: int):
         """Train and evaluate one epoch: (the history record's figures, their log text)."""
         train_loss, steps = self.train_epoch(epoch)
+        extra = self.architect.controller_phase(self, epoch) if self.cfg.method == "enas" else {}
         val_loss = self.evaluate(self.val_data)
         record = {"lr": self.optimizer.param_groups[0]["lr"], "steps": steps, "train_loss": train_loss,
                   "train_ppl": math.exp(min(train_loss, 50)), "val_loss": val_loss,
-                  "val_ppl": math.exp(min(val_loss, 50))}
+                  "val_ppl": math.exp(min(val_loss, 50)), **extra}
+        text = "".join(f" {k} {v:.4f}" for k, v in extra.items())
         return record, (f"steps {steps} train_loss {train_loss:.4f} train_ppl {record['train_ppl']:.2f} "
-                        f"val_loss {val_loss:.4f} val_ppl {record['val_ppl']:.2f}")
+                        f"val_loss {val_loss:.4f} val_ppl {record['val_ppl']:.2f}{text}")
 
 
 def run_rnn_search(cfg: RNNSearchConfig, save_dir: Optional[str] = None, resume: Optional[str] = None,

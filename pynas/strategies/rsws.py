@@ -242,12 +242,14 @@ def _rnn_model_class():
     return RSWSRNNModel
 
 
-def rnn_model(ntokens: int, cfg, seed: int):
-    """The RNN search's shared-weight model, holding a first sample (``random.Random(seed)``)."""
+def rnn_model(ntokens: int, cfg, seed: int, cls=None):
+    """The RNN search's shared-weight model, holding a first sample (``random.Random(seed)``); ``cls``: a subclass
+    of the class :func:`_rnn_model_class` makes (ENAS's), None for that class."""
     from .random_search import sample_rnn_genotype
 
-    return _rnn_model_class()(ntokens, cfg.emsize, cfg.nhid, cfg.nhidlast, cfg.dropout, cfg.dropouth, cfg.dropoutx,
-                              cfg.dropouti, cfg.dropoute, sample_rnn_genotype(random.Random(seed)))
+    cls = cls if cls is not None else _rnn_model_class()
+    return cls(ntokens, cfg.emsize, cfg.nhid, cfg.nhidlast, cfg.dropout, cfg.dropouth, cfg.dropoutx, cfg.dropouti,
+               cfg.dropoute, sample_rnn_genotype(random.Random(seed)))
 
 
 def rnn_epoch_sampler(cfg, epoch: int):

@@ -12,7 +12,7 @@ import torch
 
 from pynas.cnn.genotypes import from_json, to_json
 from pynas.cnn.operations import PRIMITIVES
-from pynas.search.trials import Trial, TrialStore
+from pynas.search.trials import TrialStore
 from pynas.strategies import evolution as ev
 from pynas.strategies.random_search import sample_cnn_genotype
 
