@@ -297,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     spaces = search.add_subparsers(dest="space", required=True)
     _add_cnn_args(spaces.add_parser("cnn", help="DARTS CNN search space"))
     _add_rnn_args(spaces.add_parser("rnn", help="DARTS RNN search space (word-level language model)"))
+    enas = spaces.add_parser("enas", help="ENAS on the DARTS RNN space (= pynas search rnn --method enas)")
+    _add_rnn_args(enas)
+    enas.set_defaults(method="enas")
     _add_evolution_args(spaces.add_parser("evolution", help="search by trials: regularized evolution with "
                                                             "progressive dynamic hurdles (or its random control)"))
     _add_sandwich_args(spaces.add_parser("sandwich", help="sublayer-order search (the sandwich transformer): the "
@@ -754,7 +757,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _bench(args)
         if args.command == "search" and args.space == "cnn":
             return _search_cnn(args)
-        if args.command == "search" and args.space == "rnn":
+        if args.command == "search" and args.space in ("rnn", "enas"):
             return _search_rnn(args)
         if args.command == "search" and args.space == "evolution":
             return _search_evolution(args)

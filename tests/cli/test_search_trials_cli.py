@@ -44,3 +44,14 @@ def test_bad_flags_name_themselves(tmp_path, capsys):
     assert "ks" in capsys.readouterr().err
     assert main(["search", "evolution", "--resume", str(tmp_path / "nothing")]) == 2
     assert "resume" in capsys.readouterr().err
+
+
+def test_search_enas_is_the_rnn_search_with_method_enas(tmp_path, capsys):
+    save = str(tmp_path / "enas")
+    assert main(["search", "enas", "--epochs", "1", "--emsize", "8", "--nhid", "8", "--batch-size", "4", "--bptt", "6",
+                 "--steps-per-epoch", "3", "--enas-controller-steps", "3", "--enas-derive-samples", "2",
+                 "--max-tokens", "20000", "--eval-batch-size", "2", "--save", save, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "method enas" in out and "enas selection: 2 cells" in out and "controller_reward" in out
+    with open(os.path.join(save, "genotype.json")) as fh:
+        assert len(json.load(fh)["recurrent"]) == 8
