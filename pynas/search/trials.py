@@ -11,7 +11,8 @@ with flush and fsync as each result arrives; a last line cut by a kill is ignore
 replays its decisions from its seed takes each result from the file when it is there (:meth:`TrialStore.get`),
 so a killed search resumes without training a finished trial again.
 
-**Executors** run a batch of trials and hand back the results in the batch's order: :class:`InProcessExecutor`
+**Executors** run a batch of trials, hand each result to a callback as it finishes (the search stores it then) and
+back all of them in the batch's order: :class:`InProcessExecutor`
 (the default, one after another in this process) and :class:`RayExecutor` (Ray, ``pip install pynas[ray]``:
 the trials as Ray tasks on a local or existing cluster, ``address``), each trial a task of ``threads`` CPUs. The
 same trials give the same results under both (each trial seeds itself and sets its own thread count).
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -116,8 +118,15 @@ class InProcessExecutor:
 
     name = "inprocess"
 
-    def run(self, fn: Callable, trials: Sequence[Trial], folder: str, cfg: Any) -> List[dict]:
-        return [run_trial(fn, t, folder, cfg) for t in trials]
+    def run(self, fn: Callable, trials: Sequence[Trial], folder: str, cfg: Any,
+            on_result: Optional[Callable[[int, dict], None]] = None) -> List[dict]:
+        """The results in the trials' order; ``on_result(i, result)`` as each one finishes."""
+        out = []
+        for i, t in enumerate(trials):
+            out.append(run_trial(fn, t, folder, cfg))
+            if on_result is not None:
+                on_result(i, out[-1])
+        return out
 
     def close(self) -> None:
         pass
@@ -134,6 +143,9 @@ class RayExecutor:
             import ray
         except ImportError:
             raise RuntimeError("executor: 'ray' needs Ray (pip install 'pynas[ray]')") from None
+        if address is None and num_cpus is not None and threads > num_cpus:
+            raise ValueError(f"threads: each trial takes {threads} CPUs, more than the local cluster's num_cpus "
+                             f"({num_cpus}): no trial could ever run")
         self._ray = ray
         self._started = False
         if not ray.is_initialized():
@@ -144,9 +156,21 @@ class RayExecutor:
             self._started = True
         self._task = ray.remote(num_cpus=threads)(run_trial)
 
-    def run(self, fn: Callable, trials: Sequence[Trial], folder: str, cfg: Any) -> List[dict]:
+    def run(self, fn: Callable, trials: Sequence[Trial], folder: str, cfg: Any,
+            on_result: Optional[Callable[[int, dict], None]] = None) -> List[dict]:
+        """The results in the trials' order; ``on_result(i, result)`` as each one finishes (in finishing order)."""
         refs = [self._task.remote(fn, t, folder, cfg) for t in trials]
-        return self._ray.get(refs)
+        index = {ref: i for i, ref in enumerate(refs)}
+        out: List[Optional[dict]] = [None] * len(refs)
+        pending = list(refs)
+        while pending:
+            done, pending = self._ray.wait(pending, num_returns=1)
+            for ref in done:
+                i = index[ref]
+                out[i] = self._ray.get(ref)
+                if on_result is not None:
+                    on_result(i, out[i])
+        return out
 
     def close(self) -> None:
         if self._started:
@@ -163,8 +187,6 @@ def run_trial(fn: Callable, trial: Trial, folder: str, cfg: Any) -> dict:
         if not os.path.exists(ckpt_in):
             raise FileNotFoundError(f"resume: candidate {trial.candidate}'s checkpoint at step {trial.start} is "
                                     f"missing ({ckpt_in})")
-        import shutil
-
         shutil.copyfile(ckpt_in, ckpt_out + ".in")
         try:
             result = fn(trial.genotype, trial.start, trial.end, ckpt_out + ".in", trial.seed, cfg)

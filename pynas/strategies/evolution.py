@@ -310,10 +310,12 @@ class Evolution:
         recs: List[Optional[dict]] = [self.store.get(t) for t in trials]
         todo = [i for i, r in enumerate(recs) if r is None]
         if todo:
-            results = executor.run(self.space.train(), [trials[i] for i in todo], self.folder, self.space.cfg)
-            for i, res in zip(todo, results):
+            def store(k: int, res: dict) -> None:  # as each trial finishes: a kill loses only the unfinished ones
+                i = todo[k]
                 recs[i] = self.store.append(trials[i], res, extra[i])
                 self.trained += 1
+
+            executor.run(self.space.train(), [trials[i] for i in todo], self.folder, self.space.cfg, store)
         for r in recs:
             self.order.append(r)
             self._log_trial(r)

@@ -166,12 +166,15 @@ class SandwichSearch:
         try:
             for lo in range(0, len(todo), cfg.parallel):
                 batch = todo[lo:lo + cfg.parallel]
-                results = executor.run(train_order, [trials[i] for i in batch], self.folder, self.trial_cfg)
-                for i, res in zip(batch, results):
+
+                def store(k: int, res: dict, batch=batch) -> None:  # as each trial finishes
+                    i = batch[k]
                     t = trials[i]
                     r = records[i] = self.store.append(t, res, {"family": families[(t.genotype, t.seed)]})
                     self.log(f"trial {i + 1}/{len(trials)}: {r['family']} {t.genotype} seed {t.seed}: "
                              f"perplexity {r.get('perplexity', float('nan')):.2f} ({r.get('seconds', 0.0):.1f} s)")
+
+                executor.run(train_order, [trials[i] for i in batch], self.folder, self.trial_cfg, store)
         finally:
             executor.close()
         by_order = {(t.genotype, t.seed): r for t, r in zip(trials, records)}

@@ -95,3 +95,19 @@ def test_ray_and_inprocess_give_the_same_search(tmp_path):
     assert a["models"] == b["models"] and a["hurdles"] == b["hurdles"]
     assert a["trials"] == b["trials"] > 9  # promotions happened (across processes under Ray): more trials than models
     assert os.path.exists(checkpoint_path(str(tmp_path / "ray"), 0, 4))
+
+
+def test_ray_refuses_trials_wider_than_the_local_cluster():
+    pytest.importorskip("ray")
+    with pytest.raises(ValueError, match="threads"):
+        make_executor("ray", num_cpus=1, threads=2)
+
+
+def test_results_reach_the_callback_as_they_finish(tmp_path):
+    from pynas.search.trials import InProcessExecutor
+
+    seen = []
+    cfg = CNNTrialConfig(**TINY)
+    trials = [Trial(i, _genotype(i), 0, 2, 0, i) for i in range(2)]
+    out = InProcessExecutor().run(train_genotype, trials, str(tmp_path), cfg, lambda i, r: seen.append((i, r)))
+    assert [i for i, _ in seen] == [0, 1] and [r for _, r in seen] == out
