@@ -34,6 +34,7 @@ from torch import nn
 
 from ..search.checkpoint import atomic_save, checkpoint_checksum, load_checkpoint
 from ..search.config import check_number, check_positive_int
+from ..search.trials import check_span
 from . import genotypes
 from .data import ImageData, augment_batch, make_shapes10
 from .model_eval import EvalNetwork, count_parameters
@@ -104,16 +105,6 @@ def _accuracy(model: nn.Module, data: ImageData, cfg: CNNTrialConfig) -> float:
     return correct / cfg.num_valid
 
 
-def _check_span(start, end, cfg: CNNTrialConfig) -> None:
-    for name, v in (("start", start), ("end", end)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise ValueError(f"{name}: expected a non-negative int step, got {v!r}")
-    if end <= start:
-        raise ValueError(f"end: expected a step after start ({start}), got {end}")
-    if end > cfg.total_steps:
-        raise ValueError(f"end: expected at most total_steps ({cfg.total_steps}), got {end}")
-
-
 def train_genotype(genotype_json: str, start: int, end: int, checkpoint: str, seed: int,
                    cfg: CNNTrialConfig) -> dict:
     """Train the genotype's network from step ``start`` to ``end`` (module docstring) and score it.
@@ -121,7 +112,7 @@ def train_genotype(genotype_json: str, start: int, end: int, checkpoint: str, se
     Returns ``{"fitness": validation accuracy, "accuracy", "steps": end, "params", "seconds"}``; writes
     ``checkpoint`` at ``end``."""
     cfg.check()
-    _check_span(start, end, cfg)
+    check_span(start, end, cfg.total_steps)
     genotype = genotypes.from_json(genotype_json)
     t0 = time.perf_counter()
     threads = torch.get_num_threads()

@@ -18,10 +18,12 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def check_positive_int(name: str, v, minimum: int = 1) -> None:
+def check_positive_int(name: str, v, minimum: int = 1) -> int:
+    """An int (not a bool) >= ``minimum``; returns it."""
     if not _is_int(v) or v < minimum:
         what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise ValueError(f"{name}: expected {what}, got {v!r}")
+    return v
 
 
 def check_number(name: str, v, low: Optional[float] = None, high: Optional[float] = None,

@@ -26,6 +26,8 @@ import shutil
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from .config import _is_int
+
 EXECUTORS = ("inprocess", "ray")
 
 
@@ -43,6 +45,29 @@ class Trial:
     @property
     def key(self) -> Tuple[int, int]:
         return (self.candidate, self.stage)
+
+
+def check_span(start, end, total_steps: int) -> None:
+    """A trial function's span: integer steps with 0 <= start < end <= total_steps (ValueError naming the argument)."""
+    if not _is_int(start) or start < 0:
+        raise ValueError(f"start: expected a non-negative integer step, got {start!r}")
+    if not _is_int(end) or end <= start:
+        raise ValueError(f"end: expected an integer step after start ({start}), got {end!r}")
+    if end > total_steps:
+        raise ValueError(f"end: expected at most total_steps ({total_steps}), got {end}")
+
+
+def settings_file(path: str, settings: dict) -> None:
+    """Write a search's settings (JSON) at its start; on a resume, refuse settings other than the saved ones."""
+    mine = json.loads(json.dumps(settings))
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as fh:
+            if json.load(fh) != mine:
+                raise ValueError(f"resume: {path} holds other settings; resume with the same ones (or another "
+                                 f"folder)")
+        return
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(mine, fh, indent=1, sort_keys=True)
 
 
 def checkpoint_path(folder: str, candidate: int, step: int) -> str:
@@ -111,6 +136,24 @@ class TrialStore:
             fh.flush()
             os.fsync(fh.fileno())
         return rec
+
+
+def run_trials(store: "TrialStore", executor, fn: Callable, trials: Sequence[Trial], folder: str, cfg: Any,
+               extras: Sequence[dict], on_record: Optional[Callable[[int, dict], None]] = None) -> List[dict]:
+    """The records of ``trials``: the stored ones from ``store``, the others run through ``executor`` and appended
+    to ``store`` with their ``extras`` as each finishes (``on_record(i, record)`` then), so a kill loses only the
+    unfinished ones. In the trials' order."""
+    recs: List[Optional[dict]] = [store.get(t) for t in trials]
+    todo = [i for i, r in enumerate(recs) if r is None]
+    if todo:
+        def keep(k: int, res: dict) -> None:
+            i = todo[k]
+            recs[i] = store.append(trials[i], res, extras[i])
+            if on_record is not None:
+                on_record(i, recs[i])
+
+        executor.run(fn, [trials[i] for i in todo], folder, cfg, keep)
+    return recs
 
 
 class InProcessExecutor:

@@ -50,6 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..rnn.genotypes import PRIMITIVES, STEPS, Genotype
+from ..search.config import _is_int, check_number, check_positive_int
 
 #: The activations a node may take: pynas's RNN candidates without 'none', in their order.
 ACTIVATIONS = [p for p in PRIMITIVES if p != "none"]
@@ -59,26 +60,8 @@ DISTANCE_PENALTY_SCALE = 6.0
 DISTANCE_INPUT_OFFSET = 0.1
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _positive_int(name: str, v) -> int:
-    if not _is_int(v) or v < 1:
-        raise ValueError(f"{name}: expected a positive integer, got {v!r}")
-    return v
-
-
-def _finite(name: str, v, what: str, ok) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)) or not ok(float(v)):
-        raise ValueError(f"{name}: expected {what}, got {v!r}")
-    return float(v)
-
-
 def _optional_positive(name: str, v) -> Optional[float]:
-    if v is None:
-        return None
-    return _finite(name, v, "None or a finite number > 0", lambda x: x > 0)
+    return None if v is None else check_number(name, v, 0.0, low_open=True, what=" (or None)")
 
 
 class Controller(nn.Module):
@@ -97,8 +80,8 @@ class Controller(nn.Module):
                  tanh_constant: Optional[float] = 2.5, distance_penalty: bool = True,
                  activations: Sequence[str] = ACTIVATIONS):
         super().__init__()
-        self.steps = _positive_int("steps", steps)
-        self.hidden = _positive_int("hidden", hidden)
+        self.steps = check_positive_int("steps", steps)
+        self.hidden = check_positive_int("hidden", hidden)
         self.temperature = _optional_positive("temperature", temperature)
         self.tanh_constant = _optional_positive("tanh_constant", tanh_constant)
         if not isinstance(distance_penalty, bool):
@@ -236,8 +219,8 @@ def ppl_reward(valid_loss: float, c: float = 80.0) -> float:
     """ENAS's reward ``c / ppl = c / exp(valid_loss)`` of a validation cross-entropy (nats per token).
 
     The official code also caps ``valid_loss`` at 10 first; no cap is applied here."""
-    x = _finite("valid_loss", valid_loss, "a finite number >= 0", lambda v: v >= 0)
-    c = _finite("c", c, "a finite number > 0", lambda v: v > 0)
+    x = check_number("valid_loss", valid_loss, 0.0)
+    c = check_number("c", c, 0.0, low_open=True)
     return c * math.exp(-x)
 
 
@@ -262,9 +245,9 @@ class Reinforce:
         if not isinstance(controller, nn.Module):
             raise ValueError(f"controller: expected a Controller, got {controller!r}")
         self.controller = controller
-        self.lr = _finite("lr", lr, "a finite number > 0", lambda v: v > 0)
-        self.baseline_decay = _finite("baseline_decay", baseline_decay, "a number in [0, 1)", lambda v: 0 <= v < 1)
-        self.entropy_weight = _finite("entropy_weight", entropy_weight, "a finite number", lambda v: True)
+        self.lr = check_number("lr", lr, 0.0, low_open=True)
+        self.baseline_decay = check_number("baseline_decay", baseline_decay, 0.0, 1.0, high_open=True)
+        self.entropy_weight = check_number("entropy_weight", entropy_weight)
         self.grad_clip = _optional_positive("grad_clip", grad_clip)
         self.optimizer = torch.optim.Adam(controller.parameters(), lr=self.lr)
         self.baseline: Optional[float] = None
@@ -286,8 +269,8 @@ class Reinforce:
                 raise ValueError(f"entropy: expected a 0-d tensor or a number, got {entropy!r}")
             ent = float(entropy.detach().item())
         else:
-            ent = _finite("entropy", entropy, "a 0-d tensor or a finite number", lambda v: True)
-        reward = _finite("reward", reward, "a finite number", lambda v: True)
+            ent = check_number("entropy", entropy, what=" (or a 0-d tensor)")
+        reward = check_number("reward", reward)
         r = reward + self.entropy_weight * ent
         if self.baseline is None:
             self.baseline = r

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from ..search.config import check_positive_int, check_seed
-from ..search.trials import EXECUTORS, Trial, TrialStore, make_executor
+from ..search.trials import EXECUTORS, Trial, TrialStore, make_executor, run_trials, settings_file
 
 METHODS = ("evolution", "random")
 
@@ -253,7 +253,7 @@ class Evolution:
             raise ValueError(f"budgets: they add up to {self.steps[-1]} steps, beyond the trials' schedule "
                              f"(total_steps = {space.cfg.total_steps})")
         os.makedirs(folder, exist_ok=True)
-        self._write_settings()
+        settings_file(os.path.join(folder, "evolution.json"), self._settings())
         self.store = TrialStore(os.path.join(folder, "trials.jsonl"))
         self.models: List[Model] = []
         self.hurdles: List[float] = []
@@ -288,18 +288,6 @@ class Evolution:
         return {"settings": cfg, "space": self.space.name, "space_settings": dataclasses.asdict(self.space.cfg),
                 "space_size": getattr(self.space, "n", None)}
 
-    def _write_settings(self) -> None:
-        path = os.path.join(self.folder, "evolution.json")
-        mine = self._settings()
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as fh:
-                theirs = json.load(fh)
-            if theirs != json.loads(json.dumps(mine)):
-                raise ValueError(f"resume: {path} holds other settings; resume with the same ones (or another "
-                                 f"folder)")
-            return
-        with open(path, "w", encoding="utf-8") as fh:
-            json.dump(mine, fh, indent=1, sort_keys=True)
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def _trial_seed(self, candidate: int) -> int:
@@ -307,15 +295,10 @@ class Evolution:
 
     def _run(self, executor, trials: List[Trial], extra: List[dict]) -> List[dict]:
         """The records of ``trials``: from the store where there, the rest through the executor."""
-        recs: List[Optional[dict]] = [self.store.get(t) for t in trials]
-        todo = [i for i, r in enumerate(recs) if r is None]
-        if todo:
-            def store(k: int, res: dict) -> None:  # as each trial finishes: a kill loses only the unfinished ones
-                i = todo[k]
-                recs[i] = self.store.append(trials[i], res, extra[i])
-                self.trained += 1
+        def count(i: int, rec: dict) -> None:
+            self.trained += 1
 
-            executor.run(self.space.train(), [trials[i] for i in todo], self.folder, self.space.cfg, store)
+        recs = run_trials(self.store, executor, self.space.train(), trials, self.folder, self.space.cfg, extra, count)
         for r in recs:
             self.order.append(r)
             self._log_trial(r)

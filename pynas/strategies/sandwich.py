@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
 from ..search.config import check_positive_int, check_seed
-from ..search.trials import EXECUTORS, Trial, TrialStore, make_executor
+from ..search.trials import EXECUTORS, Trial, TrialStore, make_executor, run_trials, settings_file
 
 FAMILIES = ("interleaved", "sandwich", "balanced", "same_params")
 
@@ -119,14 +119,7 @@ class SandwichSearch:
         for k in ("executor", "ray_address", "num_cpus", "parallel"):
             settings.pop(k)
         settings["trial"] = dataclasses.asdict(self.trial_cfg)
-        path = os.path.join(folder, "sandwich.json")
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as fh:
-                if json.load(fh) != json.loads(json.dumps(settings)):
-                    raise ValueError(f"resume: {path} holds other settings; resume with the same ones")
-        else:
-            with open(path, "w", encoding="utf-8") as fh:
-                json.dump(settings, fh, indent=1, sort_keys=True)
+        settings_file(os.path.join(folder, "sandwich.json"), settings)
         self.store = TrialStore(os.path.join(folder, "trials.jsonl"))
 
     @classmethod
@@ -152,29 +145,27 @@ class SandwichSearch:
 
         cfg = self.cfg
         cands = candidates(cfg)
-        first: dict = {}  # (order, seed) -> its trial
+        first: dict = {}  # (order, seed) -> its trial, and the family that drew it first
         for fam, order, seed in cands:
-            first.setdefault((order, seed), Trial(len(first), order, 0, cfg.steps, 0, seed))
-        trials = list(first.values())
+            if (order, seed) not in first:
+                first[(order, seed)] = (Trial(len(first), order, 0, cfg.steps, 0, seed), {"family": fam})
+        trials, extras = [t for t, _ in first.values()], [e for _, e in first.values()]
         records: List[Optional[dict]] = [self.store.get(t) for t in trials]
         todo = [i for i, r in enumerate(records) if r is None]
-        families = {}
-        for fam, order, seed in cands:
-            families.setdefault((order, seed), fam)
+
+        def log(i: int, r: dict) -> None:  # as each trial finishes
+            self.log(f"trial {i + 1}/{len(trials)}: {r['family']} {r['genotype']} seed {r['seed']}: "
+                     f"perplexity {r.get('perplexity', float('nan')):.2f} ({r.get('seconds', 0.0):.1f} s)")
+
         t0 = time.perf_counter()
         executor = make_executor(cfg.executor, cfg.ray_address, cfg.num_cpus, self.trial_cfg.threads)
         try:
             for lo in range(0, len(todo), cfg.parallel):
-                batch = todo[lo:lo + cfg.parallel]
-
-                def store(k: int, res: dict, batch=batch) -> None:  # as each trial finishes
-                    i = batch[k]
-                    t = trials[i]
-                    r = records[i] = self.store.append(t, res, {"family": families[(t.genotype, t.seed)]})
-                    self.log(f"trial {i + 1}/{len(trials)}: {r['family']} {t.genotype} seed {t.seed}: "
-                             f"perplexity {r.get('perplexity', float('nan')):.2f} ({r.get('seconds', 0.0):.1f} s)")
-
-                executor.run(train_order, [trials[i] for i in batch], self.folder, self.trial_cfg, store)
+                part = todo[lo:lo + cfg.parallel]
+                got = run_trials(self.store, executor, train_order, [trials[i] for i in part], self.folder,
+                                 self.trial_cfg, [extras[i] for i in part], lambda k, r, part=part: log(part[k], r))
+                for i, r in zip(part, got):
+                    records[i] = r
         finally:
             executor.close()
         by_order = {(t.genotype, t.seed): r for t, r in zip(trials, records)}

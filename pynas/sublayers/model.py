@@ -23,18 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..search.config import check_positive_int
+
 SUBLAYERS = ("s", "f")  # self-attention, feed-forward
 FF_MULT = 4  # the feed-forward's hidden width is FF_MULT * d_model
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _check_int(name: str, v, minimum: int = 1) -> int:
-    if not _is_int(v) or v < minimum:
-        raise ValueError(f"{name}: expected an integer >= {minimum}, got {v!r}")
-    return v
 
 
 def check_order(order) -> str:
@@ -49,7 +41,7 @@ def sublayer_weights(order: str, d: int) -> int:
     """The paper's parameter count of ``order`` at width ``d``: 4 d^2 per ``'s'`` plus 8 d^2 per ``'f'`` (weight
     matrices only: no biases, LayerNorms or embeddings)."""
     check_order(order)
-    _check_int("d", d)
+    check_positive_int("d", d)
     return (4 * order.count("s") + 8 * order.count("f")) * d * d
 
 
@@ -125,14 +117,14 @@ class SublayerLM(nn.Module):
                  max_len: int = 64):
         super().__init__()
         self.order = check_order(order)
-        _check_int("vocab_size", vocab_size)
-        _check_int("d_model", d_model)
-        _check_int("heads", heads)
+        check_positive_int("vocab_size", vocab_size)
+        check_positive_int("d_model", d_model)
+        check_positive_int("heads", heads)
         if d_model % heads:
             raise ValueError(f"heads: expected a divisor of d_model ({d_model}), got {heads}")
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
-        _check_int("max_len", max_len)
+        check_positive_int("max_len", max_len)
         self.vocab_size, self.d_model, self.heads = vocab_size, d_model, heads
         self.dropout, self.max_len = float(dropout), max_len
         std = 1.0 / math.sqrt(d_model)

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import random
 
-from .model import _is_int
+from ..search.config import _is_int, check_positive_int
 
 
 def _check_n(n) -> int:
-    if not _is_int(n) or n < 1:
-        raise ValueError(f"n: expected an integer >= 1, got {n!r}")
-    return n
+    return check_positive_int("n", n)
 
 
 def _check_rng(rng) -> random.Random:

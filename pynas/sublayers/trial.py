@@ -41,8 +41,9 @@ from torch import nn
 
 from ..rnn.data import STDLIB_MIN_TOKENS, TextCorpus, load_corpus
 from ..search.checkpoint import atomic_save, checkpoint_checksum, load_checkpoint
-from ..search.config import SEED_LIMIT
-from .model import SublayerLM, _is_int, check_order, count_parameters, sublayer_weights
+from ..search.config import SEED_LIMIT, _is_int, check_number, check_positive_int
+from ..search.trials import check_span
+from .model import SublayerLM, check_order, count_parameters, sublayer_weights
 
 _FORMAT = "pynas-sublayer-trial"
 _VERSION = 2  # load_checkpoint verifies the checksum of version 2
@@ -73,31 +74,15 @@ class SublayerTrialConfig:
     def check(self) -> None:
         """Raise ValueError naming the first field with a bad value."""
         for name in ("d_model", "heads", "block", "batch_size", "total_steps", "eval_batches", "threads"):
-            _check_int(name, getattr(self, name), 1)
+            check_positive_int(name, getattr(self, name))
         if self.d_model % self.heads:
             raise ValueError(f"heads: expected a divisor of d_model ({self.d_model}), got {self.heads}")
-        _check_real("dropout", self.dropout, 0.0, 1.0, "a probability in [0, 1)")
-        _check_real("lr", self.lr, 0.0, None, "a positive number")
-        _check_int("warmup", self.warmup, 0)
-        _check_real("clip", self.clip, 0.0, None, "a positive number")
-        _check_int("vocab_size", self.vocab_size, 3)
-        _check_int("max_tokens", self.max_tokens, STDLIB_MIN_TOKENS)
-
-
-def _check_int(name: str, v, minimum: int) -> int:
-    if not _is_int(v) or v < minimum:
-        raise ValueError(f"{name}: expected an integer >= {minimum}, got {v!r}")
-    return v
-
-
-def _check_real(name: str, v, low: float, high, what: str) -> float:
-    """A finite number with low <= v (low < v when high is None) and v < high."""
-    ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
-    if ok:
-        ok = (low <= v < high) if high is not None else v > low
-    if not ok:
-        raise ValueError(f"{name}: expected {what}, got {v!r}")
-    return float(v)
+        check_number("dropout", self.dropout, 0.0, 1.0, high_open=True)
+        check_number("lr", self.lr, 0.0, low_open=True)
+        check_positive_int("warmup", self.warmup, 0)
+        check_number("clip", self.clip, 0.0, low_open=True)
+        check_positive_int("vocab_size", self.vocab_size, 3)
+        check_positive_int("max_tokens", self.max_tokens, STDLIB_MIN_TOKENS)
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -179,12 +164,7 @@ def _check_call(order, start, end, checkpoint, seed, cfg) -> None:
     if not isinstance(cfg, SublayerTrialConfig):
         raise ValueError(f"cfg: expected a SublayerTrialConfig, got {type(cfg).__name__}")
     cfg.check()
-    if not _is_int(start) or start < 0:
-        raise ValueError(f"start: expected a non-negative integer step, got {start!r}")
-    if not _is_int(end) or end <= start:
-        raise ValueError(f"end: expected an integer step after start ({start}), got {end!r}")
-    if end > cfg.total_steps:
-        raise ValueError(f"end: expected at most total_steps ({cfg.total_steps}), got {end}")
+    check_span(start, end, cfg.total_steps)
     if not isinstance(checkpoint, (str, os.PathLike)) or not os.fspath(checkpoint):
         raise ValueError(f"checkpoint: expected a file path, got {checkpoint!r}")
     if not _is_int(seed) or not 0 <= seed < SEED_LIMIT:
