@@ -212,7 +212,7 @@ def _has_hooks(mods: Sequence[nn.Module]) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks for m in mods)
 
 
-def _fused_call(module: nn.Module, st: _Accel, x: torch.Tensor, w: torch.Tensor,
+def _fused_call(st: _Accel, x: torch.Tensor, w: torch.Tensor,
                 backend: Optional[str] = None) -> Optional[torch.Tensor]:
     """The mixed op's output through the fused kernels, or None where they do not apply to this call. ``w``: the
     weights, or the layer's own alpha (softmaxed here). Metadata checks only: no host sync."""
@@ -247,9 +247,9 @@ def _accelerated_forward(self: nn.Module, x, *args, **kwargs):
     if isinstance(x, torch.Tensor) and not kwargs:
         if st.alpha is None:
             if len(args) == 1 and isinstance(args[0], torch.Tensor):
-                out = _fused_call(self, st, x, args[0])
+                out = _fused_call(st, x, args[0])
         elif not args:
-            out = _fused_call(self, st, x, getattr(self, st.alpha))
+            out = _fused_call(st, x, getattr(self, st.alpha))
     return out if out is not None else st.own_forward(self)(x, *args, **kwargs)
 
 
@@ -397,14 +397,14 @@ def _compare(module: nn.Module, st: _Accel, x: torch.Tensor, weight_sets: Sequen
         if st.alpha is None:
             wm, wt = w0.clone().requires_grad_(), w0.clone().requires_grad_()
             out_t = theirs(xt, wt)
-            out_m = _fused_call(mine, sub, xm, wm, backend)
+            out_m = _fused_call(sub, xm, wm, backend)
         else:
             wm, wt = getattr(mine, st.alpha), getattr(theirs, st.alpha)
             with torch.no_grad():
                 wm.copy_(w0.view_as(wm))
                 wt.copy_(w0.view_as(wt))
             out_t = theirs(xt)
-            out_m = _fused_call(mine, sub, xm, wm, backend)
+            out_m = _fused_call(sub, xm, wm, backend)
         if out_m is None:
             return float("inf"), "the fused kernels do not take the probe"
         if not isinstance(out_t, torch.Tensor) or out_t.shape != out_m.shape:
