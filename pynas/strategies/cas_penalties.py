@@ -145,13 +145,35 @@ def _selected(model: object, select: Selection) -> List[Tuple[str, nn.Parameter]
     return chosen
 
 
+def _check_transpose(transpose: object) -> frozenset:
+    if isinstance(transpose, (str, bytes)) or not isinstance(transpose, Collection) \
+            or not all(isinstance(n, str) for n in transpose):
+        raise ValueError(f"transpose: expected a collection of parameter names, got {transpose!r}")
+    return frozenset(transpose)
+
+
+def _oriented(name: str, t: torch.Tensor, transpose: frozenset) -> torch.Tensor:
+    return t.t() if name in transpose and t.dim() == 2 else t
+
+
+def cell_weight_names(model: nn.Module) -> List[str]:
+    """The names of the DARTS RNN cell's weights in ``model`` (``_W0``, ``_Ws.i``): stored (in, out) and used as
+    ``x @ W``, so CAS's rows (output units, as for the code's ``nn.Linear`` weights) are their columns; pass these
+    names as ``transpose``."""
+    rx = [_pattern_regex("patterns", q, False) for q in DARTS_SHARED_PATTERNS] + \
+        [_pattern_regex("patterns", q, True) for q in DARTS_EDGE_PATTERNS]
+    return [n for n, _ in model.named_parameters() if any(r.search(n) for r in rx)]
+
+
 def first_task_penalty(model: nn.Module, lambda_bs: float = FIRST_TASK_LAMBDA_BS,
-                       select: Selection = None) -> torch.Tensor:
+                       select: Selection = None, transpose: Collection[str] = ()) -> torch.Tensor:
     """CAS's task-1 penalty ``lambda_bs * block_sparsity(theta)``, ``theta`` the parameters of ``model`` that
-    ``select`` picks (None: all; a function ``name -> bool``; or a collection of names), each once (tied ones too).
-    A 0-d tensor, differentiable in ``theta``."""
+    ``select`` picks (None: all; a function ``name -> bool``; or a collection of names), each once (tied ones too);
+    the 2-D ones named in ``transpose`` enter transposed (their columns are the groups). A 0-d tensor,
+    differentiable in ``theta``."""
     lambda_bs = _check_lambda("lambda_bs", lambda_bs)
-    return lambda_bs * block_sparsity(p for _, p in _selected(model, select))
+    transpose = _check_transpose(transpose)
+    return lambda_bs * block_sparsity(_oriented(n, p, transpose) for n, p in _selected(model, select))
 
 
 class ContinualPenalty:
@@ -160,6 +182,7 @@ class ContinualPenalty:
 
     ``theta``: the parameters of ``model`` that ``select`` picks (None: all; a function ``name -> bool``, e.g. from
     :func:`cas_selection`; or a collection of names), each once (a tied parameter under its first name);
+    the 2-D ones named in ``transpose`` enter transposed (rows are their columns), in both terms;
     ``theta_1``: a detached copy of them taken at construction, i.e. the previous task's weights when built before
     the new task trains. The copy never changes (training moves ``theta`` only); it follows ``theta``'s device and
     dtype if the model is moved. ``names`` lists the penalised parameters, ``previous`` maps them to the copy.
@@ -167,9 +190,10 @@ class ContinualPenalty:
     """
 
     def __init__(self, model: nn.Module, lambda_bs: float = LATER_TASK_LAMBDA_BS,
-                 lambda_o: float = LATER_TASK_LAMBDA_O, select: Selection = None):
+                 lambda_o: float = LATER_TASK_LAMBDA_O, select: Selection = None, transpose: Collection[str] = ()):
         self.lambda_bs = _check_lambda("lambda_bs", lambda_bs)
         self.lambda_o = _check_lambda("lambda_o", lambda_o)
+        self.transpose = _check_transpose(transpose)
         chosen = _selected(model, select)
         self.names: Tuple[str, ...] = tuple(n for n, _ in chosen)
         self._params: Tuple[nn.Parameter, ...] = tuple(p for _, p in chosen)
@@ -184,8 +208,8 @@ class ContinualPenalty:
                                    f"{tuple(p.shape)} since the copy was taken")
             if q.device != p.device or q.dtype != p.dtype:
                 q = self.previous[name] = q.to(device=p.device, dtype=p.dtype)
-            prev.append(q)
-        return list(self._params), prev
+            prev.append(_oriented(name, q, self.transpose))
+        return [_oriented(n, p, self.transpose) for n, p in zip(self.names, self._params)], prev
 
     def terms(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """The unweighted ``(block_sparsity(theta - theta_1), orthogonality(theta, theta_1))``."""

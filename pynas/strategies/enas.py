@@ -108,10 +108,19 @@ class ENASArchitect:
             model.train(was)
         return ppl_reward(float(loss), cfg.enas_reward_c)
 
+    def sample_reward(self, search, genotype, rng: random.Random) -> float:
+        """A controller step's reward: on ``bptt`` steps of the architecture half from a start drawn from ``rng``."""
+        data = search.search_data
+        start = rng.randrange(0, max(data.size(0) - 1 - self.cfg.bptt, 0) + 1)
+        return self.reward(genotype, data, start)
+
+    def select_reward(self, search, genotype) -> float:
+        """A derive sample's score: the reward on the first ``bptt`` steps of the architecture half."""
+        return self.reward(genotype, search.search_data, 0)
+
     def controller_phase(self, search, epoch: int) -> dict:
         """``enas_controller_steps`` REINFORCE steps; returns the epoch's controller figures."""
         cfg, model = self.cfg, self.model
-        data = search.search_data
         rng = random.Random(_seed(cfg, epoch, 2))
         g = torch.Generator().manual_seed(_seed(cfg, epoch, 3))
         b = float(model.enas_baseline)
@@ -121,8 +130,7 @@ class ENASArchitect:
         try:
             for _ in range(cfg.enas_controller_steps):
                 genotype, log_prob, entropy = model.controller.sample(g)
-                start = rng.randrange(0, max(data.size(0) - 1 - cfg.bptt, 0) + 1)
-                r = self.reward(genotype, data, start)
+                r = self.sample_reward(search, genotype, rng)
                 self.reinforce.step(log_prob, entropy, r)
                 rewards.append(r)
                 entropies.append(float(entropy.detach()))
@@ -148,7 +156,7 @@ def enas_select(search) -> dict:
         with torch.no_grad():
             genotype = model.controller.sample(g)[0]
         top.append({"sample": i, "genotype": to_json(genotype),
-                    "reward": search.architect.reward(genotype, search.search_data, 0)})
+                    "reward": search.architect.select_reward(search, genotype)})
     best = max(top, key=lambda r: (r["reward"], -r["sample"]))
     enas_load_final(search, {"samples": len(top), "top": top, "best": best["sample"]})
     search.log(f"enas selection: {len(top)} cells sampled from the controller, scored on one batch of the "
