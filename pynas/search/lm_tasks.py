@@ -77,14 +77,15 @@ def load_tasks(s: TaskSettings) -> List[LMTask]:
         raise ValueError(f"tasks: expected at least 2 comma-separated task sources, got {s.tasks!r}")
     read = []
     for k, src in enumerate(sources):
-        name = f"{k}-{os.path.basename(src.rstrip(os.sep)) or src}"
         path, _, column = src.partition(".tsv:")
-        if column or src.endswith(".tsv"):
-            path = path + ".tsv" if column else src
+        tsv = bool(column) or src.endswith(".tsv")
+        path = path + ".tsv" if column else src
+        name = f"{k}-{os.path.basename(path.rstrip(os.sep)) or path}"
+        if tsv:
             col = int(column) if column.isdigit() else (column or 0)
             read.append(T.read_tsv_task(name, path, column=col))
         else:
-            read.append(T.read_text_task(name, src))
+            read.append(T.read_text_task(name, path))
     return T.tasks_dictionary(read, s.vocab_size)
 
 
