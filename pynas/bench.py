@@ -58,10 +58,14 @@ MICRO = ("mixed_sum_fwd", "mixed_sum_bwd", "mixed_sum_fwd_bwd", "cnn_edge_fwd_bw
 #: One first-order iteration of each other method on the CNN space (pynas.strategies), at the search size.
 METHODS = ("cnn_search_idarts", "cnn_search_pcdarts", "cnn_search_gdas", "cnn_search_rsws")
 SAMPLED_METHODS = ("cnn_search_gdas", "cnn_search_rsws")  # 15 repeats by default (the others: 5)
+#: One iteration of each method on the RNN space at the RNN size: ENAS (a weight step on a sampled cell and a
+#: controller step), CAS (ENAS on a later task, the continual penalty in the weight step), MAS (two tasks: a weight
+#: step and a controller step on the mean reward), ESS (a first-order architecture step and a weight step).
+RNN_METHODS = ("rnn_search_enas", "rnn_search_cas", "rnn_search_mas", "rnn_search_ess")
 #: A first-order iteration of a DARTS supernet written as other code writes it (pynas.foreign.example), eager
 #: against pynas.accelerate.
 FOREIGN = ("cnn_search_foreign",)
-BENCHMARKS = MACRO + METHODS + FOREIGN + MICRO
+BENCHMARKS = MACRO + METHODS + RNN_METHODS + FOREIGN + MICRO
 BASE_PROVIDERS = ("reference", "compiled", "pynas")
 
 SIZES = {
@@ -456,6 +460,79 @@ def rnn_search_case(size: dict, device: torch.device, unrolled: bool, compiled: 
     return Case(step, forward)
 
 
+def _random_task(name: str, ntoken: int, tokens: int, seed: int):
+    """A task of random tokens (the shape of :class:`pynas.rnn.tasks.LMTask`)."""
+    from types import SimpleNamespace
+
+    g = torch.Generator().manual_seed(seed)
+    ids = [torch.randint(0, ntoken, (n,), generator=g) for n in (tokens, tokens // 4, tokens // 4)]
+    return SimpleNamespace(name=name, train=ids[0], valid=ids[1], test=ids[2], ntokens=ntoken)
+
+
+def rnn_method_case(method: str, size: dict, device: torch.device, seed: int = 0) -> Case:
+    """One iteration of an RNN-space method (:data:`RNN_METHODS`) as its search runs it, with its defaults at the
+    benchmark's model size, on random tokens."""
+    import random
+
+    from .search.rnn import RNNSearch, RNNSearchConfig
+
+    e, ntok, b, t = size["emsize"], size["ntoken"], size["batch"], size["bptt"]
+    cfg = RNNSearchConfig.for_method("ess" if method == "ess" else "enas", emsize=e, nhid=e, nhidlast=e,
+                                     batch_size=b, bptt=t, eval_batch_size=b, device=str(device), seed=seed)
+    tokens = 8 * b * t
+    tasks = [_random_task(f"task{i}", ntok, tokens, seed + i) for i in range(2)]
+    torch.manual_seed(seed)
+    if method == "mas":
+        from .strategies.mas import MASSearch
+
+        search = MASSearch(cfg, tasks, progress=False)
+    else:
+        search = RNNSearch(cfg, progress=False, corpus=tasks[0])
+    model = search.model
+    if method == "cas":  # a later task: the continual penalty against the previous task's weights
+        from .strategies.cas import CASConfig, _penalty
+
+        search.weight_penalty = _penalty(model, 1, CASConfig(), model.genotype())
+    data = search.task_train if method == "mas" else [search.train_data]
+    batches = [get for d in data for get in [_rnn_batch(d, t)]]
+    xv, yv = _rnn_batch(search.search_data, t)
+    hidden = [model.init_hidden(b) for _ in batches]
+    state = {"step": 0}
+    if method == "ess":
+        hidden_v = model.init_hidden(b)
+
+        def step():
+            x, y = batches[0]
+            search.architect.step(hidden[0], x, y, hidden_v, xv, yv, search.optimizer, False)
+            search._weight_update(x, y, hidden[0])
+    else:
+        draw = search.architect.sampler(0)
+        g = torch.Generator().manual_seed(seed + 7)
+        rng = random.Random(seed)
+        model.controller.train()
+
+        def step():
+            k = state["step"] % len(batches)
+            state["step"] += 1
+            x, y = batches[k]
+            model.set_arch(draw())
+            with search._scaled_lr(t):
+                search._weight_update(x, y, hidden[k])
+            genotype, log_prob, entropy = model.controller.sample(g)
+            search.architect.reinforce.step(log_prob, entropy, search.architect.sample_reward(search, genotype, rng))
+
+    def forward():
+        return model._loss(hidden[0], *batches[0])[0]
+
+    return Case(step, forward)
+
+
+def _rnn_batch(data, bptt: int):
+    from .rnn.data import get_batch
+
+    return get_batch(data, 0, bptt)
+
+
 def _rnn_nll(fn, hidden, input, target):
     log_prob, hidden_next = fn(input, hidden)
     return nn.functional.nll_loss(log_prob.view(-1, log_prob.size(2)), target), hidden_next
@@ -568,7 +645,7 @@ def _run_one(bench: str, provider: str, cfg: BenchConfig, device: torch.device) 
         why = _backend.BACKENDS[backend].unavailable_reason()
         if why:
             return {"status": "skipped", "note": f"backend {backend} unusable: {why}"}
-    if bench.startswith("rnn_search"):
+    if bench in MACRO and bench.startswith("rnn_search"):
         size = sizes["rnn"]
         repeats, min_repeat = cfg.repeats or 5, 0.0
 
@@ -584,6 +661,15 @@ def _run_one(bench: str, provider: str, cfg: BenchConfig, device: torch.device) 
 
         def make():
             return method_search_case(bench[len("cnn_search_"):], size, device)
+    elif bench in RNN_METHODS:
+        size = sizes["rnn"]
+        repeats, min_repeat = cfg.repeats or 5, 0.0
+        if compiled:
+            return {"status": "skipped", "params": dict(size, backend=backend),
+                    "note": "torch.compile is not measured for the methods (sampled cells change per step)"}
+
+        def make():
+            return rnn_method_case(bench[len("rnn_search_"):], size, device)
     elif bench in FOREIGN:
         size = sizes["search"]
         repeats, min_repeat = cfg.repeats or 5, 0.0

@@ -124,24 +124,9 @@ def _add_cnn_args(p: argparse.ArgumentParser) -> None:
     p.set_defaults(**{name: None for name in _METHOD_SETTINGS})
 
 
-def _add_rnn_args(p: argparse.ArgumentParser) -> None:
-    from .search.rnn import RNNSearchConfig
-
-    d = RNNSearchConfig()
-    p.add_argument("--method", choices=("darts", "idarts", "rsws", "enas", "random"), default="darts",
-                   help="darts; idarts (one softmax per node); rsws (random search with weight sharing: the "
-                        "evaluation cell's genotype sampled per batch); enas (an LSTM controller samples the cells, "
-                        "trained by REINFORCE); random (sample cells, train briefly, keep the best). --epochs and "
-                        "--batch-size default to the method's")
-    p.add_argument("--allow-s0", dest="forbid_s0", action="store_false",
-                   help="idarts: nodes after the first may take s0 in the genotype (the author's code never does)")
-    p.add_argument("--rsws-samples", type=int, default=d.rsws_samples, help="rsws: cells ranked at the end")
-    p.add_argument("--rsws-eval-batches", type=int, default=d.rsws_eval_batches,
-                   help="rsws: validation chunks per ranked cell")
-    p.add_argument("--rsws-top", type=int, default=d.rsws_top, help="rsws: the best re-scored on the validation text")
-    p.add_argument("--samples", type=int, default=None, help="random: cells sampled and trained (8)")
-    p.add_argument("--candidate-epochs", type=int, default=None, help="random: training epochs of each candidate")
-    g = p.add_argument_group("ENAS (--method enas): the controller")
+def _add_enas_args(p: argparse.ArgumentParser, d) -> None:
+    """The ENAS controller's settings (enas, cas, mas)."""
+    g = p.add_argument_group("ENAS: the controller")
     g.add_argument("--enas-controller-steps", type=int, default=d.enas_controller_steps,
                    help="REINFORCE steps per epoch, each on one sampled cell")
     g.add_argument("--enas-derive-samples", type=int, default=d.enas_derive_samples,
@@ -156,11 +141,10 @@ def _add_rnn_args(p: argparse.ArgumentParser) -> None:
                    help="logits squashed to c * tanh(logits)")
     g.add_argument("--enas-hidden", type=int, default=d.enas_hidden, help="the controller LSTM's units")
     g.add_argument("--enas-reward-c", type=float, default=d.enas_reward_c, help="reward = c / validation perplexity")
-    p.add_argument("--data", choices=("stdlib", "ptb"), default=d.data,
-                   help="stdlib: embedded word-level corpus built at run time from the Python standard library's "
-                        "docstrings and comments (no download); ptb: ptb.{train,valid,test}.txt from --data-dir")
-    p.add_argument("--data-dir", default=None, help="folder with ptb.train.txt, ptb.valid.txt, ptb.test.txt")
-    p.add_argument("--max-tokens", type=int, default=None, help="stdlib corpus: cap on its size in tokens")
+
+
+def _add_lm_args(p: argparse.ArgumentParser, d) -> None:
+    """The language model and its weight training (every RNN search)."""
     p.add_argument("--emsize", type=int, default=d.emsize, help="embedding size (= --nhid)")
     p.add_argument("--nhid", type=int, default=d.nhid, help="hidden size")
     p.add_argument("--nhidlast", type=int, default=-1, help="hidden size of the last layer (default: --emsize)")
@@ -177,12 +161,116 @@ def _add_rnn_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=d.alpha, help="activation regularisation")
     p.add_argument("--beta", type=float, default=d.beta, help="temporal activation regularisation")
     p.add_argument("--wdecay", type=float, default=d.wdecay, help="weight decay")
+    p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
+
+
+def _add_rnn_args(p: argparse.ArgumentParser) -> None:
+    from .search.rnn import RNNSearchConfig
+
+    d = RNNSearchConfig()
+    p.add_argument("--method", choices=("darts", "idarts", "rsws", "enas", "ess", "random"), default="darts",
+                   help="darts; idarts (one softmax per node); rsws (random search with weight sharing: the "
+                        "evaluation cell's genotype sampled per batch); enas (an LSTM controller samples the cells, "
+                        "trained by REINFORCE); ess (the cell's inputs made by two searched inter-cell DAGs over the "
+                        "last --ess-m inputs and hidden states); random (sample cells, train briefly, keep the "
+                        "best). --epochs and --batch-size default to the method's")
+    p.add_argument("--allow-s0", dest="forbid_s0", action="store_false",
+                   help="idarts: nodes after the first may take s0 in the genotype (the author's code never does)")
+    p.add_argument("--rsws-samples", type=int, default=d.rsws_samples, help="rsws: cells ranked at the end")
+    p.add_argument("--rsws-eval-batches", type=int, default=d.rsws_eval_batches,
+                   help="rsws: validation chunks per ranked cell")
+    p.add_argument("--rsws-top", type=int, default=d.rsws_top, help="rsws: the best re-scored on the validation text")
+    p.add_argument("--ess-m", type=int, default=d.ess_m, help="ess: the history window m of the inter-cell DAGs")
+    p.add_argument("--ess-nodes", type=int, default=d.ess_nodes, help="ess: intermediate nodes of each inter-cell DAG")
+    p.add_argument("--samples", type=int, default=None, help="random: cells sampled and trained (8)")
+    p.add_argument("--candidate-epochs", type=int, default=None, help="random: training epochs of each candidate")
+    _add_enas_args(p, d)
+    p.add_argument("--data", choices=("stdlib", "ptb"), default=d.data,
+                   help="stdlib: embedded word-level corpus built at run time from the Python standard library's "
+                        "docstrings and comments (no download); ptb: ptb.{train,valid,test}.txt from --data-dir")
+    p.add_argument("--data-dir", default=None, help="folder with ptb.train.txt, ptb.valid.txt, ptb.test.txt")
+    p.add_argument("--max-tokens", type=int, default=None, help="stdlib corpus: cap on its size in tokens")
+    _add_lm_args(p, d)
     _add_order_args(p, d)
     p.add_argument("--arch-lr", type=float, default=d.arch_lr)
     p.add_argument("--arch-wdecay", type=float, default=d.arch_wdecay)
-    p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
     _add_run_args(p, d)
     p.set_defaults(epochs=None, batch_size=None)  # the method's (pynas.search.rnn.RNNSearchConfig.for_method)
+
+
+def _add_multitask_args(p: argparse.ArgumentParser, kind: str) -> None:
+    """pynas search cas|mas: the tasks, the method's own settings, then ENAS's and the language model's."""
+    from .search.rnn import RNNSearchConfig
+    from .strategies.cas import CASConfig
+
+    d, t = RNNSearchConfig.for_method("enas"), CASConfig()
+    g = p.add_argument_group("tasks")
+    g.add_argument("--tasks", default=t.tasks,
+                   help="stdlib (--n-tasks language-modelling tasks on disjoint parts of the embedded corpus, no "
+                        "download) or a comma-separated list of task sources: a folder with train.txt, valid.txt, "
+                        "test.txt, or FILE.tsv[:COLUMN] (a 0-based index or a header name)")
+    g.add_argument("--n-tasks", type=int, default=t.n_tasks, help="stdlib: how many tasks")
+    g.add_argument("--task-tokens", type=int, default=t.task_tokens, help="stdlib: tokens per task")
+    g.add_argument("--vocab-size", type=int, default=t.vocab_size, help="the tasks' shared dictionary size")
+    g.add_argument("--train-epochs", type=int, default=t.train_epochs,
+                   help="epochs of training each searched cell on a task before it is scored")
+    g.add_argument("--train-steps-per-epoch", type=int, default=None, help="cap on those epochs' iterations")
+    if kind == "cas":
+        g = p.add_argument_group("CAS: the weight penalties")
+        g.add_argument("--lambda-bs-first", type=float, default=t.lambda_bs_first,
+                       help="block sparsity on the first task's weights")
+        g.add_argument("--lambda-bs", type=float, default=t.lambda_bs,
+                       help="later tasks: block sparsity of the change from the previous task's weights")
+        g.add_argument("--lambda-o", type=float, default=t.lambda_o,
+                       help="later tasks: orthogonality of the change to the previous task's weights")
+        g.add_argument("--no-penalties", dest="penalties", action="store_false",
+                       help="the control: the same steps without the penalties")
+    else:
+        p.add_argument("--no-single-task", dest="single_task", action="store_false",
+                       help="skip the single-task searches and the comparison's single-task cells")
+    _add_enas_args(p, d)
+    _add_lm_args(p, d)
+    _add_run_args(p, d, hessian=False)
+    p.set_defaults(epochs=None, batch_size=None)
+
+
+_LM_SETTINGS = ("emsize", "nhid", "lr", "clip", "bptt", "dropout", "dropouth", "dropoutx", "dropouti", "dropoute",
+                "alpha", "beta", "wdecay", "eval_batch_size", "seed", "steps_per_epoch", "device", "tensorboard")
+
+
+def _search_tasks(args) -> int:
+    """pynas search cas|mas."""
+    from . import _backend
+    from .search.lm_tasks import saved_config
+    from .strategies import cas, mas
+
+    _set_threads(args.threads)
+    kind = args.space
+    config_cls, check, runner = ((cas.CASConfig, cas.check_config, cas.run_cas) if kind == "cas"
+                                 else (mas.MASConfig, mas.check_config, mas.run_mas))
+    backend = args.backend if args.backend is not None else _backend.current_backend()
+    if args.resume is not None:
+        save = args.resume
+        cfg = saved_config(config_cls, save, device=args.device, backend=backend)
+    else:
+        search = {k: getattr(args, k) for k in _LM_SETTINGS}
+        search["nhidlast"] = args.emsize if args.nhidlast < 0 else args.nhidlast
+        search.update({k: getattr(args, k) for k in ("epochs", "batch_size") if getattr(args, k) is not None})
+        search.update({k: getattr(args, k) for k in vars(args) if k.startswith("enas_")})
+        search["backend"] = backend
+        own = {"penalties": args.penalties, "lambda_bs_first": args.lambda_bs_first, "lambda_bs": args.lambda_bs,
+               "lambda_o": args.lambda_o} if kind == "cas" else {"single_task": args.single_task}
+        cfg = config_cls(tasks=args.tasks, n_tasks=args.n_tasks, task_tokens=args.task_tokens,
+                         vocab_size=args.vocab_size, train_epochs=args.train_epochs,
+                         train_steps_per_epoch=args.train_steps_per_epoch, search=search, **own)
+        save = args.save or os.path.join("runs", f"search-{kind}-" + time.strftime("%Y%m%d-%H%M%S"))
+    check(cfg)
+    log = _trial_log(save)
+    log(f"pynas search {kind}: run folder {save}; tasks {cfg.tasks}"
+        + (f" ({cfg.n_tasks})" if cfg.tasks == "stdlib" else "") + f"; backend {cfg.search.get('backend')}"
+        + ("; resuming" if args.resume is not None else ""))
+    runner(cfg, save, log, progress=not args.no_progress)
+    return 0
 
 
 def _add_train_cnn_args(p: argparse.ArgumentParser) -> None:
@@ -300,6 +388,14 @@ def build_parser() -> argparse.ArgumentParser:
     enas = spaces.add_parser("enas", help="ENAS on the DARTS RNN space (= pynas search rnn --method enas)")
     _add_rnn_args(enas)
     enas.set_defaults(method="enas")
+    ess = spaces.add_parser("ess", help="ESS on the DARTS RNN space, intra- and inter-cell (= pynas search rnn "
+                                        "--method ess)")
+    _add_rnn_args(ess)
+    ess.set_defaults(method="ess")
+    _add_multitask_args(spaces.add_parser("cas", help="continual architecture search: ENAS on tasks in sequence, "
+                                                      "the weights carried with CAS's penalties"), "cas")
+    _add_multitask_args(spaces.add_parser("mas", help="multi-task architecture search: one ENAS controller and one "
+                                                      "model for several tasks, against single-task cells"), "mas")
     _add_evolution_args(spaces.add_parser("evolution", help="search by trials: regularized evolution with "
                                                             "progressive dynamic hurdles (or its random control)"))
     _add_sandwich_args(spaces.add_parser("sandwich", help="sublayer-order search (the sandwich transformer): the "
@@ -335,8 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: by --device)")
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--benchmarks", default=None,
-                       help="comma-separated names or groups (search, cnn, rnn, methods, foreign, mixed_sum, micro); "
-                            "default all")
+                       help="comma-separated names or groups (search, cnn, rnn, methods, rnn_methods, foreign, "
+                            "mixed_sum, micro); default all")
     bench.add_argument("--providers", default="reference,compiled,pynas",
                        help="comma-separated: reference, compiled, pynas, pynas-<backend>")
     bench.add_argument("--repeats", type=int, default=None)
@@ -448,6 +544,7 @@ def _search_rnn(args) -> int:
         eval_batch_size=args.eval_batch_size, seed=args.seed, steps_per_epoch=args.steps_per_epoch,
         device=args.device, backend=backend, tensorboard=args.tensorboard, forbid_s0=args.forbid_s0,
         rsws_samples=args.rsws_samples, rsws_eval_batches=args.rsws_eval_batches, rsws_top=args.rsws_top,
+        ess_m=args.ess_m, ess_nodes=args.ess_nodes,
         **{k: getattr(args, k) for k in vars(args) if k.startswith("enas_")}, **_hessian_settings(args))
     return _run_search(args, "rnn", cfg, RNNSearch, RNNSearchConfig, lambda c: f"method {c.method}; data {c.data}; ")
 
@@ -706,7 +803,9 @@ def _bench(args) -> int:
         elif item in ("cnn", "rnn"):
             names += [b for b in bench.MACRO if b.startswith(item + "_")]
         elif item == "methods":
-            names += list(bench.METHODS)
+            names += list(bench.METHODS) + list(bench.RNN_METHODS)
+        elif item == "rnn_methods":
+            names += list(bench.RNN_METHODS)
         elif item == "foreign":
             names += list(bench.FOREIGN)
         elif item == "mixed_sum":
@@ -757,8 +856,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _bench(args)
         if args.command == "search" and args.space == "cnn":
             return _search_cnn(args)
-        if args.command == "search" and args.space in ("rnn", "enas"):
+        if args.command == "search" and args.space in ("rnn", "enas", "ess"):
             return _search_rnn(args)
+        if args.command == "search" and args.space in ("cas", "mas"):
+            return _search_tasks(args)
         if args.command == "search" and args.space == "evolution":
             return _search_evolution(args)
         if args.command == "search" and args.space == "sandwich":

@@ -54,8 +54,13 @@ def derive(weights: torch.Tensor, steps: int = STEPS, concat: int = CONCAT) -> G
 
 
 def to_json(genotype: Genotype) -> str:
-    return json.dumps({"recurrent": [[op, int(j)] for op, j in genotype.recurrent],
-                       "concat": [int(i) for i in genotype.concat]})
+    """The genotype as JSON; an ESS genotype (pynas.strategies.ess) adds its ``inter`` part."""
+    data = {"recurrent": [[op, int(j)] for op, j in genotype.recurrent], "concat": [int(i) for i in genotype.concat]}
+    if getattr(genotype, "inter", None) is not None:
+        from ..strategies.ess import inter_to_dict
+
+        data["inter"] = inter_to_dict(genotype.inter)
+    return json.dumps(data)
 
 
 def _is_int(v) -> bool:
@@ -65,7 +70,8 @@ def _is_int(v) -> bool:
 def from_json(text) -> Genotype:
     """Parse :func:`to_json`'s output (a JSON string or an already-decoded dict).
 
-    Node i (0-based) may take a state j with 0 <= j <= i; concat holds node indices in [0, len(recurrent)]."""
+    Node i (0-based) may take a state j with 0 <= j <= i; concat holds node indices in [0, len(recurrent)]. With
+    an ``inter`` key, the ESS genotype (:func:`pynas.strategies.ess.with_inter`)."""
     data = json.loads(text) if isinstance(text, (str, bytes)) else text
     if not isinstance(data, dict) or "recurrent" not in data or "concat" not in data:
         raise ValueError("text: expected a JSON object with keys recurrent and concat")
@@ -84,6 +90,10 @@ def from_json(text) -> Genotype:
         genes.append((op, j))
     if not isinstance(concat, list) or not concat or not all(_is_int(c) and 0 <= c <= len(genes) for c in concat):
         raise ValueError(f"text: concat must be a non-empty list of node indices 0..{len(genes)}, got {concat!r}")
+    if "inter" in data:  # ESS: the inter-cell DAGs that make the cell's inputs
+        from ..strategies.ess import with_inter
+
+        return with_inter(Genotype(recurrent=genes, concat=list(concat)), data["inter"])
     return Genotype(recurrent=genes, concat=list(concat))
 
 

@@ -11,6 +11,7 @@ checkpoint is written atomically; ``resume`` continues a run exactly as if it ha
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from dataclasses import dataclass
@@ -60,7 +61,7 @@ class RNNSearchConfig(HessianSettings):
     device: str = "cpu"
     backend: str = "auto"
     tensorboard: bool = False  # per-epoch scalars as TensorBoard event files in <run folder>/tensorboard
-    method: str = "darts"  # darts, idarts (pynas.strategies.idarts), rsws (pynas.strategies.rsws), enas
+    method: str = "darts"  # darts, idarts (pynas.strategies.idarts), rsws (pynas.strategies.rsws), enas, ess
     forbid_s0: bool = True  # I-DARTS's genotype: nodes after the first never take s0 (as the author's code)
     rsws_samples: int = 1000  # RSWS: cells ranked with the shared weights after training
     rsws_eval_batches: int = 10  # RSWS: validation chunks of bptt steps scoring each of them
@@ -74,6 +75,8 @@ class RNNSearchConfig(HessianSettings):
     enas_tanh_constant: float = 2.5
     enas_hidden: int = 100
     enas_reward_c: float = 80.0  # reward = c / validation perplexity
+    ess_m: int = 3  # ESS (pynas.strategies.ess): the history window of the inter-cell DAGs
+    ess_nodes: int = 3  # ESS: intermediate nodes of each inter-cell DAG
 
     @classmethod
     def for_method(cls, method: str = "darts", **settings) -> "RNNSearchConfig":
@@ -89,7 +92,7 @@ class RNNSearchConfig(HessianSettings):
 
 
 #: The methods on the RNN space.
-RNN_METHODS = ("darts", "idarts", "rsws", "enas")
+RNN_METHODS = ("darts", "idarts", "rsws", "enas", "ess")
 
 
 def check_config(cfg: RNNSearchConfig) -> None:
@@ -160,6 +163,8 @@ def check_config(cfg: RNNSearchConfig) -> None:
             raise ValueError("track_hessian: ENAS has no architecture parameters (its controller samples cells)")
         if cfg.unrolled:
             raise ValueError("unrolled: ENAS's architecture step is REINFORCE, it has no second order")
+    for name in ("ess_m", "ess_nodes"):
+        check_positive_int(name, getattr(cfg, name))
 
 
 def _need_train(cfg: RNNSearchConfig) -> int:
@@ -193,6 +198,17 @@ def _check_corpus(cfg: RNNSearchConfig, corpus) -> None:
     raise ValueError(f"{name}: the corpus in {cfg.data_dir} has {have}")
 
 
+def _check_task_size(cfg: RNNSearchConfig, task) -> None:
+    """Whether a given corpus (a task) is large enough for the batch sizes."""
+    n_train, n_valid = task.train.numel(), task.valid.numel()
+    if n_train < _need_train(cfg):
+        raise ValueError(f"batch_size: task {task.name!r} has {n_train} training tokens; batch_size {cfg.batch_size} "
+                         f"needs at least {_need_train(cfg)} (two halves of 4 x batch_size)")
+    if n_valid < _need_valid(cfg):
+        raise ValueError(f"eval_batch_size: task {task.name!r} has {n_valid} validation tokens; eval_batch_size "
+                         f"{cfg.eval_batch_size} needs at least {_need_valid(cfg)}")
+
+
 class RNNSearch(SearchCheckpoints):
     """A DARTS RNN search run: build it, call :meth:`run`; see :func:`run_rnn_search`."""
 
@@ -200,13 +216,19 @@ class RNNSearch(SearchCheckpoints):
     check_config = staticmethod(check_config)
 
     def __init__(self, cfg: RNNSearchConfig, save_dir: Optional[str] = None,
-                 log: Callable[[str], None] = print, progress: bool = True):
+                 log: Callable[[str], None] = print, progress: bool = True, corpus=None):
         check_config(cfg)
         self.cfg, self.save_dir, self.log, self.progress = cfg, save_dir, log, progress
         self.device = torch.device(cfg.device)
-        kw = {"max_tokens": cfg.max_tokens} if cfg.max_tokens is not None else {}
-        self.corpus = load_corpus(cfg.data, cfg.data_dir, **kw)
-        _check_corpus(cfg, self.corpus)  # each half must give batches of at least 4 steps
+        if corpus is None:
+            kw = {"max_tokens": cfg.max_tokens} if cfg.max_tokens is not None else {}
+            self.corpus = load_corpus(cfg.data, cfg.data_dir, **kw)
+            _check_corpus(cfg, self.corpus)  # each half must give batches of at least 4 steps
+        else:  # a task of pynas.rnn.tasks (CAS, MAS): cfg.data is not read
+            self.corpus = corpus
+            _check_task_size(cfg, corpus)
+        #: a function () -> 0-d tensor added to the weight step's loss (CAS's penalties), or None
+        self.weight_penalty: Optional[Callable[[], torch.Tensor]] = None
         train = self.corpus.train
         half = train.numel() // 2
         self.train_data = batchify(train[:half], cfg.batch_size).to(self.device)
@@ -228,6 +250,10 @@ class RNNSearch(SearchCheckpoints):
             from ..strategies import enas
 
             self.model = enas.enas_model(self.corpus.ntokens, cfg, cfg.seed).to(self.device)
+        elif cfg.method == "ess":  # the DARTS architect steps alpha, beta_f and beta_g together
+            from ..strategies.ess import ESSRNNModel
+
+            self.model = ESSRNNModel(*args, m=cfg.ess_m, nodes=cfg.ess_nodes).to(self.device)
         else:
             self.model = RNNModelSearch(*args).to(self.device)
         # the weights SGD steps (ENAS: not its controller, which REINFORCE trains)
@@ -284,7 +310,30 @@ class RNNSearch(SearchCheckpoints):
     # -- the loop ----------------------------------------------------------------
     def _weight_loss(self, data, targets, hidden):
         """The weight step's loss: NLL + alpha * AR + beta * TAR, and the raw NLL and next hidden."""
-        return regularised_loss(self.model, data, targets, hidden, self.cfg.alpha, self.cfg.beta)
+        loss, raw_loss, hidden = regularised_loss(self.model, data, targets, hidden, self.cfg.alpha, self.cfg.beta)
+        if self.weight_penalty is not None:
+            loss = loss + self.weight_penalty()
+        return loss, raw_loss, hidden
+
+    @contextlib.contextmanager
+    def _scaled_lr(self, seq_len: int):
+        """The weight lr scaled by ``seq_len / bptt`` inside (the architect's virtual step reads it too)."""
+        group = self.optimizer.param_groups[0]
+        lr = group["lr"]
+        group["lr"] = lr * seq_len / self.cfg.bptt
+        try:
+            yield
+        finally:
+            group["lr"] = lr
+
+    def _weight_update(self, data, targets, hidden):
+        """One SGD step of the weights on a batch (gradient clipped to ``clip``): the raw NLL and next hidden."""
+        self.optimizer.zero_grad()
+        loss, raw_loss, hidden = self._weight_loss(data, targets, hidden)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.weights, self.cfg.clip)
+        self.optimizer.step()
+        return raw_loss, hidden
 
     def train_epoch(self, epoch: int):
         cfg, model = self.cfg, self.model
@@ -305,15 +354,12 @@ class RNNSearch(SearchCheckpoints):
         elif cfg.method == "enas":
             sample = self.architect.sampler(epoch)
         loss_sum, tokens, steps, i = 0.0, 0, 0, 0
-        group = self.optimizer.param_groups[0]
         while i < n_rows - 1 - 1:
             if cfg.steps_per_epoch and steps >= cfg.steps_per_epoch:
                 break
             bptt = cfg.bptt if rng.random() < 0.95 else cfg.bptt / 2.0
             seq_len = max(int(bptt), 1)
-            lr = group["lr"]
-            group["lr"] = lr * seq_len / cfg.bptt
-            try:
+            with self._scaled_lr(seq_len):
                 data_valid, targets_valid = get_batch(self.search_data, i % (n_search - 1), cfg.bptt)
                 # the train batch has seq_len steps (docs/darts.md: 5 % of the batches use bptt / 2; the reference
                 # code reads full bptt batches there and only scales the lr and the stride)
@@ -325,13 +371,7 @@ class RNNSearch(SearchCheckpoints):
                 else:
                     hidden_valid, _ = self.architect.step(hidden, data, targets, hidden_valid, data_valid,
                                                           targets_valid, self.optimizer, cfg.unrolled)
-                self.optimizer.zero_grad()
-                loss, raw_loss, hidden = self._weight_loss(data, targets, hidden)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.weights, cfg.clip)
-                self.optimizer.step()
-            finally:
-                group["lr"] = lr
+                raw_loss, hidden = self._weight_update(data, targets, hidden)
             n_tok = targets.numel()
             # summed on the device: no host sync per iteration (the bar reads it every 10 steps)
             loss_sum = raw_loss.detach() * n_tok + loss_sum

@@ -114,8 +114,11 @@ class RNNTraining(TrainingRun):
         self.val_data = batchify(self.corpus.valid, cfg.eval_batch_size).to(self.device)
         self.test_data = batchify(self.corpus.test, cfg.test_batch_size).to(self.device)
         torch.manual_seed(cfg.seed)
-        self.model = RNNModel(self.corpus.ntokens, cfg.emsize, cfg.nhid, cfg.nhid, cfg.dropout, cfg.dropouth,
-                              cfg.dropoutx, cfg.dropouti, cfg.dropoute, self.genotype).to(self.device)
+        model_cls = RNNModel
+        if getattr(self.genotype, "inter", None) is not None:  # an ESS genotype: its inter-cell DAGs too
+            from ..strategies.ess import ESSModel as model_cls
+        self.model = model_cls(self.corpus.ntokens, cfg.emsize, cfg.nhid, cfg.nhid, cfg.dropout, cfg.dropouth,
+                               cfg.dropoutx, cfg.dropouti, cfg.dropoute, self.genotype).to(self.device)
         self.optimizer = self._sgd()
         self.asgd = False
         self.best_val_loss: Optional[float] = None

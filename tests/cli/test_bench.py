@@ -38,7 +38,7 @@ def test_run_rows_and_ratios():
         assert row["ratio"] == pytest.approx(1 / row["speedup"])
         if row["provider"] == "reference":
             assert row["ratio"] == 1.0
-        if row["benchmark"] in bench.MACRO + bench.METHODS + bench.FOREIGN or row["benchmark"].startswith("cnn_edge"):
+        if row["benchmark"] in bench.MACRO + bench.METHODS + bench.RNN_METHODS + bench.FOREIGN or row["benchmark"].startswith("cnn_edge"):
             assert row["memory_bytes"] > 0
         else:
             n = 4 * 5 * 4
