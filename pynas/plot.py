@@ -60,6 +60,25 @@ def rnn_graph(genotype) -> Graph:
     return g
 
 
+def inter_graphs(inter) -> List[Graph]:
+    """ESS's inter-cell DAGs: f (h_{t-1} and the last m inputs -> h^_{t-1}) and g (x_{t} and the last m hidden
+    states -> x^_{t}); node k from its predecessor (an input or an earlier node) with its activation; the output
+    the mean of the nodes."""
+    graphs = []
+    for title, first, past, out, genes in (("inter-cell f", "h_{t-1}", "x", "h^_{t-1}", inter.f),
+                                           ("inter-cell g", "x_{t}", "h", "x^_{t}", inter.g)):
+        names = [first] + [f"{past}_{{t-{i}}}" for i in range(1, inter.m + 1)]
+        g = Graph(title, [(n, "input") for n in names])
+        for k, (op, j) in enumerate(genes):
+            g.nodes.append((str(k + 1), "node"))
+            g.edges.append((names[j], str(k + 1), op))
+            names.append(str(k + 1))
+        g.nodes.append((out, "output"))
+        g.edges += [(str(k + 1), out, "") for k in range(len(genes))]
+        graphs.append(g)
+    return graphs
+
+
 def load_graphs(source) -> List[Graph]:
     """Graphs of a genotype: a JSON file or text (CNN or RNN, told apart by its keys) or a published CNN name."""
     from ._genotype_files import load_named_or_file
@@ -69,7 +88,14 @@ def load_graphs(source) -> List[Graph]:
     def parse(text) -> List[Graph]:
         data = json.loads(text) if isinstance(text, (str, bytes)) else text
         if isinstance(data, dict) and "recurrent" in data:
-            return [rnn_graph(rnn_genotypes.from_json(data))]
+            genotype = rnn_genotypes.from_json(data)
+            inter = getattr(genotype, "inter", None)
+            if inter is None:
+                return [rnn_graph(genotype)]
+            cell = rnn_graph(genotype)  # ESS: the intra cell reads x^_{t} and h^_{t-1}
+            cell.nodes[:2] = [("x^_{t}", "input"), ("h^_{t-1}", "input")]
+            cell.edges[:2] = [("x^_{t}", "0", ""), ("h^_{t-1}", "0", "")]
+            return inter_graphs(inter) + [cell]
         return cnn_graphs(cnn_genotypes.from_json(data))
 
     if not isinstance(source, str) or source.lstrip().startswith("{"):  # the text (or the dict) itself

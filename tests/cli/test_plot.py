@@ -124,3 +124,19 @@ def test_tensorboard_flag(tmp_path, capsys):
     assert main(argv) == 0
     events = list((tmp_path / "r" / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+def test_ess_genotype_draws_both_inter_cell_dags_and_the_cell():
+    from pynas.plot import load_graphs, svg
+
+    text = json.dumps({"recurrent": [["relu", 0]] + [["tanh", i] for i in range(1, 8)], "concat": list(range(1, 9)),
+                       "inter": {"m": 2, "f": [["relu", 1], ["sigmoid", 3]], "g": [["tanh", 0], ["identity", 2]]}})
+    f, g, cell = load_graphs(text)
+    assert (f.title, g.title, cell.title) == ("inter-cell f", "inter-cell g", "recurrent cell")
+    assert [n for n, kind in f.nodes if kind == "input"] == ["h_{t-1}", "x_{t-1}", "x_{t-2}"]
+    assert [n for n, kind in g.nodes if kind == "input"] == ["x_{t}", "h_{t-1}", "h_{t-2}"]
+    assert ("x_{t-1}", "1", "relu") in f.edges and ("1", "2", "sigmoid") in f.edges  # j = m + 1: node 1
+    assert ("x_{t}", "1", "tanh") in g.edges and ("h_{t-2}", "2", "identity") in g.edges
+    assert ("1", "h^_{t-1}", "") in f.edges and ("2", "x^_{t}", "") in g.edges
+    assert ("x^_{t}", "0", "") in cell.edges and ("h^_{t-1}", "0", "") in cell.edges
+    assert svg([f, g, cell]).count("<text") > 20
