@@ -9,6 +9,7 @@
 #include "pynas/partial_channel.h"
 #include "pynas/rnn_cell.h"
 #include "pynas/rnn_mix.h"
+#include "pynas/rnn_path.h"
 
 #include <torch/python.h>
 
@@ -561,6 +562,187 @@ std::vector<at::Tensor> rnn_cell_backward(const at::Tensor& grad_out, const at::
                                    saved[4], saved[5], saved[6], saved[7], saved[8], saved[9], eps);
 }
 
+// ---- rnn_path (see csrc/include/pynas/rnn_path.h) ------------------------------------------------------
+
+// A contiguous (rows, cols) tensor with the dtype and device of ref (what the step kernels index).
+void check_rnn_path_plane(const char* op, const at::Tensor& t, const char* name, int64_t rows, int64_t cols,
+                          const at::Tensor& ref, const char* ref_name) {
+  pynas::checks::check_dense(op, t, name);
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols && t.is_contiguous() &&
+                  t.scalar_type() == ref.scalar_type() && t.device() == ref.device(),
+              op, ": ", name, ": expected a contiguous (", rows, ", ", cols, ") tensor with the dtype and device of ",
+              ref_name, ", got ", pynas::checks::describe(t), t.is_contiguous() ? "" : " (not contiguous)");
+}
+
+void check_rnn_path_act(const char* op, int64_t act, const std::string& name) {
+  TORCH_CHECK(act >= 1 && act <= 4, op, ": ", name,
+              ": expected an activation code 1..4 (tanh, relu, sigmoid, identity), got ", act);
+}
+
+void check_rnn_path_genotype(const char* op, int64_t steps, const std::vector<int64_t>& preds,
+                             const std::vector<int64_t>& acts, const std::vector<int64_t>& concat) {
+  TORCH_CHECK(static_cast<int64_t>(preds.size()) == steps, op, ": preds: expected one predecessor per node (",
+              steps, " = len(Ws)), got ", preds.size());
+  TORCH_CHECK(static_cast<int64_t>(acts.size()) == steps, op, ": acts: expected one activation per node (", steps,
+              " = len(Ws)), got ", acts.size());
+  for (int64_t i = 0; i < steps; ++i) {
+    TORCH_CHECK(preds[i] >= 0 && preds[i] <= i, op, ": preds[", i, "]: expected a state index in [0, ", i,
+                "] (node ", i, " reads s_0 .. s_", i, "), got ", preds[i]);
+    check_rnn_path_act(op, acts[i], "acts[" + std::to_string(i) + "]");
+  }
+  TORCH_CHECK(!concat.empty(), op, ": concat: expected at least one state index, got none");
+  for (size_t k = 0; k < concat.size(); ++k) {
+    TORCH_CHECK(concat[k] >= 0 && concat[k] <= steps, op, ": concat[", k, "]: expected a state index in [0, ",
+                steps, "], got ", concat[k]);
+  }
+}
+
+// xs (T, B, I), h0 (B, H), the optional masks, W0 (I + H, 2H) and Ws (steps x (H, 2H)), one dtype and device.
+void check_rnn_path_tensors(const char* op, const at::Tensor& xs, const at::Tensor& h0,
+                            const c10::optional<at::Tensor>& x_mask, const c10::optional<at::Tensor>& h_mask,
+                            const at::Tensor& W0, const std::vector<at::Tensor>& Ws) {
+  pynas::checks::check_dense(op, xs, "xs");
+  pynas::checks::check_supported_float(op, xs, "xs");
+  TORCH_CHECK(xs.dim() == 3 && xs.size(0) >= 1 && xs.size(1) >= 1 && xs.size(2) >= 1, op,
+              ": xs: expected (T, B, I) with T, B, I >= 1, got ", pynas::checks::describe(xs));
+  if (!xs.is_cpu()) {
+#ifdef PYNAS_WITH_CUDA
+    if (!xs.is_cuda()) fail_device(op, xs, "xs");
+#else
+    fail_device(op, xs, "xs");
+#endif
+  }
+  const int64_t B = xs.size(1), I = xs.size(2);
+  pynas::checks::check_dense(op, h0, "h0");
+  TORCH_CHECK(h0.dim() == 2 && h0.size(0) == B && h0.size(1) >= 1 && h0.scalar_type() == xs.scalar_type() &&
+                  h0.device() == xs.device(),
+              op, ": h0: expected (B, H) with B = ", B, " and the dtype and device of xs, got ",
+              pynas::checks::describe(h0));
+  const int64_t H = h0.size(1);
+  const auto check_mask = [&](const c10::optional<at::Tensor>& t, const char* name, const char* dims, int64_t cols) {
+    if (!t.has_value()) return;
+    pynas::checks::check_dense(op, *t, name);
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == B && t->size(1) == cols && t->scalar_type() == xs.scalar_type() &&
+                    t->device() == xs.device(),
+                op, ": ", name, ": expected ", dims, " = (", B, ", ", cols, ") with the dtype and device of xs, got ",
+                pynas::checks::describe(*t));
+  };
+  check_mask(x_mask, "x_mask", "(B, I)", I);
+  check_mask(h_mask, "h_mask", "(B, H)", H);
+  TORCH_CHECK(x_mask.has_value() == h_mask.has_value(), op,
+              ": x_mask, h_mask: expected both (training) or neither (eval), got only ",
+              x_mask.has_value() ? "x_mask" : "h_mask");
+  TORCH_CHECK(!Ws.empty(), op, ": Ws: expected at least one node weight, got none");
+  pynas::checks::check_dense(op, W0, "W0");
+  TORCH_CHECK(W0.dim() == 2 && W0.size(0) == I + H && W0.size(1) == 2 * H && W0.scalar_type() == xs.scalar_type() &&
+                  W0.device() == xs.device(),
+              op, ": W0: expected (I + H, 2H) = (", I + H, ", ", 2 * H, ") with the dtype and device of xs, got ",
+              pynas::checks::describe(W0));
+  for (size_t i = 0; i < Ws.size(); ++i) {
+    pynas::checks::check_dense(op, Ws[i], "Ws[" + std::to_string(i) + "]");
+    TORCH_CHECK(Ws[i].dim() == 2 && Ws[i].size(0) == H && Ws[i].size(1) == 2 * H &&
+                    Ws[i].scalar_type() == xs.scalar_type() && Ws[i].device() == xs.device(),
+                op, ": Ws[", i, "]: expected (H, 2H) = (", H, ", ", 2 * H, ") with the dtype and device of xs, got ",
+                pynas::checks::describe(Ws[i]));
+  }
+}
+
+std::vector<at::Tensor> rnn_path_forward(const at::Tensor& xs, const at::Tensor& h0,
+                                         const c10::optional<at::Tensor>& x_mask,
+                                         const c10::optional<at::Tensor>& h_mask, const at::Tensor& W0,
+                                         const std::vector<at::Tensor>& Ws, const std::vector<int64_t>& preds,
+                                         const std::vector<int64_t>& acts, const std::vector<int64_t>& concat,
+                                         bool save) {
+  constexpr const char* op = "rnn_path_forward";
+  check_rnn_path_tensors(op, xs, h0, x_mask, h_mask, W0, Ws);
+  check_rnn_path_genotype(op, static_cast<int64_t>(Ws.size()), preds, acts, concat);
+  return pynas::rnn_path::forward(xs, h0, x_mask.value_or(at::Tensor()), h_mask.value_or(at::Tensor()), W0, Ws,
+                                  preds, acts, concat, save);
+}
+
+std::vector<at::Tensor> rnn_path_backward(const at::Tensor& grad_out, const at::Tensor& xs, const at::Tensor& h0,
+                                          const at::Tensor& hiddens, const c10::optional<at::Tensor>& x_mask,
+                                          const c10::optional<at::Tensor>& h_mask, const at::Tensor& W0,
+                                          const std::vector<at::Tensor>& Ws, const std::vector<int64_t>& preds,
+                                          const std::vector<int64_t>& acts, const std::vector<int64_t>& concat,
+                                          const std::vector<at::Tensor>& saved) {
+  constexpr const char* op = "rnn_path_backward";
+  check_rnn_path_tensors(op, xs, h0, x_mask, h_mask, W0, Ws);
+  const int64_t steps = static_cast<int64_t>(Ws.size());
+  check_rnn_path_genotype(op, steps, preds, acts, concat);
+  const int64_t T = xs.size(0), B = xs.size(1), I = xs.size(2), H = h0.size(1);
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{grad_out, "grad_out"},
+                                {hiddens, "hiddens"}}) {
+    pynas::checks::check_dense(op, t, name);
+    TORCH_CHECK(t.dim() == 3 && t.size(0) == T && t.size(1) == B && t.size(2) == H &&
+                    t.scalar_type() == xs.scalar_type() && t.device() == xs.device(),
+                op, ": ", name, ": expected (T, B, H) = (", T, ", ", B, ", ", H, ") with the dtype and device of xs, "
+                "got ", pynas::checks::describe(t));
+  }
+  TORCH_CHECK(saved.size() == 3, op, ": saved: expected the 3 tensors (xm, S, CH) rnn_path_forward returned "
+              "after the hiddens with save=True, got ", saved.size());
+  const std::vector<std::pair<const char*, std::vector<int64_t>>> shapes{
+      {"saved[0] (xm)", {T, B, I}}, {"saved[1] (S)", {steps + 1, T, B, H}}, {"saved[2] (CH)", {steps + 1, T, B, 2 * H}}};
+  for (size_t k = 0; k < 3; ++k) {
+    const at::Tensor& t = saved[k];
+    pynas::checks::check_dense(op, t, shapes[k].first);
+    TORCH_CHECK(t.sizes() == at::IntArrayRef(shapes[k].second) && (k == 0 || t.is_contiguous()) &&
+                    t.scalar_type() == xs.scalar_type() && t.device() == xs.device(),
+                op, ": ", shapes[k].first, ": expected ", k == 0 ? "" : "a contiguous ",
+                at::IntArrayRef(shapes[k].second), " with the dtype and device of xs (what rnn_path_forward saved "
+                "for these xs and Ws), got ", pynas::checks::describe(t));
+  }
+  return pynas::rnn_path::backward(grad_out, h0, hiddens, x_mask.value_or(at::Tensor()),
+                                   h_mask.value_or(at::Tensor()), W0, Ws, preds, acts, concat, saved[0], saved[1],
+                                   saved[2]);
+}
+
+void rnn_path_step_forward(const at::Tensor& ch, const at::Tensor& prev, int64_t act,
+                           const c10::optional<at::Tensor>& h_mask, const at::Tensor& s,
+                           const c10::optional<at::Tensor>& m) {
+  constexpr const char* op = "rnn_path_step_forward";
+  pynas::checks::check_dense(op, prev, "prev");
+  pynas::checks::check_supported_float(op, prev, "prev");
+  TORCH_CHECK(prev.dim() == 2, op, ": prev: expected (B, H), got ", pynas::checks::describe(prev));
+  const int64_t B = prev.size(0), H = prev.size(1);
+  check_rnn_path_plane(op, prev, "prev", B, H, prev, "prev");
+  check_rnn_path_plane(op, ch, "ch", B, 2 * H, prev, "prev");
+  check_rnn_path_plane(op, s, "s", B, H, prev, "prev");
+  TORCH_CHECK(h_mask.has_value() == m.has_value(), op, ": h_mask, m: expected both or neither, got only ",
+              h_mask.has_value() ? "h_mask" : "m");
+  if (h_mask.has_value()) {
+    check_rnn_path_plane(op, *h_mask, "h_mask", B, H, prev, "prev");
+    check_rnn_path_plane(op, *m, "m", B, H, prev, "prev");
+  }
+  check_rnn_path_act(op, act, "act");
+  const at::Tensor mask = h_mask.value_or(at::Tensor()), mo = m.value_or(at::Tensor());
+  if (prev.is_cpu()) return pynas::cpu::rnn_path_step_forward(ch, prev, act, mask, s, mo);
+#ifdef PYNAS_WITH_CUDA
+  if (prev.is_cuda()) return pynas::cuda::rnn_path_step_forward(ch, prev, act, mask, s, mo);
+#endif
+  fail_device(op, prev, "prev");
+}
+
+void rnn_path_step_backward(const at::Tensor& g, const at::Tensor& ch, const at::Tensor& prev, int64_t act,
+                            const at::Tensor& gch, const at::Tensor& g_prev, bool accumulate) {
+  constexpr const char* op = "rnn_path_step_backward";
+  pynas::checks::check_dense(op, prev, "prev");
+  pynas::checks::check_supported_float(op, prev, "prev");
+  TORCH_CHECK(prev.dim() == 2, op, ": prev: expected (B, H), got ", pynas::checks::describe(prev));
+  const int64_t B = prev.size(0), H = prev.size(1);
+  check_rnn_path_plane(op, prev, "prev", B, H, prev, "prev");
+  check_rnn_path_plane(op, g, "g", B, H, prev, "prev");
+  check_rnn_path_plane(op, ch, "ch", B, 2 * H, prev, "prev");
+  check_rnn_path_plane(op, gch, "gch", B, 2 * H, prev, "prev");
+  check_rnn_path_plane(op, g_prev, "g_prev", B, H, prev, "prev");
+  check_rnn_path_act(op, act, "act");
+  if (prev.is_cpu()) return pynas::cpu::rnn_path_step_backward(g, ch, prev, act, gch, g_prev, accumulate);
+#ifdef PYNAS_WITH_CUDA
+  if (prev.is_cuda()) return pynas::cuda::rnn_path_step_backward(g, ch, prev, act, gch, g_prev, accumulate);
+#endif
+  fail_device(op, prev, "prev");
+}
+
 const char* host_compiler() {
 #if defined(__clang__)
   return "clang " __clang_version__;
@@ -652,6 +834,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rnn_cell_backward", &rnn_cell_backward, py::arg("grad_out"), py::arg("x_mask"), py::arg("h_mask"),
         py::arg("probs"), py::arg("W0"), py::arg("Ws"), py::arg("saved"), py::arg("eps"), nogil,
         "[d xs, d h0, d probs, d W0, d Ws...] of rnn_cell_forward.");
+  m.def("rnn_path_forward", &rnn_path_forward, py::arg("xs"), py::arg("h0"), py::arg("x_mask"), py::arg("h_mask"),
+        py::arg("W0"), py::arg("Ws"), py::arg("preds"), py::arg("acts"), py::arg("concat"), py::arg("save"), nogil,
+        "The DARTS RNN evaluation cell of a genotype (preds, acts, concat) over a sequence: [hiddens] or, with "
+        "save, [hiddens, xm, S, CH]; masks None in eval mode.");
+  m.def("rnn_path_backward", &rnn_path_backward, py::arg("grad_out"), py::arg("xs"), py::arg("h0"),
+        py::arg("hiddens"), py::arg("x_mask"), py::arg("h_mask"), py::arg("W0"), py::arg("Ws"), py::arg("preds"),
+        py::arg("acts"), py::arg("concat"), py::arg("saved"), nogil,
+        "[d xs, d h0, d W0, d Ws...] of rnn_path_forward from its saved [xm, S, CH].");
+  m.def("rnn_path_step_forward", &rnn_path_step_forward, py::arg("ch"), py::arg("prev"), py::arg("act"),
+        py::arg("h_mask"), py::arg("s"), py::arg("m"), nogil,
+        "In place: s = prev + sigmoid(ch[:, :H]) * (f_act(ch[:, H:]) - prev), and m = s * h_mask unless None.");
+  m.def("rnn_path_step_backward", &rnn_path_step_backward, py::arg("g"), py::arg("ch"), py::arg("prev"),
+        py::arg("act"), py::arg("gch"), py::arg("g_prev"), py::arg("accumulate"), nogil,
+        "In place: gch = d ch and g_prev = (or +=) d prev of rnn_path_step_forward for d s = g.");
   m.def("build_info", &build_info,
         "How pynas._C was built: dict of cuda, cuda_version, cuda_archs, openmp, torch_version_built, compiler.");
 }

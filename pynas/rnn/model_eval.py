@@ -18,6 +18,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .. import _autodiff
+from ..ops import rnn_path
 from .genotypes import Genotype
 from .model_search import INITRANGE, LockedDropout, check_cell_args, check_lm_args, lm_forward, mask2d
 
@@ -46,6 +48,14 @@ class DARTSCell(nn.Module):
             x_mask = mask2d(B, inputs.size(2), 1.0 - self.dropoutx, inputs)
             h_mask = mask2d(B, hidden.size(2), 1.0 - self.dropouth, inputs)
         h = hidden[0]
+        if not torch.compiler.is_compiling() and not _autodiff.under_transform() \
+                and not torch.is_autocast_enabled(inputs.device.type):
+            # the whole sequence as one fused node (training and eval); under torch.compile, torch.func /
+            # forward AD and autocast, the module path below
+            impl = rnn_path.TABLE.resolve([inputs, h, self._W0])
+            if impl.backend != "reference":
+                hiddens = rnn_path.rnn_path_cell(self, inputs, h, x_mask, h_mask, impl)
+                return hiddens, hiddens[-1].unsqueeze(0)
         outs = []
         for t in range(T):
             h = self.cell(inputs[t], h, x_mask, h_mask)
