@@ -2,8 +2,11 @@
 
 ``darts``: DARTS first and second order, for the CNN and RNN spaces; ``idarts``: I-DARTS (one softmax per node);
 ``pcdarts``: PC-DARTS (partial channels, edge normalisation); ``gdas``: GDAS (Gumbel-softmax sampled paths);
-``rsws``: random search with weight sharing; ``random_search``: the plain random-search baseline; ``base``: what
-they share.
+``rsws``: random search with weight sharing; ``random_search``: the plain random-search baseline; ``enas``: ENAS on
+the RNN space (its controller in ``enas_controller``); ``cas`` and ``mas``: continual and multi-task search on
+ENAS (their penalties in ``cas_penalties``); ``ess``: ESS's inter-cell search on the RNN space; ``evolution``:
+regularized evolution with progressive dynamic hurdles; ``sandwich``: sublayer orders; ``base``: what the
+gradient methods share.
 """
 from __future__ import annotations
 
