@@ -60,6 +60,21 @@ def check_task_settings(s: TaskSettings) -> None:
         check_positive_int("train_steps_per_epoch", s.train_steps_per_epoch)
 
 
+def check_search_settings(search: object, method: str, make_config: Callable[[], object]) -> None:
+    """A multi-task method's ``search`` settings: a mapping of RNN search settings without ``method`` (the method
+    searches with ENAS); ``make_config()`` builds the search's settings from it, checked as a search checks them."""
+    from .rnn import check_config as check_search
+
+    if not isinstance(search, dict):
+        raise ValueError(f"search: expected a mapping of RNN search settings, got {type(search).__name__}")
+    if "method" in search:
+        raise ValueError(f"search: {method} searches with ENAS; 'method' is not a setting here")
+    try:
+        check_search(make_config())
+    except TypeError as exc:
+        raise ValueError(f"search: {exc}") from None
+
+
 def load_tasks(s: TaskSettings) -> List[LMTask]:
     """The tasks the settings name, sharing one dictionary (module docstring)."""
     from ..rnn import tasks as T

@@ -31,8 +31,9 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from ..search.lm_tasks import (Results, TaskSettings, check_task_settings, load_shared, load_tasks, number_check,
-                               ppl, run_enas_search, score, shared_state, table, train_cell)
+from ..search.lm_tasks import (Results, TaskSettings, check_search_settings, check_task_settings, load_shared,
+                               load_tasks, number_check, ppl, run_enas_search, score, shared_state, table,
+                               train_cell)
 from .cas_penalties import (FIRST_TASK_LAMBDA_BS, LATER_TASK_LAMBDA_BS, LATER_TASK_LAMBDA_O, ContinualPenalty,
                             cas_selection, cell_weight_names, first_task_penalty)
 
@@ -57,21 +58,12 @@ class CASConfig(TaskSettings):
 
 
 def check_config(cfg: CASConfig) -> None:
-    from ..search.rnn import check_config as check_search
-
     check_task_settings(cfg)
     for name in ("lambda_bs_first", "lambda_bs", "lambda_o"):
         number_check(name, getattr(cfg, name))
     if cfg.penalties is not True and cfg.penalties is not False:
         raise ValueError(f"penalties: expected True or False, got {cfg.penalties!r}")
-    if not isinstance(cfg.search, dict):
-        raise ValueError(f"search: expected a mapping of RNN search settings, got {type(cfg.search).__name__}")
-    if "method" in cfg.search:
-        raise ValueError("search: CAS searches with ENAS; 'method' is not a setting here")
-    try:
-        check_search(cfg.search_config(0))
-    except TypeError as exc:
-        raise ValueError(f"search: {exc}") from None
+    check_search_settings(cfg.search, "CAS", lambda: cfg.search_config(0))
 
 
 def _penalty(model, k: int, cfg: CASConfig, previous_cell) -> Optional[Callable[[], torch.Tensor]]:

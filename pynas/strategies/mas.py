@@ -30,8 +30,8 @@ from typing import Callable, Dict, List
 
 import torch
 
-from ..search.lm_tasks import (Results, TaskSettings, check_task_settings, load_tasks, ppl, run_enas_search, score,
-                               table, train_cell)
+from ..search.lm_tasks import (Results, TaskSettings, check_search_settings, check_task_settings, load_tasks,
+                               ppl, run_enas_search, score, table, train_cell)
 from ..search.rnn import RNNSearch, _check_task_size
 from .enas import ENASArchitect
 
@@ -134,19 +134,10 @@ class MASConfig(TaskSettings):
 
 
 def check_config(cfg: MASConfig) -> None:
-    from ..search.rnn import check_config as check_search
-
     check_task_settings(cfg)
     if cfg.single_task is not True and cfg.single_task is not False:
         raise ValueError(f"single_task: expected True or False, got {cfg.single_task!r}")
-    if not isinstance(cfg.search, dict):
-        raise ValueError(f"search: expected a mapping of RNN search settings, got {type(cfg.search).__name__}")
-    if "method" in cfg.search:
-        raise ValueError("search: MAS searches with ENAS; 'method' is not a setting here")
-    try:
-        check_search(cfg.search_config())
-    except TypeError as exc:
-        raise ValueError(f"search: {exc}") from None
+    check_search_settings(cfg.search, "MAS", cfg.search_config)
 
 
 def run_mas(cfg: MASConfig, save_dir: str, log: Callable[[str], None] = print, progress: bool = False) -> dict:
