@@ -36,8 +36,9 @@ in pi's first GEMM and on pi's nodes. The evaluation cell uses the same masks in
 
 The recurrent state (what ``init_hidden`` returns and the loop carries, detached, across batches) is one tensor
 per layer, as for DARTS, here (2m, B, H): ``[h_(t-1), ..., h_(t-m), x_(t-1), ..., x_(t-m)]``, newest first. The
-whole sequence runs module by module (the fused DARTS sequence kernel carries a single state); only the node mix
-is fused.
+training-mode sequence, on a backend other than ``reference``, is one autograd node (:mod:`pynas.ops.ess_cell`);
+otherwise (eval mode, the reference backend, torch.compile, torch.func) it runs module by module, the node mix
+through :func:`pynas.ops.rnn_mix`.
 
 Genotype (:class:`ESSGenotype`): the DARTS RNN genotype (``recurrent``, ``concat``) plus ``inter`` =
 (m, f, g), where f and g list one ``(op, j)`` per intermediate node: DARTS's rule in each DAG on its own (a
@@ -57,6 +58,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _autodiff
+from ..ops import ess_cell
 from ..ops.rnn_mix import TABLE as rnn_mix_table
 from ..ops.rnn_mix import _rnn_mix
 from ..rnn import genotypes as rnn_genotypes
@@ -269,6 +272,14 @@ class ESSCellSearch(DARTSCellSearch):
         probs = F.softmax(self.weights, dim=-1) if self.probs_fn is None else self.probs_fn(self.weights)
         probs_f = F.softmax(self.beta_f, dim=-1)
         probs_g = F.softmax(self.beta_g, dim=-1)
+        if self.training and all(bn.track_running_stats and bn.momentum is not None
+                                 for bn in (self.bn, self.f.bn, self.g.bn)) \
+                and not torch.compiler.is_compiling() and not _autodiff.under_transform():
+            # the whole sequence as one autograd node (pynas.ops.ess_cell); as DARTSCellSearch, the module
+            # path under torch.compile and torch.func / forward AD
+            impl = ess_cell.TABLE.resolve([inputs, hidden, probs, probs_f, probs_g])
+            if impl.backend != "reference":
+                return ess_cell.ess_cell(self, inputs, hidden, x_mask, h_mask, probs, probs_f, probs_g, impl)
         mix = rnn_mix_table.resolve([inputs, hidden, probs])  # once per sequence
         hs, xs = list(hidden[:self.m]), list(hidden[self.m:])  # newest first
         outs = []
