@@ -468,6 +468,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_mix_backward(cons
 
 // ---- rnn_cell ------------------------------------------------------------------------------------------
 
+// The initial hidden state of a fused RNN sequence: (B, H) with the batch, dtype and device of xs; returns H.
+int64_t check_rnn_h0(const char* op, const at::Tensor& xs, const at::Tensor& h0) {
+  const int64_t B = xs.size(1);
+  pynas::checks::check_dense(op, h0, "h0");
+  TORCH_CHECK(h0.dim() == 2 && h0.size(0) == B && h0.size(1) >= 1 && h0.scalar_type() == xs.scalar_type() &&
+                  h0.device() == xs.device(),
+              op, ": h0: expected (B, H) with B = ", B, " and the dtype and device of xs, got ",
+              pynas::checks::describe(h0));
+  return h0.size(1);
+}
+
+
 void check_rnn_cell_weights(const char* op, const at::Tensor& xs, const at::Tensor& probs, const at::Tensor& W0,
                             const std::vector<at::Tensor>& Ws, int64_t I, int64_t H) {
   const int64_t steps = static_cast<int64_t>(Ws.size());
@@ -513,12 +525,7 @@ std::vector<at::Tensor> rnn_cell_forward(const at::Tensor& xs, const at::Tensor&
               ": xs: expected (T, B, I) with T >= 1 and B >= 2 (BatchNorm needs two samples), got ",
               pynas::checks::describe(xs));
   const int64_t B = xs.size(1), I = xs.size(2);
-  pynas::checks::check_dense(op, h0, "h0");
-  TORCH_CHECK(h0.dim() == 2 && h0.size(0) == B && h0.size(1) >= 1 && h0.scalar_type() == xs.scalar_type() &&
-                  h0.device() == xs.device(),
-              op, ": h0: expected (B, H) with B = ", B, " and the dtype and device of xs, got ",
-              pynas::checks::describe(h0));
-  const int64_t H = h0.size(1);
+  const int64_t H = check_rnn_h0(op, xs, h0);
   check_rnn_cell_masks(op, xs, x_mask, h_mask, B, I, H);
   check_rnn_cell_weights(op, xs, probs, W0, Ws, I, H);
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{running_mean, "running_mean"},
@@ -613,12 +620,7 @@ void check_rnn_path_tensors(const char* op, const at::Tensor& xs, const at::Tens
 #endif
   }
   const int64_t B = xs.size(1), I = xs.size(2);
-  pynas::checks::check_dense(op, h0, "h0");
-  TORCH_CHECK(h0.dim() == 2 && h0.size(0) == B && h0.size(1) >= 1 && h0.scalar_type() == xs.scalar_type() &&
-                  h0.device() == xs.device(),
-              op, ": h0: expected (B, H) with B = ", B, " and the dtype and device of xs, got ",
-              pynas::checks::describe(h0));
-  const int64_t H = h0.size(1);
+  const int64_t H = check_rnn_h0(op, xs, h0);
   const auto check_mask = [&](const c10::optional<at::Tensor>& t, const char* name, const char* dims, int64_t cols) {
     if (!t.has_value()) return;
     pynas::checks::check_dense(op, *t, name);
