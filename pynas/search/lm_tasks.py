@@ -204,6 +204,20 @@ def train_cell(model, genotype, task: LMTask, cfg, epochs: int, path: Optional[s
     return history
 
 
+def write_genotype(folder: str, name: str, genotype) -> None:
+    """``genotypes/<name>.json`` (for ``pynas train rnn``) and its picture ``genotypes/<name>.svg`` in ``folder``."""
+    from ..plot import load_graphs, svg
+
+    out = os.path.join(folder, "genotypes")
+    os.makedirs(out, exist_ok=True)
+    text = _genotype_json(genotype)
+    for ext, data in ((".json", text + "\n"), (".svg", svg(load_graphs(text)))):
+        tmp = os.path.join(out, name + ext + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(data)
+        os.replace(tmp, os.path.join(out, name + ext))
+
+
 def _genotype_json(genotype) -> str:
     from ..rnn.genotypes import to_json
 

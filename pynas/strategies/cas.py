@@ -20,7 +20,7 @@ output unit as in the code. ``penalties=False`` is the control without them (the
 Files in the run folder: ``results.json`` (the settings and each finished part: a resumed run skips them),
 ``task<k>-<name>/search/`` (the ENAS search's checkpoint, log, genotype), ``task<k>-<name>/train.pt`` (the cell
 training's checkpoint, per epoch), ``task<k>-<name>/theta.pt`` (theta_k), ``genotypes/<name>.json`` (dag_k, for
-``pynas train rnn``), ``table.md``.
+``pynas train rnn``) with its picture ``.svg``, ``table.md``.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ import torch
 
 from ..search.lm_tasks import (Results, TaskSettings, check_search_settings, check_task_settings, load_shared,
                                load_tasks, number_check, ppl, run_enas_search, score, shared_state, table,
-                               train_cell)
+                               train_cell, write_genotype)
 from .cas_penalties import (FIRST_TASK_LAMBDA_BS, LATER_TASK_LAMBDA_BS, LATER_TASK_LAMBDA_O, ContinualPenalty,
                             cas_selection, cell_weight_names, first_task_penalty)
 
@@ -130,9 +130,7 @@ def run_cas(cfg: CASConfig, save_dir: str, log: Callable[[str], None] = print, p
                 t = score(model, cells[j], tasks[j], "test", scfg)
                 scores[tasks[j].name] = {"valid_ppl": ppl(v), "test_ppl": ppl(t)}
         record = {"task": task.name, "genotype": to_json(cell), "train": history, "scores": scores}
-        os.makedirs(os.path.join(save_dir, "genotypes"), exist_ok=True)
-        with open(os.path.join(save_dir, "genotypes", f"{task.name}.json"), "w") as fh:
-            fh.write(to_json(cell) + "\n")
+        write_genotype(save_dir, task.name, cell)
         results.put(key, record)
         steps.append(record)
         log(f"cas: after task {k + 1}: " + ", ".join(f"{n} test ppl {s['test_ppl']:.2f}" for n, s in scores.items()))

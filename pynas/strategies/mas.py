@@ -17,7 +17,7 @@ dictionary, so one embedding and one decoder serve all of them). As the code's `
 
 Files in the run folder: ``results.json`` (settings and finished parts; a resumed run skips them), ``mas/`` (the
 multi-task search's checkpoint, log, genotype), ``single-<task>/``, ``train-<cell>-<task>.pt`` (each training's
-checkpoint), ``genotypes/<cell>.json`` (for ``pynas train rnn``), ``table.md``.
+checkpoint), ``genotypes/<cell>.json`` (for ``pynas train rnn``) and ``.svg``, ``table.md``.
 """
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ from typing import Callable, Dict, List
 import torch
 
 from ..search.lm_tasks import (Results, TaskSettings, check_search_settings, check_task_settings, load_tasks,
-                               ppl, run_enas_search, score, table, train_cell)
+                               ppl, run_enas_search, score, table, train_cell,
+                               write_genotype)
 from ..search.rnn import RNNSearch, _check_task_size
 from .enas import ENASArchitect
 
@@ -167,10 +168,8 @@ def run_mas(cfg: MASConfig, save_dir: str, log: Callable[[str], None] = print, p
                 cell = run_enas_search(search, os.path.join(save_dir, f"single-{task.name}"), log)
                 results.put(key, {"genotype": to_json(cell)})
             cells[task.name] = from_json(results.get(key)["genotype"])
-    os.makedirs(os.path.join(save_dir, "genotypes"), exist_ok=True)
     for name, cell in cells.items():
-        with open(os.path.join(save_dir, "genotypes", f"{name}.json"), "w") as fh:
-            fh.write(to_json(cell) + "\n")
+        write_genotype(save_dir, name, cell)
     scores: Dict[str, Dict[str, dict]] = {}
     for name, cell in cells.items():
         scores[name] = {}

@@ -125,6 +125,7 @@ def test_cas_table_weights_carried_and_exact_resume(tmp_path):
     for s in steps:  # genotype files that pynas train rnn reads
         with open(tmp_path / "full" / "genotypes" / f"{s['task']}.json") as fh:
             assert from_json(fh.read()) == from_json(s["genotype"])
+        assert (tmp_path / "full" / "genotypes" / f"{s['task']}.svg").read_text().startswith("<svg")
     # task 2 starts from theta_1: its ENAS search's first weights are the saved theta_1
     theta1 = lm_tasks.load_checkpoint(str(tmp_path / "full" / "task1-stdlib-0" / "theta.pt"), "pynas-cas-weights")
     theta2 = lm_tasks.load_checkpoint(str(tmp_path / "full" / "task2-stdlib-1" / "theta.pt"), "pynas-cas-weights")
