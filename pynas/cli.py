@@ -121,7 +121,23 @@ def _add_cnn_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--samples", type=int, default=None, help="random: architectures sampled and trained (24)")
     m.add_argument("--candidate-epochs", type=int, default=None, help="random: training epochs of each candidate")
     _add_run_args(p, d)
+    _add_distributed_args(p)
     p.set_defaults(**{name: None for name in _METHOD_SETTINGS})
+
+
+def _add_distributed_args(p: argparse.ArgumentParser) -> None:
+    """Data-parallel searches (pynas.search.distributed): under torchrun, or started here with --nproc."""
+    from .search.distributed import DEFAULT_TIMEOUT_S
+
+    g = p.add_argument_group("data-parallel (torch.distributed; run under torchrun, or with --nproc)")
+    g.add_argument("--nproc", type=int, default=None,
+                   help="start this many processes on this machine through torchrun (each takes an equal share of "
+                        "every batch; gloo on CPUs, NCCL on GPUs)")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="BatchNorm statistics of the global batch (the run then equals one process's); the "
+                        "BatchNorms run op by op, on the reference backend. Default: each process's own")
+    g.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                   help="seconds a collective may wait before the run ends with an error (a dead process)")
 
 
 def _add_enas_args(p: argparse.ArgumentParser, d) -> None:
@@ -195,6 +211,7 @@ def _add_rnn_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch-lr", type=float, default=d.arch_lr)
     p.add_argument("--arch-wdecay", type=float, default=d.arch_wdecay)
     _add_run_args(p, d)
+    _add_distributed_args(p)
     p.set_defaults(epochs=None, batch_size=None)  # the method's (pynas.search.rnn.RNNSearchConfig.for_method)
 
 
@@ -500,22 +517,42 @@ def _run_in_folder(args, save: str, run, header: Callable) -> dict:
 
 def _run_search(args, space: str, cfg, search_cls, config_cls, about: Callable = lambda c: "") -> int:
     """Check the settings, load the data and the checkpoint (all before a run folder is made), run in the
-    folder, print the genotype."""
+    folder, print the genotype. Under torchrun: join the processes' group; rank 0 alone makes the folder."""
+    from .search import distributed
+    from .search.loop import prepare_search
+
+    if args.resume is None:
+        search_cls.check_config(cfg)
+    group = distributed.setup(cfg.device, args.dist_timeout, args.sync_bn)
+    if group is None and args.sync_bn:
+        raise ValueError("sync_bn: --sync-bn needs several processes (torchrun, or --nproc N)")
+    try:
+        cfg.device = distributed.place(cfg.device)
+        if group is not None and not group.main:  # no folder, no log, no file: rank 0 writes them
+            prepare_search(search_cls, config_cls, cfg, None, args.resume, log=lambda line: None,
+                           progress=False).run()
+            return 0
+        return _run_search_main(args, space, cfg, search_cls, config_cls, about, group)
+    finally:
+        distributed.teardown()
+
+
+def _run_search_main(args, space: str, cfg, search_cls, config_cls, about, group) -> int:
     import json
 
     import torch
 
     from .search.loop import prepare_search
 
-    if args.resume is None:
-        search_cls.check_config(cfg)
     save = _run_folder_path(args, space)
     search = prepare_search(search_cls, config_cls, cfg, save, args.resume, log=print, progress=not args.no_progress)
 
     def header(run) -> str:
         c = run.cfg
+        procs = (f"; {group.world} processes ({'synchronised' if group.sync_bn else 'per-process'} BatchNorm)"
+                 if group is not None else "")
         return (f"pynas search {space}: run folder {save}; {about(c)}backend {c.backend}; "
-                f"{'second' if c.unrolled else 'first'} order; torch threads {torch.get_num_threads()}"
+                f"{'second' if c.unrolled else 'first'} order; torch threads {torch.get_num_threads()}{procs}"
                 + ("; tracking the Hessian's dominant eigenvalue" if c.track_hessian else ""))
 
     result = _run_in_folder(args, save, search, header)
@@ -533,6 +570,7 @@ def _search_rnn(args) -> int:
     _set_threads(args.threads)
     backend = args.backend if args.backend is not None else _backend.current_backend()
     if args.method == "random":
+        _alone("random")
         return _random_search(args, "rnn", backend)
     nhidlast = args.emsize if args.nhidlast < 0 else args.nhidlast
     given = {k: getattr(args, k) for k in ("epochs", "batch_size") if getattr(args, k) is not None}
@@ -556,6 +594,7 @@ def _search_cnn(args) -> int:
     _set_threads(args.threads)
     backend = args.backend if args.backend is not None else _backend.current_backend()
     if args.method == "random":
+        _alone("random")
         return _random_search(args, "cnn", backend)
     given = {name: getattr(args, name) for name in _METHOD_SETTINGS if getattr(args, name) is not None}
     cfg = CNNSearchConfig.for_method(
@@ -841,12 +880,43 @@ def _os_error_text(exc: OSError) -> str:
     return f"{' -> '.join(names)}: {reason}" if names else reason
 
 
+def _alone(what: str) -> None:
+    from .search.distributed import world_from_env
+
+    if world_from_env() > 1:
+        raise ValueError(f"method: {what} trains its candidates one by one and does not run data-parallel (run it "
+                         f"without torchrun or --nproc)")
+
+
+def _launch(argv: List[str], nproc: int) -> int:
+    """``--nproc N``: the same command under torchrun (N processes on this machine), its exit status."""
+    import subprocess
+
+    if nproc < 1:
+        print(f"pynas: error: --nproc: expected a positive integer, got {nproc}", file=sys.stderr)
+        return 2
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m",
+           "pynas", *rest]
+    return subprocess.run(cmd).returncode
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Exit status: 0 done; 1 the system refused (a file could not be written or read: the message names the path);
     2 bad settings or input (the message names the setting, the flag or the file); 130 interrupted (Ctrl-C;
     the last checkpoint is intact: resume with --resume)."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    if getattr(args, "nproc", None) is not None:
+        return _launch(argv, args.nproc)
     try:
         if args.command == "info":
             from .info import main as info_main

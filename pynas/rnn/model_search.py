@@ -30,10 +30,24 @@ from .genotypes import CONCAT, STEPS
 INITRANGE = 0.04
 
 
+def _global_rows(batch: int):
+    """(rows to draw, this rank's slice of them or None): a data-parallel search (pynas.search.distributed) draws
+    a batch's dropout masks for the whole global batch, as one process would, and each rank keeps its rows."""
+    from ..search.distributed import active
+
+    group = active()
+    if group is None:
+        return batch, None
+    return batch * group.world, slice(group.rank * batch, (group.rank + 1) * batch)
+
+
 def mask2d(batch: int, size: int, keep_prob: float, like: torch.Tensor) -> torch.Tensor:
     """A (batch, size) dropout mask scaled by 1/keep_prob, drawn as the reference code draws it
     (``floor(rand + keep) / keep`` from the CPU generator, in float32), so a seeded run draws the same masks."""
-    m = torch.floor(torch.rand(batch, size) + keep_prob) / keep_prob
+    rows = _global_rows(batch)
+    m = torch.floor(torch.rand(rows[0], size) + keep_prob) / keep_prob
+    if rows[1] is not None:  # data-parallel: this rank's rows of the global batch's mask
+        m = m[rows[1]]
     if like.device.type == "cuda":  # pinned + non_blocking: no host sync per sequence
         m = m.pin_memory()
     return m.to(device=like.device, dtype=like.dtype, non_blocking=True)
@@ -142,7 +156,10 @@ class LockedDropout(nn.Module):
     def forward(self, x: torch.Tensor, dropout: float = 0.5) -> torch.Tensor:
         if not self.training or not dropout:
             return x
-        m = x.new_empty(1, x.size(1), x.size(2)).bernoulli_(1 - dropout) / (1 - dropout)
+        rows, mine = _global_rows(x.size(1))
+        m = x.new_empty(1, rows, x.size(2)).bernoulli_(1 - dropout) / (1 - dropout)
+        if mine is not None:
+            m = m[:, mine]
         return m.expand_as(x) * x
 
 

@@ -21,7 +21,7 @@ from ..cnn.data import ImageData, batches, load_cifar10, make_shapes10
 from ..strategies import CNN_METHODS, cnn_method
 from .config import (HessianSettings, _is_int, check_flag, check_hessian_settings, check_number,
                      check_optional_int, check_place, check_positive_int, check_seed)
-from .loop import SearchCheckpoints, check_tensorboard, epoch_bar, start_or_resume
+from .loop import SearchCheckpoints, check_tensorboard, data_parallel, epoch_bar, start_or_resume
 
 
 @dataclass
@@ -167,6 +167,7 @@ class CNNSearch(SearchCheckpoints):
         self.criterion = nn.CrossEntropyLoss()
         self.method = cnn_method(cfg.method)(self)
         self.model = self.method.build_model(self.data.num_classes, self.criterion).to(self.device)
+        self.dist = data_parallel(self)
         self.optimizer = self.method.build_optimizer(self.model)
         self.architect = self.method.build_architect(self.model)
         self.epoch = 0  # epochs completed
@@ -212,6 +213,8 @@ class CNNSearch(SearchCheckpoints):
         for step in range(steps):
             x, y = next(train_it)
             xv, yv = next(valid_it)
+            if self.dist is not None:  # this rank's share of the global batches
+                x, y, xv, yv = self.dist.shard(x, y, xv, yv)
             x, y, xv, yv = x.to(dev), y.to(dev), xv.to(dev), yv.to(dev)
             loss, logits = self.method.iteration(x, y, xv, yv, lr, epoch)
             loss_sum += loss.item() * y.shape[0]
@@ -222,6 +225,9 @@ class CNNSearch(SearchCheckpoints):
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100.0 * correct / seen:.1f}")
         if bar is not None:
             bar.close()
+        if self.dist is not None:  # the global batches' figures; rank 0's BatchNorm statistics for everyone
+            loss_sum, correct, seen = self.dist.sum_floats([loss_sum, correct, seen])
+            self.dist.broadcast_(self.model.buffers())
         return lr, loss_sum / max(seen, 1), 100.0 * correct / max(seen, 1)
 
     @torch.no_grad()
@@ -234,12 +240,16 @@ class CNNSearch(SearchCheckpoints):
         for i, (x, y) in enumerate(batches(self.data, self.valid_idx, cfg.batch_size, seed=epoch)):
             if limit is not None and i >= limit:
                 break
+            if self.dist is not None:
+                x, y = self.dist.shard(x, y)
             x, y = x.to(dev), y.to(dev)
             logits = model(x)
             loss_sum += float(self.criterion(logits, y)) * y.shape[0]
             correct += int((logits.argmax(1) == y).sum())
             seen += y.shape[0]
         model.train()
+        if self.dist is not None:
+            loss_sum, correct, seen = self.dist.sum_floats([loss_sum, correct, seen])
         return loss_sum / max(seen, 1), 100.0 * correct / max(seen, 1)
 
     def run_epoch(self, epoch: int):

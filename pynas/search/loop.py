@@ -58,6 +58,37 @@ def epoch_bar(enabled: bool, total: int, epoch: int, epochs: int):
     return tqdm(total=total, desc=f"epoch {epoch + 1}/{epochs}", leave=False, file=sys.stderr, dynamic_ncols=True)
 
 
+#: The methods a data-parallel search runs (those with a supernet whose weight and architecture gradients it
+#: averages): per space.
+DATA_PARALLEL_METHODS = {"cnn": ("darts", "idarts", "pcdarts", "gdas", "rsws"), "rnn": ("darts", "idarts", "rsws", "ess")}
+
+
+def data_parallel(search):
+    """The search's data-parallel group (pynas.search.distributed), checked against its settings, or None alone.
+    Ranks other than 0 neither log nor show a bar nor write files; with ``sync_bn`` every BatchNorm becomes a
+    SyncBatchNorm and the search runs on the reference backend."""
+    from . import distributed
+
+    group = distributed.active()
+    if group is None:
+        return None
+    cfg = search.cfg
+    if cfg.method not in DATA_PARALLEL_METHODS[search.SPACE]:
+        raise ValueError(f"method: {cfg.method!r} does not run data-parallel; the {search.SPACE} methods that do: "
+                         f"{', '.join(DATA_PARALLEL_METHODS[search.SPACE])}")
+    if cfg.batch_size % group.world:
+        raise ValueError(f"batch_size: expected a multiple of the {group.world} processes (each takes an equal share), "
+                         f"got {cfg.batch_size}")
+    if not group.main:
+        search.save_dir, search.progress = None, False
+        search.log = lambda line: None
+    if group.sync_bn:
+        distributed.convert_sync_batchnorm(search.model)
+        cfg.backend = "reference"
+    group.broadcast_([*search.model.parameters(), *search.model.buffers(), *search.model.arch_parameters()])
+    return group
+
+
 def check_tensorboard(enabled) -> None:
     """With ``tensorboard`` set, the package must be importable (checked before a run starts)."""
     if enabled is not True and enabled is not False:
@@ -224,8 +255,10 @@ class SearchCheckpoints:
         was_training = model.training
         cuda = self.device.type == "cuda"
         index = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if cuda else None
+        from .distributed import using
+
         try:
-            with torch.random.fork_rng(devices=[index] if cuda else [], enabled=True):
+            with torch.random.fork_rng(devices=[index] if cuda else [], enabled=True), using(None):
                 torch.default_generator.manual_seed(cfg.seed)
                 if cuda:
                     with torch.cuda.device(index):

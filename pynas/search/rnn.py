@@ -25,7 +25,7 @@ from ..rnn.model_search import RNNModelSearch, mean_nll, regularised_loss
 from ..strategies.darts import RNNArchitect as Architect
 from .config import (HessianSettings, check_flag, check_hessian_settings, check_number, check_optional_int,
                      check_place, check_positive_int, check_seed)
-from .loop import SearchCheckpoints, check_tensorboard, epoch_bar, start_or_resume
+from .loop import SearchCheckpoints, check_tensorboard, data_parallel, epoch_bar, start_or_resume
 
 
 @dataclass
@@ -256,6 +256,10 @@ class RNNSearch(SearchCheckpoints):
             self.model = ESSRNNModel(*args, m=cfg.ess_m, nodes=cfg.ess_nodes).to(self.device)
         else:
             self.model = RNNModelSearch(*args).to(self.device)
+        self.dist = data_parallel(self)
+        if self.dist is not None:  # each rank carries its share of the batch's columns (hidden states too)
+            self.train_data = self.dist.shard(self.train_data, dim=1)
+            self.search_data_full, self.search_data = self.search_data, self.dist.shard(self.search_data, dim=1)
         # the weights SGD steps (ENAS: not its controller, which REINFORCE trains)
         self.weights = enas.shared_parameters(self.model) if cfg.method == "enas" else list(self.model.parameters())
         self.optimizer = torch.optim.SGD(self.weights, lr=cfg.lr, weight_decay=cfg.wdecay)
@@ -303,8 +307,8 @@ class RNNSearch(SearchCheckpoints):
         """The arch loss on a fixed batch: the first ``bptt`` steps of the architecture half (the data the arch
         step uses), from a zero hidden state; train mode, so dropout masks are drawn (from the fixed seed
         :meth:`hessian_eigenvalue` sets, so the same masks after every epoch)."""
-        data, targets = get_batch(self.search_data, 0, self.cfg.bptt)
-        hidden = self.model.init_hidden(self.cfg.batch_size)
+        data, targets = get_batch(getattr(self, "search_data_full", self.search_data), 0, self.cfg.bptt)
+        hidden = self.model.init_hidden(self.cfg.batch_size)  # the whole batch (data-parallel: on every rank)
         return lambda: self.model._loss(hidden, data, targets)[0]
 
     # -- the loop ----------------------------------------------------------------
@@ -331,6 +335,8 @@ class RNNSearch(SearchCheckpoints):
         self.optimizer.zero_grad()
         loss, raw_loss, hidden = self._weight_loss(data, targets, hidden)
         loss.backward()
+        if self.dist is not None:  # data-parallel: the global batch's gradient, before the clipping
+            self.dist.average_grads_(self.weights)
         torch.nn.utils.clip_grad_norm_(self.weights, self.cfg.clip)
         self.optimizer.step()
         return raw_loss, hidden
@@ -339,8 +345,8 @@ class RNNSearch(SearchCheckpoints):
         cfg, model = self.cfg, self.model
         model.train()
         rng = random.Random(cfg.seed * 1000003 + epoch)  # bptt draws: per epoch, so a resumed run repeats them
-        hidden = model.init_hidden(cfg.batch_size)
-        hidden_valid = model.init_hidden(cfg.batch_size)
+        hidden = model.init_hidden(self.train_data.size(1))  # this rank's columns (all of them alone)
+        hidden_valid = model.init_hidden(self.search_data.size(1))
         n_rows, n_search = self.train_data.size(0), self.search_data.size(0)
         total = (n_rows - 2) // cfg.bptt + 1
         if cfg.steps_per_epoch:
@@ -385,6 +391,10 @@ class RNNSearch(SearchCheckpoints):
                     bar.set_postfix(loss=f"{avg:.3f}", ppl=f"{math.exp(min(avg, 50)):.1f}")
         if bar is not None:
             bar.close()
+        if self.dist is not None:  # the global batches' figure; rank 0's BatchNorm statistics for everyone
+            total, tokens = self.dist.sum_floats([float(loss_sum), tokens])
+            self.dist.broadcast_(model.buffers())
+            return total / max(tokens, 1), steps
         return float(loss_sum) / max(tokens, 1), steps
 
     def evaluate(self, data_source: torch.Tensor) -> float:

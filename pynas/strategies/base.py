@@ -21,11 +21,20 @@ def _momentum_buffers(params: Sequence[torch.Tensor], optimizer: Optional[torch.
     return out
 
 
+def _data_parallel():
+    """The active data-parallel group (pynas.search.distributed), or None."""
+    from ..search.distributed import active
+
+    return active()
+
+
 def _grad(loss: torch.Tensor, inputs: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     """``d loss / d inputs``, with zeros for inputs the loss does not use (e.g. the normal-cell
     alphas of a network whose every cell is a reduction cell)."""
     grads = torch.autograd.grad(loss, list(inputs), allow_unused=True)
-    return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
+    out = [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
+    group = _data_parallel()
+    return out if group is None else group.average(out)  # data-parallel: the global batch's gradient
 
 class ArchitectBase:
     """What the CNN and RNN architects share: the model, the arch optimizer (Adam), the virtual step's weight
@@ -124,6 +133,9 @@ class CNNMethod:
         logits = search.model(x)
         loss = search.criterion(logits, y)
         loss.backward()
+        group = _data_parallel()
+        if group is not None:  # data-parallel: the global batch's gradient, before the clipping
+            group.average_grads_(search.model.parameters())
         nn.utils.clip_grad_norm_(search.model.parameters(), self.cfg.grad_clip)
         search.optimizer.step()
         return loss, logits
