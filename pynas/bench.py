@@ -65,7 +65,11 @@ RNN_METHODS = ("rnn_search_enas", "rnn_search_cas", "rnn_search_mas", "rnn_searc
 #: A first-order iteration of a DARTS supernet written as other code writes it (pynas.foreign.example), eager
 #: against pynas.accelerate.
 FOREIGN = ("cnn_search_foreign",)
-BENCHMARKS = MACRO + METHODS + RNN_METHODS + FOREIGN + MICRO
+#: A first-order DARTS iteration of the search on 1 and 2 processes (torch.distributed, one thread each; gloo on
+#: CPUs, NCCL on GPUs), the global batch the benchmark's: pynas only, the 2-process row's speedup against the
+#: 1-process one.
+DATA_PARALLEL = ("cnn_search_1proc", "cnn_search_2proc", "rnn_search_1proc", "rnn_search_2proc")
+BENCHMARKS = MACRO + METHODS + RNN_METHODS + FOREIGN + DATA_PARALLEL + MICRO
 BASE_PROVIDERS = ("reference", "compiled", "pynas")
 
 SIZES = {
@@ -78,7 +82,7 @@ SIZES = {
             "rnn": dict(emsize=300, batch=256, bptt=35, ntoken=10000)},
     # a smoke size for tests and dry runs: measures nothing of interest
     "tiny": {"search": dict(C=2, layers=2, batch=2, image=8), "mixed_sum": dict(K=3, shape=(4, 5)),
-             "edge": dict(C=2, batch=2, image=4, stride=1), "rnn": dict(emsize=4, batch=2, bptt=3, ntoken=20)},
+             "edge": dict(C=2, batch=2, image=4, stride=1), "rnn": dict(emsize=4, batch=4, bptt=3, ntoken=20)},
 }
 
 
@@ -527,6 +531,87 @@ def rnn_method_case(method: str, size: dict, device: torch.device, seed: int = 0
     return Case(step, forward)
 
 
+def data_parallel_step(space: str, size: dict, device: str, seed: int = 0) -> Callable[[], object]:
+    """One first-order DARTS iteration of the ``space`` search (pynas.search.cnn or .rnn) at ``size`` on this
+    process's share of the global batch (alone: all of it), as its search loop runs it."""
+    if space == "cnn":
+        from .cnn.data import batches
+        from .search.cnn import CNNSearch, CNNSearchConfig
+
+        b = size["batch"]
+        cfg = CNNSearchConfig(init_channels=size["C"], layers=size["layers"], batch_size=b, num_train=8 * b,
+                              device=device, seed=seed)
+        search = CNNSearch(cfg, progress=False, log=lambda line: None)
+        (x, y), (xv, yv) = (next(batches(search.data, idx, b, seed=seed)) for idx in (search.train_idx,
+                                                                                   search.valid_idx))
+        if search.dist is not None:
+            x, y, xv, yv = search.dist.shard(x, y, xv, yv)
+        x, y, xv, yv = (t.to(device) for t in (x, y, xv, yv))
+        return lambda: search.method.iteration(x, y, xv, yv, cfg.learning_rate, 0)
+    from .rnn.data import get_batch
+    from .search.rnn import RNNSearch, RNNSearchConfig
+
+    e, b, t = size["emsize"], size["batch"], size["bptt"]
+    cfg = RNNSearchConfig(emsize=e, nhid=e, nhidlast=e, batch_size=b, bptt=t, eval_batch_size=2, device=device,
+                          seed=seed)
+    search = RNNSearch(cfg, progress=False, log=lambda line: None)
+    x, y = get_batch(search.train_data, 0, t)
+    xv, yv = get_batch(search.search_data, 0, t)
+    local = search.train_data.size(1)
+    hidden, hidden_v = search.model.init_hidden(local), search.model.init_hidden(local)
+
+    def step():
+        search.architect.step(hidden, x, y, hidden_v, xv, yv, search.optimizer, False)
+        search._weight_update(x, y, hidden)
+
+    return step
+
+
+def _data_parallel_worker(argv: Sequence[str]) -> None:
+    """Under torchrun (``python -m pynas.bench --data-parallel-worker SPACE REPEATS WARMUP SIZE``): time
+    :func:`data_parallel_step` on every process; rank 0 prints the times as JSON."""
+    import json
+
+    from .search import distributed
+
+    space, repeats, warmup, size = argv[0], int(argv[1]), int(argv[2]), json.loads(argv[3])
+    device = argv[4] if len(argv) > 4 else "cpu"
+    torch.set_num_threads(1)
+    group = distributed.setup(device)
+    try:
+        device = distributed.place(device)
+        step = data_parallel_step(space, size, device)
+        times = time_calls(step, torch.device(device), repeats, warmup, 0.0)
+        if group is None or group.main:
+            print("PYNAS_TIMES " + json.dumps(times), flush=True)
+    finally:
+        distributed.teardown()
+
+
+def data_parallel_case(bench: str, size: dict, cfg: "BenchConfig", device: torch.device) -> dict:
+    """A data-parallel row: :func:`_data_parallel_worker` under torchrun on 1 or 2 processes; the measured fields."""
+    import json
+
+    nproc = 2 if bench.endswith("2proc") else 1
+    if device.type == "cuda" and torch.cuda.device_count() < nproc:
+        return {"status": "skipped", "note": f"{nproc} processes need {nproc} GPUs; "
+                                             f"{torch.cuda.device_count()} here"}
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m",
+           "pynas.bench", "--data-parallel-worker", bench.split("_")[0], str(cfg.repeats or 5), str(cfg.warmup),
+           json.dumps(size), str(device)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("PYNAS_TIMES ")]
+    if res.returncode != 0 or not lines:
+        tail = (res.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"the {nproc}-process run failed (exit {res.returncode}): {tail}")
+    times = json.loads(lines[-1][len("PYNAS_TIMES "):])
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": len(times),
+            "note": f"{nproc} process{'es' if nproc > 1 else ''}, 1 thread each; "
+                    f"{1 / statistics.median(times):.2f} iterations/s"}
+
+
 def _rnn_batch(data, bptt: int):
     from .rnn.data import get_batch
 
@@ -602,7 +687,7 @@ def edge_case(size: dict, device: torch.device, compiled: bool, seed: int = 0) -
 def _size_label(bench: str, size: dict) -> str:
     if bench.startswith("rnn_search"):
         return f"E=H={size['emsize']} B={size['batch']} T={size['bptt']} V={size['ntoken']}"
-    if bench in MACRO or bench in METHODS or bench in FOREIGN:
+    if bench in MACRO or bench in METHODS or bench in FOREIGN or bench in DATA_PARALLEL:
         return f"C={size['C']} L={size['layers']} B={size['batch']} {size['image']}x{size['image']}"
     if bench.startswith("cnn_edge"):
         return f"C={size['C']} B={size['batch']} {size['image']}x{size['image']} s={size['stride']}"
@@ -670,6 +755,14 @@ def _run_one(bench: str, provider: str, cfg: BenchConfig, device: torch.device) 
 
         def make():
             return rnn_method_case(bench[len("rnn_search_"):], size, device)
+    elif bench in DATA_PARALLEL:
+        size = sizes["rnn" if bench.startswith("rnn") else "search"]
+        if provider != "pynas":
+            return {"status": "skipped", "params": dict(size, backend=backend),
+                    "note": "the data-parallel rows measure pynas only (1 against 2 processes)"}
+        with _backend.use_backend(backend):
+            return {"status": "ok", "params": dict(size, backend=backend),
+                    **data_parallel_case(bench, size, cfg, device)}
     elif bench in FOREIGN:
         size = sizes["search"]
         repeats, min_repeat = cfg.repeats or 5, 0.0
@@ -773,7 +866,13 @@ def run(cfg: BenchConfig, progress: bool = True, on_row: Optional[Callable[[dict
         if row["status"] == "ok":
             if provider == "reference":
                 ref_median[bench] = row["median_s"]
-            if bench in ref_median:
+            if bench in DATA_PARALLEL:  # against the 1-process row of the same provider
+                key = bench.replace("2proc", "1proc") + "/" + provider
+                if bench.endswith("1proc"):
+                    ref_median[key] = row["median_s"]
+                if key in ref_median:
+                    row["ratio"], row["speedup"] = row["median_s"] / ref_median[key], ref_median[key] / row["median_s"]
+            elif bench in ref_median:
                 row["ratio"] = row["median_s"] / ref_median[bench]
                 row["speedup"] = ref_median[bench] / row["median_s"]
         rows.append(row)
@@ -826,3 +925,10 @@ def format_table(rows: Sequence[dict]) -> str:
         lines.append(f"{r['benchmark']:<26} {r['size']:<24} {r['provider']:<14} {med:>10} {sp:>8} {mem:>10} "
                      f"{la:>8}  {'; '.join(notes)}")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--data-parallel-worker":
+        _data_parallel_worker(sys.argv[2:])
+    else:
+        raise SystemExit("run the benchmarks with: pynas bench")

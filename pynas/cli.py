@@ -449,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--benchmarks", default=None,
                        help="comma-separated names or groups (search, cnn, rnn, methods, rnn_methods, foreign, "
-                            "mixed_sum, micro); default all")
+                            "data_parallel, mixed_sum, micro); default all")
     bench.add_argument("--providers", default="reference,compiled,pynas",
                        help="comma-separated: reference, compiled, pynas, pynas-<backend>")
     bench.add_argument("--repeats", type=int, default=None)
@@ -847,6 +847,8 @@ def _bench(args) -> int:
             names += list(bench.RNN_METHODS)
         elif item == "foreign":
             names += list(bench.FOREIGN)
+        elif item == "data_parallel":
+            names += list(bench.DATA_PARALLEL)
         elif item == "mixed_sum":
             names += [b for b in bench.MICRO if b.startswith("mixed_sum")]
         elif item == "micro":

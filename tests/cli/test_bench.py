@@ -33,6 +33,16 @@ def test_run_rows_and_ratios():
         if row["provider"] == "pynas-cuda" and not torch.cuda.is_available():
             assert row["status"] == "skipped" and "cuda" in row["note"]
             continue
+        if row["benchmark"] in bench.DATA_PARALLEL:  # pynas on 1 and 2 processes; the 2-process row against the 1
+            if row["provider"] != "pynas":
+                assert row["status"] == "skipped" and "pynas only" in row["note"]
+                continue
+            assert row["status"] == "ok", row["note"]
+            assert "iterations/s" in row["note"] and row["speedup"] > 0
+            one = [r for r in rows if r["benchmark"] == row["benchmark"].replace("2proc", "1proc")
+                   and r["provider"] == "pynas"][0]
+            assert row["speedup"] == pytest.approx(one["median_s"] / row["median_s"])
+            continue
         assert row["status"] == "ok", row["note"]
         assert row["min_s"] <= row["median_s"] <= row["max_s"]
         assert row["ratio"] == pytest.approx(1 / row["speedup"])
