@@ -1,7 +1,7 @@
 """A worker of tests/search/test_distributed.py, run under torchrun (or alone, WORLD_SIZE unset): a few
 iterations of a tiny search in float64, its end state written to OUT/rank<r>.pt.
 
-Usage: python _dist_worker.py SPACE ORDER BACKEND SYNC_BN OUT [die], or python _dist_worker.py ckpt OUT
+Usage: python _dist_worker.py SPACE ORDER BACKEND SYNC_BN OUT [die] [method=NAME], or python _dist_worker.py ckpt OUT
 (SPACE cnn|rnn, ORDER first|second, BACKEND reference|cpu, SYNC_BN 0|1; 'die': rank 1 exits after its first
 weight step)."""
 import os
@@ -17,16 +17,21 @@ RNN = dict(max_tokens=20000, emsize=8, nhid=8, nhidlast=8, batch_size=4, bptt=6,
            eval_batch_size=2, seed=3)
 
 
-def build(space, unrolled, backend):
+def build(space, unrolled, backend, method="darts"):
     if space == "cnn":
         from pynas.search.cnn import CNNSearch, CNNSearchConfig
 
-        s = CNNSearch(CNNSearchConfig(**CNN, unrolled=unrolled, backend=backend), progress=False, log=lambda _: None)
+        cfg = CNNSearchConfig.for_method(method, **CNN, unrolled=unrolled, backend=backend, partial_channels=2,
+                                         warmup_epochs=0)
+        s = CNNSearch(cfg, progress=False, log=lambda _: None)
         s.data.images = s.data.images.double()
     else:
         from pynas.search.rnn import RNNSearch, RNNSearchConfig
 
-        s = RNNSearch(RNNSearchConfig(**RNN, unrolled=unrolled, backend=backend), progress=False, log=lambda _: None)
+        cfg = RNNSearchConfig.for_method(method, **RNN, unrolled=unrolled, backend=backend)
+        if method == "ess":
+            cfg.ess_m, cfg.ess_nodes = 2, 2
+        s = RNNSearch(cfg, progress=False, log=lambda _: None)
     s.model.double()
     return s
 
@@ -48,11 +53,13 @@ def main():
     if sys.argv[1] == "ckpt":
         return checkpoint_after_one_epoch(sys.argv[2])
     space, order, backend, sync_bn, out = sys.argv[1:6]
-    die = len(sys.argv) > 6 and sys.argv[6] == "die"
+    extra = sys.argv[6:]
+    die = "die" in extra
+    method = next((a.split("=", 1)[1] for a in extra if a.startswith("method=")), "darts")
     torch.set_num_threads(1)
     group = distributed.setup("cpu", timeout_s=20.0 if die else 120.0, sync_bn=sync_bn == "1")
     try:
-        s = build(space, order == "second", backend)
+        s = build(space, order == "second", backend, method)
         if die and group.rank == 1:
             os._exit(3)
         with _backend.use_backend(s.cfg.backend):

@@ -43,19 +43,22 @@ def _close(a, b, rtol):
         assert torch.allclose(x, y, rtol=rtol, atol=rtol * 1e-3)
 
 
-@pytest.mark.parametrize("space, order", [("cnn", "first"), ("cnn", "second"), ("rnn", "first"), ("rnn", "second")])
-def test_two_ranks_with_synchronised_batchnorm_follow_one_process(space, order, tmp_path):
+@pytest.mark.parametrize("space, order, method", [
+    ("cnn", "first", "darts"), ("cnn", "second", "darts"), ("rnn", "first", "darts"), ("rnn", "second", "darts"),
+    ("cnn", "first", "gdas"), ("cnn", "second", "pcdarts"), ("rnn", "second", "ess")])
+def test_two_ranks_with_synchronised_batchnorm_follow_one_process(space, order, method, tmp_path):
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
-    res = _alone([WORKER, space, order, "reference", "0", str(tmp_path / "one")])
+    m = f"method={method}"
+    res = _alone([WORKER, space, order, "reference", "0", str(tmp_path / "one"), m])
     assert res.returncode == 0, res.stderr[-3000:]
-    res = _torchrun([WORKER, space, order, "reference", "1", str(tmp_path / "two")], tmp_path)
+    res = _torchrun([WORKER, space, order, "reference", "1", str(tmp_path / "two"), m], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     one = torch.load(tmp_path / "one" / "rank0.pt")
     r0, r1 = (torch.load(tmp_path / "two" / f"rank{r}.pt") for r in (0, 1))
     _close(r0, r1, 1e-12)  # the ranks stay identical
     _close(r0, one, 1e-9)  # and equal one process on the concatenated batches
-    if space == "cnn" and order == "first":  # the control: per-rank BatchNorm statistics do not
+    if (space, order, method) == ("cnn", "first", "darts"):  # the control: per-rank BatchNorm statistics do not
         (tmp_path / "own").mkdir()
         res = _torchrun([WORKER, space, order, "reference", "0", str(tmp_path / "own")], tmp_path)
         assert res.returncode == 0, res.stderr[-3000:]
