@@ -257,6 +257,7 @@ _LM_SETTINGS = ("emsize", "nhid", "lr", "clip", "bptt", "dropout", "dropouth", "
 
 def _search_tasks(args) -> int:
     """pynas search cas|mas."""
+    _alone("the multi-task searches")
     from . import _backend
     from .search.lm_tasks import saved_config
     from .strategies import cas, mas
@@ -570,7 +571,7 @@ def _search_rnn(args) -> int:
     _set_threads(args.threads)
     backend = args.backend if args.backend is not None else _backend.current_backend()
     if args.method == "random":
-        _alone("random")
+        _alone("--method random (its candidates train one by one)")
         return _random_search(args, "rnn", backend)
     nhidlast = args.emsize if args.nhidlast < 0 else args.nhidlast
     given = {k: getattr(args, k) for k in ("epochs", "batch_size") if getattr(args, k) is not None}
@@ -594,7 +595,7 @@ def _search_cnn(args) -> int:
     _set_threads(args.threads)
     backend = args.backend if args.backend is not None else _backend.current_backend()
     if args.method == "random":
-        _alone("random")
+        _alone("--method random (its candidates train one by one)")
         return _random_search(args, "cnn", backend)
     given = {name: getattr(args, name) for name in _METHOD_SETTINGS if getattr(args, name) is not None}
     cfg = CNNSearchConfig.for_method(
@@ -627,6 +628,7 @@ def _trial_log(save: str):
 
 
 def _search_evolution(args) -> int:
+    _alone("evolution")
     import dataclasses
 
     from .strategies import evolution as ev
@@ -664,6 +666,7 @@ def _search_evolution(args) -> int:
 
 
 def _search_sandwich(args) -> int:
+    _alone("the sandwich search")
     from .strategies import sandwich as sw
 
     if args.resume is not None:
@@ -755,6 +758,7 @@ def _run_training(args, space: str, run_cls, cfg, about: str) -> dict:
 
 
 def _train_rnn(args) -> int:
+    _alone("pynas train")
     from . import _backend
     from .train.rnn import RNNTrainConfig, RNNTraining
 
@@ -780,6 +784,7 @@ def _eval_rnn(args) -> int:
 
 
 def _train_cnn(args) -> int:
+    _alone("pynas train")
     from . import _backend
     from .train.cnn import CNNTrainConfig, CNNTraining
 
@@ -886,8 +891,8 @@ def _alone(what: str) -> None:
     from .search.distributed import world_from_env
 
     if world_from_env() > 1:
-        raise ValueError(f"method: {what} trains its candidates one by one and does not run data-parallel (run it "
-                         f"without torchrun or --nproc)")
+        raise ValueError(f"nproc: {what} runs in one process (start it without torchrun or --nproc); the searches "
+                         f"that run data-parallel: pynas search cnn|rnn")
 
 
 def _launch(argv: List[str], nproc: int) -> int:

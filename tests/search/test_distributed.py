@@ -144,3 +144,18 @@ def test_sync_batchnorm_alone_is_batchnorm_and_converts_in_place():
     x = torch.randn(5, 3, 6, 6)
     assert torch.equal(net(x), ref(x))
     assert torch.equal(net[1].running_var, ref[1].running_var)
+
+
+def test_commands_that_run_in_one_process_refuse_torchrun(monkeypatch, capsys):
+    from pynas.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for argv in (["search", "cas"], ["search", "cnn", "--method", "random"], ["train", "rnn"],
+                 ["search", "evolution"]):
+        assert main(argv) == 2
+        assert "nproc:" in capsys.readouterr().err
+    monkeypatch.delenv("WORLD_SIZE")
+    assert main(["search", "cnn", "--nproc", "0"]) == 2
+    assert "--nproc" in capsys.readouterr().err
+    assert main(["search", "cnn", "--sync-bn", "--epochs", "1"]) == 2
+    assert "sync_bn" in capsys.readouterr().err
