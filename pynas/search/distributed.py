@@ -69,7 +69,7 @@ class Group:
         out = []
         for t in tensors:
             s = self.rows(t.size(dim))
-            out.append(t.narrow(dim, s.start, s.stop - s.start))
+            out.append(t.narrow(dim, s.start, s.stop - s.start).contiguous())
         return out[0] if len(out) == 1 else tuple(out)
 
     # -- collectives ---------------------------------------------------------------------------------
