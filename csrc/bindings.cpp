@@ -10,9 +10,11 @@
 #include "pynas/rnn_cell.h"
 #include "pynas/rnn_mix.h"
 #include "pynas/rnn_path.h"
+#include "pynas/roofline.h"
 
 #include <torch/python.h>
 
+#include <cmath>
 #include <string>
 #include <utility>
 #include <vector>
@@ -745,6 +747,32 @@ void rnn_path_step_backward(const at::Tensor& g, const at::Tensor& ch, const at:
   fail_device(op, prev, "prev");
 }
 
+// ---- the machine's roofs (pynas.bench's roofline rows; see csrc/include/pynas/roofline.h) ------------
+
+constexpr int64_t kRooflineMaxThreads = 1024;
+constexpr double kRooflineMaxSeconds = 60.0;
+
+void check_roofline_run(const char* op, int64_t threads, double seconds) {
+  TORCH_CHECK(threads >= 1 && threads <= kRooflineMaxThreads, op, ": threads: expected 1 to ", kRooflineMaxThreads,
+              ", got ", threads);
+  TORCH_CHECK(std::isfinite(seconds) && seconds > 0 && seconds <= kRooflineMaxSeconds, op,
+              ": seconds: expected a duration in (0, ", kRooflineMaxSeconds, "], got ", seconds);
+}
+
+double roofline_fma_gflops(int64_t threads, double seconds) {
+  check_roofline_run("roofline_fma_gflops", threads, seconds);
+  return pynas::cpu::roofline_fma_gflops(threads, seconds);
+}
+
+double roofline_copy_gbs(int64_t bytes, int64_t threads, double seconds) {
+  constexpr const char* op = "roofline_copy_gbs";
+  constexpr int64_t kMaxBytes = int64_t(1) << 36;
+  TORCH_CHECK(bytes >= 4096 && bytes <= kMaxBytes, op, ": bytes: expected a buffer of 4096 to ", kMaxBytes,
+              " bytes, got ", bytes);
+  check_roofline_run(op, threads, seconds);
+  return pynas::cpu::roofline_copy_gbs(bytes, threads, seconds);
+}
+
 const char* host_compiler() {
 #if defined(__clang__)
   return "clang " __clang_version__;
@@ -850,6 +878,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rnn_path_step_backward", &rnn_path_step_backward, py::arg("g"), py::arg("ch"), py::arg("prev"),
         py::arg("act"), py::arg("gch"), py::arg("g_prev"), py::arg("accumulate"), nogil,
         "In place: gch = d ch and g_prev = (or +=) d prev of rnn_path_step_forward for d s = g.");
+  m.def("roofline_fma_gflops", &roofline_fma_gflops, py::arg("threads"), py::arg("seconds"), nogil,
+        "GFLOP/s of independent float32 FMA chains (2 flops per FMA per lane, the cpu_isa() variant) on threads "
+        "threads for about seconds.");
+  m.def("roofline_copy_gbs", &roofline_copy_gbs, py::arg("bytes"), py::arg("threads"), py::arg("seconds"), nogil,
+        "GB/s (read plus write) of the best of several passes copying a buffer of bytes bytes on threads threads, "
+        "for about seconds (3 passes at least).");
   m.def("build_info", &build_info,
         "How pynas._C was built: dict of cuda, cuda_version, cuda_archs, openmp, torch_version_built, compiler.");
 }

@@ -22,7 +22,12 @@ Benchmarks:
   * ``cnn_edge_fwd_bwd``: one training-mode MixedOp forward and backward;
   * ``mixed_sum_fwd`` / ``_bwd`` / ``_fwd_bwd``: the fused op against its
     reference, with the bytes it must move and the fraction of the machine's
-    copy bandwidth it achieves.
+    copy bandwidth it achieves;
+  * ``roofline_fma`` / ``roofline_copy``: the machine's two roofs, measured by
+    pynas._C's micro-benchmarks (provider ``pynas`` only, CPU only): the float32
+    FMA peak in GFLOP/s and the bandwidth of a large copy in GB/s. The rows of
+    :data:`FLOP_COUNTED` report their achieved GFLOP/s against that peak (see
+    :func:`count_flops`); :func:`pynas.plot.plot_roofline` draws them.
 
 Run it with ``pynas bench``; rows of JSON are appended to ``--out``.
 """
@@ -32,6 +37,7 @@ import contextlib
 import datetime
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -47,6 +53,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from . import __version__, _backend
 from .strategies.darts import CNNArchitect as Architect
@@ -69,20 +77,29 @@ FOREIGN = ("cnn_search_foreign",)
 #: CPUs, NCCL on GPUs), the global batch the benchmark's: pynas only, the 2-process row's speedup against the
 #: 1-process one.
 DATA_PARALLEL = ("cnn_search_1proc", "cnn_search_2proc", "rnn_search_1proc", "rnn_search_2proc")
-BENCHMARKS = MACRO + METHODS + RNN_METHODS + FOREIGN + DATA_PARALLEL + MICRO
+#: The machine's roofs (pynas._C.roofline_fma_gflops / roofline_copy_gbs at torch.get_num_threads() threads).
+ROOFLINE = ("roofline_fma", "roofline_copy")
+#: The benchmarks whose rows carry flops, gflops, gflops_fraction and arithmetic_intensity (see count_flops).
+FLOP_COUNTED = ("cnn_edge_fwd_bwd", "mixed_sum_fwd", "mixed_sum_bwd", "mixed_sum_fwd_bwd", "cnn_search_first_order",
+                "rnn_search_first_order")
+BENCHMARKS = MACRO + METHODS + RNN_METHODS + FOREIGN + DATA_PARALLEL + MICRO + ROOFLINE
 BASE_PROVIDERS = ("reference", "compiled", "pynas")
 
 SIZES = {
     # the CPU size of the issues, and the DARTS default for GPUs
     "cpu": {"search": dict(C=8, layers=5, batch=16, image=32), "mixed_sum": dict(K=7, shape=(16, 8, 32, 32)),
             "edge": dict(C=8, batch=16, image=32, stride=1),
-            "rnn": dict(emsize=64, batch=16, bptt=35, ntoken=10000)},
+            "rnn": dict(emsize=64, batch=16, bptt=35, ntoken=10000),
+            # the copy's buffer: 4x a 32 MiB last-level cache, so the copy measures the memory
+            "roofline": dict(seconds=0.5, bytes=2 ** 27)},
     "gpu": {"search": dict(C=16, layers=8, batch=64, image=32), "mixed_sum": dict(K=7, shape=(64, 16, 32, 32)),
             "edge": dict(C=16, batch=64, image=32, stride=1),
-            "rnn": dict(emsize=300, batch=256, bptt=35, ntoken=10000)},
+            "rnn": dict(emsize=300, batch=256, bptt=35, ntoken=10000),
+            "roofline": dict(seconds=0.5, bytes=2 ** 27)},
     # a smoke size for tests and dry runs: measures nothing of interest
     "tiny": {"search": dict(C=2, layers=2, batch=2, image=8), "mixed_sum": dict(K=3, shape=(4, 5)),
-             "edge": dict(C=2, batch=2, image=4, stride=1), "rnn": dict(emsize=4, batch=4, bptt=3, ntoken=20)},
+             "edge": dict(C=2, batch=2, image=4, stride=1), "rnn": dict(emsize=4, batch=4, bptt=3, ntoken=20),
+             "roofline": dict(seconds=0.01, bytes=2 ** 20)},
 }
 
 
@@ -94,6 +111,8 @@ def size_group(bench: str) -> str:
         return "search"
     if bench.startswith("cnn_edge"):
         return "edge"
+    if bench in ROOFLINE:
+        return "roofline"
     return "mixed_sum"
 
 
@@ -684,6 +703,169 @@ def edge_case(size: dict, device: torch.device, compiled: bool, seed: int = 0) -
     return Case(step, forward)
 
 
+# -- the roofline: the machine's roofs and the kernels' flops ---------------------------------------------
+def _roofline_ext():
+    from . import _ext
+
+    mod = _ext.load()
+    if mod is None:
+        raise RuntimeError(f"the roofline needs pynas._C: {_ext.error()}")
+    if not hasattr(mod, "roofline_fma_gflops"):
+        raise RuntimeError("the roofline needs a pynas._C with roofline_fma_gflops (rebuild it: pip install -e .)")
+    return mod
+
+
+# Measured once per process and setting, shared by the roofline rows and the kernels' fractions of the peak.
+_PEAKS: Dict[tuple, float] = {}
+
+
+def fma_peak(threads: int, seconds: float, repeats: int = 3) -> float:
+    """The float32 FMA peak in GFLOP/s on ``threads`` threads: the best of ``repeats`` runs of
+    ``pynas._C.roofline_fma_gflops`` of ``seconds`` each (measured once per process per setting)."""
+    key = ("fma", threads, seconds, repeats)
+    if key not in _PEAKS:
+        mod = _roofline_ext()
+        _PEAKS[key] = max(mod.roofline_fma_gflops(threads, seconds) for _ in range(repeats))
+    return _PEAKS[key]
+
+
+def copy_peak(nbytes: int, threads: int, seconds: float, repeats: int = 3) -> float:
+    """GB/s (read plus write) of copying a buffer of ``nbytes`` on ``threads`` threads: the best of ``repeats`` runs
+    of ``pynas._C.roofline_copy_gbs`` of ``seconds`` each (each itself the best of its passes)."""
+    key = ("copy", nbytes, threads, seconds, repeats)
+    if key not in _PEAKS:
+        mod = _roofline_ext()
+        _PEAKS[key] = max(mod.roofline_copy_gbs(nbytes, threads, seconds) for _ in range(repeats))
+    return _PEAKS[key]
+
+
+def roofline_case(bench: str, size: dict, repeats: int) -> dict:
+    """The measured fields of a roof row at torch.get_num_threads() threads: ``gflops`` (roofline_fma) or
+    ``bandwidth_gbs`` (roofline_copy), its fraction 1 (it is the roof)."""
+    threads = torch.get_num_threads()
+    isa = _roofline_ext().cpu_isa()
+    if bench == "roofline_fma":
+        gflops = fma_peak(threads, size["seconds"], repeats)
+        return {"gflops": gflops, "gflops_fraction": 1.0,
+                "note": f"float32 FMA peak ({isa}, {threads} threads, best of {repeats})"}
+    gbs = copy_peak(size["bytes"], threads, size["seconds"], repeats)
+    return {"bytes_moved": 2 * size["bytes"], "bandwidth_gbs": gbs, "bandwidth_fraction": 1.0,
+            "note": f"copy of {size['bytes'] / 2 ** 20:g} MiB, read + write ({threads} threads, best of {repeats})"}
+
+
+class _OpBytes(TorchDispatchMode):
+    """Bytes the aten ops under it move if each reads its tensor arguments once and writes its outputs once (views
+    move nothing): the unfused code's traffic, without re-reads or cache effects."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not getattr(func, "is_view", False):
+            seen = set()
+            for t in tree_leaves((args, kwargs, out)):
+                if isinstance(t, torch.Tensor) and id(t) not in seen:
+                    seen.add(id(t))
+                    self.total += t.numel() * t.element_size()
+        return out
+
+
+class _TotalOnly:
+    """Stands for FlopCounterMode's module tracker: only the total is needed here, and the tracker's module hooks
+    fail under ``torch.autograd.grad`` of leaf inputs (the edge benchmark's step)."""
+
+    parents = {"Global"}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def reference_case(bench: str, size: dict, device: torch.device) -> Case:
+    """The reference provider's Case of a benchmark of :data:`FLOP_COUNTED` (built under the reference backend)."""
+    with _backend.use_backend("reference"):
+        if bench == "cnn_search_first_order":
+            return search_case(size, device, unrolled=False, compiled=False)
+        if bench == "rnn_search_first_order":
+            return rnn_search_case(size, device, unrolled=False, compiled=False)
+        if bench == "cnn_edge_fwd_bwd":
+            return edge_case(size, device, compiled=False)
+        if bench.startswith("mixed_sum_"):
+            return mixed_sum_case(size, device, bench[len("mixed_sum_"):], "reference")
+    raise ValueError(f"bench: no flop count for {bench!r}; counted: {', '.join(FLOP_COUNTED)}")
+
+
+_FLOPS: Dict[tuple, tuple] = {}
+
+
+def count_flops(bench: str, size: dict, device: torch.device) -> tuple:
+    """(flops, traffic bytes, whether the bytes are estimated) of one measured call of ``bench`` at ``size``.
+
+    The flops are those of the reference provider's implementation of the same call, counted once with
+    :class:`torch.utils.flop_counter.FlopCounterMode`: convolutions and matrix products (forward and backward)
+    only; elementwise flops (activations, BatchNorm, pooling, the weighted sums, the optimisers) are NOT counted,
+    so the elementwise kernels (mixed_sum) count 0. The bytes are the case's ``bytes_moved`` where it is known
+    (mixed_sum), else estimated from the reference's aten ops: each reads its tensor arguments once and writes its
+    outputs once (views move nothing). That is the unfused code's traffic without re-reads or cache effects; a fused
+    kernel that keeps intermediates in cache moves less, so its point sits further right than drawn.
+    """
+    key = (bench, json.dumps(size, sort_keys=True), str(device))
+    if key not in _FLOPS:
+        case = reference_case(bench, size, device)
+        with _backend.use_backend("reference"):
+            flops, op_bytes = measure_flops(case.step)
+        if case.bytes_moved is not None:
+            _FLOPS[key] = (flops, case.bytes_moved, False)
+        else:
+            _FLOPS[key] = (flops, op_bytes, True)
+    return _FLOPS[key]
+
+
+def _conv_backward_flops(grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed,
+                         output_padding, groups, output_mask, out_shape=None) -> int:
+    """Flops of aten.convolution_backward: the input's and the weight's gradients cost a forward each,
+    2 * numel(grad_out) * (Cin / groups) * kh * kw. (FlopCounterMode's own formula multiplies the weight
+    gradient of a grouped convolution by the number of groups, 8x too much for DARTS's depthwise convs at C=8.)"""
+    if transposed:
+        from torch.utils.flop_counter import conv_backward_flop
+
+        return conv_backward_flop(grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed,
+                                  output_padding, groups, output_mask, out_shape)
+    one = 2 * math.prod(grad_out_shape) * math.prod(w_shape[1:])
+    return one * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
+def measure_flops(fn: Callable[[], object]) -> tuple:
+    """(flops, bytes) of one call of ``fn``: the convolutions' and matrix products' flops (forward and backward) by
+    :class:`torch.utils.flop_counter.FlopCounterMode`, the convolutions' backward by :func:`_conv_backward_flops`
+    (elementwise flops are not counted), and the bytes its aten ops move reading each tensor argument and writing
+    each output once (views move nothing)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flops})
+    moved = _OpBytes()
+    if hasattr(counter, "mod_tracker"):
+        counter.mod_tracker = _TotalOnly()
+    with counter, moved:
+        fn()
+    return int(counter.get_total_flops()), moved.total
+
+
+def _flop_fields(bench: str, size: dict, device: torch.device, median_s: float, peak_s: dict) -> dict:
+    """A FLOP_COUNTED row's flops, gflops, gflops_fraction (of the FMA peak, on a CPU), traffic_bytes and
+    arithmetic_intensity (flop per byte)."""
+    flops, traffic, estimated = count_flops(bench, size, device)
+    out = {"flops": flops, "gflops": flops / median_s / 1e9, "traffic_bytes": traffic,
+           "traffic_estimated": estimated, "arithmetic_intensity": flops / traffic if traffic else None}
+    if device.type == "cpu":
+        out["gflops_fraction"] = out["gflops"] / fma_peak(torch.get_num_threads(), peak_s["seconds"], peak_s["repeats"])
+    return out
+
+
 def _size_label(bench: str, size: dict) -> str:
     if bench.startswith("rnn_search"):
         return f"E=H={size['emsize']} B={size['batch']} T={size['bptt']} V={size['ntoken']}"
@@ -691,6 +873,10 @@ def _size_label(bench: str, size: dict) -> str:
         return f"C={size['C']} L={size['layers']} B={size['batch']} {size['image']}x{size['image']}"
     if bench.startswith("cnn_edge"):
         return f"C={size['C']} B={size['batch']} {size['image']}x{size['image']} s={size['stride']}"
+    if bench == "roofline_fma":
+        return f"f32 FMA chains {size['seconds']:g} s"
+    if bench == "roofline_copy":
+        return f"copy {size['bytes'] / 2 ** 20:g} MiB {size['seconds']:g} s"
     shape = "x".join(str(d) for d in size["shape"])
     return f"K={size['K']} {shape} f32"
 
@@ -755,6 +941,16 @@ def _run_one(bench: str, provider: str, cfg: BenchConfig, device: torch.device) 
 
         def make():
             return rnn_method_case(bench[len("rnn_search_"):], size, device)
+    elif bench in ROOFLINE:
+        size = sizes["roofline"]
+        if provider != "pynas":
+            return {"status": "skipped", "params": dict(size, backend=backend),
+                    "note": "the roofline rows measure the machine (pynas._C's micro-benchmarks): provider pynas only"}
+        if device.type != "cpu":
+            return {"status": "skipped", "params": dict(size, backend=backend),
+                    "note": "the roofline rows measure the CPU; a GPU's roofs are not measured"}
+        return {"status": "ok", "params": dict(size, backend=backend),
+                **roofline_case(bench, size, cfg.repeats or 3)}
     elif bench in DATA_PARALLEL:
         size = sizes["rnn" if bench.startswith("rnn") else "search"]
         if provider != "pynas":
@@ -822,12 +1018,19 @@ def _run_one(bench: str, provider: str, cfg: BenchConfig, device: torch.device) 
             row["bytes_moved"] = case.bytes_moved
             row["bandwidth_gbs"] = case.bytes_moved / row["median_s"] / 1e9
             row["bandwidth_fraction"] = row["bandwidth_gbs"] * 1e9 / copy_bandwidth(device, case.bytes_moved)
+    if bench in FLOP_COUNTED:
+        peak = {"seconds": sizes["roofline"]["seconds"], "repeats": cfg.repeats or 3}  # as the roofline_fma row's
+        try:
+            row.update(_flop_fields(bench, size, device, row["median_s"], peak))
+        except Exception as exc:  # the timing stands without its flops (e.g. a pynas._C without the roofline)
+            row["note"] = f"flops not counted: {type(exc).__name__}: {exc}"
     return row
 
 
 ROW_FIELDS = ("benchmark", "provider", "size", "params", "status", "note", "median_s", "min_s", "max_s", "repeats",
               "ratio", "speedup", "memory_bytes", "peak_bytes", "launches", "bytes_moved", "bandwidth_gbs",
-              "bandwidth_fraction", "compile_s", "device", "device_type", "threads", "torch", "triton", "pynas",
+              "bandwidth_fraction", "flops", "gflops", "gflops_fraction", "traffic_bytes", "traffic_estimated",
+              "arithmetic_intensity", "compile_s", "device", "device_type", "threads", "torch", "triton", "pynas",
               "git_sha", "date")
 
 
@@ -918,8 +1121,21 @@ def format_table(rows: Sequence[dict]) -> str:
         notes = []
         if r.get("compile_s") is not None:
             notes.append(f"first call incl. compile {r['compile_s']:.1f} s")
-        if r.get("bandwidth_fraction") is not None:
-            notes.append(f"{r['bandwidth_gbs']:.1f} GB/s = {100 * r['bandwidth_fraction']:.0f}% of a copy of equal bytes")
+        if r["benchmark"] in ROOFLINE:
+            if r.get("gflops") is not None:
+                notes.append(f"{r['gflops']:.1f} GFLOP/s")
+            if r.get("bandwidth_gbs") is not None:
+                notes.append(f"{r['bandwidth_gbs']:.1f} GB/s")
+        else:
+            if r.get("bandwidth_fraction") is not None:
+                notes.append(f"{r['bandwidth_gbs']:.1f} GB/s = {100 * r['bandwidth_fraction']:.0f}% of a copy of "
+                             f"equal bytes")
+            if r.get("flops"):  # 0: no convolution or matrix product (elementwise flops are not counted)
+                frac = (f" = {100 * r['gflops_fraction']:.1f}% of the FMA peak" if r.get("gflops_fraction") is not None
+                        else "")
+                ai = (f", {r['arithmetic_intensity']:.2f} flop/B{' (est.)' if r.get('traffic_estimated') else ''}"
+                      if r.get("arithmetic_intensity") is not None else "")
+                notes.append(f"{r['gflops']:.2f} GFLOP/s{frac}{ai}")
         if r.get("note"):
             notes.append(str(r["note"]))
         lines.append(f"{r['benchmark']:<26} {r['size']:<24} {r['provider']:<14} {med:>10} {sp:>8} {mem:>10} "

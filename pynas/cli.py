@@ -439,6 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "matplotlib)")
     pl.add_argument("genotype", help="genotype JSON file (CNN or RNN) or a published CNN cell (DARTS_V1, DARTS_V2)")
     pl.add_argument("-o", "--output", required=True, help="picture to write: a .svg or .png file")
+    prl = sub.add_parser("plot-roofline", help="draw benchmark rows on this machine's roofline (pynas bench "
+                                               "--benchmarks roofline; needs matplotlib)")
+    prl.add_argument("rows", help="a JSON-lines file of pynas bench rows holding the roofline_fma and roofline_copy rows")
+    prl.add_argument("-o", "--output", required=True, help="picture to write: a .png or .svg file")
     pr = sub.add_parser("plot-run", help="draw a run folder's per-epoch curves (metrics.csv; needs matplotlib)")
     pr.add_argument("run", help="run folder of pynas search or pynas train (or its metrics.csv)")
     pr.add_argument("-o", "--output", required=True, help="picture to write: a .png or .svg file")
@@ -450,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--benchmarks", default=None,
                        help="comma-separated names or groups (search, cnn, rnn, methods, rnn_methods, foreign, "
-                            "data_parallel, mixed_sum, micro); default all")
+                            "data_parallel, roofline, mixed_sum, micro); default all")
     bench.add_argument("--providers", default="reference,compiled,pynas",
                        help="comma-separated: reference, compiled, pynas, pynas-<backend>")
     bench.add_argument("--repeats", type=int, default=None)
@@ -858,6 +862,8 @@ def _bench(args) -> int:
             names += [b for b in bench.MICRO if b.startswith("mixed_sum")]
         elif item == "micro":
             names += list(bench.MICRO)
+        elif item == "roofline":
+            names += list(bench.ROOFLINE) + list(bench.FLOP_COUNTED)
         elif item:
             names.append(item)
     device = torch.device(args.device)
@@ -943,6 +949,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _search_sandwich(args)
         if args.command == "plot-run":
             return _plot_run(args)
+        if args.command == "plot-roofline":
+            from .plot import plot_roofline
+
+            drawn = plot_roofline(args.rows, args.output)
+            print(f"wrote {args.output}: {len(drawn)} kernel points ({', '.join(drawn)})")
+            return 0
         if args.command == "plot":
             return _plot(args)
         if args.command == "train" and args.space == "cnn":

@@ -363,3 +363,98 @@ def plot_trials(records, hurdles, output: str, title: str = "") -> str:
     plt.close(fig)
     os.replace(tmp, output)
     return output
+
+
+def _bench_rows(rows) -> List[dict]:
+    """Rows of pynas bench: the dicts themselves, or read from a JSONL file (one row a line)."""
+    if not isinstance(rows, (str, os.PathLike)):
+        return list(rows)
+    try:
+        with open(rows, encoding="utf-8") as fh:
+            return [json.loads(line) for line in fh if line.strip()]
+    except FileNotFoundError:
+        raise ValueError(f"rows: no such file {rows!r} (rows of pynas bench, JSONL)") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"rows: {rows} is not JSONL ({exc})") from None
+
+
+def plot_roofline(rows, output: str) -> List[str]:
+    """The roofline of measured ``pynas bench`` rows (``--benchmarks roofline``), as a PNG or SVG through matplotlib;
+    returns the labels of the points drawn.
+
+    Log-log: attainable GFLOP/s against arithmetic intensity (flop per byte). The compute roof is the last ok
+    ``roofline_fma`` row's GFLOP/s, the bandwidth roof the last ok ``roofline_copy`` row's GB/s times the
+    intensity. One point per ok kernel row with ``gflops`` and ``arithmetic_intensity`` both positive, at the roofs'
+    thread count: the flops are the reference's convolutions and matrix products only (elementwise flops are not
+    counted, so the elementwise mixed_sum rows count none and are left out). Where a row's bytes are not known
+    (``traffic_estimated``), its intensity comes from an estimate, the tensors each of the reference's aten ops
+    reads and writes, once each (pynas.bench.count_flops); those points are drawn hollow.
+
+    rows: a sequence of row dicts, or the path of a JSONL file of them.
+    """
+    ext = os.path.splitext(output)[1].lower()
+    if ext not in (".svg", ".png"):
+        raise ValueError(f"output: expected a file name ending in .svg or .png, got {output!r}")
+    rows = _bench_rows(rows)
+
+    def roof(name):
+        ok = [r for r in rows if r.get("benchmark") == name and r.get("status") == "ok"]
+        if not ok:
+            raise ValueError(f"rows: no ok {name} row (measure the roofs with: pynas bench --benchmarks roofline)")
+        return ok[-1]
+
+    fma, copy = roof("roofline_fma"), roof("roofline_copy")
+    peak, bw = float(fma["gflops"]), float(copy["bandwidth_gbs"])
+    points = [r for r in rows if r.get("status") == "ok" and not str(r.get("benchmark", "")).startswith("roofline")
+              and (r.get("gflops") or 0) > 0 and (r.get("arithmetic_intensity") or 0) > 0
+              and r.get("threads") == fma.get("threads")]
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("output: drawing the roofline needs matplotlib (pip install pynas[plot])") from None
+
+    ridge = peak / bw  # flop/B where the two roofs meet
+    xs_all = [ridge] + [float(r["arithmetic_intensity"]) for r in points]
+    lo, hi = min(xs_all) / 8, max(xs_all) * 8
+    n = 200
+    xs = [lo * (hi / lo) ** (k / (n - 1)) for k in range(n)]
+    fig, ax = plt.subplots(figsize=(7.0, 4.6))
+    ax.plot(xs, [min(peak, bw * x) for x in xs], color="black", linewidth=1.5)
+    ax.text(hi / 1.5, peak * 1.1, f"FMA peak {peak:.1f} GFLOP/s", ha="right", va="bottom", fontsize=8)
+    x_label = max(lo * 2, min(ridge / 4, hi))
+    ax.text(x_label, bw * x_label * 1.5, f"copy {bw:.1f} GB/s", ha="right", va="bottom", fontsize=8)
+    providers = sorted({r.get("provider", "") for r in points})
+    markers = "osD^v<>"
+    labels = []
+    for k, prov in enumerate(providers):
+        for estimated in (False, True):
+            sel = [r for r in points if r.get("provider", "") == prov and bool(r.get("traffic_estimated")) == estimated]
+            if not sel:
+                continue
+            ax.scatter([r["arithmetic_intensity"] for r in sel], [r["gflops"] for r in sel], s=30, zorder=3,
+                       marker=markers[k % len(markers)], edgecolors=f"C{k}",
+                       facecolors="none" if estimated else f"C{k}",
+                       label=f"{prov}{' (bytes estimated)' if estimated else ''}")
+            for r in sel:
+                ax.annotate(r["benchmark"], (r["arithmetic_intensity"], r["gflops"]), fontsize=6,
+                            xytext=(4, 3), textcoords="offset points")
+                labels.append(f"{r['benchmark']} / {prov}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(top=peak * 2)
+    ax.set_xlabel("arithmetic intensity (flop / byte)")
+    ax.set_ylabel("GFLOP/s")
+    ax.set_title(f"roofline: {fma.get('device', '')}", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    if points:
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    tmp = f"{output}.tmp{ext}"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, output)
+    return labels

@@ -43,11 +43,20 @@ def test_run_rows_and_ratios():
                    and r["provider"] == "pynas"][0]
             assert row["speedup"] == pytest.approx(one["median_s"] / row["median_s"])
             continue
+        if row["benchmark"] in bench.ROOFLINE:  # the machine's roofs: pynas only, no timing of their own
+            if row["provider"] != "pynas":
+                assert row["status"] == "skipped" and "pynas only" in row["note"]
+                continue
+            assert row["status"] == "ok", row["note"]
+            assert (row["gflops"] if row["benchmark"] == "roofline_fma" else row["bandwidth_gbs"]) > 0
+            continue
         assert row["status"] == "ok", row["note"]
         assert row["min_s"] <= row["median_s"] <= row["max_s"]
         assert row["ratio"] == pytest.approx(1 / row["speedup"])
         if row["provider"] == "reference":
             assert row["ratio"] == 1.0
+        if row["benchmark"] in bench.FLOP_COUNTED:
+            assert row["flops"] >= 0 and row["gflops_fraction"] is not None, row["note"]
         if row["benchmark"] in bench.MACRO + bench.METHODS + bench.RNN_METHODS + bench.FOREIGN or row["benchmark"].startswith("cnn_edge"):
             assert row["memory_bytes"] > 0
         else:
