@@ -28,6 +28,25 @@ def _data_parallel():
     return active()
 
 
+class frozen:
+    """Inside, ``tensors`` that require grad do not (restored on exit): a pass whose gradient is wanted for the
+    architecture only then records no weight-gradient work (the fused edge's backward skips its weight gradients,
+    the module path its weight-gradient GEMMs). The same values: only work nobody reads is left out."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor]):
+        self.tensors = [t for t in tensors if t.requires_grad]
+
+    def __enter__(self):
+        for t in self.tensors:
+            t.requires_grad_(False)
+        return self
+
+    def __exit__(self, *exc):
+        for t in self.tensors:
+            t.requires_grad_(True)
+        return False
+
+
 def _grad(loss: torch.Tensor, inputs: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     """``d loss / d inputs``, with zeros for inputs the loss does not use (e.g. the normal-cell
     alphas of a network whose every cell is a reduction cell)."""

@@ -23,13 +23,14 @@ finite-difference passes would update them).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, List
 
 import torch
 from torch import nn
 
 from ..ops import multi_tensor as mt
-from .base import ArchitectBase, CNNMethod, _copy_all, _grad, _momentum_buffers
+from .base import ArchitectBase, CNNMethod, _copy_all, _grad, _momentum_buffers, frozen
 
 
 def settings_from_args(args) -> dict:
@@ -129,9 +130,18 @@ class Architect(ArchitectBase):
             a.grad = g
         self.optimizer.step()
 
+    #: Whether the passes that need the gradient w.r.t. alpha only run with the weights' requires_grad off (no
+    #: weight-gradient work; :class:`~pynas.strategies.base.frozen`). Off here: a foreign model's weights may carry
+    #: autograd hooks tied to their grad accumulators (torch's DDP); pynas's own networks turn it on.
+    freeze_weights = False
+
+    def _alpha_only(self):
+        return frozen(self.parameters) if self.freeze_weights else contextlib.nullcontext()
+
     def first_order_grad(self, input_valid, target_valid) -> List[torch.Tensor]:
         """``dL_val(w, alpha)/dalpha``."""
-        return _grad(self.loss_fn(input_valid, target_valid), self.arch_parameters)
+        with self._alpha_only():
+            return _grad(self.loss_fn(input_valid, target_valid), self.arch_parameters)
 
     @torch.no_grad()
     def _virtual_step(self, params, grads, eta, network_optimizer):
@@ -169,9 +179,11 @@ class Architect(ArchitectBase):
             # R = r / ||v|| stays a device tensor: no host sync anywhere in the step
             sum_sq = mt.sum_squares(v)
             R = mt.perturb_(params, saved, v, sum_sq, self.fd_r, 1.0)  # w + R v
-            g_pos = _grad(loss_fn(input_train, target_train), alphas)
+            with self._alpha_only():
+                g_pos = _grad(loss_fn(input_train, target_train), alphas)
             mt.perturb_(params, saved, v, sum_sq, self.fd_r, -1.0)  # w - R v
-            g_neg = _grad(loss_fn(input_train, target_train), alphas)
+            with self._alpha_only():
+                g_neg = _grad(loss_fn(input_train, target_train), alphas)
             with torch.no_grad():
                 scale = (eta / (2.0 * R)).to(alphas[0].dtype)
                 return [da - (gp - gn) * scale for da, gp, gn in zip(dalpha, g_pos, g_neg)]
@@ -197,6 +209,7 @@ class CNNArchitect(Architect):
                          momentum=momentum, weight_decay=weight_decay, arch_learning_rate=arch_learning_rate,
                          arch_weight_decay=arch_weight_decay, arch_betas=arch_betas, fd_r=fd_r)
         self.model = model
+        self.freeze_weights = True
 
 
 class DARTSMethod(CNNMethod):

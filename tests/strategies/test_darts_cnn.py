@@ -418,3 +418,37 @@ def test_unrolled_grad_makes_no_host_sync_on_a_gpu(backend):
     torch.cuda.synchronize()
     assert all(torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("unrolled", [False, True])
+def test_alpha_only_passes_with_frozen_weights_give_the_same_step(backend, unrolled):
+    """CNNArchitect runs its alpha-only passes (first order; the two finite differences) with the weights'
+    requires_grad off, so no weight-gradient work is done there: the step is bit for bit the one without, and
+    every weight requires grad again afterwards, an error inside included."""
+    from pynas.strategies.base import frozen
+    from pynas.strategies.darts import CNNArchitect
+
+    if backend == "cpu" and pynas.backends()["cpu"] is not None:
+        pytest.skip("the C++ extension is not built")
+    torch.manual_seed(0)
+    base = Network(4, 10, 2, nn.CrossEntropyLoss()).double()
+    x, y = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randint(0, 10, (4,))
+    xv, yv = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randint(0, 10, (4,))
+    out = []
+    with pynas.use_backend(backend):
+        for freeze in (False, True):
+            model = copy.deepcopy(base)
+            arch = CNNArchitect(model)
+            arch.freeze_weights = freeze
+            opt = torch.optim.SGD(model.parameters(), 0.1, momentum=0.9)
+            arch.step(x, y, xv, yv, 0.1, opt, unrolled)
+            assert all(p.requires_grad for p in model.parameters())
+            out.append([a.detach().clone() for a in model.arch_parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*out))
+    w = [torch.zeros(2, requires_grad=True), torch.zeros(1, requires_grad=False)]
+    with pytest.raises(RuntimeError, match="inside"):
+        with frozen(w):
+            assert not w[0].requires_grad
+            raise RuntimeError("inside")
+    assert w[0].requires_grad and not w[1].requires_grad
