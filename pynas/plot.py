@@ -322,11 +322,7 @@ def plot_run(folder: str, output: str) -> List[str]:
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.tight_layout()
-    tmp = f"{output}.tmp{ext}"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, output)
+    _save_figure(plt, fig, output, ext)
     return [t for t, _ in panels]
 
 
@@ -357,12 +353,17 @@ def plot_trials(records, hurdles, output: str, title: str = "") -> str:
         ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    _save_figure(plt, fig, output, ext)
+    return output
+
+
+def _save_figure(plt, fig, output: str, ext: str) -> None:
+    """Lay out, write through a temporary file renamed over ``output``, close."""
     fig.tight_layout()
     tmp = f"{output}.tmp{ext}"
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     os.replace(tmp, output)
-    return output
 
 
 def _bench_rows(rows) -> List[dict]:
@@ -452,9 +453,5 @@ def plot_roofline(rows, output: str) -> List[str]:
     ax.grid(alpha=0.3, which="both")
     if points:
         ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    tmp = f"{output}.tmp{ext}"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, output)
+    _save_figure(plt, fig, output, ext)
     return labels

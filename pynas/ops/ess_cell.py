@@ -40,21 +40,12 @@ import torch.nn.functional as F
 from .. import _autodiff
 from . import _dispatch
 from .rnn_cell import TABLE as RNN_CELL_TABLE
+from .rnn_cell import _bn_backward, _bn_forward
 from .rnn_cell import rnn_cell_ref
 from .rnn_mix import TABLE as RNN_MIX_TABLE
 from .rnn_mix import rnn_mix_ref
 
 __all__ = ["TABLE", "ess_cell", "ess_cell_ref", "ess_cell_forward_impl", "ess_cell_backward_impl"]
-
-
-def _bn_forward(u, running_mean, running_var, momentum, eps):
-    """Training BatchNorm1d (affine=False) of u (B, H): (x_hat, saved mean, saved inverse std)."""
-    return torch.native_batch_norm(u, None, None, running_mean, running_var, True, momentum, eps)
-
-
-def _bn_backward(grad, u, mean, invstd, eps):
-    return torch.ops.aten.native_batch_norm_backward(grad, u, None, None, None, mean, invstd, True, eps,
-                                                     [True, False, False])[0]
 
 
 def _stat_dtype(dtype):

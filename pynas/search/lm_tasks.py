@@ -29,6 +29,7 @@ import torch
 from ..rnn.data import batchify, get_batch
 from ..rnn.model_search import mean_nll, regularised_loss
 from ..rnn.tasks import DEFAULT_TASK_TOKENS, DEFAULT_TASK_VOCAB, LMTask
+from .rnn import clipped_step, scaled_lr
 from .checkpoint import atomic_save, checkpoint_checksum, load_checkpoint
 from .config import _is_int, check_number, check_positive_int
 
@@ -161,7 +162,6 @@ def train_cell(model, genotype, task: LMTask, cfg, epochs: int, path: Optional[s
         history = list(ckpt["history"])
         torch.set_rng_state(ckpt["torch_rng"])
     model.set_arch(genotype)
-    group = optimizer.param_groups[0]
     for epoch in range(start, epochs):
         model.train()
         rng = random.Random(seed * 1000003 + epoch)
@@ -173,18 +173,12 @@ def train_cell(model, genotype, task: LMTask, cfg, epochs: int, path: Optional[s
             seq_len = max(int(cfg.bptt if rng.random() < 0.95 else cfg.bptt / 2.0), 1)
             x, y = get_batch(data, i, seq_len)
             hidden = [h.detach() for h in hidden]
-            lr = group["lr"]
-            group["lr"] = lr * seq_len / cfg.bptt
-            try:
+            with scaled_lr(optimizer, seq_len / cfg.bptt):
                 optimizer.zero_grad()
                 loss, raw, hidden = regularised_loss(model, x, y, hidden, cfg.alpha, cfg.beta)
                 if penalty is not None:
                     loss = loss + penalty()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(weights, cfg.clip)
-                optimizer.step()
-            finally:
-                group["lr"] = lr
+                clipped_step(optimizer, weights, loss, cfg.clip)
             loss_sum = raw.detach() * y.numel() + loss_sum
             tokens += y.numel()
             steps += 1
@@ -212,10 +206,17 @@ def write_genotype(folder: str, name: str, genotype) -> None:
     os.makedirs(out, exist_ok=True)
     text = _genotype_json(genotype)
     for ext, data in ((".json", text + "\n"), (".svg", svg(load_graphs(text)))):
-        tmp = os.path.join(out, name + ext + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(data)
-        os.replace(tmp, os.path.join(out, name + ext))
+        _write_text(os.path.join(out, name + ext), data)
+
+
+def _write_text(path: str, text: str) -> None:
+    """``text`` into ``path`` through a temporary file, fsynced and renamed over it."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def _genotype_json(genotype) -> str:
@@ -287,12 +288,7 @@ class Results:
 
     def _write(self) -> None:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(self.data, fh, indent=1, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        _write_text(self.path, json.dumps(self.data, indent=1, sort_keys=True))
 
 
 def run_enas_search(search, folder: str, log: Callable[[str], None]):

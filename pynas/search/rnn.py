@@ -198,6 +198,28 @@ def _check_corpus(cfg: RNNSearchConfig, corpus) -> None:
     raise ValueError(f"{name}: the corpus in {cfg.data_dir} has {have}")
 
 
+@contextlib.contextmanager
+def scaled_lr(optimizer: torch.optim.Optimizer, factor: float):
+    """The optimizer's (first group's) lr times ``factor`` inside (DARTS's RNN step: seq_len / bptt)."""
+    group = optimizer.param_groups[0]
+    lr = group["lr"]
+    group["lr"] = lr * factor
+    try:
+        yield
+    finally:
+        group["lr"] = lr
+
+
+def clipped_step(optimizer: torch.optim.Optimizer, weights, loss: torch.Tensor, clip: float, dist=None) -> None:
+    """Backward of ``loss``, the gradient averaged over ``dist``'s ranks (data-parallel) and clipped to norm
+    ``clip``, then the optimizer's step (the caller zeroed the gradients)."""
+    loss.backward()
+    if dist is not None:  # the global batch's gradient, before the clipping
+        dist.average_grads_(weights)
+    torch.nn.utils.clip_grad_norm_(weights, clip)
+    optimizer.step()
+
+
 def _check_task_size(cfg: RNNSearchConfig, task) -> None:
     """Whether a given corpus (a task) is large enough for the batch sizes."""
     n_train, n_valid = task.train.numel(), task.valid.numel()
@@ -319,26 +341,15 @@ class RNNSearch(SearchCheckpoints):
             loss = loss + self.weight_penalty()
         return loss, raw_loss, hidden
 
-    @contextlib.contextmanager
     def _scaled_lr(self, seq_len: int):
         """The weight lr scaled by ``seq_len / bptt`` inside (the architect's virtual step reads it too)."""
-        group = self.optimizer.param_groups[0]
-        lr = group["lr"]
-        group["lr"] = lr * seq_len / self.cfg.bptt
-        try:
-            yield
-        finally:
-            group["lr"] = lr
+        return scaled_lr(self.optimizer, seq_len / self.cfg.bptt)
 
     def _weight_update(self, data, targets, hidden):
         """One SGD step of the weights on a batch (gradient clipped to ``clip``): the raw NLL and next hidden."""
         self.optimizer.zero_grad()
         loss, raw_loss, hidden = self._weight_loss(data, targets, hidden)
-        loss.backward()
-        if self.dist is not None:  # data-parallel: the global batch's gradient, before the clipping
-            self.dist.average_grads_(self.weights)
-        torch.nn.utils.clip_grad_norm_(self.weights, self.cfg.clip)
-        self.optimizer.step()
+        clipped_step(self.optimizer, self.weights, loss, self.cfg.clip, self.dist)
         return raw_loss, hidden
 
     def train_epoch(self, epoch: int):
