@@ -551,7 +551,7 @@ std::vector<at::Tensor> rnn_cell_forward(const at::Tensor& xs, const at::Tensor&
 std::vector<at::Tensor> rnn_cell_backward(const at::Tensor& grad_out, const at::Tensor& x_mask,
                                           const at::Tensor& h_mask, const at::Tensor& probs, const at::Tensor& W0,
                                           const std::vector<at::Tensor>& Ws, const std::vector<at::Tensor>& saved,
-                                          double eps) {
+                                          double eps, bool need_w) {
   constexpr const char* op = "rnn_cell_backward";
   TORCH_CHECK(saved.size() == 10, op, ": saved: expected the 10 tensors rnn_cell_forward returned after the "
               "hiddens, got ", saved.size());
@@ -568,7 +568,7 @@ std::vector<at::Tensor> rnn_cell_backward(const at::Tensor& grad_out, const at::
   check_rnn_cell_masks(op, xm, x_mask, h_mask, B, I, H);
   check_rnn_cell_weights(op, xm, probs, W0, Ws, I, H);
   return pynas::rnn_cell::backward(grad_out, x_mask, h_mask, probs, W0, Ws, saved[0], saved[1], saved[2], saved[3],
-                                   saved[4], saved[5], saved[6], saved[7], saved[8], saved[9], eps);
+                                   saved[4], saved[5], saved[6], saved[7], saved[8], saved[9], eps, need_w);
 }
 
 // ---- rnn_path (see csrc/include/pynas/rnn_path.h) ------------------------------------------------------
@@ -862,8 +862,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("momentum"), py::arg("eps"), nogil,
         "The training-mode DARTS RNN search cell over a sequence: [hiddens, saved...]; updates the running stats.");
   m.def("rnn_cell_backward", &rnn_cell_backward, py::arg("grad_out"), py::arg("x_mask"), py::arg("h_mask"),
-        py::arg("probs"), py::arg("W0"), py::arg("Ws"), py::arg("saved"), py::arg("eps"), nogil,
-        "[d xs, d h0, d probs, d W0, d Ws...] of rnn_cell_forward.");
+        py::arg("probs"), py::arg("W0"), py::arg("Ws"), py::arg("saved"), py::arg("eps"), py::arg("need_w") = true,
+        nogil, "[d xs, d h0, d probs, d W0, d Ws...] of rnn_cell_forward (the weights' None unless need_w).");
   m.def("rnn_path_forward", &rnn_path_forward, py::arg("xs"), py::arg("h0"), py::arg("x_mask"), py::arg("h_mask"),
         py::arg("W0"), py::arg("Ws"), py::arg("preds"), py::arg("acts"), py::arg("concat"), py::arg("save"), nogil,
         "The DARTS RNN evaluation cell of a genotype (preds, acts, concat) over a sequence: [hiddens] or, with "

@@ -118,7 +118,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x
                                  const at::Tensor& xm, const at::Tensor& S, const at::Tensor& U,
                                  const at::Tensor& MEAN, const at::Tensor& INVSTD, const at::Tensor& C,
                                  const at::Tensor& HH, const at::Tensor& C0, const at::Tensor& H0,
-                                 const at::Tensor& HPREV, double eps) {
+                                 const at::Tensor& HPREV, double eps, bool need_w) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t T = S.size(0), n = S.size(1), B = S.size(2), H = S.size(3), I = xm.size(2);
   const int64_t steps = static_cast<int64_t>(Ws.size()), E = steps * (steps + 1) / 2;
@@ -128,11 +128,11 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x
   std::vector<at::Tensor> g_Ws;
   std::vector<at::Tensor> Wts;  // the node weights transposed once, contiguous, for the d(masked states) GEMMs
   for (const auto& w : Ws) {
-    g_Ws.push_back(at::zeros_like(w));
+    g_Ws.push_back(need_w ? at::zeros_like(w) : at::Tensor());
     Wts.push_back(w.t().contiguous());
   }
   at::Tensor W0ht = W0h.t().contiguous();
-  at::Tensor g_W0h = at::zeros_like(W0h);
+  at::Tensor g_W0h = need_w ? at::zeros_like(W0h) : at::Tensor();
   at::Tensor G0 = at::empty({T, B, 2 * H}, opts);  // d(first GEMM's output) of every step
   at::Tensor gS = at::empty({n, B, H}, opts);
   at::Tensor gCH = at::empty({steps, B, 2 * H}, opts);
@@ -170,7 +170,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x
         gSJ.add_(std::get<0>(d));
       }
       at::Tensor g2 = gch.view({J * B, 2 * H});
-      g_Ws[i].addmm_((st * h_mask).view({J * B, H}).t(), g2);
+      if (need_w) g_Ws[i].addmm_((st * h_mask).view({J * B, H}).t(), g2);
       at::Tensor gM = at::mm(g2, Wts[i]).view({J, B, H});
       gSJ.addcmul_(gM, h_mask);
     }
@@ -181,12 +181,12 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x
     at::Tensor g0c = g0.narrow(1, 0, H), g0h = g0.narrow(1, H, H);
     at::sigmoid_backward_out(g0c, g_u0 * (hh0 - hp), c0);
     at::tanh_backward_out(g0h, g_u0 * c0, hh0);
-    g_W0h.addmm_((hp * h_mask).t(), g0);
+    if (need_w) g_W0h.addmm_((hp * h_mask).t(), g0);
     g_h = g_u0 - g_u0 * c0;
     g_h.addcmul_(at::mm(g0, W0ht), h_mask);
   }
   at::Tensor G = G0.view({T * B, 2 * H});
-  at::Tensor g_W0 = at::cat({at::mm(xm.view({T * B, I}).t(), G), g_W0h}, 0);
+  at::Tensor g_W0 = need_w ? at::cat({at::mm(xm.view({T * B, I}).t(), G), g_W0h}, 0) : at::Tensor();
   at::Tensor g_xs = at::mm(G, W0x.t()).view({T, B, I}) * x_mask;
   std::vector<at::Tensor> result{g_xs, g_h, g_probs, g_W0};
   result.insert(result.end(), g_Ws.begin(), g_Ws.end());

@@ -205,7 +205,7 @@ def ess_cell_backward_impl(kern, m, nodes, eps, grad_out, x_mask, h_mask, probs,
             g_h.addcmul_(torch.mm(gHP[r - 1].view(B, -1), Wcat.t()), h_mask)
         # the intra cell: d x^_t (x_mask applied), d h^_(t-1), d probs, d W0, d Ws
         g_xhat, g_hhat, *g = kern.cell.backward(g_h.unsqueeze(0), x_mask, h_mask, probs, W0, Ws,
-                                                saved_pi[t * n_pi:(t + 1) * n_pi], eps_pi)
+                                                saved_pi[t * n_pi:(t + 1) * n_pi], eps_pi, True)
         torch._foreach_add_(g_pi, g)
 
         # g: sources x_t (row r - 1 of the x's), h_(t-1) .. h_(t-m) (rows r .. r + m - 1)

@@ -16,7 +16,7 @@ eval mode and the reference backend take the module path.
 from __future__ import annotations
 
 import functools
-from typing import Callable, List, NamedTuple
+from typing import Callable, List, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -87,16 +87,17 @@ def rnn_cell_forward_impl(kern, steps, momentum, eps, xs, h0, x_mask, h_mask, pr
     return [out, xm, S, U, MEAN, INVSTD, C, HH, C0, H0, HPREV]
 
 
-def rnn_cell_backward_impl(kern, grad_out, x_mask, h_mask, probs, W0, Ws, saved, eps):
-    """The backward of :func:`rnn_cell_forward_impl`: [d xs, d h0, d probs, d W0, d Ws...]."""
+def rnn_cell_backward_impl(kern, grad_out, x_mask, h_mask, probs, W0, Ws, saved, eps, need_w=True):
+    """The backward of :func:`rnn_cell_forward_impl`: [d xs, d h0, d probs, d W0, d Ws...] (the weights' None
+    unless ``need_w``)."""
     xm, S, U, MEAN, INVSTD, C, HH, C0, H0, HPREV = saved
     steps = len(Ws)
     T, n, B, H = S.shape
     I = xm.shape[-1]
     W0x, W0h = W0[:I], W0[I:]
     g_probs = torch.zeros_like(probs)
-    g_Ws: List[torch.Tensor] = [torch.zeros_like(w) for w in Ws]
-    g_W0h = torch.zeros_like(W0h)
+    g_Ws: List[Optional[torch.Tensor]] = [torch.zeros_like(w) if need_w else None for w in Ws]
+    g_W0h = torch.zeros_like(W0h) if need_w else None
     G0 = torch.empty(T, B, 2 * H, dtype=S.dtype, device=S.device)  # d (first GEMM's output), all steps
     gS = torch.empty(n, B, H, dtype=S.dtype, device=S.device)
     gCH = torch.empty(steps, B, 2 * H, dtype=S.dtype, device=S.device)
@@ -120,7 +121,8 @@ def rnn_cell_backward_impl(kern, grad_out, x_mask, h_mask, probs, W0, Ws, saved,
             gch[..., H:] = dHH
             masked = (st * h_mask).view(J * B, H)
             g2 = gch.view(J * B, 2 * H)
-            g_Ws[i].addmm_(masked.t(), g2)
+            if need_w:
+                g_Ws[i].addmm_(masked.t(), g2)
             gM = torch.mm(g2, Ws[i].t()).view(J, B, H)
             gS[:J] += dS
             gS[:J].addcmul_(gM, h_mask)
@@ -130,11 +132,12 @@ def rnn_cell_backward_impl(kern, grad_out, x_mask, h_mask, probs, W0, Ws, saved,
         g0 = G0[t]
         torch.ops.aten.sigmoid_backward(g_u0 * (hh0 - hp), c0, grad_input=g0[:, :H])
         torch.ops.aten.tanh_backward(g_u0 * c0, hh0, grad_input=g0[:, H:])
-        g_W0h.addmm_((hp * h_mask).t(), g0)
+        if need_w:
+            g_W0h.addmm_((hp * h_mask).t(), g0)
         g_h = g_u0 - g_u0 * c0
         g_h.addcmul_(torch.mm(g0, W0h.t()), h_mask)
     G = G0.view(T * B, 2 * H)
-    g_W0 = torch.cat([torch.mm(xm.view(T * B, I).t(), G), g_W0h], 0)
+    g_W0 = torch.cat([torch.mm(xm.view(T * B, I).t(), G), g_W0h], 0) if need_w else None
     g_xs = torch.mm(G, W0x.t()).view(T, B, I) * x_mask
     return [g_xs, g_h, g_probs, g_W0] + g_Ws
 
@@ -168,7 +171,8 @@ class _Kernels(NamedTuple):
 
     #: (steps, momentum, eps, xs, h0, x_mask, h_mask, probs, running_mean, running_var, W0, Ws) -> [out, *saved]
     forward: Callable
-    #: (grad_out, x_mask, h_mask, probs, W0, Ws, saved, eps) -> [d xs, d h0, d probs, d W0, *d Ws]
+    #: (grad_out, x_mask, h_mask, probs, W0, Ws, saved, eps, need_w) -> [d xs, d h0, d probs, d W0, *d Ws]
+    #: (d W0 and d Ws None unless need_w)
     backward: Callable
 
 
@@ -178,8 +182,8 @@ def _extension_kernels() -> _Kernels:
     return _Kernels(
         lambda steps, momentum, eps, xs, h0, xm, hm, probs, rm, rv, W0, Ws: C.rnn_cell_forward(
             xs, h0, xm, hm, probs, rm, rv, W0, list(Ws), momentum, eps),
-        lambda g, xm, hm, probs, W0, Ws, saved, eps: C.rnn_cell_backward(g, xm, hm, probs, W0, list(Ws),
-                                                                          list(saved), eps))
+        lambda g, xm, hm, probs, W0, Ws, saved, eps, need_w: C.rnn_cell_backward(g, xm, hm, probs, W0, list(Ws),
+                                                                                  list(saved), eps, need_w))
 
 
 def _triton_kernels() -> _Kernels:
@@ -224,7 +228,8 @@ class _RnnCellFunction(torch.autograd.Function):
             g_xs, g_h0, g_probs, g_W0, *g_Ws = g
             return (None, None, None, None, g_xs, g_h0, None, None, g_probs, None, None, g_W0, *g_Ws)
         grad_out = grad_out.contiguous()
-        g = TABLE[ctx.backend].kernels().backward(grad_out, x_mask, h_mask, probs, W0, Ws, saved, ctx.eps)
+        need_w = any(ctx.needs_input_grad[11:])  # off in the architecture-only passes (weights frozen)
+        g = TABLE[ctx.backend].kernels().backward(grad_out, x_mask, h_mask, probs, W0, Ws, saved, ctx.eps, need_w)
         g_xs, g_h0, g_probs, g_W0, *g_Ws = g
         return (None, None, None, None, g_xs, g_h0, None, None, g_probs, None, None, g_W0, *g_Ws)
 

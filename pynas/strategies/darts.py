@@ -280,6 +280,13 @@ class RNNArchitect(ArchitectBase):
         self.model = model
         self.network_clip = float(clip)
 
+    #: Whether the passes that need the gradient w.r.t. alpha only (the first-order step, the finite
+    #: differences) run with the weights' requires_grad off: no weight-gradient work, the same values.
+    freeze_weights = True
+
+    def _alpha_only(self):
+        return frozen(list(self.model.parameters())) if self.freeze_weights else contextlib.nullcontext()
+
     def step(self, hidden_train, input_train, target_train, hidden_valid, input_valid, target_valid,
              network_optimizer, unrolled):
         """One arch step; eta is the weight optimizer's current lr. Returns ``(next_hidden_valid, None)``."""
@@ -297,8 +304,9 @@ class RNNArchitect(ArchitectBase):
 
     def first_order_grad(self, hidden_valid, input_valid, target_valid):
         """``(dL_val(w, alpha)/dalpha, next hidden)``."""
-        loss, hidden_next = self.model._loss(hidden_valid, input_valid, target_valid)
-        return _grad(loss, self.model.arch_parameters()), _detach_hidden(hidden_next)
+        with self._alpha_only():
+            loss, hidden_next = self.model._loss(hidden_valid, input_valid, target_valid)
+            return _grad(loss, self.model.arch_parameters()), _detach_hidden(hidden_next)
 
     def unrolled_grad(self, hidden_train, input_train, target_train, hidden_valid, input_valid, target_valid,
                       eta):
@@ -333,9 +341,11 @@ class RNNArchitect(ArchitectBase):
 
             sum_sq = mt.sum_squares(v)
             R = mt.perturb_(params, saved, v, sum_sq, self.fd_r, 1.0)  # w + R v
-            g_pos = _grad(model._loss(hidden_train, input_train, target_train)[0], alphas)
+            with self._alpha_only():
+                g_pos = _grad(model._loss(hidden_train, input_train, target_train)[0], alphas)
             mt.perturb_(params, saved, v, sum_sq, self.fd_r, -1.0)  # w - R v
-            g_neg = _grad(model._loss(hidden_train, input_train, target_train)[0], alphas)
+            with self._alpha_only():
+                g_neg = _grad(model._loss(hidden_train, input_train, target_train)[0], alphas)
             with torch.no_grad():
                 scale = (eta * coef / (2.0 * R)).to(alphas[0].dtype)  # coef: the virtual step's clip
                 out = [da - (gp - gn) * scale for da, gp, gn in zip(dalpha, g_pos, g_neg)]

@@ -213,3 +213,22 @@ def test_torch_compile_of_the_model_matches_eager():
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
     for a, b in zip(g_compiled, g_eager):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@needs_cpu
+@pytest.mark.parametrize("loop", ["cpp", "python"])
+def test_backward_without_weight_gradients(loop):
+    """need_w=False (the architecture-only passes): the weights' gradients are None and every other gradient is
+    bit for bit the one of the full backward."""
+    ins, Ws, gout = _inputs(3, 4, 5, 6, torch.float64, "cpu", seed=2)
+    xs, h0, xm, hm, probs, W0 = ins
+    res = C.rnn_cell_forward(xs, h0, xm, hm, probs, torch.zeros(6, dtype=torch.float64),
+                             torch.ones(6, dtype=torch.float64), W0, Ws, 0.1, 1e-5)
+    if loop == "cpp":
+        full = C.rnn_cell_backward(gout, xm, hm, probs, W0, Ws, res[1:], 1e-5)
+        part = C.rnn_cell_backward(gout, xm, hm, probs, W0, Ws, res[1:], 1e-5, False)
+    else:
+        full = rnn_cell_backward_impl(C, gout, xm, hm, probs, W0, Ws, res[1:], 1e-5)
+        part = rnn_cell_backward_impl(C, gout, xm, hm, probs, W0, Ws, res[1:], 1e-5, False)
+    assert all(g is None for g in part[3:]) and all(g is not None for g in full[3:])
+    assert all(torch.equal(a, b) for a, b in zip(part[:3], full[:3]))

@@ -326,3 +326,27 @@ def test_no_host_sync_in_the_unrolled_grad(monkeypatch):
     with pytest.raises(AssertionError, match="host sync"):
         torch.ones(()).item()
     monkeypatch.undo()
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cpu)])
+@pytest.mark.parametrize("unrolled", [True, False])
+def test_alpha_only_passes_with_frozen_weights_give_the_same_grad(backend, unrolled):
+    """RNNArchitect runs its alpha-only passes (first order; the two finite differences) with the weights'
+    requires_grad off, so the fused cell's backward skips its weight gradients: the gradient is bit for bit the
+    one without, and every weight requires grad again afterwards."""
+    model, d = _setup(dropouts=(0.3, 0.25, 0.4, 0.2, 0.1))
+    out = []
+    for freeze in (False, True):
+        m = copy.deepcopy(model)
+        arch = Architect(m, weight_decay=WD, clip=0.25)
+        arch.freeze_weights = freeze
+        torch.manual_seed(3)
+        with pynas.use_backend(backend):
+            if unrolled:
+                g, _ = arch.unrolled_grad(d["hidden_train"], d["input_train"], d["target_train"], d["hidden_valid"],
+                                          d["input_valid"], d["target_valid"], 1.5)
+            else:
+                g, _ = arch.first_order_grad(d["hidden_valid"], d["input_valid"], d["target_valid"])
+        assert all(p.requires_grad for p in m.parameters())
+        out.append(g[0])
+    assert torch.equal(out[0], out[1])

@@ -25,7 +25,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x
                                  const at::Tensor& xm, const at::Tensor& S, const at::Tensor& U,
                                  const at::Tensor& MEAN, const at::Tensor& INVSTD, const at::Tensor& C,
                                  const at::Tensor& HH, const at::Tensor& C0, const at::Tensor& H0,
-                                 const at::Tensor& HPREV, double eps);
+                                 const at::Tensor& HPREV, double eps, bool need_w = true);
 
 }  // namespace rnn_cell
 
