@@ -5,6 +5,7 @@
 #include "pynas/checks.h"
 #include "pynas/macros.h"
 #include "pynas/cnn_edge.h"
+#include "pynas/linear_nll.h"
 #include "pynas/mixed_sum.h"
 #include "pynas/partial_channel.h"
 #include "pynas/rnn_cell.h"
@@ -571,6 +572,40 @@ std::vector<at::Tensor> rnn_cell_backward(const at::Tensor& grad_out, const at::
                                    saved[4], saved[5], saved[6], saved[7], saved[8], saved[9], eps, need_w);
 }
 
+// ---- linear_nll (see csrc/include/pynas/linear_nll.h) --------------------------------------------------
+
+at::Tensor linear_nll_rows_(at::Tensor& logits, const at::Tensor& target, at::Tensor& nll, bool grad, double scale) {
+  constexpr const char* op = "linear_nll_rows_";
+  pynas::checks::check_dense(op, logits, "logits");
+  pynas::checks::check_supported_float(op, logits, "logits");
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() && logits.size(1) > 0, op,
+              ": logits: expected a contiguous (R, V) tensor with V >= 1, got ", pynas::checks::describe(logits));
+  const int64_t R = logits.size(0);
+  pynas::checks::check_dense(op, target, "target");
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == R && target.scalar_type() == at::kLong &&
+                  target.is_contiguous() && target.device() == logits.device(),
+              op, ": target: expected a contiguous (", R, ",) int64 tensor on logits' device, got ",
+              pynas::checks::describe(target));
+  pynas::checks::check_dense(op, nll, "nll");
+  TORCH_CHECK(nll.dim() == 1 && nll.size(0) == R && nll.scalar_type() == logits.scalar_type() &&
+                  nll.is_contiguous() && nll.device() == logits.device(),
+              op, ": nll: expected a contiguous (", R, ",) tensor of logits' dtype and device, got ",
+              pynas::checks::describe(nll));
+  if (logits.is_cpu()) {
+    TORCH_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kDouble, op,
+                ": logits: expected float32 or float64 on the CPU, got ", pynas::checks::describe(logits));
+    pynas::cpu::linear_nll_rows_(logits, target, nll, grad, scale);
+    return nll;
+  }
+#ifdef PYNAS_WITH_CUDA
+  if (logits.is_cuda()) {
+    pynas::cuda::linear_nll_rows_(logits, target, nll, grad, scale);
+    return nll;
+  }
+#endif
+  fail_device(op, logits, "logits");
+}
+
 // ---- rnn_path (see csrc/include/pynas/rnn_path.h) ------------------------------------------------------
 
 // A contiguous (rows, cols) tensor with the dtype and device of ref (what the step kernels index).
@@ -864,6 +899,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rnn_cell_backward", &rnn_cell_backward, py::arg("grad_out"), py::arg("x_mask"), py::arg("h_mask"),
         py::arg("probs"), py::arg("W0"), py::arg("Ws"), py::arg("saved"), py::arg("eps"), py::arg("need_w") = true,
         nogil, "[d xs, d h0, d probs, d W0, d Ws...] of rnn_cell_forward (the weights' None unless need_w).");
+  m.def("linear_nll_rows_", &linear_nll_rows_, py::arg("logits"), py::arg("target"), py::arg("nll"), py::arg("grad"),
+        py::arg("scale"), nogil,
+        "nll[r] = logsumexp(logits[r]) - logits[r, target[r]] into nll; with grad, logits[r] <- (softmax - onehot) * "
+        "scale in place. Returns nll.");
   m.def("rnn_path_forward", &rnn_path_forward, py::arg("xs"), py::arg("h0"), py::arg("x_mask"), py::arg("h_mask"),
         py::arg("W0"), py::arg("Ws"), py::arg("preds"), py::arg("acts"), py::arg("concat"), py::arg("save"), nogil,
         "The DARTS RNN evaluation cell of a genotype (preds, acts, concat) over a sequence: [hiddens] or, with "

@@ -452,6 +452,7 @@ def foreign_search_case(size: dict, device: torch.device, accelerated: bool, see
 def rnn_search_case(size: dict, device: torch.device, unrolled: bool, compiled: bool, seed: int = 0) -> Case:
     """One iteration of the RNN search loop (pynas/search/rnn.py) with DARTS's settings."""
     from .rnn import RNNModelSearch
+    from .rnn.model_search import regularised_loss
     from .strategies.darts import RNNArchitect
 
     torch.manual_seed(seed)
@@ -470,9 +471,12 @@ def rnn_search_case(size: dict, device: torch.device, unrolled: bool, compiled: 
     def step():
         arch.step(hidden, x, y, hidden_v, xv, yv, opt, unrolled)
         opt.zero_grad()
-        log_prob, _, rnn_hs, _ = fn(x, hidden, return_h=True)
-        loss = nn.functional.nll_loss(log_prob.view(-1, ntok), y)
-        loss = loss + 1e-3 * (rnn_hs[-1][1:] - rnn_hs[-1][:-1]).pow(2).mean()
+        if compiled:
+            log_prob, _, rnn_hs, _ = fn(x, hidden, return_h=True)
+            loss = nn.functional.nll_loss(log_prob.view(-1, ntok), y)
+            loss = loss + 1e-3 * (rnn_hs[-1][1:] - rnn_hs[-1][:-1]).pow(2).mean()
+        else:  # the search loop's weight step (pynas/search/rnn.py): DARTS's alpha 0, beta 1e-3
+            loss = regularised_loss(model, x, y, hidden, 0.0, 1e-3)[0]
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 0.25)
         opt.step()

@@ -10,45 +10,16 @@
 // and nonzero for every h, +-inf included (sigmoid, tanh saturate to 0/1, -1/1; their derivatives to 0 or
 // about 2e-19), and nothing multiplies h by 0 (relu is a select): an infinite h reaches the result only
 // through the identity and relu columns, as in the reference.
-// exp: Cody-Waite range reduction to |r| <= ln2/2 and a degree-6 polynomial (relative error < 2e-7),
-// with the 2^k scale built from its bits; inputs clamped to [-43, 43] (see rnn_exp).
+// exp: vec8.h's vexp on inputs clamped to [-43, 43] (see rnn_exp).
 
-typedef float VF __attribute__((vector_size(32)));
-typedef int32_t VI __attribute__((vector_size(32)));
-constexpr int kW = 8;
-
-inline VF vsplat(float x) { return VF{x, x, x, x, x, x, x, x}; }
-
-inline VF vload(const float* p) {
-  VF v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline void vstore(float* p, VF v) { __builtin_memcpy(p, &v, sizeof(v)); }
+#include "vec8.h"
 
 inline VF rnn_exp(VF x) {
   // |x| <= 43 keeps E and E^2 normal floats (E^2 >= 4e-38): no denormal, whose arithmetic is slow on many
   // CPUs; sigmoid and tanh are then exact to float rounding except sigmoid(h < -43) = 2e-19 instead of less.
   x = x < vsplat(-43.0f) ? vsplat(-43.0f) : x;
   x = x > vsplat(43.0f) ? vsplat(43.0f) : x;
-  const VF magic = vsplat(12582912.0f);  // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer
-  // k from a NaN-free copy (a NaN lane gives k = 0; r and the result stay NaN), so the float-to-int
-  // conversion below only sees integers in [-62, 62]
-  const VF xk = x == x ? x : vsplat(0.0f);
-  const VF k = (xk * vsplat(1.44269504088896341f) + magic) - magic;
-  const VF r = (x - k * vsplat(0.693145751953125f)) - k * vsplat(1.42860682030941723212e-6f);
-  VF p = vsplat(1.0f / 720.0f);
-  p = p * r + vsplat(1.0f / 120.0f);
-  p = p * r + vsplat(1.0f / 24.0f);
-  p = p * r + vsplat(1.0f / 6.0f);
-  p = p * r + vsplat(0.5f);
-  p = p * r + vsplat(1.0f);
-  p = p * r + vsplat(1.0f);
-  const VI bits = (__builtin_convertvector(k, VI) + 127) << 23;
-  VF scale;
-  __builtin_memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  return vexp(x);
 }
 
 // tanh, relu, sigmoid of 8 values (and relu's 0/1 derivative).

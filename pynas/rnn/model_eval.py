@@ -21,7 +21,7 @@ from torch import nn
 from .. import _autodiff
 from ..ops import rnn_path
 from .genotypes import Genotype
-from .model_search import INITRANGE, LockedDropout, check_cell_args, check_lm_args, lm_forward, mask2d
+from .model_search import INITRANGE, LockedDropout, check_cell_args, check_lm_args, lm_forward, lm_nll, mask2d
 
 ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "sigmoid": torch.sigmoid, "identity": lambda h: h}
 
@@ -100,3 +100,8 @@ class RNNModel(nn.Module):
 
     def forward(self, input: torch.Tensor, hidden, return_h: bool = False):
         return lm_forward(self, input, hidden, return_h)
+
+    def nll(self, input: torch.Tensor, hidden, target: torch.Tensor, return_h: bool = False):
+        """``(mean NLL of target (T * B,), next hidden)`` through the fused decoder loss (see
+        :func:`~pynas.rnn.model_search.lm_nll`)."""
+        return lm_nll(self, input, hidden, target, return_h)

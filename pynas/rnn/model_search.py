@@ -190,7 +190,15 @@ def lm_forward(model: nn.Module, input: torch.Tensor, hidden, return_h: bool = F
     """The language models' forward (``encoder``, ``rnns``, ``decoder``, ``lockdrop`` and the dropouts of
     ``model``): ``(log_prob (T, B, ntoken), hidden)`` and, with ``return_h``, the cells' raw and dropped outputs
     (one-element lists, as the reference returns them)."""
-    batch_size = input.size(1)
+    output, new_hidden, raw_outputs = _lm_body(model, input, hidden)
+    log_prob = F.log_softmax(model.decoder(output.view(-1, model.ninp)), dim=-1).view(-1, input.size(1), model.ntoken)
+    if return_h:
+        return log_prob, new_hidden, raw_outputs, [output]
+    return log_prob, new_hidden
+
+
+def _lm_body(model: nn.Module, input: torch.Tensor, hidden):
+    """The language models' forward up to the decoder: (dropped output (T, B, ninp), hidden, raw outputs)."""
     emb = embedded_dropout(model.encoder, input, dropout=model.dropoute if model.training else 0)
     raw_output = model.lockdrop(emb, model.dropouti)
     new_hidden, raw_outputs = [], []
@@ -198,11 +206,21 @@ def lm_forward(model: nn.Module, input: torch.Tensor, hidden, return_h: bool = F
         raw_output, new_h = rnn(raw_output, hidden[layer])
         new_hidden.append(new_h)
         raw_outputs.append(raw_output)
-    output = model.lockdrop(raw_output, model.dropout)
-    log_prob = F.log_softmax(model.decoder(output.view(-1, model.ninp)), dim=-1).view(-1, batch_size, model.ntoken)
+    return model.lockdrop(raw_output, model.dropout), new_hidden, raw_outputs
+
+
+def lm_nll(model: nn.Module, input: torch.Tensor, hidden, target: torch.Tensor, return_h: bool = False):
+    """``(mean NLL of target (T * B,), hidden)`` of the language models' forward (and, with ``return_h``, the
+    raw and dropped outputs as :func:`lm_forward` returns them): the decoder, log-softmax and NLL through the
+    fused :func:`pynas.ops.linear_nll` (the same value as ``nll_loss(lm_forward(...)[0])``, without the
+    (T * B, ntoken) log-probabilities)."""
+    from ..ops.linear_nll import linear_nll
+
+    output, new_hidden, raw_outputs = _lm_body(model, input, hidden)
+    loss = linear_nll(output.view(-1, model.ninp), model.decoder.weight, model.decoder.bias, target)
     if return_h:
-        return log_prob, new_hidden, raw_outputs, [output]
-    return log_prob, new_hidden
+        return loss, new_hidden, raw_outputs, [output]
+    return loss, new_hidden
 
 
 class RNNModelSearch(nn.Module):
@@ -277,11 +295,13 @@ class RNNModelSearch(nn.Module):
     def forward(self, input: torch.Tensor, hidden, return_h: bool = False):
         return lm_forward(self, input, hidden, return_h)
 
+    def nll(self, input: torch.Tensor, hidden, target: torch.Tensor, return_h: bool = False):
+        """``(mean NLL of target (T * B,), next hidden)`` (see :func:`lm_nll`)."""
+        return lm_nll(self, input, hidden, target, return_h)
+
     def _loss(self, hidden, input, target):
         """``(nll loss, next hidden)`` on a batch (``target`` flattened, (T * B,))."""
-        log_prob, hidden_next = self(input, hidden, return_h=False)
-        loss = F.nll_loss(log_prob.view(-1, log_prob.size(2)), target)
-        return loss, hidden_next
+        return self.nll(input, hidden, target)
 
     def genotype(self):
         from .genotypes import derive
@@ -293,8 +313,11 @@ def regularised_loss(model: nn.Module, data: torch.Tensor, targets: torch.Tensor
     """``(loss, raw NLL, next hidden)`` of a language model's training step: the NLL plus ``alpha`` times the
     activation regularisation (mean square of the dropped outputs) and ``beta`` times the temporal one (mean
     square of consecutive raw outputs' differences)."""
-    log_prob, hidden, rnn_hs, dropped = model(data, hidden, return_h=True)
-    raw_loss = F.nll_loss(log_prob.view(-1, log_prob.size(2)), targets)
+    if hasattr(model, "nll"):  # pynas's language models: the fused decoder loss
+        raw_loss, hidden, rnn_hs, dropped = model.nll(data, hidden, targets, return_h=True)
+    else:
+        log_prob, hidden, rnn_hs, dropped = model(data, hidden, return_h=True)
+        raw_loss = F.nll_loss(log_prob.view(-1, log_prob.size(2)), targets)
     loss = raw_loss
     if alpha > 0:
         loss = loss + alpha * dropped[-1].pow(2).mean()

@@ -236,8 +236,7 @@ def _rnn_model_class():
             return self.rnns[0].genotype
 
         def _loss(self, hidden, input, target):
-            log_prob, hidden_next = self(input, hidden)
-            return torch.nn.functional.nll_loss(log_prob.view(-1, log_prob.size(2)), target), hidden_next
+            return self.nll(input, hidden, target)
 
     return RSWSRNNModel
 
