@@ -237,7 +237,7 @@ def test_every_fused_op_has_a_table_with_a_reference():
     from pynas.ops import _dispatch
 
     assert set(_dispatch.TABLES) == {"mixed_sum", "rnn_mix", "cnn_edge", "rnn_cell", "multi_tensor", "sep_conv",
-                                    "partial_channel", "rnn_path", "ess_cell"}
+                                    "partial_channel", "rnn_path", "ess_cell", "linear_nll"}
     for op, table in _dispatch.TABLES.items():
         backends = [impl.backend for impl in table]
         assert backends == ["reference", "cpu", "cuda", "triton"], op
