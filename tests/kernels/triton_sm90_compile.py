@@ -100,7 +100,7 @@ def main(argv=None):
     with open(args.launches) as f:
         records = [json.loads(line) for line in f if line.strip()]
     modules = {r["module"].rsplit(".", 1)[-1] for r in records} | {"mixed_sum", "cnn_edge", "multi_tensor",
-                                                                  "rnn_mix", "rnn_path"}
+                                                                  "rnn_mix", "rnn_path", "linear_nll"}
     kernels = {}
     for name in sorted(modules):
         mod = kernel_module(name)
