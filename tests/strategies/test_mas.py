@@ -44,9 +44,11 @@ def test_mas_reward_is_the_mean_of_the_tasks_rewards():
         start = rng.randrange(0, max(data.size(0) - 1 - s.cfg.bptt, 0) + 1)
         refs.append(_reward_ref(s.model, g, data, start, s.cfg.bptt))
     assert len(refs) == 2 and refs[0] != refs[1]
-    assert got == pytest.approx(sum(refs) / 2, rel=1e-9)
+    # float32: the search's loss is the fused decoder loss (pynas.ops.linear_nll), the reference's log_softmax and
+    # nll_loss; they agree to float32 rounding of the NLL (a relative 1e-7 or so of the reward), not bit for bit
+    assert got == pytest.approx(sum(refs) / 2, rel=2e-6)
     sel = s.architect.select_reward(s, g)
-    assert sel == pytest.approx(sum(_reward_ref(s.model, g, d, 0, s.cfg.bptt) for d in s.task_search) / 2, rel=1e-9)
+    assert sel == pytest.approx(sum(_reward_ref(s.model, g, d, 0, s.cfg.bptt) for d in s.task_search) / 2, rel=2e-6)
 
 
 def test_mas_weight_steps_take_the_tasks_in_turn():
