@@ -736,15 +736,21 @@ std::vector<at::Tensor> rnn_path_backward(const at::Tensor& grad_out, const at::
                                    saved[2]);
 }
 
-void rnn_path_step_forward(const at::Tensor& ch, const at::Tensor& prev, int64_t act,
-                           const c10::optional<at::Tensor>& h_mask, const at::Tensor& s,
-                           const c10::optional<at::Tensor>& m) {
-  constexpr const char* op = "rnn_path_step_forward";
+// The step kernels' prev: a dense (B, H) tensor of a supported float dtype, contiguous; returns (B, H).
+std::pair<int64_t, int64_t> check_rnn_path_prev(const char* op, const at::Tensor& prev) {
   pynas::checks::check_dense(op, prev, "prev");
   pynas::checks::check_supported_float(op, prev, "prev");
   TORCH_CHECK(prev.dim() == 2, op, ": prev: expected (B, H), got ", pynas::checks::describe(prev));
   const int64_t B = prev.size(0), H = prev.size(1);
   check_rnn_path_plane(op, prev, "prev", B, H, prev, "prev");
+  return {B, H};
+}
+
+void rnn_path_step_forward(const at::Tensor& ch, const at::Tensor& prev, int64_t act,
+                           const c10::optional<at::Tensor>& h_mask, const at::Tensor& s,
+                           const c10::optional<at::Tensor>& m) {
+  constexpr const char* op = "rnn_path_step_forward";
+  const auto [B, H] = check_rnn_path_prev(op, prev);
   check_rnn_path_plane(op, ch, "ch", B, 2 * H, prev, "prev");
   check_rnn_path_plane(op, s, "s", B, H, prev, "prev");
   TORCH_CHECK(h_mask.has_value() == m.has_value(), op, ": h_mask, m: expected both or neither, got only ",
@@ -765,11 +771,7 @@ void rnn_path_step_forward(const at::Tensor& ch, const at::Tensor& prev, int64_t
 void rnn_path_step_backward(const at::Tensor& g, const at::Tensor& ch, const at::Tensor& prev, int64_t act,
                             const at::Tensor& gch, const at::Tensor& g_prev, bool accumulate) {
   constexpr const char* op = "rnn_path_step_backward";
-  pynas::checks::check_dense(op, prev, "prev");
-  pynas::checks::check_supported_float(op, prev, "prev");
-  TORCH_CHECK(prev.dim() == 2, op, ": prev: expected (B, H), got ", pynas::checks::describe(prev));
-  const int64_t B = prev.size(0), H = prev.size(1);
-  check_rnn_path_plane(op, prev, "prev", B, H, prev, "prev");
+  const auto [B, H] = check_rnn_path_prev(op, prev);
   check_rnn_path_plane(op, g, "g", B, H, prev, "prev");
   check_rnn_path_plane(op, ch, "ch", B, 2 * H, prev, "prev");
   check_rnn_path_plane(op, gch, "gch", B, 2 * H, prev, "prev");

@@ -87,6 +87,15 @@ def _offsets(N, BLOCK: tl.constexpr, USE_INT64: tl.constexpr):
 
 
 @triton.jit
+def _step_offsets(N, H, BLOCK: tl.constexpr, USE_INT64: tl.constexpr):
+    """The program's elements i = b * H + k of a (B, H) plane, their validity, and the position of c = ch[b, k]
+    in the (B, 2H) ch (x = ch[b, H + k] is H further)."""
+    offs, valid = _offsets(N, BLOCK, USE_INT64)
+    row = offs // H
+    return offs, valid, row * 2 * H + (offs - row * H)
+
+
+@triton.jit
 def _rnn_path_step_fwd_kernel(
     ch_ptr,
     p_ptr,
@@ -109,10 +118,7 @@ def _rnn_path_step_fwd_kernel(
     (else float32). BLOCK: elements per program (power of two). USE_INT64: int64 offsets.
     Grid: (cdiv(N, BLOCK),).
     """
-    offs, valid = _offsets(N, BLOCK, USE_INT64)
-    row = offs // H
-    col = offs - row * H
-    cpos = row * 2 * H + col
+    offs, valid, cpos = _step_offsets(N, H, BLOCK, USE_INT64)
     acc_ty = tl.float64 if WIDE else tl.float32
     p = tl.load(p_ptr + offs, mask=valid, other=0.0).to(acc_ty)
     c = tl.load(ch_ptr + cpos, mask=valid, other=0.0).to(acc_ty)
@@ -148,10 +154,7 @@ def _rnn_path_step_bwd_kernel(
     g_ptr, p_ptr, gp_ptr: (B, H) contiguous; ch_ptr, gch_ptr: (B, 2H) contiguous; one dtype. N, H, ACT, WIDE,
     BLOCK, USE_INT64: as the forward. Grid: (cdiv(N, BLOCK),).
     """
-    offs, valid = _offsets(N, BLOCK, USE_INT64)
-    row = offs // H
-    col = offs - row * H
-    cpos = row * 2 * H + col
+    offs, valid, cpos = _step_offsets(N, H, BLOCK, USE_INT64)
     acc_ty = tl.float64 if WIDE else tl.float32
     G = tl.load(g_ptr + offs, mask=valid, other=0.0).to(acc_ty)
     p = tl.load(p_ptr + offs, mask=valid, other=0.0).to(acc_ty)

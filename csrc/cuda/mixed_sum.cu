@@ -8,6 +8,7 @@
 
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include "pynas/mixed_sum.h"
+#include "pynas/cuda_grid.cuh"
 #include "pynas/cuda_reduce.cuh"
 #include "pynas/tensor_lists.h"
 
@@ -40,9 +41,6 @@ using pynas::chunk_pointers;
 using pynas::contiguous_all;
 
 constexpr int kThreads = 256;
-
-__device__ __forceinline__ int64_t first_index() { return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; }
-__device__ __forceinline__ int64_t grid_stride() { return static_cast<int64_t>(gridDim.x) * blockDim.x; }
 
 // One chunk of N inputs. acc_in: running sums of earlier chunks (nullptr for the first chunk);
 // acc_out: where to leave the running sums when more chunks follow, else nullptr and out gets them.
@@ -97,7 +95,6 @@ int64_t num_blocks(int64_t n) {
   const int64_t wanted = (n + kThreads - 1) / kThreads;
   return std::max<int64_t>(1, std::min<int64_t>(wanted, static_cast<int64_t>(sms) * (2048 / kThreads)));
 }
-
 
 }  // namespace
 

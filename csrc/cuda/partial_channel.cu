@@ -13,6 +13,7 @@
 
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include "pynas/partial_channel.h"
+#include "pynas/cuda_grid.cuh"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
@@ -43,9 +44,6 @@ struct Geometry {
   int64_t C, groups, cg, H, W, Ho, Wo, HW, HWo;
   int stride;
 };
-
-__device__ __forceinline__ int64_t first_index() { return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; }
-__device__ __forceinline__ int64_t grid_stride() { return static_cast<int64_t>(gridDim.x) * blockDim.x; }
 
 template <typename scalar_t, typename cmp_t>
 __global__ void __launch_bounds__(kThreads)

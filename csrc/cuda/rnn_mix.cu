@@ -8,6 +8,7 @@
 
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include "pynas/rnn_mix.h"
+#include "pynas/cuda_grid.cuh"
 #include "pynas/cuda_reduce.cuh"
 
 #include <ATen/core/Tensor.h>
@@ -35,9 +36,6 @@ constexpr int kThreads = 256;
 // A fixed cap (about 8 blocks of 256 threads per SM on an H100) rather than one read from the device, so
 // the split of elements among blocks, hence the rounding of d probs, is the same on every GPU.
 constexpr int64_t kMaxBlocks = 1024;
-
-__device__ __forceinline__ int64_t first_index() { return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; }
-__device__ __forceinline__ int64_t grid_stride() { return static_cast<int64_t>(gridDim.x) * blockDim.x; }
 
 // out[i] = sum_j forward_term(states[j, i], c[j, i], h[j, i], probs[j, :]), i over the n = B * H elements.
 template <typename scalar_t, typename acc_t>

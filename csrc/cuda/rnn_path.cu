@@ -4,6 +4,7 @@
 
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include "pynas/rnn_path.h"
+#include "pynas/cuda_grid.cuh"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
@@ -22,9 +23,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 1024;
-
-__device__ __forceinline__ int64_t first_index() { return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; }
-__device__ __forceinline__ int64_t grid_stride() { return static_cast<int64_t>(gridDim.x) * blockDim.x; }
 
 // s[i] = step_forward(prev[i], ch[b, k], ch[b, H + k]) for i = b * H + k < n; m[i] = s[i] * mask[i] when m.
 template <int ACT, typename scalar_t>

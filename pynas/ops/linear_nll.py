@@ -41,10 +41,6 @@ def linear_nll_ref(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     return F.nll_loss(F.log_softmax(F.linear(h, weight, bias), -1), target)
 
 
-def _no_needs(tensors):
-    return []
-
-
 TABLE = _dispatch.register("linear_nll", [
     _dispatch.reference("linear_nll"),
     _dispatch.extension("linear_nll", "cpu", _dispatch.WIDE_FLOATS, _ext.get, "h (N, D), weight (V, D)"),
@@ -84,10 +80,7 @@ def linear_nll_chunked(rows_, h: torch.Tensor, weight: torch.Tensor, bias: Optio
             gw.addmm_(rows.t(), hs)
         if need_b:
             gb.add_(rows.sum(0))
-    loss = nll.sum() * scale
-    if gw is not None:
-        gw = gw.to(weight.dtype)
-    return loss, gh, gw, (None if gb is None else gb.to(bias.dtype))
+    return nll.sum() * scale, gh, gw, gb
 
 
 class _LinearNLLFunction(torch.autograd.Function):

@@ -23,6 +23,7 @@ from torch import nn
 
 from .. import _autodiff
 from ..ops import _dispatch, rnn_cell
+from ..ops.linear_nll import linear_nll
 from ..ops.rnn_mix import TABLE as rnn_mix_table
 from ..ops.rnn_mix import _rnn_mix
 from .genotypes import CONCAT, STEPS
@@ -214,8 +215,6 @@ def lm_nll(model: nn.Module, input: torch.Tensor, hidden, target: torch.Tensor, 
     raw and dropped outputs as :func:`lm_forward` returns them): the decoder, log-softmax and NLL through the
     fused :func:`pynas.ops.linear_nll` (the same value as ``nll_loss(lm_forward(...)[0])``, without the
     (T * B, ntoken) log-probabilities)."""
-    from ..ops.linear_nll import linear_nll
-
     output, new_hidden, raw_outputs = _lm_body(model, input, hidden)
     loss = linear_nll(output.view(-1, model.ninp), model.decoder.weight, model.decoder.bias, target)
     if return_h:
@@ -313,11 +312,7 @@ def regularised_loss(model: nn.Module, data: torch.Tensor, targets: torch.Tensor
     """``(loss, raw NLL, next hidden)`` of a language model's training step: the NLL plus ``alpha`` times the
     activation regularisation (mean square of the dropped outputs) and ``beta`` times the temporal one (mean
     square of consecutive raw outputs' differences)."""
-    if hasattr(model, "nll"):  # pynas's language models: the fused decoder loss
-        raw_loss, hidden, rnn_hs, dropped = model.nll(data, hidden, targets, return_h=True)
-    else:
-        log_prob, hidden, rnn_hs, dropped = model(data, hidden, return_h=True)
-        raw_loss = F.nll_loss(log_prob.view(-1, log_prob.size(2)), targets)
+    raw_loss, hidden, rnn_hs, dropped = model.nll(data, hidden, targets, return_h=True)  # the fused decoder loss
     loss = raw_loss
     if alpha > 0:
         loss = loss + alpha * dropped[-1].pow(2).mean()

@@ -2,6 +2,7 @@
 weight decay, the finite-difference radius, and bit-exact copies of tensor lists kept across steps."""
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional, Sequence
 
 import torch
@@ -68,6 +69,19 @@ class ArchitectBase:
         self.fd_r = float(fd_r)
         self.optimizer = torch.optim.Adam(list(arch_parameters), lr=arch_learning_rate,
                                           betas=tuple(arch_betas), weight_decay=arch_weight_decay)
+
+    #: Whether the passes that need the gradient w.r.t. alpha only (the first-order step, the finite
+    #: differences) run with the weights' requires_grad off (:class:`frozen`): no weight-gradient work, the
+    #: same values. Off by default: a foreign model's weights may carry autograd hooks tied to their grad
+    #: accumulators (torch's DDP); the architects of pynas's own networks turn it on.
+    freeze_weights = False
+
+    def _weights(self) -> List[torch.Tensor]:
+        """The weights :meth:`_alpha_only` freezes."""
+        raise NotImplementedError
+
+    def _alpha_only(self):
+        return frozen(self._weights()) if self.freeze_weights else contextlib.nullcontext()
 
     def _snapshot(self, key: str, tensors: List[torch.Tensor]) -> List[torch.Tensor]:
         """Copies of ``tensors`` in buffers kept across steps (re-allocated when the tensors change)."""

@@ -23,14 +23,13 @@ finite-difference passes would update them).
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, List
 
 import torch
 from torch import nn
 
 from ..ops import multi_tensor as mt
-from .base import ArchitectBase, CNNMethod, _copy_all, _grad, _momentum_buffers, frozen
+from .base import ArchitectBase, CNNMethod, _copy_all, _grad, _momentum_buffers
 
 
 def settings_from_args(args) -> dict:
@@ -130,13 +129,8 @@ class Architect(ArchitectBase):
             a.grad = g
         self.optimizer.step()
 
-    #: Whether the passes that need the gradient w.r.t. alpha only run with the weights' requires_grad off (no
-    #: weight-gradient work; :class:`~pynas.strategies.base.frozen`). Off here: a foreign model's weights may carry
-    #: autograd hooks tied to their grad accumulators (torch's DDP); pynas's own networks turn it on.
-    freeze_weights = False
-
-    def _alpha_only(self):
-        return frozen(self.parameters) if self.freeze_weights else contextlib.nullcontext()
+    def _weights(self) -> List[torch.Tensor]:
+        return self.parameters
 
     def first_order_grad(self, input_valid, target_valid) -> List[torch.Tensor]:
         """``dL_val(w, alpha)/dalpha``."""
@@ -280,12 +274,10 @@ class RNNArchitect(ArchitectBase):
         self.model = model
         self.network_clip = float(clip)
 
-    #: Whether the passes that need the gradient w.r.t. alpha only (the first-order step, the finite
-    #: differences) run with the weights' requires_grad off: no weight-gradient work, the same values.
-    freeze_weights = True
+    freeze_weights = True  # pynas's RNN models (see ArchitectBase.freeze_weights)
 
-    def _alpha_only(self):
-        return frozen(list(self.model.parameters())) if self.freeze_weights else contextlib.nullcontext()
+    def _weights(self) -> List[torch.Tensor]:
+        return list(self.model.parameters())
 
     def step(self, hidden_train, input_train, target_train, hidden_valid, input_valid, target_valid,
              network_optimizer, unrolled):
