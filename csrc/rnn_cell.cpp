@@ -55,6 +55,9 @@ std::vector<at::Tensor> forward(const at::Tensor& xs, const at::Tensor& h0, cons
                                 at::Tensor& running_var, const at::Tensor& W0, at::TensorList Ws, double momentum,
                                 double eps) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
+  if (pynas::cpu::rnn_cell_supported(xs, probs, running_mean, running_var))
+    return pynas::cpu::rnn_cell_forward(xs, h0, x_mask, h_mask, probs, running_mean, running_var, W0, Ws, momentum,
+                                        eps);
   const int64_t T = xs.size(0), B = xs.size(1), I = xs.size(2), H = h0.size(1);
   const int64_t steps = static_cast<int64_t>(Ws.size()), n = steps + 1, E = steps * (steps + 1) / 2;
   auto opts = xs.options();
@@ -69,7 +72,6 @@ std::vector<at::Tensor> forward(const at::Tensor& xs, const at::Tensor& h0, cons
   at::Tensor out = at::empty({T, B, H}, opts);
   at::Tensor h = h0;
   const c10::optional<at::Tensor> none;
-  const bool fused_node = pynas::cpu::rnn_node_supported(xs, running_mean, running_var);
   for (int64_t t = 0; t < T; ++t) {
     at::Tensor St = S[t], Ut = U[t], Ct = C[t], HHt = HH[t], MEANt = MEAN[t], INVSTDt = INVSTD[t];
     HPREV[t].copy_(h);
@@ -89,13 +91,6 @@ std::vector<at::Tensor> forward(const at::Tensor& xs, const at::Tensor& h0, cons
       at::Tensor st = St.narrow(0, 0, J);
       at::Tensor ch = at::mm((st * h_mask).view({J * B, H}), Ws[i]).view({J, B, 2 * H});
       at::Tensor c = Ct.narrow(0, off, J), hh = HHt.narrow(0, off, J);
-      if (fused_node) {  // sigmoid, split, mix and BatchNorm in one pass
-        at::Tensor u = Ut[J], s = St[J], m = MEANt[J], is = INVSTDt[J];
-        pynas::cpu::rnn_node_forward(ch, st, probs.narrow(0, off, J), c, hh, u, s, m, is, running_mean, running_var,
-                                     momentum, eps);
-        off += J;
-        continue;
-      }
       at::sigmoid_out(c, ch.narrow(2, 0, H));
       hh.copy_(ch.narrow(2, H, H));
       at::Tensor u = Ut[J];
@@ -120,6 +115,11 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x
                                  const at::Tensor& HH, const at::Tensor& C0, const at::Tensor& H0,
                                  const at::Tensor& HPREV, double eps, bool need_w) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
+  // the CPU sequence needs only what its forward saved (x_hat = S, INVSTD in S's dtype)
+  if (S.is_cpu() && (S.scalar_type() == at::kFloat || S.scalar_type() == at::kDouble) &&
+      INVSTD.scalar_type() == S.scalar_type() && probs.scalar_type() == S.scalar_type())
+    return pynas::cpu::rnn_cell_backward(grad_out, x_mask, h_mask, probs, W0, Ws, xm, S, INVSTD, C, HH, C0, H0,
+                                         HPREV, need_w);
   const int64_t T = S.size(0), n = S.size(1), B = S.size(2), H = S.size(3), I = xm.size(2);
   const int64_t steps = static_cast<int64_t>(Ws.size()), E = steps * (steps + 1) / 2;
   auto opts = S.options();
@@ -141,9 +141,6 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x
   const double inv_concat = 1.0 / static_cast<double>(steps);
   const c10::optional<at::Tensor> none;
   const std::array<bool, 3> mask{true, false, false};
-  // the fused CPU node backward needs only what the fused forward saved (x_hat = S, INVSTD)
-  const bool fused_node = S.is_cpu() && (S.scalar_type() == at::kFloat || S.scalar_type() == at::kDouble) &&
-                          INVSTD.scalar_type() == S.scalar_type();
   for (int64_t t = T - 1; t >= 0; --t) {
     at::Tensor St = S[t], Ut = U[t], Ct = C[t], HHt = HH[t], MEANt = MEAN[t], INVSTDt = INVSTD[t];
     at::Tensor g_ht = go[t] + g_h;
@@ -156,19 +153,14 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x
       at::Tensor st = St.narrow(0, 0, J), c = Ct.narrow(0, off, J), hh = HHt.narrow(0, off, J);
       at::Tensor gch = gCH.narrow(0, 0, J);
       at::Tensor gSJ = gS.narrow(0, 0, J);
-      if (fused_node) {  // BatchNorm backward, mix backward and the sigmoid's in one pass; d states added to gS
-        at::Tensor gp = g_probs.narrow(0, off, J);
-        pynas::cpu::rnn_node_backward(gS[J], St[J], INVSTDt[J], st, c, hh, probs.narrow(0, off, J), gSJ, gch, gp);
-      } else {
-        at::Tensor g_u = std::get<0>(at::native_batch_norm_backward(gS[J], Ut[J], none, none, none, MEANt[J],
-                                                                     INVSTDt[J], true, eps, mask));
-        auto d = mix_backward(g_u, st, c, hh, probs.narrow(0, off, J));
-        g_probs.narrow(0, off, J).add_(std::get<3>(d));
-        at::Tensor gc = gch.narrow(2, 0, H);
-        at::sigmoid_backward_out(gc, std::get<1>(d), c);
-        gch.narrow(2, H, H).copy_(std::get<2>(d));
-        gSJ.add_(std::get<0>(d));
-      }
+      at::Tensor g_u = std::get<0>(at::native_batch_norm_backward(gS[J], Ut[J], none, none, none, MEANt[J],
+                                                                   INVSTDt[J], true, eps, mask));
+      auto d = mix_backward(g_u, st, c, hh, probs.narrow(0, off, J));
+      g_probs.narrow(0, off, J).add_(std::get<3>(d));
+      at::Tensor gc = gch.narrow(2, 0, H);
+      at::sigmoid_backward_out(gc, std::get<1>(d), c);
+      gch.narrow(2, H, H).copy_(std::get<2>(d));
+      gSJ.add_(std::get<0>(d));
       at::Tensor g2 = gch.view({J * B, 2 * H});
       if (need_w) g_Ws[i].addmm_((st * h_mask).view({J * B, H}).t(), g2);
       at::Tensor gM = at::mm(g2, Wts[i]).view({J, B, H});

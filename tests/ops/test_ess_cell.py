@@ -104,9 +104,10 @@ def test_sequence_matches_the_module_path(backend, device, m, nodes, T):
 
 @needs_cpu
 def test_float32_is_as_close_to_the_float64_truth_as_the_module_path():
-    """float32: every result's error against the float64 module path (relative to its largest entry) at most 2x
-    the largest error of the float32 module path over all results. Measured: fused <= 1.8e-6, module path
-    <= 1.2e-6; per result the two are rounding noise of the same size (their ratio 0.5 .. 3), hence one bound."""
+    """float32: every result's error against the float64 module path (relative to its largest entry) at most 3x
+    the largest error of the float32 module path over all results. Measured over seeds 2..7 at 1 and 2 threads:
+    fused <= 3.9e-6, module path <= 5.1e-6, the ratio of the two maxima 0.6 .. 2.2 (seed 2, one thread: 2.6e-6
+    against 1.2e-6); per result the two are rounding noise of the same size, hence one bound."""
     m, nodes, T, B, H = 3, 2, 4, 8, 7
     cell, arch = _cell(m, nodes, H)
     g = torch.Generator().manual_seed(2)
@@ -124,7 +125,7 @@ def test_float32_is_as_close_to_the_float64_truth_as_the_module_path():
         return ((a.double() - b).abs().max() / b.abs().max()).item()
 
     pairs = [(got[1], ref[1], truth[1]), (got[2], ref[2], truth[2])] + list(zip(got[3], ref[3], truth[3]))
-    bound = 2 * max(err(r, t) for _, r, t in pairs)
+    bound = 3 * max(err(r, t) for _, r, t in pairs)
     assert bound < 1e-5
     for i, (a, _, t) in enumerate(pairs):
         assert err(a, t) <= bound, i

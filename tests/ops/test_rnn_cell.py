@@ -96,8 +96,39 @@ def test_cpp_sequence_matches_the_module_path(dtype, shape):
 
 
 @needs_cpu
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("H", [40, 64, 72])
+def test_cpu_sequence_is_the_same_on_one_and_two_threads(dtype, H):
+    """The CPU sequence splits the features over the threads in fixed blocks of 32 (H = 40, 72: a partial
+    last block, a tail narrower than a vector) with its own GEMMs, each sum in one order: every result but
+    the weight gradients (one ATen GEMM each over all steps) is bit for bit the same on one thread and on
+    two, and all of them hold against the module path."""
+    T, B, I = 3, 5, 7
+    ins, Ws, gout = _inputs(T, B, I, H, dtype, "cpu", seed=3)
+    xs, h0, xm, hm, probs, W0 = ins
+    runs = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            rm, rv = torch.zeros(H, dtype=dtype), torch.ones(H, dtype=dtype)
+            res = C.rnn_cell_forward(xs, h0, xm, hm, probs, rm, rv, W0, Ws, 0.1, 1e-5)
+            g = C.rnn_cell_backward(gout, xm, hm, probs, W0, Ws, res[1:], 1e-5)
+            runs.append((res, g, rm, rv))
+    finally:
+        torch.set_num_threads(before)
+    (r1, g1, rm1, rv1), (r2, g2, rm2, rv2) = runs
+    assert all(torch.equal(a, b) for a, b in zip(r1, r2))
+    assert torch.equal(rm1, rm2) and torch.equal(rv1, rv2)
+    assert all(torch.equal(a, b) for a, b in zip(g1[:3], g2[:3]))
+    for a, b in zip(g1[3:], g2[3:]):
+        torch.testing.assert_close(a, b, rtol=1e-12 if dtype == torch.float64 else 1e-5, atol=0)
+    _check(r2[0], g2, (rm2, rv2), _module_truth(ins, Ws, gout), RTOL[dtype])
+
+
+@needs_cpu
 def test_cpp_sequence_aten_node_path_on_the_cpu():
-    """float16 takes the per-node ATen path (the one CUDA takes) instead of the fused CPU node epilogues;
+    """float16 takes the op-by-op ATen path (the one CUDA takes) instead of the CPU sequence;
     held to what float16 rounding through 8 BatchNorms allows (measured ~1e-2)."""
     ins, Ws, gout = _inputs(3, 4, 5, 6, torch.float16, "cpu")
     xs, h0, xm, hm, probs, W0 = ins

@@ -30,20 +30,23 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x
 }  // namespace rnn_cell
 
 namespace cpu {
-// The per-node work between the GEMMs, fused on the CPU for float32/float64 when the running statistics
-// have the input's dtype (csrc/cpu/rnn_mix.cpp); elsewhere rnn_cell.cpp calls ATen and the rnn_mix kernels.
-bool rnn_node_supported(const at::Tensor& xs, const at::Tensor& running_mean, const at::Tensor& running_var);
+// The whole sequence in one parallel region on the CPU for float32/float64 when the running statistics and
+// the probabilities have the input's dtype (csrc/cpu/rnn_cell.cpp); elsewhere rnn_cell.cpp runs it op by op
+// through ATen and the rnn_mix kernels. Same arguments and results as rnn_cell::forward / backward (backward
+// without U, MEAN and eps: it needs only x_hat = S and INVSTD).
+bool rnn_cell_supported(const at::Tensor& xs, const at::Tensor& probs, const at::Tensor& running_mean,
+                        const at::Tensor& running_var);
 
-// From the node's GEMM output ch (J, B, 2H) and its input states (J, B, H): c = sigmoid(ch[..., :H]),
-// hh = ch[..., H:], u = rnn_mix(states, c, hh, probs), s = BatchNorm(u) with the batch mean and inverse std,
-// the running statistics updated. All outputs are preallocated, contiguous.
-void rnn_node_forward(const at::Tensor& ch, const at::Tensor& states, const at::Tensor& probs, at::Tensor& c,
-                      at::Tensor& hh, at::Tensor& u, at::Tensor& s, at::Tensor& mean, at::Tensor& invstd,
-                      at::Tensor& running_mean, at::Tensor& running_var, double momentum, double eps);
+std::vector<at::Tensor> rnn_cell_forward(const at::Tensor& xs, const at::Tensor& h0, const at::Tensor& x_mask,
+                                         const at::Tensor& h_mask, const at::Tensor& probs,
+                                         at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& W0,
+                                         at::TensorList Ws, double momentum, double eps);
 
-// Its backward from d s (B, H): g_states (J, B, H) += d states, g_ch (J, B, 2H) = d ch, g_probs (J, 5) += d probs.
-void rnn_node_backward(const at::Tensor& g_s, const at::Tensor& xhat, const at::Tensor& invstd,
-                       const at::Tensor& states, const at::Tensor& c, const at::Tensor& hh, const at::Tensor& probs,
-                       at::Tensor& g_states, at::Tensor& g_ch, at::Tensor& g_probs);
+std::vector<at::Tensor> rnn_cell_backward(const at::Tensor& grad_out, const at::Tensor& x_mask,
+                                          const at::Tensor& h_mask, const at::Tensor& probs, const at::Tensor& W0,
+                                          at::TensorList Ws, const at::Tensor& xm, const at::Tensor& S,
+                                          const at::Tensor& INVSTD, const at::Tensor& C, const at::Tensor& HH,
+                                          const at::Tensor& C0, const at::Tensor& H0, const at::Tensor& HPREV,
+                                          bool need_w);
 }  // namespace cpu
 }  // namespace pynas
