@@ -46,6 +46,14 @@ struct ConvGeom {
   int64_t k, stride, pad, dil, ho, wo;
 };
 
+// The stride-2 layout of a padded plane (cnn_edge_planes.h, split_phases): its four phases (row parity x
+// column parity), each hq rows of wq, one after the other (q_size with slack); the backward's gradient of
+// one stride-2 conv widened to rows of wq after q_margin zeros (q_ext in all). All zero when no conv has
+// stride 2.
+struct DwPhases {
+  int64_t hq, wq, q_size, q_margin, q_ext;
+};
+
 // The largest depthwise kernel side the CPU kernels take (checked by the bindings).
 constexpr int64_t kMaxKernel = edge::kMaxKernel;
 
@@ -53,6 +61,7 @@ template <typename T>
 struct DwArgs {
   const T* x;
   int64_t C, H, W, P, Wp, pre, buf_size, acc_size, n, ext_size, margin;
+  DwPhases ph;
   const T* mean;
   const T* rstd;
   const ConvGeom* geoms;
@@ -187,6 +196,33 @@ void dw_sizes(const std::vector<ConvGeom>& geoms, int64_t H, int64_t W, int64_t*
   if (margin) *margin = m;
 }
 
+// The phase layout for the stride-2 convs of `geoms` (P, Wp from dw_sizes). A tap at (rr, cc) of the padded
+// plane (rr = P - pad + ki dil, likewise cc) reads its phase from row rr / 2, column cc / 2 on, for ho rows
+// of wq: wq and hq are large enough that a read past an output row's wo columns stays in the phase's zero
+// or garbage columns (never in a real column of the next row: the backward's gather relies on it) and no
+// read leaves the buffer. `acc` grows to ho * wq where that is more than the stride-1 scratch.
+DwPhases dw_phase_sizes(const std::vector<ConvGeom>& geoms, int64_t H, int64_t P, int64_t Wp, int64_t* acc) {
+  DwPhases q{};
+  bool any = false;
+  int64_t hq = (H + 2 * P + 1) / 2, wq = (Wp + 1) / 2, reach_max = 0;
+  for (const auto& g : geoms) {
+    if (g.stride != 2) continue;
+    any = true;
+    const int64_t reach = (P - g.pad + (g.k - 1) * g.dil) / 2;
+    reach_max = std::max(reach_max, reach);
+    wq = std::max(wq, g.wo + reach);
+    hq = std::max(hq, g.ho + reach);
+  }
+  if (!any) return q;
+  q.hq = hq, q.wq = wq;
+  q.q_size = 4 * hq * wq + wq;
+  q.q_margin = reach_max * wq + reach_max;
+  q.q_ext = q.q_margin + hq * wq;
+  for (const auto& g : geoms)
+    if (g.stride == 2) *acc = std::max(*acc, g.ho * wq);
+  return q;
+}
+
 // Combines per-plane moments (planes n = 0..N-1 of one channel, `stride` apart) into the biased variance.
 void combine_moments(const double* means, const double* m2s, int64_t count, int64_t stride, int64_t per_plane,
                      double* mean, double* var) {
@@ -303,6 +339,7 @@ std::vector<at::Tensor> cnn_edge_dw_forward(const at::Tensor& x_in, const std::v
     a.x = x.const_data_ptr<scalar_t>();
     a.C = C, a.H = H, a.W = W, a.pre = pre, a.n = static_cast<int64_t>(ws.size());
     dw_sizes(geoms, H, W, &a.P, &a.Wp, &a.buf_size, &a.acc_size);
+    a.ph = dw_phase_sizes(geoms, H, a.P, a.Wp, &a.acc_size);
     const at::Tensor mean_c = pre == kPreNormRelu ? mean.contiguous() : at::Tensor();
     const at::Tensor rstd_c = pre == kPreNormRelu ? rstd.contiguous() : at::Tensor();
     a.mean = mean_c.defined() ? mean_c.const_data_ptr<scalar_t>() : nullptr;
@@ -349,6 +386,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> cnn_edge_dw_backward
     a.x = x.const_data_ptr<scalar_t>();
     a.C = C, a.H = H, a.W = W, a.pre = pre, a.n = static_cast<int64_t>(ws.size());
     dw_sizes(geoms, H, W, &a.P, &a.Wp, &a.buf_size, &a.acc_size, &a.ext_size, &a.margin);
+    a.ph = dw_phase_sizes(geoms, H, a.P, a.Wp, &a.acc_size);
     const at::Tensor mean_c = pre == kPreNormRelu ? mean.contiguous() : at::Tensor();
     const at::Tensor rstd_c = pre == kPreNormRelu ? rstd.contiguous() : at::Tensor();
     a.mean = mean_c.defined() ? mean_c.const_data_ptr<scalar_t>() : nullptr;

@@ -186,6 +186,103 @@ void widen_rows(const T* __restrict__ src, int64_t h, int64_t w, int64_t wp, T f
 // The most taps a depthwise kernel may have (the bindings reject bigger kernels).
 constexpr int64_t kMaxTaps = kMaxKernel * kMaxKernel;
 
+// Layout trick for stride 2: the padded plane (rows x wp) is split into its four phases, q[(2 pr + pc) hq wq +
+// i wq + j] = buf[2 i + pr, 2 j + pc] (zero where that is outside the plane; sizes from dw_phase_sizes). Tap
+// (rr, cc) of a stride-2 conv reads phase (rr % 2, cc % 2) at (rr / 2, cc / 2) on, so, as at stride 1, a tap
+// is one loop over ho * wq elements, and the input gradient one gather per phase.
+template <typename T>
+void split_phases(const T* __restrict__ buf, int64_t rows, int64_t wp, const DwPhases& ph, T* __restrict__ q) {
+  const int64_t PS = ph.hq * ph.wq;
+  for (int64_t p = 0; p < 4; ++p) {
+    const int64_t pr = p >> 1, pc = p & 1;
+    for (int64_t i = 0; i < ph.hq; ++i) {
+      T* d = q + p * PS + i * ph.wq;
+      const int64_t r = 2 * i + pr;
+      if (r >= rows) {
+        std::fill(d, d + ph.wq, T(0));
+        continue;
+      }
+      const T* src = buf + r * wp + pc;
+      const int64_t n = std::min(ph.wq, (wp - pc + 1) / 2);
+      for (int64_t j = 0; j < n; ++j) d[j] = src[2 * j];
+      std::fill(d + n, d + ph.wq, T(0));
+    }
+  }
+  std::fill(q + 4 * PS, q + ph.q_size, T(0));
+}
+
+// The offsets in the phase layout of a stride-2 conv's taps (the phase's base included).
+inline void phase_offsets(const ConvGeom& g, int64_t P, const DwPhases& ph, int64_t* offs) {
+  const int64_t off = P - g.pad, PS = ph.hq * ph.wq;
+  for (int64_t t = 0; t < g.k * g.k; ++t) {
+    const int64_t rr = off + (t / g.k) * g.dil, cc = off + (t % g.k) * g.dil;
+    offs[t] = ((rr & 1) * 2 + (cc & 1)) * PS + (rr >> 1) * ph.wq + (cc >> 1);
+  }
+}
+
+// gin (H rows of length wp: the interior rows P .. P + H - 1 of the padded layout) += the phases of gq that
+// `written` marks, back in the plane's layout.
+template <typename T>
+void merge_phases(const T* __restrict__ gq, const bool* written, int64_t P, int64_t H, int64_t wp,
+                  const DwPhases& ph, T* __restrict__ gin) {
+  const int64_t PS = ph.hq * ph.wq;
+  for (int64_t i = 0; i < H; ++i) {
+    const int64_t r = i + P;
+    for (int64_t pc = 0; pc < 2; ++pc) {
+      const int64_t p = (r & 1) * 2 + pc;
+      if (!written[p]) continue;
+      const T* src = gq + p * PS + (r >> 1) * ph.wq;
+      T* d = gin + i * wp + pc;
+      const int64_t n = (wp - pc + 1) / 2;
+      for (int64_t j = 0; j < n; ++j) d[2 * j] += src[j];
+    }
+  }
+}
+
+// One stride-2 conv of the phase-split plane `q` into the dense plane `y`. `acc`: ho * wq scratch.
+template <typename T>
+void dw_conv_phases(const T* __restrict__ q, int64_t P, const DwPhases& ph, const ConvGeom& g, const T* wk,
+                    T* __restrict__ acc, T* __restrict__ y) {
+  int64_t offs[kMaxTaps];
+  phase_offsets(g, P, ph, offs);
+  tap_sum(q, offs, wk, g.k * g.k, g.ho * ph.wq, false, acc);
+  crop_rows(acc, g.ho, g.wo, ph.wq, y);
+}
+
+// The backward of dw_conv_phases: gw[tap] = <gy, the tap's input window> (skipped when gw is null) and the
+// input gradient gathered per phase into gq (phases of `written` false are overwritten, then marked).
+// `gext`: q_ext scratch.
+template <typename T>
+void dw_conv_phases_backward(const T* __restrict__ q, int64_t P, const DwPhases& ph, const ConvGeom& g,
+                             const T* wk, const T* __restrict__ gy, T* __restrict__ gext, T* __restrict__ gq,
+                             bool* written, double* gw) {
+  const int64_t taps = g.k * g.k, PS = ph.hq * ph.wq, L = g.ho * ph.wq;
+  int64_t offs[kMaxTaps];
+  phase_offsets(g, P, ph, offs);
+  // gy widened to rows of wq (zeros past wo) after q_margin zeros, zeros after it up to the phase's size
+  T* gpad = gext + ph.q_margin;
+  std::fill(gext, gpad, T(0));
+  widen_rows(gy, g.ho, g.wo, ph.wq, T(0), gpad);
+  std::fill(gpad + L, gpad + PS, T(0));
+  if (gw) {
+    for (int64_t t = 0; t < taps; ++t) gw[t] = dot_lanes(q + offs[t], gpad, L);
+  }
+  // phase p's gradient at j: sum over its taps of w_t * gpad[j - (offset of t in the phase)]
+  for (int64_t p = 0; p < 4; ++p) {
+    int64_t neg[kMaxTaps];
+    T wsel[kMaxTaps];
+    int64_t n = 0;
+    for (int64_t t = 0; t < taps; ++t)
+      if (offs[t] / PS == p) {
+        neg[n] = p * PS - offs[t];
+        wsel[n++] = wk[t];
+      }
+    if (n == 0) continue;
+    tap_sum(gpad, neg, wsel, n, PS, written[p], gq + p * PS);
+    written[p] = true;
+  }
+}
+
 // One conv of the padded plane `buf` (row length wp, interior at (P, P)) into the dense plane `y`.
 // `acc`: ho * wp scratch.
 template <typename T>
@@ -461,13 +558,20 @@ void axpy(T a, const T* __restrict__ y, int64_t n, T* __restrict__ o) {
 template <typename T>
 void dw_forward_range(int64_t b, int64_t e, const DwArgs<T>& a) {
   std::vector<T> buf(static_cast<size_t>(a.buf_size), T(0)), acc(static_cast<size_t>(a.acc_size));
+  std::vector<T> q(static_cast<size_t>(a.ph.q_size));
   for (int64_t plane = b; plane < e; ++plane) {
     const int64_t c = plane % a.C;
     load_padded(a.x + plane * a.H * a.W, a.H, a.W, a.P, a.Wp, a.pre, a.mean ? a.mean[c] : T(0),
                 a.rstd ? a.rstd[c] : T(1), buf.data());
+    if (a.ph.q_size) split_phases(buf.data(), a.H + 2 * a.P, a.Wp, a.ph, q.data());
     for (int64_t m = 0; m < a.n; ++m) {
       const ConvGeom& g = a.geoms[m];
-      dw_conv_plane(buf.data(), a.P, a.Wp, g, a.ws[m] + c * g.k * g.k, acc.data(), a.ys[m] + plane * g.ho * g.wo);
+      T* y = a.ys[m] + plane * g.ho * g.wo;
+      if (g.stride == 2) {
+        dw_conv_phases(q.data(), a.P, a.ph, g, a.ws[m] + c * g.k * g.k, acc.data(), y);
+      } else {
+        dw_conv_plane(buf.data(), a.P, a.Wp, g, a.ws[m] + c * g.k * g.k, acc.data(), y);
+      }
     }
   }
 }
@@ -476,23 +580,33 @@ template <typename T>
 void dw_backward_range(int64_t b, int64_t e, const DwArgs<T>& a) {
   std::vector<T> buf(static_cast<size_t>(a.buf_size), T(0)), gbuf(static_cast<size_t>(a.buf_size));
   std::vector<T> gin(static_cast<size_t>(a.H * a.Wp)), gext(static_cast<size_t>(a.ext_size));
-  bool strided = false;
-  for (int64_t m = 0; m < a.n; ++m) strided = strided || a.geoms[m].stride != 1;
+  std::vector<T> q(static_cast<size_t>(a.ph.q_size)), gq(static_cast<size_t>(4 * a.ph.hq * a.ph.wq)),
+      qext(static_cast<size_t>(a.ph.q_ext));
+  bool strided = false;  // a stride other than 1 and 2 (the scalar scatter into gbuf)
+  for (int64_t m = 0; m < a.n; ++m) strided = strided || (a.geoms[m].stride != 1 && a.geoms[m].stride != 2);
   for (int64_t plane = b; plane < e; ++plane) {
     const int64_t c = plane % a.C;
     const T mu = a.mean ? a.mean[c] : T(0), r = a.rstd ? a.rstd[c] : T(1);
     const T* x = a.x + plane * a.H * a.W;
     load_padded(x, a.H, a.W, a.P, a.Wp, a.pre, mu, r, buf.data());
+    if (a.ph.q_size) split_phases(buf.data(), a.H + 2 * a.P, a.Wp, a.ph, q.data());
     if (strided) std::fill(gbuf.begin(), gbuf.end(), T(0));
-    bool fresh = true;
+    bool fresh = true, written[4] = {false, false, false, false};
     for (int64_t m = 0; m < a.n; ++m) {
       const ConvGeom& g = a.geoms[m];
-      dw_conv_plane_backward(buf.data(), a.P, a.Wp, a.H, g, a.ws[m] + c * g.k * g.k, a.gs[m] + plane * g.ho * g.wo,
-                             gext.data(), a.ext_size, a.margin, gin.data(), fresh, gbuf.data(),
-                             a.partial ? a.partial + plane * a.taps + a.tap_off[m] : nullptr);
+      const T* wk = a.ws[m] + c * g.k * g.k;
+      const T* gy = a.gs[m] + plane * g.ho * g.wo;
+      double* gw = a.partial ? a.partial + plane * a.taps + a.tap_off[m] : nullptr;
+      if (g.stride == 2) {
+        dw_conv_phases_backward(q.data(), a.P, a.ph, g, wk, gy, qext.data(), gq.data(), written, gw);
+        continue;
+      }
+      dw_conv_plane_backward(buf.data(), a.P, a.Wp, a.H, g, wk, gy, gext.data(), a.ext_size, a.margin, gin.data(),
+                             fresh, gbuf.data(), gw);
       fresh = fresh && g.stride != 1;
     }
     if (fresh) std::fill(gin.begin(), gin.end(), T(0));
+    if (a.ph.q_size) merge_phases(gq.data(), written, a.P, a.H, a.Wp, a.ph, gin.data());
     if (strided) {  // the scattered part: gbuf's interior rows into gin
       const T* src = gbuf.data() + a.P * a.Wp;
       T* dst = gin.data();

@@ -314,11 +314,13 @@ def test_odd_input_to_a_stride_2_skip_names_x():
 # ---- the kernels one by one, against plain torch ------------------------------------------------------
 
 
-@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("stride", [1, 2, "mixed"])
 @pytest.mark.parametrize("pre", [0, 1, 2])
 def test_depthwise_kernels_against_conv2d(isa, stride, pre):
+    """Every conv at stride 1, at stride 2 (the phase-split loops), or the strides mixed in one call (one
+    input gradient gathered from both layouts)."""
     k = _ext.get()
-    torch.manual_seed(stride * 10 + pre)
+    torch.manual_seed(hash((stride, pre)) % 1000)
     x = torch.randn(3, 5, 9, 7, dtype=torch.float64, requires_grad=True)
     mean, rstd = torch.randn(5, dtype=torch.float64), torch.rand(5, dtype=torch.float64) + 0.5
     geo = [(3, 1, 1), (5, 2, 1), (3, 2, 2), (5, 4, 2), (7, 3, 1)]  # (k, pad, dil)
@@ -331,8 +333,10 @@ def test_depthwise_kernels_against_conv2d(isa, stride, pre):
             return F.relu(t)
         return F.relu((t - mean.view(1, -1, 1, 1)) * rstd.view(1, -1, 1, 1))
 
-    refs = [F.conv2d(pre_fn(x), w, stride=stride, padding=p, dilation=d, groups=5) for w, (_, p, d) in zip(ws, geo)]
-    args = ([stride] * len(geo), [p for _, p, _ in geo], [d for _, _, d in geo], pre, mean, rstd)
+    strides = [1, 2, 2, 1, 2] if stride == "mixed" else [stride] * len(geo)
+    refs = [F.conv2d(pre_fn(x), w, stride=s, padding=p, dilation=d, groups=5)
+            for w, s, (_, p, d) in zip(ws, strides, geo)]
+    args = (strides, [p for _, p, _ in geo], [d for _, _, d in geo], pre, mean, rstd)
     ys = k.cnn_edge_dw_forward(x.detach(), [w.detach() for w in ws], *args)
     for y, r in zip(ys, refs):
         torch.testing.assert_close(y, r.detach())
