@@ -161,6 +161,13 @@ int64_t team_size(int64_t H) {
 }
 
 template <typename T>
+std::vector<const T*> data_ptrs(const std::vector<at::Tensor>& ts) {
+  std::vector<const T*> out;
+  for (const auto& t : ts) out.push_back(t.const_data_ptr<T>());
+  return out;
+}
+
+template <typename T>
 std::vector<T> table(const at::Tensor& probs) {
   const at::Tensor p = probs.contiguous();
   return std::vector<T>(p.const_data_ptr<T>(), p.const_data_ptr<T>() + p.numel());
@@ -379,8 +386,7 @@ std::vector<at::Tensor> rnn_cell_forward(const at::Tensor& xs_in, const at::Tens
     using R = scalar_t;
     using K = Loops<R>;
     const std::vector<R> p = table<R>(probs);
-    std::vector<const R*> wp;
-    for (const auto& w : Ws) wp.push_back(w.const_data_ptr<R>());
+    const std::vector<const R*> wp = data_ptrs<R>(Ws);
     forward_loop<typename K::L>(
         [](auto... a) { K::gemm(a...); }, [](auto... a) { K::first_node(a...); }, [](auto... a) { K::node(a...); },
         T, B, H, steps, XW.const_data_ptr<R>(), h0.const_data_ptr<R>(), hm.const_data_ptr<R>(), p.data(),
@@ -418,8 +424,7 @@ std::vector<at::Tensor> rnn_cell_backward(const at::Tensor& grad_out, const at::
     using R = scalar_t;
     using K = Loops<R>;
     const std::vector<R> p = table<R>(probs);
-    std::vector<const R*> wp;
-    for (const auto& w : Wts) wp.push_back(w.const_data_ptr<R>());
+    const std::vector<const R*> wp = data_ptrs<R>(Wts);
     backward_loop<typename K::L>(
         [](auto... a) { K::gemm(a...); }, [](auto... a) { K::node_b(a...); }, [](auto... a) { K::first_b(a...); },
         T, B, H, steps, need_w, go.const_data_ptr<R>(), hm.const_data_ptr<R>(), p.data(), wp,
