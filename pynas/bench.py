@@ -600,15 +600,12 @@ def _data_parallel_worker(argv: Sequence[str]) -> None:
     space, repeats, warmup, size = argv[0], int(argv[1]), int(argv[2]), json.loads(argv[3])
     device = argv[4] if len(argv) > 4 else "cpu"
     torch.set_num_threads(1)
-    group = distributed.setup(device)
-    try:
+    with distributed.joined(device) as group:
         device = distributed.place(device)
         step = data_parallel_step(space, size, device)
         times = time_calls(step, torch.device(device), repeats, warmup, 0.0)
         if group is None or group.main:
             print("PYNAS_TIMES " + json.dumps(times), flush=True)
-    finally:
-        distributed.teardown()
 
 
 def data_parallel_case(bench: str, size: dict, cfg: "BenchConfig", device: torch.device) -> dict:

@@ -528,18 +528,17 @@ def _run_search(args, space: str, cfg, search_cls, config_cls, about: Callable =
 
     if args.resume is None:
         search_cls.check_config(cfg)
-    group = distributed.setup(cfg.device, args.dist_timeout, args.sync_bn)
-    if group is None and args.sync_bn:
-        raise ValueError("sync_bn: --sync-bn needs several processes (torchrun, or --nproc N)")
-    try:
+    with distributed.joined(cfg.device, args.dist_timeout, args.sync_bn) as group:
+        if group is None and args.sync_bn:
+            raise ValueError("sync_bn: --sync-bn needs several processes (torchrun, or --nproc N)")
         cfg.device = distributed.place(cfg.device)
         if group is not None and not group.main:  # no folder, no log, no file: rank 0 writes them
             prepare_search(search_cls, config_cls, cfg, None, args.resume, log=lambda line: None,
                            progress=False).run()
-            return 0
-        return _run_search_main(args, space, cfg, search_cls, config_cls, about, group)
-    finally:
-        distributed.teardown()
+            rc = 0
+        else:
+            rc = _run_search_main(args, space, cfg, search_cls, config_cls, about, group)
+    return rc
 
 
 def _run_search_main(args, space: str, cfg, search_cls, config_cls, about, group) -> int:

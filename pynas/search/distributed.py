@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import os
 from typing import Iterable, Iterator, List, Optional, Sequence
 
@@ -188,6 +189,19 @@ def setup(device: str, timeout_s: float = DEFAULT_TIMEOUT_S, sync_bn: bool = Fal
     return _ACTIVE
 
 
+@contextlib.contextmanager
+def joined(device: str, timeout_s: float = DEFAULT_TIMEOUT_S, sync_bn: bool = False) -> Iterator[Optional[Group]]:
+    """:func:`setup` on entry; on leaving, a barrier when the body ended normally (every rank is done before any
+    tears its group down under a peer's last collective), then :func:`teardown` in every case."""
+    group = setup(device, timeout_s, sync_bn)
+    try:
+        yield group
+        if group is not None:
+            group.barrier()
+    finally:
+        teardown()
+
+
 def place(device: str) -> str:
     """The device a rank uses: ``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun."""
     if _ACTIVE is not None and torch.device(device).type == "cuda" and torch.device(device).index is None:
@@ -206,6 +220,25 @@ def teardown() -> None:
 
 # -- synchronised BatchNorm ------------------------------------------------------------------------------------
 
+class _AllReduceSum(torch.autograd.Function):
+    """The sum over the ranks, differentiable: the gradient of every rank's input is the sum over the ranks of
+    the output gradients (itself this function, so double backward works). Each all-reduce is waited for at once
+    through the group (its timeout and error); no collective is left pending when the process ends."""
+
+    @staticmethod
+    def forward(ctx, group: "Group", x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        ctx.group = group
+        out = x.detach().clone(memory_format=torch.contiguous_format)
+        group._wait(dist.all_reduce(out, op=dist.ReduceOp.SUM, async_op=True), "a synchronised BatchNorm")
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return None, _AllReduceSum.apply(ctx.group, grad)
+
+
 class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """A BatchNorm over the global batch of a data-parallel search (any backend, gloo included): the per-channel
     mean and variance are all-reduced (two differentiable all-reduces: the sum, then the centred sum of squares),
@@ -221,8 +254,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         group = _ACTIVE
         if group is None or not self.training or not self.track_running_stats or self.momentum is None:
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
+        all_reduce = functools.partial(_AllReduceSum.apply, group)
         self._check_input_dim(x)
         dims = [0] + list(range(2, x.dim()))
         shape = [1, -1] + [1] * (x.dim() - 2)

@@ -41,12 +41,9 @@ def checkpoint_after_one_epoch(out):
     from pynas.search.cnn import CNNSearch, CNNSearchConfig
 
     torch.set_num_threads(1)
-    distributed.setup("cpu", timeout_s=120.0, sync_bn=True)
-    try:
+    with distributed.joined("cpu", timeout_s=120.0, sync_bn=True):
         cfg = CNNSearchConfig(**{**CNN, "epochs": 2}, backend="reference")
         CNNSearch(cfg, save_dir=out, progress=False, log=lambda _: None).run(until=1)
-    finally:
-        distributed.teardown()
 
 
 def main():
@@ -57,8 +54,7 @@ def main():
     die = "die" in extra
     method = next((a.split("=", 1)[1] for a in extra if a.startswith("method=")), "darts")
     torch.set_num_threads(1)
-    group = distributed.setup("cpu", timeout_s=20.0 if die else 120.0, sync_bn=sync_bn == "1")
-    try:
+    with distributed.joined("cpu", timeout_s=20.0 if die else 120.0, sync_bn=sync_bn == "1") as group:
         s = build(space, order == "second", backend, method)
         if die and group.rank == 1:
             os._exit(3)
@@ -68,8 +64,6 @@ def main():
         state = {"model": s.model.state_dict(), "alphas": [a.detach() for a in s.model.arch_parameters()],
                  "backend": s.cfg.backend}
         torch.save(state, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        distributed.teardown()
 
 
 if __name__ == "__main__":

@@ -57,7 +57,9 @@ def test_two_ranks_with_synchronised_batchnorm_follow_one_process(space, order, 
     one = torch.load(tmp_path / "one" / "rank0.pt")
     r0, r1 = (torch.load(tmp_path / "two" / f"rank{r}.pt") for r in (0, 1))
     _close(r0, r1, 1e-12)  # the ranks stay identical
-    _close(r0, one, 1e-9)  # and equal one process on the concatenated batches
+    # and equal one process on the concatenated batches, to float64 rounding of sums taken in another order; ESS's
+    # second-order step divides by the finite-difference radius more often (seen: 1.9e-9 relative on an AMD EPYC)
+    _close(r0, one, 1e-8 if method == "ess" else 1e-9)
     if (space, order, method) == ("cnn", "first", "darts"):  # the control: per-rank BatchNorm statistics do not
         (tmp_path / "own").mkdir()
         res = _torchrun([WORKER, space, order, "reference", "0", str(tmp_path / "own")], tmp_path)
@@ -144,6 +146,34 @@ def test_sync_batchnorm_alone_is_batchnorm_and_converts_in_place():
     x = torch.randn(5, 3, 6, 6)
     assert torch.equal(net(x), ref(x))
     assert torch.equal(net[1].running_var, ref[1].running_var)
+
+
+def test_sync_batchnorm_in_a_group_of_one_is_batchnorm_to_second_derivatives():
+    """The differentiable all-reduce plumbing in-process (gloo, one rank): output, input and affine gradients and
+    a double backward equal BatchNorm's; the running statistics too."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        torch.manual_seed(1)
+        ref = torch.nn.BatchNorm2d(3).double()
+        with torch.no_grad():
+            ref.weight.uniform_(0.5, 1.5)
+            ref.bias.uniform_(-0.5, 0.5)
+        net = distributed.convert_sync_batchnorm(__import__("copy").deepcopy(ref))
+        x = torch.randn(4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+        outs = []
+        with distributed.using(distributed.Group(0, 1)):
+            for m in (ref, net):
+                y = m(x)
+                gx, gw = torch.autograd.grad((y * w).sum(), (x, m.weight), create_graph=True)
+                ggx, = torch.autograd.grad((gx * gx).sum() + gw.sum(), x)
+                outs.append((y, gx, gw, ggx, m.running_mean.clone(), m.running_var.clone()))
+        for a, b in zip(*outs):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_commands_that_run_in_one_process_refuse_torchrun(monkeypatch, capsys):
