@@ -578,7 +578,7 @@ void mix_common(MixArgs<T>& a, const at::Tensor& x, const std::vector<at::Tensor
   a.stride = stride;
   a.K = static_cast<int64_t>(ps.size());
   a.J = 2 + a.K;
-  a.pool_buf = (a.H + 3) * (a.W + 2);
+  a.pool_buf = isa_base::pool3x3_buf_size(a.H, a.W, stride);
   a.pool_acc = Ho * (a.W + 2);
   a.has_skip = has_skip;
   a.inv = inv.data();

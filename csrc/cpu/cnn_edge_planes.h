@@ -405,28 +405,68 @@ void dw_input_grad(const T* __restrict__ x, const T* __restrict__ abuf, const T*
 // ---- 3x3 pools, padding 1 ----------------------------------------------------------------------------
 // `buf`: (h + 2) x (w + 2) plus slack, `wp` = w + 2. The max pool's border is -inf, the avg pool's 0.
 
+// dst[i] = the max (kMax) or the sum of src[offs[t] + i] over the 9 taps t of a 3x3 window, t in row-major order
+// (tap 0 first, then each tap in turn: `v > r ? v : r`, or `r + v`), for i in [0, n). Blocks of 2 vectors stay in
+// registers over the taps: each input is loaded once per tap and each output stored once.
+template <typename T, bool kMax>
+void pool3x3_taps(const T* __restrict__ src, const int64_t* offs, int64_t n, T* __restrict__ dst) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t E = sizeof(V) / sizeof(T);
+  int64_t i = 0;
+  for (; i + 2 * E <= n; i += 2 * E) {
+    V r0 = vload(src + offs[0] + i), r1 = vload(src + offs[0] + i + E);
+    for (int t = 1; t < 9; ++t) {
+      const V a0 = vload(src + offs[t] + i), a1 = vload(src + offs[t] + i + E);
+      if constexpr (kMax) {
+        r0 = a0 > r0 ? a0 : r0;
+        r1 = a1 > r1 ? a1 : r1;
+      } else {
+        r0 += a0;
+        r1 += a1;
+      }
+    }
+    vstore(dst + i, r0);
+    vstore(dst + i + E, r1);
+  }
+  for (; i < n; ++i) {
+    T r = src[offs[0] + i];
+    for (int t = 1; t < 9; ++t) {
+      const T v = src[offs[t] + i];
+      if constexpr (kMax) {
+        r = v > r ? v : r;
+      } else {
+        r += v;
+      }
+    }
+    dst[i] = r;
+  }
+}
+
+// The scratch a 3x3 pool of an h x w plane at stride s takes: the padded plane (h + 3 rows of w + 2), and at
+// stride 2 its four phases after it (pool3x3_plane).
+inline int64_t pool3x3_buf_size(int64_t h, int64_t w, int64_t s) {
+  const int64_t ho = (h - 1) / s + 1, wo = (w - 1) / s + 1;
+  return (h + 3) * (w + 2) + (s == 2 ? 4 * (ho + 1) * (wo + 1) + 1 : 0);
+}
+
 // One 3x3 pool of a plane, max (border -inf) or average (border 0, each window's sum times `inv`, its
-// 1 / count); `inv` is unused by the max pool.
+// 1 / count); `inv` is unused by the max pool. `buf`: pool3x3_buf_size scratch; `acc`: ho * (w + 2).
+// Stride 1: each tap is one loop over ho rows of the padded width. Stride 2: the padded plane is split into
+// its four phases (row parity x column parity, ho + 1 rows of wo + 1 each), where tap (ki, kj) reads phase
+// (ki % 2, kj % 2) from (ki / 2, kj / 2) on: again one loop per tap over ho rows of wo + 1. The same
+// comparisons and sums, in the same order, as a window at a time.
 template <typename T, bool kMax>
 void pool3x3_plane(const T* x, int64_t h, int64_t w, int64_t s, int64_t ho, int64_t wo, const T* inv,
                    T* __restrict__ buf, T* __restrict__ acc, T* __restrict__ y) {
   const int64_t wp = w + 2;
-  std::fill(buf, buf + (h + 3) * wp, kMax ? -std::numeric_limits<T>::infinity() : T(0));
+  const T border = kMax ? -std::numeric_limits<T>::infinity() : T(0);
+  std::fill(buf, buf + (h + 3) * wp, border);
   load_padded(x, h, w, 1, wp, kPreNone, T(0), T(1), buf);
+  int64_t offs[9];
   if (s == 1) {
+    for (int t = 0; t < 9; ++t) offs[t] = (t / 3) * wp + t % 3;
     const int64_t L = ho * wp;
-    PYNAS_SIMD
-    for (int64_t i = 0; i < L; ++i) acc[i] = buf[i];
-    for (int64_t t = 1; t < 9; ++t) {
-      const T* __restrict__ src = buf + (t / 3) * wp + t % 3;
-      if constexpr (kMax) {
-        PYNAS_SIMD
-        for (int64_t i = 0; i < L; ++i) acc[i] = src[i] > acc[i] ? src[i] : acc[i];
-      } else {
-        PYNAS_SIMD
-        for (int64_t i = 0; i < L; ++i) acc[i] += src[i];
-      }
-    }
+    pool3x3_taps<T, kMax>(buf, offs, L, acc);
     if constexpr (!kMax) {
       PYNAS_SIMD
       for (int64_t i = 0; i < L; ++i) acc[i] *= inv[i];
@@ -434,21 +474,30 @@ void pool3x3_plane(const T* x, int64_t h, int64_t w, int64_t s, int64_t ho, int6
     crop_rows(acc, ho, wo, wp, y);
     return;
   }
-  for (int64_t oh = 0; oh < ho; ++oh) {
-    const T* r0 = buf + (oh * s) * wp;
-    for (int64_t ow = 0; ow < wo; ++ow) {
-      T m = kMax ? r0[ow * s] : T(0);
-      for (int64_t ki = 0; ki < 3; ++ki)
-        for (int64_t kj = 0; kj < 3; ++kj) {
-          const T v = r0[ki * wp + ow * s + kj];
-          if constexpr (kMax) {
-            m = std::max(m, v);
-          } else {
-            m += v;
-          }
-        }
-      y[oh * wo + ow] = kMax ? m : m * inv[oh * wo + ow];
+  const int64_t hq = ho + 1, wq = wo + 1, PS = hq * wq, rows = h + 2;
+  T* __restrict__ q = buf + (h + 3) * wp;
+  for (int64_t p = 0; p < 4; ++p) {
+    const int64_t pr = p >> 1, pc = p & 1;
+    for (int64_t i = 0; i < hq; ++i) {
+      T* d = q + p * PS + i * wq;
+      const int64_t r = 2 * i + pr;
+      const int64_t n = r < rows ? std::min(wq, (wp - pc + 1) / 2) : 0;
+      const T* src = buf + r * wp + pc;
+      for (int64_t j = 0; j < n; ++j) d[j] = src[2 * j];
+      std::fill(d + n, d + wq, border);
     }
+  }
+  q[4 * PS] = border;
+  for (int t = 0; t < 9; ++t) {
+    const int64_t ki = t / 3, kj = t % 3;
+    offs[t] = ((ki & 1) * 2 + (kj & 1)) * PS + (ki >> 1) * wq + (kj >> 1);
+  }
+  pool3x3_taps<T, kMax>(q, offs, ho * wq, acc);
+  crop_rows(acc, ho, wo, wq, y);
+  if constexpr (!kMax) {
+    const int64_t n = ho * wo;
+    PYNAS_SIMD
+    for (int64_t i = 0; i < n; ++i) y[i] *= inv[i];
   }
 }
 
