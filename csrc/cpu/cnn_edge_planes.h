@@ -449,6 +449,50 @@ inline int64_t pool3x3_buf_size(int64_t h, int64_t w, int64_t s) {
   return (h + 3) * (w + 2) + (s == 2 ? 4 * (ho + 1) * (wo + 1) + 1 : 0);
 }
 
+// Stride 2: the padded plane `buf` (h + 2 rows of wp = w + 2) split into its four phases (row parity x column
+// parity), q[(2 pr + pc) PS + i wq + j] = buf[2 i + pr, 2 j + pc] with hq = ho + 1 rows of wq = wo + 1 (PS = hq wq;
+// `border` where that is past the plane, and at q[4 PS]); `offs`: where tap t = 3 ki + kj of output 0 reads, in
+// phase (ki % 2, kj % 2) from (ki / 2, kj / 2) on, so output i (ho rows of wq) reads q[offs[t] + i].
+template <typename T>
+void pool3x3_phases(const T* __restrict__ buf, int64_t h, int64_t w, int64_t ho, int64_t wo, T border,
+                    T* __restrict__ q, int64_t* offs) {
+  const int64_t wp = w + 2, hq = ho + 1, wq = wo + 1, PS = hq * wq, rows = h + 2;
+  for (int64_t p = 0; p < 4; ++p) {
+    const int64_t pr = p >> 1, pc = p & 1;
+    for (int64_t i = 0; i < hq; ++i) {
+      T* d = q + p * PS + i * wq;
+      const int64_t r = 2 * i + pr;
+      const int64_t n = r < rows ? std::min(wq, (wp - pc + 1) / 2) : 0;
+      const T* src = buf + r * wp + pc;
+      for (int64_t j = 0; j < n; ++j) d[j] = src[2 * j];
+      std::fill(d + n, d + wq, border);
+    }
+  }
+  q[4 * PS] = border;
+  for (int t = 0; t < 9; ++t) {
+    const int64_t ki = t / 3, kj = t % 3;
+    offs[t] = ((ki & 1) * 2 + (kj & 1)) * PS + (ki >> 1) * wq + (kj >> 1);
+  }
+}
+
+// gbuf (the padded plane's layout) += the phases gq of pool3x3_phases, at their places in the plane.
+template <typename T>
+void pool3x3_merge_phases(const T* __restrict__ gq, int64_t h, int64_t w, int64_t ho, int64_t wo,
+                          T* __restrict__ gbuf) {
+  const int64_t wp = w + 2, hq = ho + 1, wq = wo + 1, PS = hq * wq, rows = h + 2;
+  for (int64_t p = 0; p < 4; ++p) {
+    const int64_t pr = p >> 1, pc = p & 1;
+    for (int64_t i = 0; i < hq; ++i) {
+      const int64_t r = 2 * i + pr;
+      if (r >= rows) continue;
+      const T* src = gq + p * PS + i * wq;
+      T* d = gbuf + r * wp + pc;
+      const int64_t n = std::min(wq, (wp - pc + 1) / 2);
+      for (int64_t j = 0; j < n; ++j) d[2 * j] += src[j];
+    }
+  }
+}
+
 // One 3x3 pool of a plane, max (border -inf) or average (border 0, each window's sum times `inv`, its
 // 1 / count); `inv` is unused by the max pool. `buf`: pool3x3_buf_size scratch; `acc`: ho * (w + 2).
 // Stride 1: each tap is one loop over ho rows of the padded width. Stride 2: the padded plane is split into
@@ -474,24 +518,9 @@ void pool3x3_plane(const T* x, int64_t h, int64_t w, int64_t s, int64_t ho, int6
     crop_rows(acc, ho, wo, wp, y);
     return;
   }
-  const int64_t hq = ho + 1, wq = wo + 1, PS = hq * wq, rows = h + 2;
+  const int64_t wq = wo + 1;
   T* __restrict__ q = buf + (h + 3) * wp;
-  for (int64_t p = 0; p < 4; ++p) {
-    const int64_t pr = p >> 1, pc = p & 1;
-    for (int64_t i = 0; i < hq; ++i) {
-      T* d = q + p * PS + i * wq;
-      const int64_t r = 2 * i + pr;
-      const int64_t n = r < rows ? std::min(wq, (wp - pc + 1) / 2) : 0;
-      const T* src = buf + r * wp + pc;
-      for (int64_t j = 0; j < n; ++j) d[j] = src[2 * j];
-      std::fill(d + n, d + wq, border);
-    }
-  }
-  q[4 * PS] = border;
-  for (int t = 0; t < 9; ++t) {
-    const int64_t ki = t / 3, kj = t % 3;
-    offs[t] = ((ki & 1) * 2 + (kj & 1)) * PS + (ki >> 1) * wq + (kj >> 1);
-  }
+  pool3x3_phases(buf, h, w, ho, wo, border, q, offs);
   pool3x3_taps<T, kMax>(q, offs, ho * wq, acc);
   crop_rows(acc, ho, wo, wq, y);
   if constexpr (!kMax) {
@@ -507,52 +536,52 @@ void max_pool_plane(const T* x, int64_t h, int64_t w, int64_t s, int64_t ho, int
   pool3x3_plane<T, true>(x, h, w, s, ho, wo, nullptr, buf, acc, y);
 }
 
-// gbuf (padded like buf, which holds the -inf padded input from max_pool_plane) += gy routed to the first
-// maximum of each window in row-major order (torch's choice). `y`: the pool's output.
+// dst[offs[t] + i] += gw[i] for the first tap t (row-major) whose src[offs[t] + i] equals yw[i], for i in [0, L),
+// the taps taken in order (the sums into dst in tap order). `taken`: L scratch.
 template <typename T>
-void max_pool_plane_backward(const T* __restrict__ buf, int64_t w, int64_t s, int64_t ho, int64_t wo,
+void max_pool_taps_backward(const T* __restrict__ src, const int64_t* offs, int64_t L, const T* __restrict__ yw,
+                            const T* __restrict__ gw, T* __restrict__ taken, T* __restrict__ dst) {
+  std::fill(taken, taken + L, T(0));
+  for (int64_t t = 0; t < 9; ++t) {
+    const T* __restrict__ in = src + offs[t];
+    T* __restrict__ out = dst + offs[t];
+    PYNAS_SIMD
+    for (int64_t i = 0; i < L; ++i) {
+      const T hit = (in[i] == yw[i] && taken[i] == T(0)) ? T(1) : T(0);
+      out[i] += hit * gw[i];
+      taken[i] += hit;
+    }
+  }
+}
+
+// gbuf (padded like buf, which holds the -inf padded input from max_pool_plane) += gy routed to the first
+// maximum of each window in row-major order (torch's choice). `y`: the pool's output. Stride 2 works on the
+// phases (pool3x3_phases) of buf, in buf's tail, and adds into gq, gbuf's tail (zero on entry), which the
+// caller merges into gbuf (pool3x3_merge_phases). `scratch`: 3 ho (w + 2).
+template <typename T>
+void max_pool_plane_backward(T* __restrict__ buf, int64_t h, int64_t w, int64_t s, int64_t ho, int64_t wo,
                              const T* __restrict__ y, const T* __restrict__ gy, T* __restrict__ scratch,
                              T* __restrict__ gbuf) {
   const int64_t wp = w + 2;
+  int64_t offs[9];
+  const T* src = buf;
+  T* dst = gbuf;
+  int64_t wr = wp;  // the row length of the outputs' layout
   if (s == 1) {
-    const int64_t L = ho * wp;
-    T* yw = scratch;           // y widened; NaN in the garbage columns matches nothing
-    T* gw = scratch + L;       // gy widened, zeros there
-    T* taken = scratch + 2 * L;
-    widen_rows(y, ho, wo, wp, std::numeric_limits<T>::quiet_NaN(), yw);
-    widen_rows(gy, ho, wo, wp, T(0), gw);
-    std::fill(taken, taken + L, T(0));
-    for (int64_t t = 0; t < 9; ++t) {
-      const int64_t o = (t / 3) * wp + t % 3;
-      const T* __restrict__ src = buf + o;
-      T* __restrict__ dst = gbuf + o;
-      PYNAS_SIMD
-      for (int64_t i = 0; i < L; ++i) {
-        const T hit = (src[i] == yw[i] && taken[i] == T(0)) ? T(1) : T(0);
-        dst[i] += hit * gw[i];
-        taken[i] += hit;
-      }
-    }
-    return;
+    for (int t = 0; t < 9; ++t) offs[t] = (t / 3) * wp + t % 3;
+  } else {
+    T* q = buf + (h + 3) * wp;
+    pool3x3_phases(buf, h, w, ho, wo, -std::numeric_limits<T>::infinity(), q, offs);
+    src = q;
+    dst = gbuf + (h + 3) * wp;
+    wr = wo + 1;
   }
-  for (int64_t oh = 0; oh < ho; ++oh) {
-    for (int64_t ow = 0; ow < wo; ++ow) {
-      const int64_t base = oh * s * wp + ow * s;
-      // torch starts from the window's first input pixel and moves only on a strictly greater value
-      int64_t arg = std::max<int64_t>(oh * s, 1) * wp + std::max<int64_t>(ow * s, 1);
-      T m = buf[arg];
-      for (int64_t ki = 0; ki < 3; ++ki) {
-        for (int64_t kj = 0; kj < 3; ++kj) {
-          const int64_t idx = base + ki * wp + kj;
-          if (buf[idx] > m) {
-            m = buf[idx];
-            arg = idx;
-          }
-        }
-      }
-      gbuf[arg] += gy[oh * wo + ow];
-    }
-  }
+  const int64_t L = ho * wr;
+  T* yw = scratch;      // y widened; NaN in the garbage columns matches nothing
+  T* gw = scratch + L;  // gy widened, zeros there
+  widen_rows(y, ho, wo, wr, std::numeric_limits<T>::quiet_NaN(), yw);
+  widen_rows(gy, ho, wo, wr, T(0), gw);
+  max_pool_taps_backward(src, offs, L, yw, gw, scratch + 2 * L, dst);
 }
 
 // `inv`: 1/count per output pixel, laid out with row length wp (stride 1) or wo (stride 2).
@@ -562,29 +591,39 @@ void avg_pool_plane(const T* x, int64_t h, int64_t w, int64_t s, int64_t ho, int
   pool3x3_plane<T, false>(x, h, w, s, ho, wo, inv, buf, acc, y);
 }
 
+// gbuf += the average pool's input gradient from gy: each output's gy * inv to its 9 inputs, in tap order.
+// Stride 2 adds into the phases gq in gbuf's tail instead (as max_pool_plane_backward). `scratch`: ho (w + 2).
 template <typename T>
-void avg_pool_plane_backward(int64_t w, int64_t s, int64_t ho, int64_t wo, const T* inv, const T* __restrict__ gy,
-                             T* __restrict__ scratch, T* __restrict__ gbuf) {
+void avg_pool_plane_backward(int64_t h, int64_t w, int64_t s, int64_t ho, int64_t wo, const T* inv,
+                             const T* __restrict__ gy, T* __restrict__ scratch, T* __restrict__ gbuf) {
   const int64_t wp = w + 2;
+  int64_t offs[9];
+  T* dst = gbuf;
+  int64_t L;
   if (s == 1) {
-    const int64_t L = ho * wp;
+    L = ho * wp;
     widen_rows(gy, ho, wo, wp, T(0), scratch);
     PYNAS_SIMD
     for (int64_t i = 0; i < L; ++i) scratch[i] *= inv[i];
-    for (int64_t t = 0; t < 9; ++t) {
-      T* __restrict__ dst = gbuf + (t / 3) * wp + t % 3;
+    for (int t = 0; t < 9; ++t) offs[t] = (t / 3) * wp + t % 3;
+  } else {
+    const int64_t wq = wo + 1, PS = (ho + 1) * wq;
+    L = ho * wq;
+    for (int64_t i = 0; i < ho; ++i) {
       PYNAS_SIMD
-      for (int64_t i = 0; i < L; ++i) dst[i] += scratch[i];
+      for (int64_t j = 0; j < wo; ++j) scratch[i * wq + j] = gy[i * wo + j] * inv[i * wo + j];
+      scratch[i * wq + wo] = T(0);
     }
-    return;
+    for (int t = 0; t < 9; ++t) {
+      const int64_t ki = t / 3, kj = t % 3;
+      offs[t] = ((ki & 1) * 2 + (kj & 1)) * PS + (ki >> 1) * wq + (kj >> 1);
+    }
+    dst = gbuf + (h + 3) * wp;
   }
-  for (int64_t oh = 0; oh < ho; ++oh) {
-    for (int64_t ow = 0; ow < wo; ++ow) {
-      const T v = gy[oh * wo + ow] * inv[oh * wo + ow];
-      T* d = gbuf + oh * s * wp + ow * s;
-      for (int64_t ki = 0; ki < 3; ++ki)
-        for (int64_t kj = 0; kj < 3; ++kj) d[ki * wp + kj] += v;
-    }
+  for (int t = 0; t < 9; ++t) {
+    T* __restrict__ d = dst + offs[t];
+    PYNAS_SIMD
+    for (int64_t i = 0; i < L; ++i) d[i] += scratch[i];
   }
 }
 
@@ -794,13 +833,15 @@ void mix_grads_range(int64_t b, int64_t e, const MixArgs<T>& a) {
         affine2(g, y, a.A[c], a.B[c], a.Dg[c], a.HWo, gy.data());
         std::fill(buf.begin(), buf.end(), -std::numeric_limits<T>::infinity());
         load_padded(x, a.H, a.W, 1, wp, kPreNone, T(0), T(1), buf.data());
-        max_pool_plane_backward(buf.data(), a.W, a.stride, a.Ho, a.Wo, y, gy.data(), scratch.data(), gbuf.data());
+        max_pool_plane_backward(buf.data(), a.H, a.W, a.stride, a.Ho, a.Wo, y, gy.data(), scratch.data(),
+                                gbuf.data());
       }
       if (a.yavg) {
         const int64_t q = a.C + c;
         affine2(g, a.yavg + plane * a.HWo, a.A[q], a.B[q], a.Dg[q], a.HWo, gy.data());
-        avg_pool_plane_backward(a.W, a.stride, a.Ho, a.Wo, a.inv, gy.data(), scratch.data(), gbuf.data());
+        avg_pool_plane_backward(a.H, a.W, a.stride, a.Ho, a.Wo, a.inv, gy.data(), scratch.data(), gbuf.data());
       }
+      if (a.stride == 2) pool3x3_merge_phases(gbuf.data() + (a.H + 3) * wp, a.H, a.W, a.Ho, a.Wo, gbuf.data());
       for (int64_t i = 0; i < a.H; ++i) std::copy(&gbuf[(i + 1) * wp + 1], &gbuf[(i + 1) * wp + 1] + a.W, gx + i * a.W);
     } else {
       std::fill(gx, gx + a.H * a.W, T(0));
