@@ -59,13 +59,23 @@ class EdgePlan(BatchNormPlan):
                              float(first.momentum) if first and first.momentum is not None else 0.1)
         self.encoded = self.spec.encode()
 
+    @property
+    def _weight_owners(self) -> List[nn.Module]:
+        """The conv modules whose weights :meth:`params` returns, in its order (found once: indexing Sequentials and
+        module attribute lookups cost tens of microseconds per edge call)."""
+        owners = self.__dict__.get("_owners")
+        if owners is None:
+            owners = []
+            for c, m in zip(self.spec.convs, self.conv_modules):
+                if c.kind == "fr":
+                    owners += [m.conv_1, m.conv_2]
+                elif c.kind == "sep":
+                    owners += [m.op[1], m.op[2], m.op[5], m.op[6]]
+                else:
+                    owners += [m.op[1], m.op[2]]
+            self.__dict__["_owners"] = owners
+        return owners
+
     def params(self) -> List[torch.Tensor]:
-        out = []
-        for c, m in zip(self.spec.convs, self.conv_modules):
-            if c.kind == "fr":
-                out += [m.conv_1.weight, m.conv_2.weight]
-            elif c.kind == "sep":
-                out += [m.op[1].weight, m.op[2].weight, m.op[5].weight, m.op[6].weight]
-            else:
-                out += [m.op[1].weight, m.op[2].weight]
-        return out
+        # each module's registered weight, read at every call (a weight assigned anew is taken)
+        return [m._parameters["weight"] for m in self._weight_owners]
