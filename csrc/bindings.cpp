@@ -15,7 +15,9 @@
 
 #include <torch/python.h>
 
+#include <algorithm>
 #include <cmath>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -375,6 +377,193 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> cnn_edge_mix_backwar
 }
 
 // ---- partial_channel (see csrc/include/pynas/partial_channel.h) --------------------------------------------
+
+// ---- the whole fused edge in one call (CPU) -----------------------------------------------------------------
+// The forward and the backward of pynas/ops/cnn_edge.py (cnn_edge_forward_impl, cnn_edge_backward_impl) as one
+// C++ sequence of the checked kernel calls above, for the cpu backend: the same kernels in the same order, so the
+// same numbers, without ~20 Python-to-C++ crossings and the Python loops around them per edge call. The edge's
+// candidates come as plain data (EdgeSpec): per conv its kind (0 sep, 1 dil, 2 FactorizedReduce), kernel,
+// padding and dilation.
+
+constexpr int64_t kEdgeSep = 0, kEdgeDil = 1, kEdgeFr = 2;
+constexpr int64_t kPreRelu = 1, kPreNormRelu = 2;  // pynas::edge::kPreRelu, kPreNormRelu
+
+struct EdgeConvs {
+  std::vector<int64_t> kinds, pads, dils, starts;  // starts: each conv's first index in params
+  int64_t n_params = 0;
+};
+
+EdgeConvs edge_convs(const char* op, const std::vector<int64_t>& kinds, const std::vector<int64_t>& pads,
+                     const std::vector<int64_t>& dils, size_t n_params) {
+  TORCH_CHECK(pads.size() == kinds.size() && dils.size() == kinds.size(), op,
+              ": kinds, pads, dils: expected one entry per conv each, got ", kinds.size(), ", ", pads.size(), ", ",
+              dils.size());
+  EdgeConvs c{kinds, pads, dils, {}, 0};
+  for (int64_t kind : kinds) {
+    TORCH_CHECK(kind == kEdgeSep || kind == kEdgeDil || kind == kEdgeFr, op,
+                ": kinds: expected 0 (sep), 1 (dil) or 2 (FactorizedReduce), got ", kind);
+    c.starts.push_back(c.n_params);
+    c.n_params += kind == kEdgeSep ? 4 : 2;
+  }
+  TORCH_CHECK(static_cast<size_t>(c.n_params) == n_params, op, ": params: expected ", c.n_params,
+              " conv weights for these convs (sep 4, dil 2, FactorizedReduce 2 each), got ", n_params);
+  return c;
+}
+
+// relu(x[:, :, o::2, o::2]): a FactorizedReduce's input at offset o (0 or 1).
+at::Tensor fr_input(const at::Tensor& x, int64_t o) {
+  return x.slice(2, o, x.size(2), 2).slice(3, o, x.size(3), 2).relu();
+}
+
+// (out, wr, mean, rstd, ps, saved); updates the running statistics in place (counters: num_batches_tracked, + 1).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>
+cnn_edge_forward(const at::Tensor& x_in, const at::Tensor& weights, const std::vector<at::Tensor>& params,
+                 const std::vector<at::Tensor>& running, const std::vector<at::Tensor>& counters, const at::Tensor& index,
+                 int64_t stride, bool has_max, bool has_avg, bool has_skip, const std::vector<int64_t>& kinds,
+                 const std::vector<int64_t>& pads, const std::vector<int64_t>& dils, double eps, double momentum) {
+  constexpr const char* op = "cnn_edge_forward";
+  check_edge_input(op, x_in, "x");
+  TORCH_CHECK(x_in.is_cpu(), op, ": x: expected a CPU tensor (the one-call edge is the cpu backend's), got ",
+              pynas::checks::describe(x_in));
+  const EdgeConvs c = edge_convs(op, kinds, pads, dils, params.size());
+  const size_t n_bn = (has_max ? 1 : 0) + (has_avg ? 1 : 0) + kinds.size() +
+                      std::count(kinds.begin(), kinds.end(), kEdgeSep);
+  TORCH_CHECK(running.size() == 2 * n_bn, op, ": running: expected running_mean, running_var of each of the ", n_bn,
+              " BatchNorms, got ", running.size(), " tensors");
+  pynas::checks::check_dense(op, index, "index");
+  TORCH_CHECK(index.dim() == 1 && index.size(0) == static_cast<int64_t>(3 + kinds.size()) &&
+                  index.scalar_type() == at::kLong && index.is_cpu(),
+              op, ": index: expected a CPU int64 vector of 3 + len(kinds) columns, got ",
+              pynas::checks::describe(index));
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor wr = weights.detach().index_select(0, index);
+  std::vector<at::Tensor> firsts;
+  std::vector<int64_t> dw_strides, dw_pads, dw_dils;
+  for (size_t i = 0; i < kinds.size(); ++i) {
+    if (kinds[i] == kEdgeFr) continue;
+    firsts.push_back(params[c.starts[i]]);
+    dw_strides.push_back(stride), dw_pads.push_back(pads[i]), dw_dils.push_back(dils[i]);
+  }
+  const at::Tensor none;
+  const std::vector<at::Tensor> us =
+      firsts.empty() ? std::vector<at::Tensor>()
+                     : cnn_edge_dw_forward(x, firsts, dw_strides, dw_pads, dw_dils, kPreRelu, none, none);
+  // running = (mean, var) per BatchNorm: the pools' first, then per conv its own (sep: 2, others: 1)
+  size_t pair = 0;
+  auto next_pair = [&]() {
+    const size_t k = pair++;
+    return std::make_pair(running[2 * k], running[2 * k + 1]);
+  };
+  std::vector<std::optional<at::Tensor>> rms, rvs;
+  for (bool present : {has_max, has_avg}) {
+    if (present) {
+      const auto p = next_pair();
+      rms.emplace_back(p.first), rvs.emplace_back(p.second);
+    } else {
+      rms.emplace_back(std::nullopt), rvs.emplace_back(std::nullopt);
+    }
+  }
+  std::vector<at::Tensor> ps, saved;
+  auto pw = [&](const at::Tensor& w, const at::Tensor& u) {
+    return std::get<0>(cnn_edge_pw_forward(u, w, false, 1.0, 0.0, std::nullopt, std::nullopt));
+  };
+  size_t d = 0;
+  for (size_t i = 0; i < kinds.size(); ++i) {
+    const int64_t at = c.starts[i];
+    if (kinds[i] == kEdgeFr) {
+      ps.push_back(at::cat({pw(params[at], fr_input(x, 0)), pw(params[at + 1], fr_input(x, 1))}, 1));
+    } else if (kinds[i] == kEdgeDil) {
+      const at::Tensor& u = us[d++];
+      ps.push_back(pw(params[at + 1], u));
+      saved.push_back(u);
+    } else {
+      const at::Tensor& u1 = us[d++];
+      const auto [rm, rv] = next_pair();
+      auto [p1, m1, r1] = cnn_edge_pw_forward(u1, params[at + 1], true, eps, momentum, rm, rv);
+      const at::Tensor u2 = cnn_edge_dw_forward(p1, {params[at + 2]}, {1}, {pads[i]}, {1}, kPreNormRelu, m1, r1)[0];
+      ps.push_back(pw(params[at + 3], u2));
+      saved.insert(saved.end(), {u1, p1, m1, r1, u2});
+    }
+    const auto [rm, rv] = next_pair();
+    rms.emplace_back(rm), rvs.emplace_back(rv);
+  }
+  auto [out, mean, rstd] = cnn_edge_mix_forward(x, ps, wr, stride, has_max, has_avg, has_skip, eps, momentum, rms, rvs);
+  for (const auto& t : counters) t.add_(1);
+  return {out, wr, mean, rstd, ps, saved};
+}
+
+// (grad_x, grad_weights, grad_params); grad_params undefined (None) unless need_w.
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> cnn_edge_backward(
+    const at::Tensor& g_in, const at::Tensor& x_in, const at::Tensor& weights, const at::Tensor& wr,
+    const at::Tensor& mean, const at::Tensor& rstd, const std::vector<at::Tensor>& params,
+    const std::vector<at::Tensor>& ps, const std::vector<at::Tensor>& saved, const at::Tensor& index, int64_t stride,
+    bool has_max, bool has_avg, bool has_skip, const std::vector<int64_t>& kinds, const std::vector<int64_t>& pads,
+    const std::vector<int64_t>& dils, bool need_w) {
+  constexpr const char* op = "cnn_edge_backward";
+  check_edge_input(op, x_in, "x");
+  TORCH_CHECK(x_in.is_cpu(), op, ": x: expected a CPU tensor (the one-call edge is the cpu backend's), got ",
+              pynas::checks::describe(x_in));
+  const EdgeConvs c = edge_convs(op, kinds, pads, dils, params.size());
+  TORCH_CHECK(ps.size() == kinds.size(), op, ": ps: expected one tensor per conv (", kinds.size(), "), got ", ps.size());
+  const size_t n_saved = 5 * std::count(kinds.begin(), kinds.end(), kEdgeSep) +
+                         std::count(kinds.begin(), kinds.end(), kEdgeDil);
+  TORCH_CHECK(saved.size() == n_saved, op, ": saved: expected ", n_saved, " tensors (sep 5, dil 1), got ", saved.size());
+  const at::Tensor g = g_in.contiguous(), x = x_in.contiguous();
+  auto [gx, gps, gwr] = cnn_edge_mix_backward(g, x, ps, wr, stride, has_max, has_avg, has_skip, mean, rstd);
+  std::vector<at::Tensor> gparams(params.size());
+  std::vector<int64_t> first_at, dw_strides, dw_pads, dw_dils;
+  std::vector<at::Tensor> first_ws, first_gs;
+  size_t s = 0;
+  const at::Tensor none;
+  for (size_t i = 0; i < kinds.size(); ++i) {
+    const int64_t at = c.starts[i];
+    if (kinds[i] == kEdgeFr) continue;
+    if (kinds[i] == kEdgeDil) {
+      auto [gu, gw] = cnn_edge_pw_backward(gps[i], saved[s], params[at + 1], need_w);
+      gparams[at + 1] = gw;
+      s += 1;
+      first_gs.push_back(gu);
+    } else {
+      const at::Tensor &u1 = saved[s], &p1 = saved[s + 1], &m1 = saved[s + 2], &r1 = saved[s + 3], &u2 = saved[s + 4];
+      s += 5;
+      auto [gu2, gw3] = cnn_edge_pw_backward(gps[i], u2, params[at + 3], need_w);
+      gparams[at + 3] = gw3;
+      auto [ga, gdw2, sums] = cnn_edge_dw_backward(p1, {params[at + 2]}, {gu2}, {1}, {pads[i]}, {1}, kPreNormRelu, m1,
+                                                   r1, need_w);
+      if (need_w) gparams[at + 2] = gdw2[0];
+      const at::Tensor gp1 = cnn_edge_bn_backward(ga, p1, m1, r1, sums);
+      auto [gu1, gw1] = cnn_edge_pw_backward(gp1, u1, params[at + 1], need_w);
+      gparams[at + 1] = gw1;
+      first_gs.push_back(gu1);
+    }
+    first_at.push_back(at);
+    first_ws.push_back(params[at]);
+    dw_strides.push_back(stride), dw_pads.push_back(pads[i]), dw_dils.push_back(dils[i]);
+  }
+  if (!first_at.empty()) {
+    auto [gx_conv, gfirst, unused] = cnn_edge_dw_backward(x, first_ws, first_gs, dw_strides, dw_pads, dw_dils,
+                                                          kPreRelu, none, none, need_w);
+    if (need_w) {
+      for (size_t m = 0; m < first_at.size(); ++m) gparams[first_at[m]] = gfirst[m];
+    }
+    gx = gx.defined() ? gx.add_(gx_conv) : gx_conv;
+  }
+  for (size_t i = 0; i < kinds.size(); ++i) {
+    if (kinds[i] != kEdgeFr) continue;
+    const int64_t at = c.starts[i];
+    if (!gx.defined()) gx = at::zeros_like(x);
+    const at::Tensor xa = fr_input(x, 0), xb = fr_input(x, 1);
+    const at::Tensor& gp = gps[i];
+    const int64_t half = gp.size(1) / 2;
+    auto [ga, gwa] = cnn_edge_pw_backward(gp.slice(1, 0, half).contiguous(), xa, params[at], need_w);
+    auto [gb, gwb] = cnn_edge_pw_backward(gp.slice(1, half, gp.size(1)).contiguous(), xb, params[at + 1], need_w);
+    gparams[at] = gwa, gparams[at + 1] = gwb;
+    gx.slice(2, 0, x.size(2), 2).slice(3, 0, x.size(3), 2).add_(ga.mul(xa.gt(0)));
+    gx.slice(2, 1, x.size(2), 2).slice(3, 1, x.size(3), 2).add_(gb.mul(xb.gt(0)));
+  }
+  at::Tensor gweights = at::zeros_like(weights).index_add_(0, index, gwr.to(weights.scalar_type()));
+  return {gx, gweights, gparams};
+}
 
 // x, groups and stride of a partial-channel edge: x 4-D (float32/float64 on the CPU, also float16/bfloat16 on a
 // CUDA device), groups a divisor of its channels, stride 1 or 2 (then an even height and width).
@@ -874,6 +1063,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cnn_edge_mix_backward", &cnn_edge_mix_backward, py::arg("g"), py::arg("x"), py::arg("ps"), py::arg("w"),
         py::arg("stride"), py::arg("has_max"), py::arg("has_avg"), py::arg("has_skip"), py::arg("mean"),
         py::arg("rstd"), nogil, "(grad_x, grad_ps, grad_w) of cnn_edge_mix_forward; pools recomputed.");
+  m.def("cnn_edge_forward", &cnn_edge_forward, py::arg("x"), py::arg("weights"), py::arg("params"), py::arg("running"),
+        py::arg("counters"), py::arg("index"), py::arg("stride"), py::arg("has_max"), py::arg("has_avg"),
+        py::arg("has_skip"), py::arg("kinds"), py::arg("pads"), py::arg("dils"), py::arg("eps"), py::arg("momentum"),
+        nogil, "(out, wr, mean, rstd, ps, saved): the whole fused edge's forward in one call (CPU).");
+  m.def("cnn_edge_backward", &cnn_edge_backward, py::arg("g"), py::arg("x"), py::arg("weights"), py::arg("wr"),
+        py::arg("mean"), py::arg("rstd"), py::arg("params"), py::arg("ps"), py::arg("saved"), py::arg("index"),
+        py::arg("stride"), py::arg("has_max"), py::arg("has_avg"), py::arg("has_skip"), py::arg("kinds"),
+        py::arg("pads"), py::arg("dils"), py::arg("need_w"), nogil,
+        "(grad_x, grad_weights, grad_params) of cnn_edge_forward (grad_params None unless need_w; CPU).");
   m.def("cnn_edge_pw_forward", &cnn_edge_pw_forward, py::arg("u"), py::arg("w"), py::arg("stats"), py::arg("eps"),
         py::arg("momentum"), py::arg("running_mean"), py::arg("running_var"), nogil,
         "(p, mean, rstd): 1x1 conv, with the per-channel batch statistics of p when stats (fused CNN edge, CPU).");

@@ -110,6 +110,12 @@ class EdgeSpec:
         return cache[device]
 
     @functools.cached_property
+    def conv_args(self) -> Tuple[List[int], List[int], List[int]]:
+        """(kinds, pads, dils) of the convs as the one-call kernels take them (kind 0 sep, 1 dil, 2 fr)."""
+        kinds = [{"sep": 0, "dil": 1, "fr": 2}[c.kind] for c in self.convs]
+        return kinds, [c.pad for c in self.convs], [c.dil for c in self.convs]
+
+    @functools.cached_property
     def dw_convs(self) -> Tuple[ConvSpec, ...]:
         return tuple(c for c in self.convs if c.kind != "fr")
 
@@ -200,6 +206,12 @@ def _pw(k, w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 def cnn_edge_forward_impl(spec: EdgeSpec, k, x: torch.Tensor, weights: torch.Tensor, params: Sequence[torch.Tensor],
                       running: Sequence[torch.Tensor], counters: Sequence[torch.Tensor]):
     """The forward: returns (out, wr, mean, rstd, ps, saved); updates running statistics and counters."""
+    if k.edge_forward is not None:
+        out, wr, mean, rstd, ps, saved = k.edge_forward(
+            x, weights, list(params), list(running), list(counters), spec.index_on(weights.device), spec.stride,
+            spec.max_column >= 0, spec.avg_column >= 0, spec.skip_column >= 0, *spec.conv_args, spec.eps,
+            spec.momentum)
+        return out, wr, mean, rstd, ps, saved
     x = x.contiguous()
     wr = weights.detach().index_select(0, spec.index_on(weights.device))
     at, firsts = 0, []
@@ -249,6 +261,10 @@ def cnn_edge_backward_impl(spec: EdgeSpec, k, g: torch.Tensor, x: torch.Tensor, 
                        wr: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, params: Sequence[torch.Tensor],
                        ps: Sequence[torch.Tensor], saved: Sequence[torch.Tensor], need_w: bool):
     """The backward: returns (grad_x, grad_weights, grad_params (None each when not need_w))."""
+    if k.edge_backward is not None:
+        return k.edge_backward(g, x, weights, wr, mean, rstd, list(params), list(ps), list(saved),
+                               spec.index_on(weights.device), spec.stride, spec.max_column >= 0,
+                               spec.avg_column >= 0, spec.skip_column >= 0, *spec.conv_args, need_w)
     g = g.contiguous()
     x = x.contiguous()
     gx_mix, gps, gwr = k.mix_backward(g, x, list(ps), wr, spec.stride, spec.max_column >= 0,
@@ -346,6 +362,11 @@ class _Kernels(NamedTuple):
     mix_backward: Callable
     pw_forward: Callable
     pw_backward: Callable
+    #: The whole forward / backward in one call (the C++ extension's ``cnn_edge_forward`` / ``cnn_edge_backward``:
+    #: the calls above in the same order), or None: then :func:`cnn_edge_forward_impl` and
+    #: :func:`cnn_edge_backward_impl` make the calls from Python.
+    edge_forward: Optional[Callable] = None
+    edge_backward: Optional[Callable] = None
 
 
 def _pw_forward_matmul(bn_stats, u, w, stats, eps, momentum, running_mean, running_var):
@@ -360,8 +381,10 @@ def _pw_forward_matmul(bn_stats, u, w, stats, eps, momentum, running_mean, runni
 def _module_kernels(m, matmul_pw: bool) -> _Kernels:
     pw_forward = functools.partial(_pw_forward_matmul, m.cnn_edge_bn_stats) if matmul_pw else m.cnn_edge_pw_forward
     pw_backward = conv1x1_backward if matmul_pw else m.cnn_edge_pw_backward
+    whole = not matmul_pw and hasattr(m, "cnn_edge_forward")  # the CPU extension (not an older build)
     return _Kernels(m.cnn_edge_dw_forward, m.cnn_edge_dw_backward, m.cnn_edge_bn_stats, m.cnn_edge_bn_backward,
-                    m.cnn_edge_mix_forward, m.cnn_edge_mix_backward, pw_forward, pw_backward)
+                    m.cnn_edge_mix_forward, m.cnn_edge_mix_backward, pw_forward, pw_backward,
+                    m.cnn_edge_forward if whole else None, m.cnn_edge_backward if whole else None)
 
 
 def _needs_4d(tensors: Sequence[torch.Tensor]) -> List[str]:

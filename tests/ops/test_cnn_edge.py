@@ -127,6 +127,68 @@ def test_primitive_subsets(primitives, stride):
     _compare_mixed_op(4, stride, (2, 6, 6), torch.float64, primitives=primitives)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("stride,primitives", [
+    (1, PRIMITIVES), (2, PRIMITIVES), (1, ["avg_pool_3x3", "sep_conv_5x5"]), (2, ["skip_connect", "dil_conv_3x3"]),
+    (2, ["none", "skip_connect"]), (1, ["dil_conv_5x5", "none"])], ids=str)
+def test_one_call_edge_is_the_python_sequence_bit_for_bit(dtype, stride, primitives):
+    """The cpu backend's one-call forward and backward (cnn_edge_forward / cnn_edge_backward in the extension) make
+    the same kernel calls in the same order as the Python sequence: identical outputs, saved tensors, running
+    statistics, counters and gradients (with and without the weight gradients)."""
+    torch.manual_seed(5)
+    op = MixedOp(4, stride, primitives).to(dtype)
+    _randomize(op, 5)
+    plan = EdgePlan(op, primitives, stride)
+    spec = plan.spec
+    whole = fused._kernels("cpu")
+    assert whole.edge_forward is not None and whole.edge_backward is not None
+    split = whole._replace(edge_forward=None, edge_backward=None)
+    x = torch.randn(3, 4, 6, 6, dtype=dtype)
+    w = torch.softmax(torch.randn(len(primitives), dtype=dtype), 0)
+    params = plan.params()
+    results = []
+    for k in (whole, split):
+        running = [t.clone() for t in plan.running()]
+        counters = [t.clone() for t in plan.counters()]
+        out, wr, mean, rstd, ps, saved = fused.cnn_edge_forward_impl(spec, k, x, w, params, running, counters)
+        g = torch.randn(out.shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
+        grads = [fused.cnn_edge_backward_impl(spec, k, g, x, w, wr, mean, rstd, params, ps, saved, need_w)
+                 for need_w in (True, False)]
+        results.append(([out, wr, mean, rstd, *ps, *saved, *running, *counters], grads))
+    (fa, ga), (fb, gb) = results
+    assert len(fa) == len(fb)
+    for a, b in zip(fa, fb):
+        assert torch.equal(a, b)
+    for (gx1, gw1, gp1), (gx2, gw2, gp2) in zip(ga, gb):
+        assert torch.equal(gx1, gx2) and torch.equal(gw1, gw2)
+        assert len(gp1) == len(gp2) == len(params)
+        for a, b in zip(gp1, gp2):
+            assert (a is None and b is None) or torch.equal(a, b)
+    assert all(p is None for p in ga[1][2]) and all(p is not None for p in ga[0][2])
+
+
+def test_one_call_edge_names_bad_arguments():
+    m = _ext.get()
+    op = MixedOp(2, 1)
+    plan = EdgePlan(op, PRIMITIVES, 1)
+    spec = plan.spec
+    x, w = torch.randn(2, 2, 4, 4), torch.softmax(torch.randn(8), 0)
+    kinds, pads, dils = spec.conv_args
+    args = dict(x=x, weights=w, params=plan.params(), running=plan.running(), counters=[], index=spec.index,
+                stride=1, has_max=True, has_avg=True, has_skip=True, kinds=kinds, pads=pads, dils=dils, eps=1e-5,
+                momentum=0.1)
+    with pytest.raises(RuntimeError, match="kinds: expected 0"):
+        m.cnn_edge_forward(**{**args, "kinds": [7] * len(kinds)})
+    with pytest.raises(RuntimeError, match="params: expected 12 conv weights"):
+        m.cnn_edge_forward(**{**args, "params": plan.params()[:-1]})
+    with pytest.raises(RuntimeError, match="running: expected"):
+        m.cnn_edge_forward(**{**args, "running": plan.running()[:-2]})
+    with pytest.raises(RuntimeError, match="index: expected"):
+        m.cnn_edge_forward(**{**args, "index": spec.index[:-1]})
+    with pytest.raises(RuntimeError, match="kinds, pads, dils: expected one entry per conv each"):
+        m.cnn_edge_forward(**{**args, "pads": pads[:-1]})
+
+
 def test_max_pool_ties_go_to_the_first_maximum():
     # integer-valued inputs: many ties inside the 3x3 windows
     torch.manual_seed(3)
