@@ -85,6 +85,8 @@ struct MixArgs {
   const T* inv;
   const T* const* ps;
   T* ymax;  // pool outputs (temporaries), null when the pool is absent
+  T* argmax;  // backward: per max-pool output the tap of its first maximum (a temporary of arg_len per plane)
+  int64_t arg_len;
   T* yavg;
   double* means;
   double* m2s;
@@ -667,6 +669,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> cnn_edge_mix_backwar
   for (const auto& p : ps) gps.push_back(at::empty_like(p));
   at::Tensor ymax = has_max ? at::empty({N, C, Ho, Wo}, x.options()) : at::Tensor();
   at::Tensor yavg = has_avg ? at::empty({N, C, Ho, Wo}, x.options()) : at::Tensor();
+  // the max pool's taps per output, in the pool's row layout (ho rows of w + 2 at stride 1, of wo + 1 at stride 2)
+  const int64_t arg_len = Ho * (stride == 1 ? W + 2 : Wo + 1);
+  at::Tensor argmax = has_max ? at::empty({N * C * arg_len}, x.options()) : at::Tensor();
   const std::vector<double> wv = to_doubles(w);
   std::vector<double> part(static_cast<size_t>(N * C * S), 0.0);
   std::vector<double> gw(static_cast<size_t>(3 + K), 0.0);
@@ -679,6 +684,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> cnn_edge_mix_backwar
     a.g = g.const_data_ptr<scalar_t>();
     a.ymax = has_max ? ymax.mutable_data_ptr<scalar_t>() : nullptr;
     a.yavg = has_avg ? yavg.mutable_data_ptr<scalar_t>() : nullptr;
+    a.argmax = has_max ? argmax.mutable_data_ptr<scalar_t>() : nullptr;
+    a.arg_len = arg_len;
     a.part = part.data();
     at::parallel_for(0, N * C, grain_for((J + 9) * HWo),
                      [&](int64_t b, int64_t e) { PYNAS_ISA_CALL(mix_sums_range<scalar_t>, b, e, a); });

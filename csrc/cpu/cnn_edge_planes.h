@@ -442,6 +442,52 @@ void pool3x3_taps(const T* __restrict__ src, const int64_t* offs, int64_t n, T* 
   }
 }
 
+// pool3x3_taps<T, true> that also writes, per output, the tap (0..8, as a T) of its first maximum in row-major
+// order into idx: a tap replaces the running maximum only when strictly greater, so ties keep the earlier tap
+// (torch's choice), and the maxima are pool3x3_taps's.
+template <typename T>
+void max3x3_taps_arg(const T* __restrict__ src, const int64_t* offs, int64_t n, T* __restrict__ dst,
+                     T* __restrict__ idx) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t E = sizeof(V) / sizeof(T);
+  int64_t i = 0;
+  for (; i + 2 * E <= n; i += 2 * E) {
+    V r0 = vload(src + offs[0] + i), r1 = vload(src + offs[0] + i + E);
+    V k0 = {}, k1 = {};
+    for (int t = 1; t < 9; ++t) {
+      const V a0 = vload(src + offs[t] + i), a1 = vload(src + offs[t] + i + E);
+      const V tv = V{} + static_cast<T>(t);
+      const auto m0 = a0 > r0, m1 = a1 > r1;
+      r0 = m0 ? a0 : r0;
+      r1 = m1 ? a1 : r1;
+      k0 = m0 ? tv : k0;
+      k1 = m1 ? tv : k1;
+    }
+    vstore(dst + i, r0);
+    vstore(dst + i + E, r1);
+    vstore(idx + i, k0);
+    vstore(idx + i + E, k1);
+  }
+  for (; i < n; ++i) {
+    T r = src[offs[0] + i], k = T(0);
+    for (int t = 1; t < 9; ++t) {
+      const T v = src[offs[t] + i];
+      if (v > r) r = v, k = static_cast<T>(t);
+    }
+    dst[i] = r;
+    idx[i] = k;
+  }
+}
+
+// Where tap t = 3 ki + kj of output 0 reads in the phase layout of pool3x3_phases (output i reads offs[t] + i).
+inline void pool3x3_phase_offsets(int64_t ho, int64_t wo, int64_t* offs) {
+  const int64_t wq = wo + 1, PS = (ho + 1) * wq;
+  for (int t = 0; t < 9; ++t) {
+    const int64_t ki = t / 3, kj = t % 3;
+    offs[t] = ((ki & 1) * 2 + (kj & 1)) * PS + (ki >> 1) * wq + (kj >> 1);
+  }
+}
+
 // The scratch a 3x3 pool of an h x w plane at stride s takes: the padded plane (h + 3 rows of w + 2), and at
 // stride 2 its four phases after it (pool3x3_plane).
 inline int64_t pool3x3_buf_size(int64_t h, int64_t w, int64_t s) {
@@ -469,10 +515,7 @@ void pool3x3_phases(const T* __restrict__ buf, int64_t h, int64_t w, int64_t ho,
     }
   }
   q[4 * PS] = border;
-  for (int t = 0; t < 9; ++t) {
-    const int64_t ki = t / 3, kj = t % 3;
-    offs[t] = ((ki & 1) * 2 + (kj & 1)) * PS + (ki >> 1) * wq + (kj >> 1);
-  }
+  pool3x3_phase_offsets(ho, wo, offs);
 }
 
 // gbuf (the padded plane's layout) += the phases gq of pool3x3_phases, at their places in the plane.
@@ -499,9 +542,11 @@ void pool3x3_merge_phases(const T* __restrict__ gq, int64_t h, int64_t w, int64_
 // its four phases (row parity x column parity, ho + 1 rows of wo + 1 each), where tap (ki, kj) reads phase
 // (ki % 2, kj % 2) from (ki / 2, kj / 2) on: again one loop per tap over ho rows of wo + 1. The same
 // comparisons and sums, in the same order, as a window at a time.
+// With `idx` (max pool only) the tap of each output's first maximum goes there too (max3x3_taps_arg), in the
+// loops' row layout: ho rows of w + 2 (stride 1) or wo + 1 (stride 2).
 template <typename T, bool kMax>
 void pool3x3_plane(const T* x, int64_t h, int64_t w, int64_t s, int64_t ho, int64_t wo, const T* inv,
-                   T* __restrict__ buf, T* __restrict__ acc, T* __restrict__ y) {
+                   T* __restrict__ buf, T* __restrict__ acc, T* __restrict__ y, T* __restrict__ idx = nullptr) {
   const int64_t wp = w + 2;
   const T border = kMax ? -std::numeric_limits<T>::infinity() : T(0);
   std::fill(buf, buf + (h + 3) * wp, border);
@@ -510,7 +555,11 @@ void pool3x3_plane(const T* x, int64_t h, int64_t w, int64_t s, int64_t ho, int6
   if (s == 1) {
     for (int t = 0; t < 9; ++t) offs[t] = (t / 3) * wp + t % 3;
     const int64_t L = ho * wp;
-    pool3x3_taps<T, kMax>(buf, offs, L, acc);
+    if (kMax && idx) {
+      max3x3_taps_arg(buf, offs, L, acc, idx);
+    } else {
+      pool3x3_taps<T, kMax>(buf, offs, L, acc);
+    }
     if constexpr (!kMax) {
       PYNAS_SIMD
       for (int64_t i = 0; i < L; ++i) acc[i] *= inv[i];
@@ -521,7 +570,11 @@ void pool3x3_plane(const T* x, int64_t h, int64_t w, int64_t s, int64_t ho, int6
   const int64_t wq = wo + 1;
   T* __restrict__ q = buf + (h + 3) * wp;
   pool3x3_phases(buf, h, w, ho, wo, border, q, offs);
-  pool3x3_taps<T, kMax>(q, offs, ho * wq, acc);
+  if (kMax && idx) {
+    max3x3_taps_arg(q, offs, ho * wq, acc, idx);
+  } else {
+    pool3x3_taps<T, kMax>(q, offs, ho * wq, acc);
+  }
   crop_rows(acc, ho, wo, wq, y);
   if constexpr (!kMax) {
     const int64_t n = ho * wo;
@@ -532,56 +585,37 @@ void pool3x3_plane(const T* x, int64_t h, int64_t w, int64_t s, int64_t ho, int6
 
 template <typename T>
 void max_pool_plane(const T* x, int64_t h, int64_t w, int64_t s, int64_t ho, int64_t wo, T* __restrict__ buf,
-                    T* __restrict__ acc, T* __restrict__ y) {
-  pool3x3_plane<T, true>(x, h, w, s, ho, wo, nullptr, buf, acc, y);
+                    T* __restrict__ acc, T* __restrict__ y, T* __restrict__ idx = nullptr) {
+  pool3x3_plane<T, true>(x, h, w, s, ho, wo, nullptr, buf, acc, y, idx);
 }
 
-// dst[offs[t] + i] += gw[i] for the first tap t (row-major) whose src[offs[t] + i] equals yw[i], for i in [0, L),
-// the taps taken in order (the sums into dst in tap order). `taken`: L scratch.
+// gbuf (the padded plane's layout) += gy routed to the first maximum of each window in row-major order (torch's
+// choice), whose tap max_pool_plane recorded in `idx` (its row layout); the sums into gbuf in tap order. Stride 2
+// adds into the phases gq in gbuf's tail (zero on entry), which the caller merges into gbuf
+// (pool3x3_merge_phases). `scratch`: ho (w + 2).
 template <typename T>
-void max_pool_taps_backward(const T* __restrict__ src, const int64_t* offs, int64_t L, const T* __restrict__ yw,
-                            const T* __restrict__ gw, T* __restrict__ taken, T* __restrict__ dst) {
-  std::fill(taken, taken + L, T(0));
-  for (int64_t t = 0; t < 9; ++t) {
-    const T* __restrict__ in = src + offs[t];
-    T* __restrict__ out = dst + offs[t];
-    PYNAS_SIMD
-    for (int64_t i = 0; i < L; ++i) {
-      const T hit = (in[i] == yw[i] && taken[i] == T(0)) ? T(1) : T(0);
-      out[i] += hit * gw[i];
-      taken[i] += hit;
-    }
-  }
-}
-
-// gbuf (padded like buf, which holds the -inf padded input from max_pool_plane) += gy routed to the first
-// maximum of each window in row-major order (torch's choice). `y`: the pool's output. Stride 2 works on the
-// phases (pool3x3_phases) of buf, in buf's tail, and adds into gq, gbuf's tail (zero on entry), which the
-// caller merges into gbuf (pool3x3_merge_phases). `scratch`: 3 ho (w + 2).
-template <typename T>
-void max_pool_plane_backward(T* __restrict__ buf, int64_t h, int64_t w, int64_t s, int64_t ho, int64_t wo,
-                             const T* __restrict__ y, const T* __restrict__ gy, T* __restrict__ scratch,
-                             T* __restrict__ gbuf) {
+void max_pool_plane_backward(const T* __restrict__ idx, int64_t h, int64_t w, int64_t s, int64_t ho, int64_t wo,
+                             const T* __restrict__ gy, T* __restrict__ scratch, T* __restrict__ gbuf) {
   const int64_t wp = w + 2;
   int64_t offs[9];
-  const T* src = buf;
   T* dst = gbuf;
-  int64_t wr = wp;  // the row length of the outputs' layout
+  int64_t wr = wp;  // the row length of idx's layout
   if (s == 1) {
     for (int t = 0; t < 9; ++t) offs[t] = (t / 3) * wp + t % 3;
   } else {
-    T* q = buf + (h + 3) * wp;
-    pool3x3_phases(buf, h, w, ho, wo, -std::numeric_limits<T>::infinity(), q, offs);
-    src = q;
+    pool3x3_phase_offsets(ho, wo, offs);
     dst = gbuf + (h + 3) * wp;
     wr = wo + 1;
   }
   const int64_t L = ho * wr;
-  T* yw = scratch;      // y widened; NaN in the garbage columns matches nothing
-  T* gw = scratch + L;  // gy widened, zeros there
-  widen_rows(y, ho, wo, wr, std::numeric_limits<T>::quiet_NaN(), yw);
+  T* gw = scratch;  // gy widened, zeros in the extra columns
   widen_rows(gy, ho, wo, wr, T(0), gw);
-  max_pool_taps_backward(src, offs, L, yw, gw, scratch + 2 * L, dst);
+  for (int t = 0; t < 9; ++t) {
+    const T tt = static_cast<T>(t);
+    T* __restrict__ d = dst + offs[t];
+    PYNAS_SIMD
+    for (int64_t i = 0; i < L; ++i) d[i] += idx[i] == tt ? gw[i] : T(0);
+  }
 }
 
 // `inv`: 1/count per output pixel, laid out with row length wp (stride 1) or wo (stride 2).
@@ -796,7 +830,7 @@ void mix_sums_range(int64_t b, int64_t e, const MixArgs<T>& a) {
     s[0] = sum_lanes(g, a.HWo);
     if (a.ymax) {
       T* y = a.ymax + plane * a.HWo;
-      max_pool_plane(x, a.H, a.W, a.stride, a.Ho, a.Wo, buf.data(), acc.data(), y);
+      max_pool_plane(x, a.H, a.W, a.stride, a.Ho, a.Wo, buf.data(), acc.data(), y, a.argmax + plane * a.arg_len);
       s[1] = dot_lanes(y, g, a.HWo);
     }
     if (a.yavg) {
@@ -814,8 +848,8 @@ void mix_sums_range(int64_t b, int64_t e, const MixArgs<T>& a) {
 template <typename T>
 void mix_grads_range(int64_t b, int64_t e, const MixArgs<T>& a) {
   const int64_t wp = a.W + 2;
-  std::vector<T> buf(static_cast<size_t>(a.pool_buf), T(0)), gbuf(static_cast<size_t>(a.pool_buf));
-  std::vector<T> gy(static_cast<size_t>(a.HWo)), scratch(static_cast<size_t>(3 * a.pool_acc));
+  std::vector<T> gbuf(static_cast<size_t>(a.pool_buf));
+  std::vector<T> gy(static_cast<size_t>(a.HWo)), scratch(static_cast<size_t>(a.pool_acc));
   for (int64_t plane = b; plane < e; ++plane) {
     const int64_t c = plane % a.C;
     const T* g = a.g + plane * a.HWo;
@@ -824,17 +858,14 @@ void mix_grads_range(int64_t b, int64_t e, const MixArgs<T>& a) {
       affine2(g, a.ps[j] + plane * a.HWo, a.A[q], a.B[q], a.Dg[q], a.HWo, a.gps[j] + plane * a.HWo);
     }
     if (!a.gx) continue;
-    const T* x = a.x + plane * a.H * a.W;
     T* gx = a.gx + plane * a.H * a.W;
     if (a.ymax || a.yavg) {
       std::fill(gbuf.begin(), gbuf.end(), T(0));
       if (a.ymax) {
         const T* y = a.ymax + plane * a.HWo;
         affine2(g, y, a.A[c], a.B[c], a.Dg[c], a.HWo, gy.data());
-        std::fill(buf.begin(), buf.end(), -std::numeric_limits<T>::infinity());
-        load_padded(x, a.H, a.W, 1, wp, kPreNone, T(0), T(1), buf.data());
-        max_pool_plane_backward(buf.data(), a.H, a.W, a.stride, a.Ho, a.Wo, y, gy.data(), scratch.data(),
-                                gbuf.data());
+        max_pool_plane_backward(a.argmax + plane * a.arg_len, a.H, a.W, a.stride, a.Ho, a.Wo, gy.data(),
+                                scratch.data(), gbuf.data());
       }
       if (a.yavg) {
         const int64_t q = a.C + c;
