@@ -641,17 +641,14 @@ void avg_pool_plane_backward(int64_t h, int64_t w, int64_t s, int64_t ho, int64_
     for (int64_t i = 0; i < L; ++i) scratch[i] *= inv[i];
     for (int t = 0; t < 9; ++t) offs[t] = (t / 3) * wp + t % 3;
   } else {
-    const int64_t wq = wo + 1, PS = (ho + 1) * wq;
+    const int64_t wq = wo + 1;
     L = ho * wq;
     for (int64_t i = 0; i < ho; ++i) {
       PYNAS_SIMD
       for (int64_t j = 0; j < wo; ++j) scratch[i * wq + j] = gy[i * wo + j] * inv[i * wo + j];
       scratch[i * wq + wo] = T(0);
     }
-    for (int t = 0; t < 9; ++t) {
-      const int64_t ki = t / 3, kj = t % 3;
-      offs[t] = ((ki & 1) * 2 + (kj & 1)) * PS + (ki >> 1) * wq + (kj >> 1);
-    }
+    pool3x3_phase_offsets(ho, wo, offs);
     dst = gbuf + (h + 3) * wp;
   }
   for (int t = 0; t < 9; ++t) {

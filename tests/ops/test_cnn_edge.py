@@ -189,6 +189,15 @@ def test_one_call_edge_names_bad_arguments():
         m.cnn_edge_forward(**{**args, "pads": pads[:-1]})
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("shape", [(2, 7, 5), (1, 9, 3), (3, 1, 7), (2, 5, 1)], ids=str)
+def test_odd_planes(isa, stride, shape):
+    """Odd heights and widths (the pools' padded rows and, at stride 2, their four phases of unequal sizes): every
+    candidate but the FactorizedReduce skip, which needs even sides."""
+    prims = ["none", "max_pool_3x3", "avg_pool_3x3", "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5"]
+    _compare_mixed_op(4, stride, shape, torch.float64, primitives=prims, seed=sum(shape) + stride)
+
+
 def test_max_pool_ties_go_to_the_first_maximum():
     # integer-valued inputs: many ties inside the 3x3 windows
     torch.manual_seed(3)
