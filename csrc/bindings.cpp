@@ -388,26 +388,23 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> cnn_edge_mix_backwar
 constexpr int64_t kEdgeSep = 0, kEdgeDil = 1, kEdgeFr = 2;
 constexpr int64_t kPreRelu = 1, kPreNormRelu = 2;  // pynas::edge::kPreRelu, kPreNormRelu
 
-struct EdgeConvs {
-  std::vector<int64_t> kinds, pads, dils, starts;  // starts: each conv's first index in params
-  int64_t n_params = 0;
-};
-
-EdgeConvs edge_convs(const char* op, const std::vector<int64_t>& kinds, const std::vector<int64_t>& pads,
+// Each conv's first index in params (sep 4 weights, dil 2, FactorizedReduce 2), after checking the lists agree.
+std::vector<int64_t> edge_conv_starts(const char* op, const std::vector<int64_t>& kinds, const std::vector<int64_t>& pads,
                      const std::vector<int64_t>& dils, size_t n_params) {
   TORCH_CHECK(pads.size() == kinds.size() && dils.size() == kinds.size(), op,
               ": kinds, pads, dils: expected one entry per conv each, got ", kinds.size(), ", ", pads.size(), ", ",
               dils.size());
-  EdgeConvs c{kinds, pads, dils, {}, 0};
+  std::vector<int64_t> starts;
+  int64_t total = 0;
   for (int64_t kind : kinds) {
     TORCH_CHECK(kind == kEdgeSep || kind == kEdgeDil || kind == kEdgeFr, op,
                 ": kinds: expected 0 (sep), 1 (dil) or 2 (FactorizedReduce), got ", kind);
-    c.starts.push_back(c.n_params);
-    c.n_params += kind == kEdgeSep ? 4 : 2;
+    starts.push_back(total);
+    total += kind == kEdgeSep ? 4 : 2;
   }
-  TORCH_CHECK(static_cast<size_t>(c.n_params) == n_params, op, ": params: expected ", c.n_params,
+  TORCH_CHECK(static_cast<size_t>(total) == n_params, op, ": params: expected ", total,
               " conv weights for these convs (sep 4, dil 2, FactorizedReduce 2 each), got ", n_params);
-  return c;
+  return starts;
 }
 
 // relu(x[:, :, o::2, o::2]): a FactorizedReduce's input at offset o (0 or 1).
@@ -425,7 +422,7 @@ cnn_edge_forward(const at::Tensor& x_in, const at::Tensor& weights, const std::v
   check_edge_input(op, x_in, "x");
   TORCH_CHECK(x_in.is_cpu(), op, ": x: expected a CPU tensor (the one-call edge is the cpu backend's), got ",
               pynas::checks::describe(x_in));
-  const EdgeConvs c = edge_convs(op, kinds, pads, dils, params.size());
+  const std::vector<int64_t> starts = edge_conv_starts(op, kinds, pads, dils, params.size());
   const size_t n_bn = (has_max ? 1 : 0) + (has_avg ? 1 : 0) + kinds.size() +
                       std::count(kinds.begin(), kinds.end(), kEdgeSep);
   TORCH_CHECK(running.size() == 2 * n_bn, op, ": running: expected running_mean, running_var of each of the ", n_bn,
@@ -441,7 +438,7 @@ cnn_edge_forward(const at::Tensor& x_in, const at::Tensor& weights, const std::v
   std::vector<int64_t> dw_strides, dw_pads, dw_dils;
   for (size_t i = 0; i < kinds.size(); ++i) {
     if (kinds[i] == kEdgeFr) continue;
-    firsts.push_back(params[c.starts[i]]);
+    firsts.push_back(params[starts[i]]);
     dw_strides.push_back(stride), dw_pads.push_back(pads[i]), dw_dils.push_back(dils[i]);
   }
   const at::Tensor none;
@@ -469,7 +466,7 @@ cnn_edge_forward(const at::Tensor& x_in, const at::Tensor& weights, const std::v
   };
   size_t d = 0;
   for (size_t i = 0; i < kinds.size(); ++i) {
-    const int64_t at = c.starts[i];
+    const int64_t at = starts[i];
     if (kinds[i] == kEdgeFr) {
       ps.push_back(at::cat({pw(params[at], fr_input(x, 0)), pw(params[at + 1], fr_input(x, 1))}, 1));
     } else if (kinds[i] == kEdgeDil) {
@@ -503,7 +500,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> cnn_edge_backward(
   check_edge_input(op, x_in, "x");
   TORCH_CHECK(x_in.is_cpu(), op, ": x: expected a CPU tensor (the one-call edge is the cpu backend's), got ",
               pynas::checks::describe(x_in));
-  const EdgeConvs c = edge_convs(op, kinds, pads, dils, params.size());
+  const std::vector<int64_t> starts = edge_conv_starts(op, kinds, pads, dils, params.size());
   TORCH_CHECK(ps.size() == kinds.size(), op, ": ps: expected one tensor per conv (", kinds.size(), "), got ", ps.size());
   const size_t n_saved = 5 * std::count(kinds.begin(), kinds.end(), kEdgeSep) +
                          std::count(kinds.begin(), kinds.end(), kEdgeDil);
@@ -516,7 +513,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> cnn_edge_backward(
   size_t s = 0;
   const at::Tensor none;
   for (size_t i = 0; i < kinds.size(); ++i) {
-    const int64_t at = c.starts[i];
+    const int64_t at = starts[i];
     if (kinds[i] == kEdgeFr) continue;
     if (kinds[i] == kEdgeDil) {
       auto [gu, gw] = cnn_edge_pw_backward(gps[i], saved[s], params[at + 1], need_w);
@@ -550,7 +547,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> cnn_edge_backward(
   }
   for (size_t i = 0; i < kinds.size(); ++i) {
     if (kinds[i] != kEdgeFr) continue;
-    const int64_t at = c.starts[i];
+    const int64_t at = starts[i];
     if (!gx.defined()) gx = at::zeros_like(x);
     const at::Tensor xa = fr_input(x, 0), xb = fr_input(x, 1);
     const at::Tensor& gp = gps[i];

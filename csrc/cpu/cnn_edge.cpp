@@ -670,7 +670,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> cnn_edge_mix_backwar
   at::Tensor ymax = has_max ? at::empty({N, C, Ho, Wo}, x.options()) : at::Tensor();
   at::Tensor yavg = has_avg ? at::empty({N, C, Ho, Wo}, x.options()) : at::Tensor();
   // the max pool's taps per output, in the pool's row layout (ho rows of w + 2 at stride 1, of wo + 1 at stride 2)
-  const int64_t arg_len = Ho * (stride == 1 ? W + 2 : Wo + 1);
+  const int64_t arg_len = Ho * isa_base::pool3x3_row_len(W, stride, Wo);
   at::Tensor argmax = has_max ? at::empty({N * C * arg_len}, x.options()) : at::Tensor();
   const std::vector<double> wv = to_doubles(w);
   std::vector<double> part(static_cast<size_t>(N * C * S), 0.0);

@@ -488,6 +488,27 @@ inline void pool3x3_phase_offsets(int64_t ho, int64_t wo, int64_t* offs) {
   }
 }
 
+// The row length of a 3x3 pool's loops over its outputs: the padded width w + 2 at stride 1, a phase's wo + 1 at
+// stride 2 (ho rows of it).
+inline int64_t pool3x3_row_len(int64_t w, int64_t s, int64_t wo) { return s == 1 ? w + 2 : wo + 1; }
+
+// Fills offs with where tap t reads for output 0 (the padded plane at stride 1, its phases at stride 2) and returns
+// the loops' row length (pool3x3_row_len).
+inline int64_t pool3x3_offsets(int64_t w, int64_t s, int64_t ho, int64_t wo, int64_t* offs) {
+  if (s == 1) {
+    for (int t = 0; t < 9; ++t) offs[t] = (t / 3) * (w + 2) + t % 3;
+  } else {
+    pool3x3_phase_offsets(ho, wo, offs);
+  }
+  return pool3x3_row_len(w, s, wo);
+}
+
+// Where the four phases of a padded h x w plane go in a pool3x3_buf_size scratch: after the plane's h + 3 rows.
+template <typename T>
+inline T* pool3x3_phase_area(T* buf, int64_t h, int64_t w) {
+  return buf + (h + 3) * (w + 2);
+}
+
 // The scratch a 3x3 pool of an h x w plane at stride s takes: the padded plane (h + 3 rows of w + 2), and at
 // stride 2 its four phases after it (pool3x3_plane).
 inline int64_t pool3x3_buf_size(int64_t h, int64_t w, int64_t s) {
@@ -497,11 +518,11 @@ inline int64_t pool3x3_buf_size(int64_t h, int64_t w, int64_t s) {
 
 // Stride 2: the padded plane `buf` (h + 2 rows of wp = w + 2) split into its four phases (row parity x column
 // parity), q[(2 pr + pc) PS + i wq + j] = buf[2 i + pr, 2 j + pc] with hq = ho + 1 rows of wq = wo + 1 (PS = hq wq;
-// `border` where that is past the plane, and at q[4 PS]); `offs`: where tap t = 3 ki + kj of output 0 reads, in
-// phase (ki % 2, kj % 2) from (ki / 2, kj / 2) on, so output i (ho rows of wq) reads q[offs[t] + i].
+// `border` where that is past the plane, and at q[4 PS]). Tap t = 3 ki + kj reads phase (ki % 2, kj % 2) from
+// (ki / 2, kj / 2) on (pool3x3_phase_offsets), so output i (ho rows of wq) reads q[offs[t] + i].
 template <typename T>
 void pool3x3_phases(const T* __restrict__ buf, int64_t h, int64_t w, int64_t ho, int64_t wo, T border,
-                    T* __restrict__ q, int64_t* offs) {
+                    T* __restrict__ q) {
   const int64_t wp = w + 2, hq = ho + 1, wq = wo + 1, PS = hq * wq, rows = h + 2;
   for (int64_t p = 0; p < 4; ++p) {
     const int64_t pr = p >> 1, pc = p & 1;
@@ -515,7 +536,6 @@ void pool3x3_phases(const T* __restrict__ buf, int64_t h, int64_t w, int64_t ho,
     }
   }
   q[4 * PS] = border;
-  pool3x3_phase_offsets(ho, wo, offs);
 }
 
 // gbuf (the padded plane's layout) += the phases gq of pool3x3_phases, at their places in the plane.
@@ -552,31 +572,24 @@ void pool3x3_plane(const T* x, int64_t h, int64_t w, int64_t s, int64_t ho, int6
   std::fill(buf, buf + (h + 3) * wp, border);
   load_padded(x, h, w, 1, wp, kPreNone, T(0), T(1), buf);
   int64_t offs[9];
-  if (s == 1) {
-    for (int t = 0; t < 9; ++t) offs[t] = (t / 3) * wp + t % 3;
-    const int64_t L = ho * wp;
-    if (kMax && idx) {
-      max3x3_taps_arg(buf, offs, L, acc, idx);
-    } else {
-      pool3x3_taps<T, kMax>(buf, offs, L, acc);
-    }
-    if constexpr (!kMax) {
-      PYNAS_SIMD
-      for (int64_t i = 0; i < L; ++i) acc[i] *= inv[i];
-    }
-    crop_rows(acc, ho, wo, wp, y);
-    return;
+  const T* src = buf;
+  if (s == 2) {
+    T* q = pool3x3_phase_area(buf, h, w);
+    pool3x3_phases(buf, h, w, ho, wo, border, q);
+    src = q;
   }
-  const int64_t wq = wo + 1;
-  T* __restrict__ q = buf + (h + 3) * wp;
-  pool3x3_phases(buf, h, w, ho, wo, border, q, offs);
+  const int64_t wr = pool3x3_offsets(w, s, ho, wo, offs), L = ho * wr;
   if (kMax && idx) {
-    max3x3_taps_arg(q, offs, ho * wq, acc, idx);
+    max3x3_taps_arg(src, offs, L, acc, idx);
   } else {
-    pool3x3_taps<T, kMax>(q, offs, ho * wq, acc);
+    pool3x3_taps<T, kMax>(src, offs, L, acc);
   }
-  crop_rows(acc, ho, wo, wq, y);
-  if constexpr (!kMax) {
+  if (!kMax && s == 1) {  // inv in the loops' layout at stride 1, dense at stride 2
+    PYNAS_SIMD
+    for (int64_t i = 0; i < L; ++i) acc[i] *= inv[i];
+  }
+  crop_rows(acc, ho, wo, wr, y);
+  if (!kMax && s == 2) {
     const int64_t n = ho * wo;
     PYNAS_SIMD
     for (int64_t i = 0; i < n; ++i) y[i] *= inv[i];
@@ -596,17 +609,9 @@ void max_pool_plane(const T* x, int64_t h, int64_t w, int64_t s, int64_t ho, int
 template <typename T>
 void max_pool_plane_backward(const T* __restrict__ idx, int64_t h, int64_t w, int64_t s, int64_t ho, int64_t wo,
                              const T* __restrict__ gy, T* __restrict__ scratch, T* __restrict__ gbuf) {
-  const int64_t wp = w + 2;
   int64_t offs[9];
-  T* dst = gbuf;
-  int64_t wr = wp;  // the row length of idx's layout
-  if (s == 1) {
-    for (int t = 0; t < 9; ++t) offs[t] = (t / 3) * wp + t % 3;
-  } else {
-    pool3x3_phase_offsets(ho, wo, offs);
-    dst = gbuf + (h + 3) * wp;
-    wr = wo + 1;
-  }
+  const int64_t wr = pool3x3_offsets(w, s, ho, wo, offs);  // the row length of idx's layout
+  T* dst = s == 1 ? gbuf : pool3x3_phase_area(gbuf, h, w);
   const int64_t L = ho * wr;
   T* gw = scratch;  // gy widened, zeros in the extra columns
   widen_rows(gy, ho, wo, wr, T(0), gw);
@@ -630,26 +635,20 @@ void avg_pool_plane(const T* x, int64_t h, int64_t w, int64_t s, int64_t ho, int
 template <typename T>
 void avg_pool_plane_backward(int64_t h, int64_t w, int64_t s, int64_t ho, int64_t wo, const T* inv,
                              const T* __restrict__ gy, T* __restrict__ scratch, T* __restrict__ gbuf) {
-  const int64_t wp = w + 2;
   int64_t offs[9];
-  T* dst = gbuf;
-  int64_t L;
+  const int64_t wr = pool3x3_offsets(w, s, ho, wo, offs), L = ho * wr;
+  T* dst = s == 1 ? gbuf : pool3x3_phase_area(gbuf, h, w);
+  // gy * inv in the loops' layout, zero in the extra columns (inv laid out like that at stride 1, dense at stride 2)
   if (s == 1) {
-    L = ho * wp;
-    widen_rows(gy, ho, wo, wp, T(0), scratch);
+    widen_rows(gy, ho, wo, wr, T(0), scratch);
     PYNAS_SIMD
     for (int64_t i = 0; i < L; ++i) scratch[i] *= inv[i];
-    for (int t = 0; t < 9; ++t) offs[t] = (t / 3) * wp + t % 3;
   } else {
-    const int64_t wq = wo + 1;
-    L = ho * wq;
     for (int64_t i = 0; i < ho; ++i) {
       PYNAS_SIMD
-      for (int64_t j = 0; j < wo; ++j) scratch[i * wq + j] = gy[i * wo + j] * inv[i * wo + j];
-      scratch[i * wq + wo] = T(0);
+      for (int64_t j = 0; j < wo; ++j) scratch[i * wr + j] = gy[i * wo + j] * inv[i * wo + j];
+      scratch[i * wr + wo] = T(0);
     }
-    pool3x3_phase_offsets(ho, wo, offs);
-    dst = gbuf + (h + 3) * wp;
   }
   for (int t = 0; t < 9; ++t) {
     T* __restrict__ d = dst + offs[t];
@@ -869,7 +868,7 @@ void mix_grads_range(int64_t b, int64_t e, const MixArgs<T>& a) {
         affine2(g, a.yavg + plane * a.HWo, a.A[q], a.B[q], a.Dg[q], a.HWo, gy.data());
         avg_pool_plane_backward(a.H, a.W, a.stride, a.Ho, a.Wo, a.inv, gy.data(), scratch.data(), gbuf.data());
       }
-      if (a.stride == 2) pool3x3_merge_phases(gbuf.data() + (a.H + 3) * wp, a.H, a.W, a.Ho, a.Wo, gbuf.data());
+      if (a.stride == 2) pool3x3_merge_phases(pool3x3_phase_area(gbuf.data(), a.H, a.W), a.H, a.W, a.Ho, a.Wo, gbuf.data());
       for (int64_t i = 0; i < a.H; ++i) std::copy(&gbuf[(i + 1) * wp + 1], &gbuf[(i + 1) * wp + 1] + a.W, gx + i * a.W);
     } else {
       std::fill(gx, gx + a.H * a.W, T(0));

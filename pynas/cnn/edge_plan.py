@@ -62,7 +62,8 @@ class EdgePlan(BatchNormPlan):
     @property
     def _weight_owners(self) -> List[nn.Module]:
         """The conv modules whose weights :meth:`params` returns, in its order (found once: indexing Sequentials and
-        module attribute lookups cost tens of microseconds per edge call)."""
+        module attribute lookups cost tens of microseconds per edge call). Cached by hand, not with
+        functools.cached_property, whose lock torch.compile cannot trace."""
         owners = self.__dict__.get("_owners")
         if owners is None:
             owners = []

@@ -207,11 +207,9 @@ def cnn_edge_forward_impl(spec: EdgeSpec, k, x: torch.Tensor, weights: torch.Ten
                       running: Sequence[torch.Tensor], counters: Sequence[torch.Tensor]):
     """The forward: returns (out, wr, mean, rstd, ps, saved); updates running statistics and counters."""
     if k.edge_forward is not None:
-        out, wr, mean, rstd, ps, saved = k.edge_forward(
-            x, weights, list(params), list(running), list(counters), spec.index_on(weights.device), spec.stride,
-            spec.max_column >= 0, spec.avg_column >= 0, spec.skip_column >= 0, *spec.conv_args, spec.eps,
-            spec.momentum)
-        return out, wr, mean, rstd, ps, saved
+        return k.edge_forward(x, weights, list(params), list(running), list(counters), spec.index_on(weights.device),
+                              spec.stride, spec.max_column >= 0, spec.avg_column >= 0, spec.skip_column >= 0,
+                              *spec.conv_args, spec.eps, spec.momentum)
     x = x.contiguous()
     wr = weights.detach().index_select(0, spec.index_on(weights.device))
     at, firsts = 0, []
