@@ -5,7 +5,9 @@ of the reference; its compile time is a figure of its own, and it is skipped
 with a note when it does not finish within ``compile_timeout``), ``pynas``
 (the automatic backend) and optionally ``pynas-<backend>`` for each backend by
 name. Every row reports the median, min and max over repeats after warm-up,
-and its ratio to the reference measured in the same run.
+and its ratio to the reference measured in the same run; on a CPU a benchmark's
+providers take their repeats in turns (:func:`time_interleaved`), so that a
+drift of the machine's speed during the run moves them alike.
 
 Benchmarks:
   * ``cnn_search_first_order`` / ``cnn_search_second_order``: one DARTS CNN
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import json
 import logging
 import math
@@ -193,6 +196,86 @@ def time_calls(fn: Callable[[], object], device: torch.device, repeats: int, war
         _sync(device)
         times.append((time.perf_counter() - t) / inner)
     return times
+
+
+@dataclass
+class Timed:
+    """One provider's calls for :func:`time_interleaved`: ``fn`` runs inside ``context()`` (its backend), with the
+    global random state that the provider's own sequence has reached (``rng``, kept between its calls)."""
+
+    fn: Callable[[], object]
+    context: Callable[[], "contextlib.AbstractContextManager"] = contextlib.nullcontext
+    rng: Optional[tuple] = None
+    inner: int = 1
+    times: List[float] = None
+    error: Optional[BaseException] = None
+
+
+def _rng_state(device: torch.device) -> tuple:
+    import random
+
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda, random.getstate()
+
+
+def _set_rng_state(state: tuple, device: torch.device) -> None:
+    import random
+
+    cpu, cuda, py = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+    random.setstate(py)
+
+
+def time_interleaved(calls: Sequence[Timed], device: torch.device, repeats: int, warmup: int,
+                     min_repeat_s: float = 0.0) -> None:
+    """Time several providers' calls side by side: fills each ``Timed.times`` (seconds per call, one per repeat)
+    or, when its calls raise, ``Timed.error`` (the others go on).
+
+    Each provider makes its ``warmup`` calls and is calibrated (a repeat lasts ``min_repeat_s``, as in
+    :func:`time_calls`), then the repeats go round by round: repeat r of every provider before repeat r + 1 of
+    any, the order turned by one each round. A machine whose speed drifts during the run (a VM's neighbours, the
+    clock) then slows every provider alike, and the ratios measured in one run compare like with like. Each
+    provider keeps its own random state (saved after its calls, restored before them), so it draws the same
+    samples as when it runs alone.
+    """
+    live = list(calls)
+
+    def run(c: Timed, n: int) -> Optional[float]:
+        try:
+            if c.rng is not None:
+                _set_rng_state(c.rng, device)
+            with c.context():
+                _sync(device)
+                t = time.perf_counter()
+                for _ in range(n):
+                    c.fn()
+                _sync(device)
+                dt = time.perf_counter() - t
+            c.rng = _rng_state(device)
+            return dt
+        except Exception as exc:  # this provider's row becomes an error; the others go on
+            c.error = exc
+            live.remove(c)
+            return None
+
+    for c in list(live):
+        c.times = []
+        if warmup and run(c, warmup) is None:
+            continue
+        if min_repeat_s > 0:
+            one = run(c, 1)
+            if one is None:
+                continue
+            c.inner = max(1, int(min_repeat_s / max(one, 1e-7)))
+    for r in range(repeats):
+        order = list(live)
+        k = r % len(order) if order else 0
+        for c in order[k:] + order[:k]:
+            dt = run(c, c.inner)
+            if dt is not None:
+                c.times.append(dt / c.inner)
 
 
 class CompileTimeout(Exception):
@@ -907,8 +990,22 @@ def check_config(cfg: BenchConfig) -> None:
         raise ValueError(f"repeats: expected a positive integer, got {cfg.repeats}")
 
 
-def _run_one(bench: str, provider: str, cfg: BenchConfig, device: torch.device) -> dict:
-    """Measure one (benchmark, provider); returns the row's measured fields."""
+@dataclass
+class _Prepared:
+    """A (benchmark, provider) whose case is built and waits to be timed with the benchmark's other providers."""
+
+    row: dict
+    case: Case
+    backend: str
+    size: dict
+    repeats: int
+    min_repeat: float
+    rng: Optional[tuple] = None  # the global random state after the build (time_interleaved restores it)
+
+
+def _prepare_one(bench: str, provider: str, cfg: BenchConfig, device: torch.device):
+    """Build one (benchmark, provider): a :class:`_Prepared` to time, or the row's fields when there is nothing to
+    time here (skipped, or measured otherwise: the roofs, the data-parallel processes)."""
     sizes = SIZES[cfg.size]
     backend = _provider_backend(provider)
     compiled = provider == "compiled"
@@ -1009,7 +1106,14 @@ def _run_one(bench: str, provider: str, cfg: BenchConfig, device: torch.device) 
                 return {"status": "skipped", "params": row["params"],
                         "note": f"torch.compile did not finish within {cfg.compile_timeout:g} s"}
             row["compile_s"] = time.perf_counter() - t0
-        times = time_calls(case.step, device, repeats, cfg.warmup, min_repeat)
+    return _Prepared(row, case, backend, size, repeats, min_repeat)
+
+
+def _finish_one(bench: str, p: _Prepared, times: List[float], cfg: BenchConfig, device: torch.device) -> dict:
+    """The row's fields of a timed (benchmark, provider): the times, then what is measured after them."""
+    row, case, size = p.row, p.case, p.size
+    sizes = SIZES[cfg.size]
+    with _backend.use_backend(p.backend):
         row.update(median_s=statistics.median(times), min_s=min(times), max_s=max(times), repeats=len(times))
         if case.forward is not None:
             row["memory_bytes"] = graph_bytes(case.forward, device)
@@ -1054,13 +1158,8 @@ def run(cfg: BenchConfig, progress: bool = True, on_row: Optional[Callable[[dict
         bar = tqdm(total=len(tasks), desc="pynas bench", dynamic_ncols=True)
     rows: List[dict] = []
     ref_median: Dict[str, float] = {}
-    for bench, provider in tasks:
-        if bar is not None:
-            bar.set_postfix_str(f"{bench} / {provider}")
-        try:
-            measured = _run_one(bench, provider, cfg, device)
-        except Exception as exc:  # a failing provider is a row, not a crashed suite
-            measured = {"status": "error", "note": f"{type(exc).__name__}: {exc}"}
+
+    def emit(bench: str, provider: str, measured: dict) -> None:
         sizes = SIZES[cfg.size][size_group(bench)]
         row = {k: None for k in ROW_FIELDS}
         row.update(benchmark=bench, provider=provider, size=_size_label(bench, sizes), params=dict(sizes))
@@ -1084,6 +1183,45 @@ def run(cfg: BenchConfig, progress: bool = True, on_row: Optional[Callable[[dict
             on_row(row)
         if bar is not None:
             bar.update(1)
+
+    def error(exc: BaseException) -> dict:  # a failing provider is a row, not a crashed suite
+        return {"status": "error", "note": f"{type(exc).__name__}: {exc}"}
+
+    # On a CPU a benchmark's providers are timed side by side (time_interleaved). On a GPU one after the other,
+    # each released before the next is built, so that its peak memory is its own.
+    groups = [[p] for p in providers] if device.type == "cuda" else [providers]
+    for bench in cfg.benchmarks:
+        for group in groups:
+            built: Dict[str, object] = {}
+            for provider in group:
+                if bar is not None:
+                    bar.set_postfix_str(f"{bench} / {provider} (building)")
+                try:
+                    built[provider] = _prepare_one(bench, provider, cfg, device)
+                    if isinstance(built[provider], _Prepared):
+                        built[provider].rng = _rng_state(device)
+                except Exception as exc:
+                    built[provider] = error(exc)
+            timed = {p: b for p, b in built.items() if isinstance(b, _Prepared)}
+            calls = {p: Timed(b.case.step, functools.partial(_backend.use_backend, b.backend), b.rng)
+                     for p, b in timed.items()}
+            if timed:
+                first = next(iter(timed.values()))  # a benchmark's providers share its repeats
+                if bar is not None:
+                    bar.set_postfix_str(f"{bench} / {', '.join(timed)}")
+                time_interleaved(list(calls.values()), device, first.repeats, cfg.warmup, first.min_repeat)
+            for provider in group:
+                b = built.pop(provider)
+                if isinstance(b, _Prepared):
+                    c = calls[provider]
+                    try:
+                        if c.error is not None:
+                            raise c.error
+                        b = _finish_one(bench, b, c.times, cfg, device)
+                    except Exception as exc:
+                        b = error(exc)
+                emit(bench, provider, b)
+            del built, timed, calls
     if bar is not None:
         bar.close()
     return rows

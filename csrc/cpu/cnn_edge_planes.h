@@ -103,22 +103,59 @@ double sum_lanes(const T* __restrict__ a, int64_t n) {
   return s;
 }
 
-// sum_i a[i] * b[i], in 2 vector accumulators then double.
-template <typename T>
-double dot_lanes(const T* __restrict__ a, const T* __restrict__ b, int64_t n) {
+// out[d] = sum_i as[d][i] * b[i] for d < D, each in 2 vector accumulators then double, lanes in order, then the
+// tail: per dot exactly dot_lanes's operations, but b is loaded once per block for all D dots and the D lane
+// reductions (a chain of dependent double adds each) run side by side instead of one after another.
+template <typename T, int D>
+inline void dot_lanes_block(const T* const* as, const T* __restrict__ b, int64_t n, double* out) {
   using V = typename Vec<T>::type;
   constexpr int64_t E = sizeof(V) / sizeof(T);
-  V r0 = {}, r1 = {};
+  V r0[D], r1[D];
+#pragma GCC unroll 8
+  for (int d = 0; d < D; ++d) r0[d] = V{}, r1[d] = V{};
   int64_t i = 0;
   for (; i + 2 * E <= n; i += 2 * E) {
-    r0 += vload(a + i) * vload(b + i);
-    r1 += vload(a + i + E) * vload(b + i + E);
+    const V b0 = vload(b + i), b1 = vload(b + i + E);
+#pragma GCC unroll 8
+    for (int d = 0; d < D; ++d) {
+      r0[d] += vload(as[d] + i) * b0;
+      r1[d] += vload(as[d] + i + E) * b1;
+    }
   }
-  r0 += r1;
-  double s = 0;
-  for (int64_t l = 0; l < E; ++l) s += static_cast<double>(r0[l]);
-  for (; i < n; ++i) s += static_cast<double>(a[i]) * static_cast<double>(b[i]);
+  double s[D];
+#pragma GCC unroll 8
+  for (int d = 0; d < D; ++d) r0[d] += r1[d], s[d] = 0;
+#pragma GCC unroll 8
+  for (int64_t l = 0; l < E; ++l)
+#pragma GCC unroll 8
+    for (int d = 0; d < D; ++d) s[d] += static_cast<double>(r0[d][l]);
+  // the tail dot by dot, as a loop of its own: vectorised across the dots, GCC no longer contracts the double
+  // multiply-add into an FMA (checked in the AVX2 assembly), which would change the float64 results
+  for (int d = 0; d < D; ++d) {
+    double sd = s[d];
+    for (int64_t j = i; j < n; ++j) sd += static_cast<double>(as[d][j]) * static_cast<double>(b[j]);
+    out[d] = sd;
+  }
+}
+
+// sum_i a[i] * b[i], in 2 vector accumulators then double.
+template <typename T>
+double dot_lanes(const T* a, const T* __restrict__ b, int64_t n) {
+  double s;
+  dot_lanes_block<T, 1>(&a, b, n, &s);
   return s;
+}
+
+// out[d] = dot_lanes(as[d], b, n) for d < count (the same numbers), in blocks of 4 dots.
+template <typename T>
+void dots_lanes(const T* const* as, int64_t count, const T* __restrict__ b, int64_t n, double* out) {
+  int64_t d = 0;
+  for (; d + 4 <= count; d += 4) dot_lanes_block<T, 4>(as + d, b, n, out + d);
+  if (count - d >= 2) {
+    dot_lanes_block<T, 2>(as + d, b, n, out + d);
+    d += 2;
+  }
+  if (d < count) dot_lanes_block<T, 1>(as + d, b, n, out + d);
 }
 
 // Mean and sum of squared deviations of n values (two passes over data in L1).
@@ -265,7 +302,9 @@ void dw_conv_phases_backward(const T* __restrict__ q, int64_t P, const DwPhases&
   widen_rows(gy, g.ho, g.wo, ph.wq, T(0), gpad);
   std::fill(gpad + L, gpad + PS, T(0));
   if (gw) {
-    for (int64_t t = 0; t < taps; ++t) gw[t] = dot_lanes(q + offs[t], gpad, L);
+    const T* wins[kMaxTaps];
+    for (int64_t t = 0; t < taps; ++t) wins[t] = q + offs[t];
+    dots_lanes(wins, taps, gpad, L, gw);
   }
   // phase p's gradient at j: sum over its taps of w_t * gpad[j - (offset of t in the phase)]
   for (int64_t p = 0; p < 4; ++p) {
@@ -330,7 +369,9 @@ void dw_conv_plane_backward(const T* __restrict__ buf, int64_t P, int64_t wp, in
     widen_rows(gy, g.ho, g.wo, wp, T(0), gpad);
     std::fill(gpad + L, gext + ext_size, T(0));
     if (gw) {
-      for (int64_t t = 0; t < taps; ++t) gw[t] = dot_lanes(buf + offs[t], gpad, L);
+      const T* wins[kMaxTaps];
+      for (int64_t t = 0; t < taps; ++t) wins[t] = buf + offs[t];
+      dots_lanes(wins, taps, gpad, L, gw);
     }
     // gin[j] = sum_t w_t * gpad[j - offs[t]] over the interior rows j in [P wp, (P + H) wp)
     int64_t neg[kMaxTaps];
@@ -819,23 +860,30 @@ template <typename T>
 void mix_sums_range(int64_t b, int64_t e, const MixArgs<T>& a) {
   std::vector<T> buf(static_cast<size_t>(a.pool_buf), T(0)), acc(static_cast<size_t>(a.pool_acc));
   const int64_t S = a.J + 2;
+  std::vector<const T*> ys(static_cast<size_t>(S));
+  std::vector<int64_t> at(static_cast<size_t>(S));
+  std::vector<double> dots(static_cast<size_t>(S));
   for (int64_t plane = b; plane < e; ++plane) {
     const T* x = a.x + plane * a.H * a.W;
     const T* g = a.g + plane * a.HWo;
     double* s = a.part + plane * S;
     s[0] = sum_lanes(g, a.HWo);
+    // the dots with g, all in one dots_lanes call: the pools', the BatchNorm inputs', the skip's
+    int64_t count = 0;
     if (a.ymax) {
       T* y = a.ymax + plane * a.HWo;
       max_pool_plane(x, a.H, a.W, a.stride, a.Ho, a.Wo, buf.data(), acc.data(), y, a.argmax + plane * a.arg_len);
-      s[1] = dot_lanes(y, g, a.HWo);
+      ys[count] = y, at[count++] = 1;
     }
     if (a.yavg) {
       T* y = a.yavg + plane * a.HWo;
       avg_pool_plane(x, a.H, a.W, a.stride, a.Ho, a.Wo, a.inv, buf.data(), acc.data(), y);
-      s[2] = dot_lanes(y, g, a.HWo);
+      ys[count] = y, at[count++] = 2;
     }
-    for (int64_t j = 0; j < a.K; ++j) s[3 + j] = dot_lanes(a.ps[j] + plane * a.HWo, g, a.HWo);
-    if (a.has_skip) s[1 + a.J] = dot_lanes(x, g, a.HWo);
+    for (int64_t j = 0; j < a.K; ++j) ys[count] = a.ps[j] + plane * a.HWo, at[count++] = 3 + j;
+    if (a.has_skip) ys[count] = x, at[count++] = 1 + a.J;
+    dots_lanes(ys.data(), count, g, a.HWo, dots.data());
+    for (int64_t d = 0; d < count; ++d) s[at[d]] = dots[d];
   }
 }
 
@@ -943,8 +991,9 @@ void pw_range(int64_t b, int64_t e, const T* in, const T* w, int64_t cin, int64_
 template <typename T>
 void pw_weight_grad_range(int64_t b, int64_t e, const T* g, const T* in, int64_t cin, int64_t cout, int64_t hw,
                           double* partial) {
-  for (int64_t n = b; n < e; ++n)
-    for (int64_t o = 0; o < cout; ++o)
-      for (int64_t c = 0; c < cin; ++c)
-        partial[(n * cout + o) * cin + c] = dot_lanes(g + (n * cout + o) * hw, in + (n * cin + c) * hw, hw);
+  std::vector<const T*> rows(static_cast<size_t>(cin));
+  for (int64_t n = b; n < e; ++n) {
+    for (int64_t c = 0; c < cin; ++c) rows[c] = in + (n * cin + c) * hw;
+    for (int64_t o = 0; o < cout; ++o) dots_lanes(rows.data(), cin, g + (n * cout + o) * hw, hw, partial + (n * cout + o) * cin);
+  }
 }

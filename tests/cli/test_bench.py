@@ -23,6 +23,48 @@ def test_deadline_interrupts():
                 pass
 
 
+def test_interleaved_timing_takes_turns_keeps_each_random_sequence_and_survives_a_failure():
+    import contextlib
+    import random
+
+    log, draws, entered = [], {"a": [], "b": [], "c": []}, []
+
+    def call(name, fail_at=None):
+        def fn():
+            log.append(name)
+            draws[name].append((torch.rand(1).item(), random.random()))
+            if fail_at is not None and len(draws[name]) == fail_at:
+                raise ValueError("boom")
+        return fn
+
+    @contextlib.contextmanager
+    def context(name):
+        entered.append(name)
+        yield
+
+    cpu = torch.device("cpu")
+    calls = []
+    for name, seed in (("a", 1), ("b", 2), ("c", 1)):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        calls.append(bench.Timed(call(name, fail_at=4 if name == "c" else None), lambda n=name: context(n),
+                                 bench._rng_state(cpu)))
+    torch.manual_seed(99)
+    bench.time_interleaved(calls, cpu, repeats=4, warmup=1)
+    a, b, c = calls
+    assert len(a.times) == len(b.times) == 4 and all(t >= 0 for t in a.times + b.times)
+    assert isinstance(c.error, ValueError) and len(c.times) == 2  # its 4th call raised: the others went on
+    # warm-up of each, then rounds whose order turns by one: a b c, b c a, c(raises) a b, then (a, b) turned: b a
+    assert log == ["a", "b", "c", "a", "b", "c", "b", "c", "a", "c", "a", "b", "b", "a"]
+    assert entered == log
+    # each provider drew what it draws alone from its own seed, whatever ran between its calls
+    torch.manual_seed(1)
+    random.seed(1)
+    alone = [(torch.rand(1).item(), random.random()) for _ in range(5)]
+    assert draws["a"] == alone and draws["c"] == alone[:4]
+    assert draws["b"] != alone[:5]
+
+
 def test_run_rows_and_ratios():
     cfg = bench.BenchConfig(size="tiny", providers=["reference", "pynas", "pynas-cuda"], repeats=2, warmup=1)
     rows = bench.run(cfg, progress=False)
