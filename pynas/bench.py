@@ -69,6 +69,7 @@ MICRO = ("mixed_sum_fwd", "mixed_sum_bwd", "mixed_sum_fwd_bwd", "cnn_edge_fwd_bw
 #: One first-order iteration of each other method on the CNN space (pynas.strategies), at the search size.
 METHODS = ("cnn_search_idarts", "cnn_search_pcdarts", "cnn_search_gdas", "cnn_search_rsws")
 SAMPLED_METHODS = ("cnn_search_gdas", "cnn_search_rsws")  # 15 repeats by default (the others: 5)
+RNN_REPEATS = 11  # the rnn_search_* iterations' default repeats
 #: One iteration of each method on the RNN space at the RNN size: ENAS (a weight step on a sampled cell and a
 #: controller step), CAS (ENAS on a later task, the continual penalty in the weight step), MAS (two tasks: a weight
 #: step and a controller step on the mean reward), ESS (a first-order architecture step and a weight step).
@@ -971,7 +972,7 @@ class BenchConfig:
     device: str = "cpu"
     benchmarks: Sequence[str] = BENCHMARKS
     providers: Sequence[str] = BASE_PROVIDERS
-    repeats: Optional[int] = None  # default: 5 for search iterations, 20 for micro benchmarks
+    repeats: Optional[int] = None  # default: 5 for search iterations (RNN DARTS: 11, GDAS, RSWS: 15), 20 for micro benchmarks
     warmup: int = 2
     compile_timeout: float = 600.0
 
@@ -1016,7 +1017,9 @@ def _prepare_one(bench: str, provider: str, cfg: BenchConfig, device: torch.devi
             return {"status": "skipped", "note": f"backend {backend} unusable: {why}"}
     if bench in MACRO and bench.startswith("rnn_search"):
         size = sizes["rnn"]
-        repeats, min_repeat = cfg.repeats or 5, 0.0
+        # pynas's RNN iteration is short (tens of ms on a CPU): a few seconds of a slower machine can cover all
+        # of 5 repeats, so these rows take 11 (RNN_REPEATS)
+        repeats, min_repeat = cfg.repeats or RNN_REPEATS, 0.0
 
         def make():
             return rnn_search_case(size, device, unrolled=bench.endswith("second_order"), compiled=compiled)
