@@ -51,7 +51,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -208,7 +208,7 @@ class Timed:
     context: Callable[[], "contextlib.AbstractContextManager"] = contextlib.nullcontext
     rng: Optional[tuple] = None
     inner: int = 1
-    times: List[float] = None
+    times: List[float] = field(default_factory=list)
     error: Optional[BaseException] = None
 
 
@@ -1190,41 +1190,45 @@ def run(cfg: BenchConfig, progress: bool = True, on_row: Optional[Callable[[dict
     def error(exc: BaseException) -> dict:  # a failing provider is a row, not a crashed suite
         return {"status": "error", "note": f"{type(exc).__name__}: {exc}"}
 
+    def measure(bench: str, group: Sequence[str]) -> List[dict]:
+        """The measured fields of each provider of ``group`` (in its order); its cases are freed on return."""
+        built: Dict[str, object] = {}
+        for provider in group:
+            if bar is not None:
+                bar.set_postfix_str(f"{bench} / {provider} (building)")
+            try:
+                built[provider] = _prepare_one(bench, provider, cfg, device)
+                if isinstance(built[provider], _Prepared):
+                    built[provider].rng = _rng_state(device)
+            except Exception as exc:
+                built[provider] = error(exc)
+        calls = {p: Timed(b.case.step, functools.partial(_backend.use_backend, b.backend), b.rng)
+                 for p, b in built.items() if isinstance(b, _Prepared)}
+        if calls:
+            first = next(b for b in built.values() if isinstance(b, _Prepared))  # the providers share its repeats
+            if bar is not None:
+                bar.set_postfix_str(f"{bench} / {', '.join(calls)}")
+            time_interleaved(list(calls.values()), device, first.repeats, cfg.warmup, first.min_repeat)
+        out = []
+        for provider in group:
+            b = built[provider]
+            if isinstance(b, _Prepared):
+                try:
+                    if calls[provider].error is not None:
+                        raise calls[provider].error
+                    b = _finish_one(bench, b, calls[provider].times, cfg, device)
+                except Exception as exc:
+                    b = error(exc)
+            out.append(b)
+        return out
+
     # On a CPU a benchmark's providers are timed side by side (time_interleaved). On a GPU one after the other,
-    # each released before the next is built, so that its peak memory is its own.
+    # each freed before the next is built, so that its peak memory is its own.
     groups = [[p] for p in providers] if device.type == "cuda" else [providers]
     for bench in cfg.benchmarks:
         for group in groups:
-            built: Dict[str, object] = {}
-            for provider in group:
-                if bar is not None:
-                    bar.set_postfix_str(f"{bench} / {provider} (building)")
-                try:
-                    built[provider] = _prepare_one(bench, provider, cfg, device)
-                    if isinstance(built[provider], _Prepared):
-                        built[provider].rng = _rng_state(device)
-                except Exception as exc:
-                    built[provider] = error(exc)
-            timed = {p: b for p, b in built.items() if isinstance(b, _Prepared)}
-            calls = {p: Timed(b.case.step, functools.partial(_backend.use_backend, b.backend), b.rng)
-                     for p, b in timed.items()}
-            if timed:
-                first = next(iter(timed.values()))  # a benchmark's providers share its repeats
-                if bar is not None:
-                    bar.set_postfix_str(f"{bench} / {', '.join(timed)}")
-                time_interleaved(list(calls.values()), device, first.repeats, cfg.warmup, first.min_repeat)
-            for provider in group:
-                b = built.pop(provider)
-                if isinstance(b, _Prepared):
-                    c = calls[provider]
-                    try:
-                        if c.error is not None:
-                            raise c.error
-                        b = _finish_one(bench, b, c.times, cfg, device)
-                    except Exception as exc:
-                        b = error(exc)
-                emit(bench, provider, b)
-            del built, timed, calls
+            for provider, measured in zip(group, measure(bench, group)):
+                emit(bench, provider, measured)
     if bar is not None:
         bar.close()
     return rows

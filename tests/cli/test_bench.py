@@ -65,6 +65,22 @@ def test_interleaved_timing_takes_turns_keeps_each_random_sequence_and_survives_
     assert draws["b"] != alone[:5]
 
 
+def test_run_times_a_benchmarks_providers_together_on_a_cpu(monkeypatch):
+    seen = []
+    real = bench.time_interleaved
+
+    def spy(calls, device, repeats, warmup, min_repeat_s=0.0):
+        seen.append((len(calls), repeats))
+        return real(calls, device, repeats, warmup, min_repeat_s)
+
+    monkeypatch.setattr(bench, "time_interleaved", spy)
+    cfg = bench.BenchConfig(size="tiny", benchmarks=["mixed_sum_fwd", "rnn_search_first_order"],
+                            providers=["reference", "pynas"], warmup=0)
+    rows = bench.run(cfg, progress=False)
+    assert seen == [(2, 20), (2, bench.RNN_REPEATS)]
+    assert [r["status"] for r in rows] == ["ok"] * 4 and all(r["repeats"] == n for r, n in zip(rows, (20, 20, 11, 11)))
+
+
 def test_run_rows_and_ratios():
     cfg = bench.BenchConfig(size="tiny", providers=["reference", "pynas", "pynas-cuda"], repeats=2, warmup=1)
     rows = bench.run(cfg, progress=False)
