@@ -43,6 +43,7 @@ import logging
 import math
 import os
 import platform
+import random
 import re
 import signal
 import statistics
@@ -177,32 +178,20 @@ def time_calls(fn: Callable[[], object], device: torch.device, repeats: int, war
 
     A repeat runs ``fn`` as many times as it takes to last ``min_repeat_s`` (calibrated once), so
     that calls of a few microseconds are timed above the clock's and the launch queue's noise.
+    :func:`time_interleaved` with one provider; an exception of ``fn`` is raised.
     """
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    inner = 1
-    if min_repeat_s > 0:
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        one = max(time.perf_counter() - t, 1e-7)
-        inner = max(1, int(min_repeat_s / one))
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        _sync(device)
-        times.append((time.perf_counter() - t) / inner)
-    return times
+    call = Timed(fn)
+    _take_turns([call], device, repeats, warmup, min_repeat_s)
+    if call.error is not None:
+        raise call.error
+    return call.times
 
 
 @dataclass
 class Timed:
     """One provider's calls for :func:`time_interleaved`: ``fn`` runs inside ``context()`` (its backend), with the
-    global random state that the provider's own sequence has reached (``rng``, kept between its calls)."""
+    global random state that the provider's own sequence has reached (``rng``, kept between its calls; None: the
+    random state is left alone)."""
 
     fn: Callable[[], object]
     context: Callable[[], "contextlib.AbstractContextManager"] = contextlib.nullcontext
@@ -213,15 +202,11 @@ class Timed:
 
 
 def _rng_state(device: torch.device) -> tuple:
-    import random
-
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     return torch.get_rng_state(), cuda, random.getstate()
 
 
 def _set_rng_state(state: tuple, device: torch.device) -> None:
-    import random
-
     cpu, cuda, py = state
     torch.set_rng_state(cpu)
     if cuda is not None:
@@ -241,6 +226,11 @@ def time_interleaved(calls: Sequence[Timed], device: torch.device, repeats: int,
     provider keeps its own random state (saved after its calls, restored before them), so it draws the same
     samples as when it runs alone.
     """
+    _take_turns(calls, device, repeats, warmup, min_repeat_s)
+
+
+def _take_turns(calls: Sequence[Timed], device: torch.device, repeats: int, warmup: int, min_repeat_s: float) -> None:
+    """The loop of :func:`time_interleaved` (and, with one call, of :func:`time_calls`)."""
     live = list(calls)
 
     def run(c: Timed, n: int) -> Optional[float]:
@@ -254,7 +244,8 @@ def time_interleaved(calls: Sequence[Timed], device: torch.device, repeats: int,
                     c.fn()
                 _sync(device)
                 dt = time.perf_counter() - t
-            c.rng = _rng_state(device)
+            if c.rng is not None:
+                c.rng = _rng_state(device)
             return dt
         except Exception as exc:  # this provider's row becomes an error; the others go on
             c.error = exc
@@ -583,8 +574,6 @@ def _random_task(name: str, ntoken: int, tokens: int, seed: int):
 def rnn_method_case(method: str, size: dict, device: torch.device, seed: int = 0) -> Case:
     """One iteration of an RNN-space method (:data:`RNN_METHODS`) as its search runs it, with its defaults at the
     benchmark's model size, on random tokens."""
-    import random
-
     from .search.rnn import RNNSearch, RNNSearchConfig
 
     e, ntok, b, t = size["emsize"], size["ntoken"], size["batch"], size["bptt"]
@@ -1001,7 +990,7 @@ class _Prepared:
     size: dict
     repeats: int
     min_repeat: float
-    rng: Optional[tuple] = None  # the global random state after the build (time_interleaved restores it)
+    rng: tuple  # the global random state after the build (time_interleaved restores it before each call)
 
 
 def _prepare_one(bench: str, provider: str, cfg: BenchConfig, device: torch.device):
@@ -1109,7 +1098,7 @@ def _prepare_one(bench: str, provider: str, cfg: BenchConfig, device: torch.devi
                 return {"status": "skipped", "params": row["params"],
                         "note": f"torch.compile did not finish within {cfg.compile_timeout:g} s"}
             row["compile_s"] = time.perf_counter() - t0
-    return _Prepared(row, case, backend, size, repeats, min_repeat)
+    return _Prepared(row, case, backend, size, repeats, min_repeat, _rng_state(device))
 
 
 def _finish_one(bench: str, p: _Prepared, times: List[float], cfg: BenchConfig, device: torch.device) -> dict:
@@ -1198,8 +1187,6 @@ def run(cfg: BenchConfig, progress: bool = True, on_row: Optional[Callable[[dict
                 bar.set_postfix_str(f"{bench} / {provider} (building)")
             try:
                 built[provider] = _prepare_one(bench, provider, cfg, device)
-                if isinstance(built[provider], _Prepared):
-                    built[provider].rng = _rng_state(device)
             except Exception as exc:
                 built[provider] = error(exc)
         calls = {p: Timed(b.case.step, functools.partial(_backend.use_backend, b.backend), b.rng)

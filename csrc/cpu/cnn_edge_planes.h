@@ -110,9 +110,7 @@ template <typename T, int D>
 inline void dot_lanes_block(const T* const* as, const T* __restrict__ b, int64_t n, double* out) {
   using V = typename Vec<T>::type;
   constexpr int64_t E = sizeof(V) / sizeof(T);
-  V r0[D], r1[D];
-#pragma GCC unroll 8
-  for (int d = 0; d < D; ++d) r0[d] = V{}, r1[d] = V{};
+  V r0[D] = {}, r1[D] = {};
   int64_t i = 0;
   for (; i + 2 * E <= n; i += 2 * E) {
     const V b0 = vload(b + i), b1 = vload(b + i + E);
@@ -122,9 +120,9 @@ inline void dot_lanes_block(const T* const* as, const T* __restrict__ b, int64_t
       r1[d] += vload(as[d] + i + E) * b1;
     }
   }
-  double s[D];
+  double s[D] = {};
 #pragma GCC unroll 8
-  for (int d = 0; d < D; ++d) r0[d] += r1[d], s[d] = 0;
+  for (int d = 0; d < D; ++d) r0[d] += r1[d];
 #pragma GCC unroll 8
   for (int64_t l = 0; l < E; ++l)
 #pragma GCC unroll 8
@@ -223,6 +221,14 @@ void widen_rows(const T* __restrict__ src, int64_t h, int64_t w, int64_t wp, T f
 // The most taps a depthwise kernel may have (the bindings reject bigger kernels).
 constexpr int64_t kMaxTaps = kMaxKernel * kMaxKernel;
 
+// out[t] = dot_lanes(src + offs[t], b, n) for t < taps (taps <= kMaxTaps): a depthwise filter's weight gradient.
+template <typename T>
+void tap_dots(const T* src, const int64_t* offs, int64_t taps, const T* __restrict__ b, int64_t n, double* out) {
+  const T* wins[kMaxTaps];
+  for (int64_t t = 0; t < taps; ++t) wins[t] = src + offs[t];
+  dots_lanes(wins, taps, b, n, out);
+}
+
 // Layout trick for stride 2: the padded plane (rows x wp) is split into its four phases, q[(2 pr + pc) hq wq +
 // i wq + j] = buf[2 i + pr, 2 j + pc] (zero where that is outside the plane; sizes from dw_phase_sizes). Tap
 // (rr, cc) of a stride-2 conv reads phase (rr % 2, cc % 2) at (rr / 2, cc / 2) on, so, as at stride 1, a tap
@@ -302,9 +308,7 @@ void dw_conv_phases_backward(const T* __restrict__ q, int64_t P, const DwPhases&
   widen_rows(gy, g.ho, g.wo, ph.wq, T(0), gpad);
   std::fill(gpad + L, gpad + PS, T(0));
   if (gw) {
-    const T* wins[kMaxTaps];
-    for (int64_t t = 0; t < taps; ++t) wins[t] = q + offs[t];
-    dots_lanes(wins, taps, gpad, L, gw);
+    tap_dots(q, offs, taps, gpad, L, gw);
   }
   // phase p's gradient at j: sum over its taps of w_t * gpad[j - (offset of t in the phase)]
   for (int64_t p = 0; p < 4; ++p) {
@@ -369,9 +373,7 @@ void dw_conv_plane_backward(const T* __restrict__ buf, int64_t P, int64_t wp, in
     widen_rows(gy, g.ho, g.wo, wp, T(0), gpad);
     std::fill(gpad + L, gext + ext_size, T(0));
     if (gw) {
-      const T* wins[kMaxTaps];
-      for (int64_t t = 0; t < taps; ++t) wins[t] = buf + offs[t];
-      dots_lanes(wins, taps, gpad, L, gw);
+      tap_dots(buf, offs, taps, gpad, L, gw);
     }
     // gin[j] = sum_t w_t * gpad[j - offs[t]] over the interior rows j in [P wp, (P + H) wp)
     int64_t neg[kMaxTaps];
